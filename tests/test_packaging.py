@@ -1,0 +1,113 @@
+"""Packaging and build configuration: the pure-Python install and CMake's dependency search."""
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_kernels_folder_is_the_distripy_kernels_subpackage():
+    import distripy.kernels
+
+    assert Path(distripy.kernels.__file__).read_text() == (ROOT / "kernels" / "__init__.py").read_text()
+
+
+@pytest.fixture(scope="module")
+def pure_python_wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        env={**os.environ, "DISTRIPY_SKIP_EXT": "1"},
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    (wheel,) = out.glob("distripy-*.whl")
+    return wheel
+
+
+def test_skip_ext_builds_a_pure_python_wheel_with_every_package(pure_python_wheel):
+    assert pure_python_wheel.name.endswith("-py3-none-any.whl"), pure_python_wheel.name
+    names = set(zipfile.ZipFile(pure_python_wheel).namelist())
+    assert {"distripy/__init__.py", "distripy/kernels/__init__.py", "distripy/runtime/__init__.py"} <= names
+    assert not [name for name in names if "/_C" in name]
+
+
+def test_skip_ext_install_imports_and_explains_the_missing_runtime(pure_python_wheel, tmp_path):
+    site = tmp_path / "site"
+    zipfile.ZipFile(pure_python_wheel).extractall(site)
+    code = (
+        f"import sys; sys.path.insert(0, {str(site)!r}); "
+        "import distripy, distripy.kernels, distripy.runtime as r; "
+        f"assert distripy.__file__.startswith({str(site)!r}), distripy.__file__; "
+        "assert not r.native_available(); print(r.native_unavailable_reason())"
+    )
+    # -S: no site-packages, so only the pure-Python install is visible.
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "DISTRIPY_SKIP_EXT=1" in result.stdout
+
+
+def _cmake_configure(tmp_path: Path, python: str, **env_overrides) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "NCCL_HOME")}
+    env.update(env_overrides)
+    return subprocess.run(
+        [shutil.which("cmake"), "-S", str(ROOT), "-B", str(tmp_path / "build"), f"-DPython_EXECUTABLE={python}"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+needs_cmake = pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not on PATH")
+
+
+@needs_cmake
+def test_invalid_cuda_home_stops_the_build_naming_it(tmp_path):
+    empty = tmp_path / "not-cuda"
+    empty.mkdir()
+    result = _cmake_configure(tmp_path, sys.executable, CUDA_HOME=str(empty))
+    assert result.returncode != 0
+    message = " ".join(result.stderr.split())  # CMake wraps long messages
+    assert f"CUDA_HOME={empty} is not a CUDA installation" in message
+    assert "DISTRIPY_SKIP_EXT=1" in message
+
+
+def _system_has_nccl() -> bool:
+    return any(Path(prefix, "include", "nccl.h").exists() for prefix in ("/usr", "/usr/local"))
+
+
+@needs_cmake
+@pytest.mark.skipif(_system_has_nccl(), reason="this machine has a system NCCL")
+def test_missing_nccl_stops_the_build_naming_every_place_searched(tmp_path):
+    # A valid-looking CUDA root, so that the search reaches NCCL.
+    cuda = tmp_path / "cuda"
+    (cuda / "include").mkdir(parents=True)
+    (cuda / "lib64").mkdir()
+    (cuda / "include" / "cuda_runtime_api.h").write_text("")
+    (cuda / "lib64" / "libcudart_static.a").write_text("")
+    # An interpreter without the NCCL wheel.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
+    python = str(tmp_path / "venv" / "bin" / "python")
+    result = _cmake_configure(tmp_path, python, CUDA_HOME=str(cuda))
+    assert result.returncode != 0
+    message = " ".join(result.stderr.split())  # CMake wraps long messages
+    assert "NCCL (nccl.h and libnccl.so.2) was not found" in message
+    assert "NCCL_HOME: not set" in message
+    assert f"nvidia.nccl not installed for {python}" in message
+    assert "system: /usr/include/nccl.h" in message
+    assert "DISTRIPY_SKIP_EXT=1" in message
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    tests_section = readme.split("\n## Tests\n", 1)[1]
+    readme_command = tests_section.split("```bash\n", 1)[1].split("\n", 1)[0].strip()
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    ci_command = ci_lines[ci_lines.index("# The README's test command:") + 1]
+    assert ci_command.startswith(readme_command + " 2>&1 | tee"), (readme_command, ci_command)
