@@ -44,6 +44,10 @@ class CMakeExtension(Extension):
 class CMakeBuild(build_ext):
     """Configures and builds the CMake project, placing the module where setuptools expects it."""
 
+    def _builds_in_place(self) -> bool:
+        """True for an editable install: the module stays in the source tree, outside site-packages."""
+        return bool(self.inplace or getattr(self, "editable_mode", False))
+
     def build_extension(self, ext):
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
@@ -67,6 +71,7 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={output.parent}",
+            f"-DDISTRIPY_RPATH_SITE_PACKAGES={'ON' if self._builds_in_place() else 'OFF'}",
         ]
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
         subprocess.run(configure, check=True)

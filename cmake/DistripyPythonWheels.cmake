@@ -22,3 +22,15 @@ print(";".join(locations), end="")
   endif()
   set(${out_var} "${_dirs}" PARENT_SCOPE)
 endfunction()
+
+# The site-packages folder of the Python the extension is built for (sysconfig's purelib).
+function(distripy_site_packages out_var)
+  execute_process(
+    COMMAND "${Python_EXECUTABLE}" -c "import sysconfig; print(sysconfig.get_paths()['purelib'], end='')"
+    OUTPUT_VARIABLE _dir
+    RESULT_VARIABLE _rc)
+  if(NOT _rc EQUAL 0)
+    message(FATAL_ERROR "distripy: cannot ask ${Python_EXECUTABLE} for its site-packages folder")
+  endif()
+  set(${out_var} "${_dir}" PARENT_SCOPE)
+endfunction()

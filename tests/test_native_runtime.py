@@ -99,6 +99,15 @@ def test_no_visible_device_means_zero_devices_not_a_crash():
     assert re.fullmatch(r"\(\d+, \d+\)\n", driver)
 
 
+def test_direct_import_finds_nccl_without_the_loader():
+    """``import distripy._C`` on its own (as users and other libraries do) must load NCCL through
+    the module's run path, in a regular or an editable install alike."""
+    code = "import distripy._C as C; print(C.nccl_version() == C.nccl_version(), C.device_count())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", str(torch.cuda.device_count())]
+
+
 def test_errors_are_python_runtime_errors():
     assert issubclass(C.CudaError, RuntimeError)
     assert issubclass(C.NcclError, RuntimeError)
