@@ -87,10 +87,10 @@ def _system_has_nccl() -> bool:
 def test_missing_nccl_stops_the_build_naming_every_place_searched(tmp_path):
     # A valid-looking CUDA root, so that the search reaches NCCL.
     cuda = tmp_path / "cuda"
-    (cuda / "include").mkdir(parents=True)
-    (cuda / "lib64").mkdir()
-    (cuda / "include" / "cuda_runtime_api.h").write_text("")
-    (cuda / "lib64" / "libcudart_static.a").write_text("")
+    for name in ("include/cuda_runtime_api.h", "include/crt/host_defines.h", "include/nv/target",
+                 "lib64/libcudart_static.a"):
+        (cuda / name).parent.mkdir(parents=True, exist_ok=True)
+        (cuda / name).write_text("")
     # An interpreter without the NCCL wheel.
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
     python = str(tmp_path / "venv" / "bin" / "python")
