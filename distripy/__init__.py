@@ -4,8 +4,10 @@ Displaced patch parallelism (DistriFusion): each rank denoises one horizontal ba
 and uses its neighbours' activations from the previous denoising step, exchanged asynchronously
 while it computes. See README.md and DESIGN.md.
 
-Importing ``distripy`` is cheap: it loads neither torch nor the native runtime ``distripy._C``
-(``distripy.runtime.native()`` loads the latter and explains its absence).
+The public API: ``distripy.init()`` (torch.distributed from torchrun's environment),
+``distripy.DistriConfig``, ``distripy.parallelize(model, config)`` and ``distripy.reset(model)``.
+Importing ``distripy`` is cheap: torch, diffusers and the native runtime ``distripy._C`` load when
+first used (``distripy.runtime.native()`` loads the latter and explains its absence).
 """
 
 import pkgutil
@@ -18,4 +20,20 @@ __path__ = pkgutil.extend_path(__path__, __name__)
 
 from distripy._version import __version__  # noqa: E402
 
-__all__ = ["__version__"]
+# The public names load torch and diffusers, so they are imported on first use.
+_LAZY = {
+    "DistriConfig": "distripy.config",
+    "init": "distripy.distributed",
+    "parallelize": "distripy.api",
+    "reset": "distripy.api",
+}
+
+__all__ = ["DistriConfig", "__version__", "init", "parallelize", "reset"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'distripy' has no attribute {name!r}")

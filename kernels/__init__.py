@@ -1,6 +1,30 @@
-"""distripy.kernels: the fused Triton kernels, each beside its plain-torch reference.
+"""distripy.kernels: the math of the patch-parallel modules, one op per file.
 
-Installed as the subpackage ``distripy.kernels`` from the top-level ``kernels/`` folder. One op per
-file; on CUDA the Triton path runs, on CPU the reference; the tests run the Triton code on CPU
-under ``TRITON_INTERPRET=1`` and compare it with the reference.
+Installed as the subpackage ``distripy.kernels`` from the top-level ``kernels/`` folder. Each file
+holds an op's plain-torch reference, which defines the op; the fused Triton kernels that run on
+CUDA live beside their reference and are tested against it (on CPU under ``TRITON_INTERPRET=1``).
+
+* ``group_norm_stats``: per (batch, group) sum and sum of squares of a band;
+* ``group_norm_combine``: the sync / corrected / stale combination and mean, rstd;
+* ``group_norm_apply``: normalise + affine (+ SiLU), optionally into a view;
+* ``halo_conv``: a band's convolution from the band and its halo rows held apart.
 """
+
+from distripy.kernels.group_norm_apply import group_norm_apply, group_norm_apply_reference
+from distripy.kernels.group_norm_combine import corrected_sums, mean_rstd
+from distripy.kernels.group_norm_stats import elements_per_group, group_norm_stats, group_norm_stats_reference
+from distripy.kernels.halo_conv import band_compatible, halo_conv2d, halo_conv2d_reference, halo_rows
+
+__all__ = [
+    "band_compatible",
+    "corrected_sums",
+    "elements_per_group",
+    "group_norm_apply",
+    "group_norm_apply_reference",
+    "group_norm_stats",
+    "group_norm_stats_reference",
+    "halo_conv2d",
+    "halo_conv2d_reference",
+    "halo_rows",
+    "mean_rstd",
+]

@@ -1,8 +1,9 @@
 """Run a test function on N ranks as real processes joined by a torch.distributed process group.
 
 This is how every multi-rank behaviour is tested without GPUs: each rank is a fresh process
-(forked from a clean fork server, never from the test process) with a gloo process group, exactly as under torchrun. The parent holds the rendezvous
-store on a port the operating system picks, so concurrent runs never collide.
+(forked from a clean fork server, never from the test process) with a gloo process group, exactly
+as under torchrun. The parent holds the rendezvous store on a port the operating system picks, so
+concurrent runs never collide.
 
 Failure handling is the point of this module:
   * an exception on any rank fails the run at once, with that rank's traceback, and the other
@@ -24,6 +25,13 @@ from typing import Any, Callable, Dict, List
 DEFAULT_TIMEOUT_S = 120.0
 _KILL_GRACE_S = 5.0
 _HOST = "127.0.0.1"
+_PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "diffusers.models.unets.unet_2d_condition",
+    "diffusers.schedulers.scheduling_ddim",
+    "distripy.api",
+]
 
 
 class RankFailure(AssertionError):
@@ -68,11 +76,12 @@ def _rank_main(fn, rank, world_size, port, backend, timeout_s, connection, args,
 
 def _process_context():
     """Processes start from a fork server that has imported torch once, so each rank starts in
-    well under a second instead of re-importing torch (seconds per rank on a small machine). The
-    server never touches CUDA, so ranks may use it, and it is single-threaded, so forking it is
-    safe."""
+    well under a second instead of re-importing torch (seconds per rank on a small machine), and
+    diffusers' UNet and schedulers (about ten seconds more). The server never touches CUDA, so
+    ranks may use it, and it is single-threaded, so forking it is safe. A preload that fails to
+    import is skipped by multiprocessing; the rank then imports it itself."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "torch.distributed"])
+    context.set_forkserver_preload(_PRELOAD)
     return context
 
 
@@ -111,7 +120,11 @@ def run_on_ranks(
     import torch.distributed as dist
 
     store = dist.TCPStore(
-        _HOST, 0, world_size=None, is_master=True, wait_for_workers=False,
+        _HOST,
+        0,
+        world_size=None,
+        is_master=True,
+        wait_for_workers=False,
         timeout=timedelta(seconds=timeout),
     )
     context = _process_context()
@@ -163,4 +176,3 @@ def run_on_ranks(
         for connection in connections:
             connection.close()
         del store
-

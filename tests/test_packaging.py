@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -41,13 +42,17 @@ def test_skip_ext_builds_a_pure_python_wheel_with_every_package(pure_python_whee
 def test_skip_ext_install_imports_and_explains_the_missing_runtime(pure_python_wheel, tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(pure_python_wheel).extractall(site)
+    # -S: site-packages is on the path only as a plain folder (for torch, which distripy.kernels
+    # needs), without its .pth files, so an editable install of this checkout stays invisible and
+    # distripy comes from the pure-Python wheel.
+    purelib = sysconfig.get_paths()["purelib"]
     code = (
-        f"import sys; sys.path.insert(0, {str(site)!r}); "
+        f"import sys; sys.path[:0] = [{str(site)!r}, {purelib!r}]; "
         "import distripy, distripy.kernels, distripy.runtime as r; "
         f"assert distripy.__file__.startswith({str(site)!r}), distripy.__file__; "
+        f"assert distripy.kernels.__file__.startswith({str(site)!r}), distripy.kernels.__file__; "
         "assert not r.native_available(); print(r.native_unavailable_reason())"
     )
-    # -S: no site-packages, so only the pure-Python install is visible.
     result = subprocess.run(
         [sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )

@@ -1,0 +1,251 @@
+"""``parallelize``: make a diffusers model patch-parallel by swapping its modules in place.
+
+For a ``UNet2DConditionModel`` (SD 1.x, 2.x, SDXL configurations) on more than one rank:
+
+* ``Conv2d`` with a kernel taller than one row -> ``PatchConv2d`` (halo rows from the
+  neighbouring bands); 1x1 convolutions, linear layers and embeddings stay as they are (local);
+* ``GroupNorm`` -> ``PatchGroupNorm`` (statistics of the whole image);
+* self-attention -> ``PatchSelfAttnProcessor`` through diffusers' processor API; cross-attention
+  stays local;
+* ``forward`` -> ``PatchUNetForward`` (bands in, the whole prediction out).
+
+The swapped modules share the original parameters. Before anything is changed the whole model is
+checked, and a spatial module whose band-wise result would not be exact (a transposed
+convolution, batch or instance statistics, reflect padding, FIR resampling, ...) is refused with
+its module path. On a single rank ``parallelize`` returns the model untouched.
+"""
+
+import functools
+from typing import Dict, List, Optional
+
+import torch.nn as nn
+
+from distripy.config import DistriConfig
+from distripy.errors import UnsupportedModuleError
+from distripy.parallel.attention import PatchSelfAttnProcessor
+from distripy.parallel.context import PatchContext
+from distripy.parallel.conv import PatchConv2d, check_conv, conv_needs_halo
+from distripy.parallel.group_norm import PatchGroupNorm
+from distripy.parallel.unet import PatchUNetForward
+
+__all__ = ["parallelize", "reset", "patch_context"]
+
+_ATTRIBUTE = "_distripy_forward"
+
+# Modules whose result on a band is not the band of their result on the image, by class name
+# (diffusers' and torch's), with the reason given in the error.
+_REFUSED = {
+    "ConvTranspose1d": "a transposed convolution",
+    "ConvTranspose2d": "a transposed convolution",
+    "ConvTranspose3d": "a transposed convolution",
+    "Conv3d": "a 3-D convolution",
+    "BatchNorm2d": "batch statistics over the whole image",
+    "SyncBatchNorm": "batch statistics over the whole image",
+    "InstanceNorm2d": "instance statistics over the whole image",
+    "LocalResponseNorm": "a cross-channel window norm",
+    "AdaGroupNorm": "a GroupNorm computed outside nn.GroupNorm",
+    "SpatialNorm": "a norm conditioned on an image-sized map",
+    "FirUpsample2D": "FIR resampling",
+    "FirDownsample2D": "FIR resampling",
+    "KUpsample2D": "padded FIR resampling",
+    "KDownsample2D": "padded FIR resampling",
+    "GatedSelfAttentionDense": "GLIGEN self-attention over image and grounding tokens",
+    "PatchEmbed": "patch embedding with absolute positions",
+    "AdaptiveAvgPool2d": "pooling over the whole image",
+    "AdaptiveMaxPool2d": "pooling over the whole image",
+}
+
+
+def _check_pool(module: nn.Module, path: str) -> None:
+    kernel, stride, padding = module.kernel_size, module.stride, module.padding
+    kernel = kernel if isinstance(kernel, int) else kernel[0]
+    stride = stride if isinstance(stride, int) else stride[0]
+    padding = padding if isinstance(padding, int) else padding[0]
+    if kernel != stride or padding != 0:
+        raise UnsupportedModuleError(
+            f"{path}: {type(module).__name__}(kernel={kernel}, stride={stride}, padding={padding}); only "
+            "non-overlapping unpadded pooling is band-exact"
+        )
+
+
+def _check_upsample(module: nn.Module, path: str) -> None:
+    if module.mode != "nearest" or module.size is not None:
+        raise UnsupportedModuleError(
+            f"{path}: nn.Upsample(mode={module.mode!r}, size={module.size}); "
+            "only nearest scaling is band-exact"
+        )
+
+
+def _check_resnet(module: nn.Module, path: str) -> None:
+    for name in ("upsample", "downsample"):
+        resample = getattr(module, name, None)
+        if (
+            isinstance(resample, functools.partial)
+            and getattr(resample.func, "__name__", "") != "interpolate"
+        ):
+            raise UnsupportedModuleError(
+                f"{path}.{name}: {resample.func.__name__} resampling is not band-exact"
+            )
+
+
+def _check_attention(module: nn.Module, path: str) -> bool:
+    """Whether this Attention is a self-attention to patch (cross-attention stays local)."""
+    if getattr(module, "added_kv_proj_dim", None) is not None:
+        raise UnsupportedModuleError(f"{path}: attention with added key/value projections (joint self/cross)")
+    if getattr(module, "spatial_norm", None) is not None:
+        raise UnsupportedModuleError(f"{path}: attention with a spatial norm")
+    if module.is_cross_attention:
+        return False
+    processor = type(module.processor).__name__
+    if processor not in (
+        "AttnProcessor",
+        "AttnProcessor2_0",
+        "FusedAttnProcessor2_0",
+        "XFormersAttnProcessor",
+    ):
+        raise UnsupportedModuleError(
+            f"{path}: self-attention with processor {processor}; patch parallelism replaces the standard "
+            "processors only, so this one would be silently dropped"
+        )
+    return True
+
+
+def _plan_swaps(model: nn.Module) -> Dict[str, List[str]]:
+    """Check every module; return the paths of the convolutions, norms and self-attentions to swap."""
+    from diffusers.models.attention_processor import Attention
+
+    plan: Dict[str, List[str]] = {"conv": [], "norm": [], "attention": []}
+    for path, module in model.named_modules():
+        path = path or type(model).__name__
+        kind = type(module).__name__
+        if kind in _REFUSED:
+            raise UnsupportedModuleError(f"{path}: {kind} ({_REFUSED[kind]}) cannot run on bands")
+        if isinstance(module, nn.Conv2d):
+            check_conv(module, path)
+            if conv_needs_halo(module):
+                plan["conv"].append(path)
+        elif isinstance(module, nn.Conv1d):
+            raise UnsupportedModuleError(f"{path}: Conv1d over a token sequence would need a halo")
+        elif isinstance(module, nn.GroupNorm):
+            plan["norm"].append(path)
+        elif isinstance(module, (nn.AvgPool2d, nn.MaxPool2d)):
+            _check_pool(module, path)
+        elif isinstance(module, nn.Upsample):
+            _check_upsample(module, path)
+        elif kind in ("ResnetBlock2D",):
+            _check_resnet(module, path)
+        elif isinstance(module, Attention):
+            if _check_attention(module, path):
+                plan["attention"].append(path)
+        elif kind == "Transformer2DModel" and not getattr(module, "is_input_continuous", True):
+            raise UnsupportedModuleError(
+                f"{path}: Transformer2DModel on patches or vectors (absolute positions)"
+            )
+    return plan
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+def _count_downsamplings(unet: nn.Module) -> int:
+    return sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
+
+
+def _resolve_backends(config: DistriConfig) -> None:
+    from distripy.runtime import native_available
+
+    if config.comm_backend == "nccl":
+        raise ValueError(
+            "DistriConfig.comm_backend='nccl' needs distripy.runtime.NcclComm, which this version does not "
+            f"provide yet (native runtime importable: {native_available()}); use 'torch' or 'auto'"
+        )
+    if config.kernel_backend == "triton":
+        raise ValueError(
+            "DistriConfig.kernel_backend='triton': the Triton kernels are not part of this version yet; "
+            "use 'torch' or 'auto'"
+        )
+
+
+def _make_comms(config: DistriConfig, world_size: int, rank: int):
+    """The Comm of all ranks, and per split choice the Comm of this rank's patch group."""
+    import torch.distributed as dist
+
+    from distripy.runtime.torch_comm import TorchComm
+
+    world = TorchComm(None, config.timeout_s)
+    patch = {False: world}
+    if config.split_batch and world_size % 2 == 0:
+        half = world_size // 2
+        # new_group is collective: every rank creates both halves, in the same order.
+        groups = [dist.new_group(list(range(i * half, (i + 1) * half))) for i in range(2)]
+        patch[True] = TorchComm(groups[rank // half], config.timeout_s)
+    return world, patch
+
+
+def parallelize(model, config: Optional[DistriConfig] = None):
+    """Make ``model`` (a diffusers ``UNet2DConditionModel``) patch-parallel over the ranks of
+    torch.distributed, in place, and return it. Every rank must call this, in the same order."""
+    from diffusers import UNet2DConditionModel
+
+    config = DistriConfig() if config is None else config
+    if not isinstance(config, DistriConfig):
+        raise TypeError(f"parallelize: config must be a DistriConfig, got {type(config).__name__}")
+    if not isinstance(model, UNet2DConditionModel):
+        raise TypeError(f"parallelize: expected a diffusers UNet2DConditionModel, got {type(model).__name__}")
+    if hasattr(model, _ATTRIBUTE):
+        raise ValueError("parallelize: this model is already patch-parallel")
+    if model.config.addition_embed_type == "image_hint":
+        raise UnsupportedModuleError(
+            "UNet2DConditionModel with addition_embed_type='image_hint' (a spatial hint)"
+        )
+    _resolve_backends(config)
+    world_size, rank = config.world_size, config.rank
+    if world_size == 1:
+        return model
+    plan = _plan_swaps(model)
+
+    world_comm, patch_comms = _make_comms(config, world_size, rank)
+    context = PatchContext(config)
+    for path in plan["conv"]:
+        _set_submodule(model, path, PatchConv2d.from_conv(model.get_submodule(path), context, path))
+    for path in plan["norm"]:
+        _set_submodule(model, path, PatchGroupNorm.from_group_norm(model.get_submodule(path), context, path))
+    for path in plan["attention"]:
+        model.get_submodule(path).set_processor(PatchSelfAttnProcessor(context, path))
+
+    # Checkpoints: an asynchronous step's transfers leave as each block finishes.
+    def checkpoint(module, inputs, output) -> None:
+        if context.active:
+            context.flush()
+
+    for block in list(model.down_blocks) + [model.mid_block] + list(model.up_blocks):
+        if block is not None:
+            block.register_forward_hook(checkpoint)
+
+    forward = PatchUNetForward(model, context, world_comm, patch_comms, _count_downsamplings(model))
+    model.forward = forward
+    setattr(model, _ATTRIBUTE, forward)
+    return model
+
+
+def _forward_of(model) -> PatchUNetForward:
+    forward = getattr(model, _ATTRIBUTE, None)
+    if forward is None:
+        raise ValueError(f"{type(model).__name__} is not patch-parallel (parallelize it first)")
+    return forward
+
+
+def reset(model) -> None:
+    """Start a new generation at the next call: forget every stale buffer. A single-rank model
+    (returned untouched by ``parallelize``) has nothing to reset."""
+    forward = getattr(model, _ATTRIBUTE, None)
+    if forward is not None:
+        forward.reset()
+
+
+def patch_context(model) -> PatchContext:
+    """The ``PatchContext`` of a parallelised model (its step, band geometry and mode)."""
+    return _forward_of(model).context

@@ -1,0 +1,46 @@
+"""``distripy.init()``: torch.distributed from torchrun's environment, once."""
+
+import os
+from datetime import timedelta
+from typing import Optional, Tuple
+
+__all__ = ["init"]
+
+_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def init(backend: Optional[str] = None, timeout_s: float = 600.0) -> Tuple[int, int]:
+    """Initialise torch.distributed from the environment torchrun sets, unless already done.
+
+    ``backend`` defaults to ``nccl`` when CUDA is available (and then each process takes the GPU
+    ``LOCAL_RANK``), else ``gloo``. Without torchrun's variables this is a single process and
+    nothing is initialised. Returns ``(rank, world_size)``.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    missing = [name for name in _TORCHRUN_VARIABLES if name not in os.environ]
+    if len(missing) == len(_TORCHRUN_VARIABLES):
+        return 0, 1
+    if missing:
+        raise RuntimeError(
+            f"distripy.init: the environment has some of torchrun's variables but not {', '.join(missing)}; "
+            "launch with torchrun (or set all of RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)"
+        )
+    use_cuda = torch.cuda.is_available()
+    if backend is None:
+        backend = "nccl" if use_cuda else "gloo"
+    device_id = None
+    if use_cuda and backend == "nccl":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"distripy.init: LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs "
+                "are visible"
+            )
+        torch.cuda.set_device(local_rank)
+        device_id = torch.device("cuda", local_rank)
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), device_id=device_id)
+    return dist.get_rank(), dist.get_world_size()

@@ -1,0 +1,128 @@
+"""``PatchContext``: what every patch-parallel module of one model asks before it computes.
+
+One context per parallelised model. It knows the current generation's band geometry (which band
+this rank holds, of how many, and the ``Comm`` of the ranks sharing the image), the step within
+the generation, and so whether this step's exchanges are fresh and synchronous, stale (issued now,
+consumed next step), or absent. It also collects the transfers the modules issue during an
+asynchronous step and sends them out together at checkpoints, in one ``Comm.group()``.
+"""
+
+from typing import Callable, List
+
+from distripy.config import DistriConfig
+
+__all__ = ["PatchContext", "PatchState"]
+
+
+class PatchState:
+    """Base of everything that holds stale buffers across the steps of one generation."""
+
+    def reset_state(self) -> None:
+        raise NotImplementedError
+
+
+class PatchContext:
+    def __init__(self, config: DistriConfig) -> None:
+        self.config = config
+        self.comm = None
+        self.band_index = 0
+        self.band_count = 1
+        self.generation = 0
+        self.step = -1
+        self.active = False
+        self._states: List[PatchState] = []
+        self._deferred: List[Callable[[], None]] = []
+        self._seen: dict = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def register(self, state: PatchState) -> None:
+        self._states.append(state)
+
+    def start_generation(self, comm, band_index: int, band_count: int) -> None:
+        """Forget every stale buffer: the next step is the first of a new generation."""
+        if not 0 <= band_index < band_count:
+            raise ValueError(f"band_index {band_index} is outside [0, {band_count})")
+        self.comm = comm
+        self.band_index = band_index
+        self.band_count = band_count
+        self.generation += 1
+        self.step = -1
+        self._deferred.clear()
+        self._seen.clear()
+        for state in self._states:
+            state.reset_state()
+
+    def begin_step(self) -> None:
+        self.step += 1
+        self._seen.clear()
+        self.active = True
+
+    def end_step(self, issue_pending: bool) -> None:
+        """Close the step: send the transfers still collected (or drop them after an error)."""
+        self.active = False
+        if issue_pending:
+            self.flush()
+        else:
+            self._deferred.clear()
+
+    # -- what this step does ---------------------------------------------------------------------
+
+    @property
+    def synchronous_step(self) -> bool:
+        """Fresh exchanges this step: ``full_sync``, or a warm-up step (the first step always is:
+        there is nothing stale to use yet)."""
+        return self.config.mode == "full_sync" or self.step < max(1, self.config.warmup_steps)
+
+    @property
+    def activation_exchange(self) -> str:
+        """``none`` (naive_patch), ``sync`` (fresh, waited for now) or ``stale`` (last step's)."""
+        if self.config.mode == "naive_patch":
+            return "none"
+        return "sync" if self.synchronous_step else "stale"
+
+    @property
+    def statistics_exchange(self) -> str:
+        """GroupNorm: ``local``, ``sync``, ``corrected`` or ``stale``."""
+        mode = self.config.mode
+        if mode == "naive_patch":
+            return "local"
+        if self.synchronous_step or mode == "sync_gn":
+            return "sync"
+        return "corrected" if mode == "corrected_async_gn" else "stale"
+
+    @property
+    def has_neighbours(self) -> bool:
+        return self.active and self.band_count > 1
+
+    def enter(self, module: object, path: str) -> None:
+        """Record that ``module`` runs in this step; a second call in the same step would consume
+        its stale buffers twice, so it is refused."""
+        key = id(module)
+        if key in self._seen:
+            raise RuntimeError(
+                f"{path} ran twice in one UNet call; patch-parallel modules keep one set of stale "
+                "buffers per module and step, so a module may run only once per call"
+            )
+        self._seen[key] = path
+
+    # -- transfers of asynchronous steps ---------------------------------------------------------
+
+    def defer(self, issue: Callable[[], None]) -> None:
+        """Queue a transfer for the next checkpoint."""
+        self._deferred.append(issue)
+
+    def flush(self) -> None:
+        """Checkpoint: issue the queued transfers as one group."""
+        if not self._deferred:
+            return
+        pending, self._deferred = self._deferred, []
+        with self.comm.group():
+            for issue in pending:
+                issue()
+
+    def stale_unavailable(self, path: str) -> RuntimeError:
+        return RuntimeError(
+            f"{path}: step {self.step} of generation {self.generation} wants the previous step's "
+            "exchange, but none was made (the module did not run in the previous step)"
+        )

@@ -1,0 +1,119 @@
+"""``PatchConv2d``: a convolution (kernel > 1) over one band, with its neighbours' halo rows.
+
+Synchronous step: the band's boundary rows are exchanged with the neighbours and waited for; the
+output equals the full image's convolution on this band. Stale step: the halos received during
+the previous step are used, and this step's boundary rows are sent for the next step. At the
+image's top and bottom the halo is the convolution's zero padding; in ``naive_patch`` every band
+edge is.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from distripy.errors import BandGeometryError, UnsupportedModuleError
+from distripy.kernels import halo_conv2d, halo_rows
+from distripy.parallel.adopt import adopt
+from distripy.parallel.context import PatchContext, PatchState
+from distripy.runtime.comm import CompletedWork
+
+__all__ = ["PatchConv2d", "conv_needs_halo", "check_conv"]
+
+
+def conv_needs_halo(conv: nn.Conv2d) -> bool:
+    """Whether the convolution reads more than one input row per output row (kernel > 1 along the
+    height); a 1x1 (or 1xk) convolution works on a band as it is."""
+    return conv.kernel_size[0] > 1
+
+
+def check_conv(conv: nn.Conv2d, path: str) -> None:
+    """Refuse a convolution whose output bands would not be the image's output bands."""
+    if isinstance(conv.padding, str):
+        raise UnsupportedModuleError(
+            f"{path}: Conv2d with padding={conv.padding!r}; patch parallelism needs integer padding"
+        )
+    if conv.padding_mode != "zeros":
+        raise UnsupportedModuleError(
+            f"{path}: Conv2d with padding_mode={conv.padding_mode!r}; only zero padding is band-exact"
+        )
+    kernel, padding, stride, dilation = conv.kernel_size[0], conv.padding[0], conv.stride[0], conv.dilation[0]
+    try:
+        halo_rows(kernel, padding, stride, dilation)
+    except ValueError as error:
+        raise UnsupportedModuleError(f"{path}: {error}") from None
+
+
+class PatchConv2d(nn.Conv2d, PatchState):
+    """``nn.Conv2d`` over this rank's band; shares the original convolution's parameters."""
+
+    patch_context: PatchContext
+    patch_path: str
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, context: PatchContext, path: str) -> "PatchConv2d":
+        check_conv(conv, path)
+        module = adopt(cls, conv)
+        module.patch_context = context
+        module.patch_path = path
+        module.halo_top, module.halo_bottom = halo_rows(
+            conv.kernel_size[0], conv.padding[0], conv.stride[0], conv.dilation[0]
+        )
+        module._stale: Optional[Tuple] = None
+        context.register(module)
+        return module
+
+    def reset_state(self) -> None:
+        self._stale = None
+
+    def _halo_buffers(self, x: torch.Tensor):
+        """``(top_send, bottom_send, top_recv, bottom_recv)`` of an exchange of ``x``'s boundary rows.
+
+        The rank above needs this band's first ``halo_bottom`` rows as its bottom halo; the rank
+        below its last ``halo_top`` rows as its top halo. The sends are copies, taken now: the
+        transfer may leave later (at a checkpoint) and must not alias live activations.
+        """
+        ctx = self.patch_context
+        batch, channels, rows, width = x.shape
+        first, last = ctx.band_index == 0, ctx.band_index == ctx.band_count - 1
+        top_send = None if first else x[:, :, : self.halo_bottom].clone(memory_format=torch.contiguous_format)
+        bottom_send = (
+            None if last else x[:, :, rows - self.halo_top :].clone(memory_format=torch.contiguous_format)
+        )
+        top_recv = None if first else x.new_empty((batch, channels, self.halo_top, width))
+        bottom_recv = None if last else x.new_empty((batch, channels, self.halo_bottom, width))
+        return top_send, bottom_send, top_recv, bottom_recv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = self.patch_context
+        if not ctx.has_neighbours:
+            return super().forward(x)
+        ctx.enter(self, self.patch_path)
+        rows = x.shape[2]
+        if max(self.halo_top, self.halo_bottom) > rows:
+            raise BandGeometryError(
+                f"{self.patch_path}: needs {max(self.halo_top, self.halo_bottom)} halo rows but bands are "
+                f"{rows} rows here; use fewer ranks or a taller image"
+            )
+        exchange = ctx.activation_exchange
+        top = bottom = None
+        if exchange == "sync":
+            buffers = self._halo_buffers(x)
+            ctx.comm.halo_exchange(*buffers).wait()
+            top, bottom = buffers[2], buffers[3]
+            self._stale = (CompletedWork(), top, bottom)
+        elif exchange == "stale":
+            if self._stale is None:
+                raise ctx.stale_unavailable(self.patch_path)
+            work, top, bottom = self._stale
+            work.wait()
+
+            buffers = self._halo_buffers(x)
+
+            def issue() -> None:
+                self._stale = (ctx.comm.halo_exchange(*buffers), buffers[2], buffers[3])
+
+            ctx.defer(issue)
+        return halo_conv2d(
+            x, top, bottom, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )

@@ -1,0 +1,240 @@
+"""The UNet forward wrapper: bands in, the whole prediction out.
+
+Each call is one denoising step. The wrapper
+
+1. decides the split: with ``split_batch``, an even batch and an even number of ranks, the first
+   half of the ranks takes the first half of the batch (classifier-free guidance's unconditional
+   half) and the second half the rest; otherwise all ranks share the whole batch;
+2. recognises the start of a generation (an explicit ``reset()``, a new input signature, or a
+   timestep that does not decrease) and then, before any work, validates the input and checks
+   that every rank was given the same kind of input; a problem on any rank raises on every rank;
+3. cuts the latent and the spatial conditioning (ControlNet residuals) into this rank's band,
+   runs the model's own forward on it, sends the transfers still collected, and all-gathers the
+   output bands so that every rank returns the full noise prediction.
+"""
+
+import inspect
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+from distripy.errors import BandGeometryError, RankMismatchError
+from distripy.parallel.context import PatchContext
+
+__all__ = ["PatchUNetForward", "BandPlan"]
+
+# UNet2DConditionModel.forward arguments that hold per-resolution spatial maps, cut into bands.
+_SPATIAL_ARGUMENTS = (
+    "down_block_additional_residuals",
+    "mid_block_additional_residual",
+    "down_intrablock_additional_residuals",
+)
+
+
+class BandPlan:
+    """How this call's batch and rows are shared among the ranks."""
+
+    def __init__(self, rank: int, world_size: int, split_batch: bool) -> None:
+        self.split_batch = split_batch
+        self.band_count = world_size // 2 if split_batch else world_size
+        self.band_index = rank % self.band_count
+        self.batch_index = rank // self.band_count  # 0 or 1 with split_batch, else 0
+
+    def key(self) -> Tuple:
+        """What every rank must agree on."""
+        return (self.split_batch, self.band_count)
+
+
+def _timestep_value(timestep) -> float:
+    """The step's timestep as a number, to recognise a new generation (timesteps decrease within
+    one). A timestep on the GPU costs one small device-to-host copy per step."""
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.reshape(-1)[0])
+    return float(timestep)
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    return value
+
+
+class PatchUNetForward:
+    """Replaces ``unet.forward``; the model's own forward runs inside on the band."""
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        context: PatchContext,
+        world_comm,
+        patch_comms: Dict[bool, Any],
+        levels: int,
+    ) -> None:
+        self.original_forward = unet.forward
+        self.__signature__ = inspect.signature(self.original_forward)
+        self.__doc__ = self.original_forward.__doc__
+        self.context = context
+        self.world_comm = world_comm
+        self.patch_comms = patch_comms  # split_batch -> the Comm of this rank's patch group
+        self.levels = levels
+        self._parameter = next(unet.parameters())
+        self._signature: Optional[Tuple] = None
+        self._last_timestep: Optional[float] = None
+        self._reset_requested = True
+
+    # -- generations -----------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """The next call starts a new generation (pipelines call this before their loop)."""
+        self._reset_requested = True
+
+    def _plan(self, sample: torch.Tensor) -> BandPlan:
+        world = self.world_comm.world_size
+        split = self.context.config.split_batch and world % 2 == 0 and sample.shape[0] % 2 == 0
+        return BandPlan(self.world_comm.rank, world, split)
+
+    def _input_problem(self, sample, arguments: Dict[str, Any], plan: BandPlan) -> Optional[Tuple[type, str]]:
+        """What is wrong with this rank's input, if anything, as (exception type, message)."""
+        if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
+            shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
+            return ValueError, f"sample must be a (batch, channels, height, width) tensor, got {shape}"
+        if sample.dtype != self._parameter.dtype:
+            return (
+                ValueError,
+                f"sample is {sample.dtype} but the UNet's parameters are {self._parameter.dtype}",
+            )
+        if sample.device != self._parameter.device:
+            return (
+                ValueError,
+                f"sample is on {sample.device} but the UNet's parameters are on {self._parameter.device}",
+            )
+        height, factor, bands = sample.shape[2], 2**self.levels, plan.band_count
+        deepest = height // factor if height % factor == 0 else height / factor
+        if height % (factor * bands) != 0:
+            reason = (
+                f"more bands ({bands}) than rows ({deepest}) at the UNet's deepest level"
+                if height // factor < bands
+                else f"the UNet's deepest level ({self.levels} downsamplings) has {deepest} rows"
+            )
+            return BandGeometryError, (
+                f"latent height {height} cannot be cut into {bands} bands of whole rows: {reason}; "
+                f"the latent height must be a multiple of {factor * bands} ({factor} x {bands} bands)"
+            )
+        for name in _SPATIAL_ARGUMENTS:
+            for tensor in _flatten(arguments.get(name)):
+                if tensor.dim() != 4 or tensor.shape[2] % bands != 0:
+                    return BandGeometryError, (
+                        f"{name}: a tensor of shape {tuple(tensor.shape)} cannot be cut into "
+                        f"{bands} bands of rows"
+                    )
+        return None
+
+    def _start_generation(self, sample, arguments, plan: BandPlan, signature: Tuple, timestep: float) -> None:
+        problem = self._input_problem(sample, arguments, plan)
+        # Every rank takes part, so that a problem on one rank raises on all instead of leaving the
+        # others waiting in a collective.
+        reports: List = [None] * self.world_comm.world_size
+        dist.all_gather_object(reports, (signature, timestep, problem), group=self.world_comm.process_group)
+        if problem is not None:
+            kind, message = problem
+            raise kind(message)
+        rejected = [(rank, report[2]) for rank, report in enumerate(reports) if report[2] is not None]
+        if rejected:
+            rank, (_, message) = rejected[0]
+            raise RankMismatchError(f"rank {rank} rejected its input: {message}")
+        if any(report[:2] != reports[0][:2] for report in reports):
+            table = "; ".join(f"rank {r}: input {rep[0]}, timestep {rep[1]}" for r, rep in enumerate(reports))
+            raise RankMismatchError(f"the ranks were called with different inputs: {table}")
+        self.context.start_generation(self.patch_comms[plan.split_batch], plan.band_index, plan.band_count)
+        self._signature = signature
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def _localize(self, arguments: Dict[str, Any], plan: BandPlan) -> Dict[str, Any]:
+        """This rank's share of every argument: its batch half, then its band of rows."""
+        local = dict(arguments)
+        if plan.split_batch:
+            batch = arguments["sample"].shape[0]
+            half = batch // 2
+            rows = slice(plan.batch_index * half, (plan.batch_index + 1) * half)
+
+            def take_half(tensor: torch.Tensor) -> torch.Tensor:
+                return tensor[rows] if tensor.dim() >= 1 and tensor.shape[0] == batch else tensor
+
+            local = {name: _map_tensors(value, take_half) for name, value in local.items()}
+
+        def take_band(tensor: torch.Tensor) -> torch.Tensor:
+            band = tensor.shape[2] // plan.band_count
+            return tensor[:, :, plan.band_index * band : (plan.band_index + 1) * band]
+
+        local["sample"] = take_band(local["sample"])
+        for name in _SPATIAL_ARGUMENTS:
+            if local.get(name) is not None:
+                local[name] = _map_tensors(local[name], take_band)
+        return local
+
+    def _gather(self, band: torch.Tensor, plan: BandPlan) -> torch.Tensor:
+        """Every rank's output band -> the full prediction, on every rank."""
+        comm = self.world_comm
+        gathered = band.new_empty((comm.world_size,) + tuple(band.shape))
+        comm.all_gather(band.contiguous(), gathered).wait()
+        batch, channels, rows, width = band.shape
+        halves = 2 if plan.split_batch else 1
+        # (halves, bands, batch, C, rows, W) -> (halves, batch, C, bands, rows, W)
+        gathered = gathered.view(halves, plan.band_count, batch, channels, rows, width).permute(
+            0, 2, 3, 1, 4, 5
+        )
+        return gathered.reshape(halves * batch, channels, plan.band_count * rows, width)
+
+    def __call__(self, *args, **kwargs):
+        arguments = self.__signature__.bind(*args, **kwargs).arguments
+        sample = arguments["sample"]
+        return_dict = arguments.pop("return_dict", True)
+        plan = (
+            self._plan(sample)
+            if isinstance(sample, torch.Tensor) and sample.dim() == 4
+            else BandPlan(0, 1, False)
+        )
+        timestep = _timestep_value(arguments["timestep"])
+        signature = (
+            tuple(sample.shape) if isinstance(sample, torch.Tensor) else None,
+            str(getattr(sample, "dtype", None)),
+            str(getattr(sample, "device", None)),
+            plan.key(),
+        )
+        new_generation = (
+            self._reset_requested
+            or signature != self._signature
+            or self._last_timestep is None
+            or timestep > self._last_timestep
+        )
+        if new_generation:
+            self._signature = None
+            self._start_generation(sample, arguments, plan, signature, timestep)
+            self._reset_requested = False
+        self._last_timestep = timestep
+
+        context = self.context
+        context.begin_step()
+        completed = False
+        try:
+            band = self.original_forward(**self._localize(arguments, plan), return_dict=False)[0]
+            completed = True
+        finally:
+            context.end_step(issue_pending=completed)
+        prediction = self._gather(band, plan)
+        return UNet2DConditionOutput(sample=prediction) if return_dict else (prediction,)
+
+
+def _flatten(value: Any) -> List[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _flatten(v)]
+    return []

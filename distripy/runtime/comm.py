@@ -1,0 +1,120 @@
+"""The communication protocol the patch-parallel modules use.
+
+A ``Comm`` is bound to one group of ranks (a patch group: the ranks that share one image's
+bands, in band order). Every operation is asynchronous and returns a ``Work``:
+
+* ``all_gather(send, recv)``: ``recv[i]`` receives rank ``i``'s ``send``; ``recv`` has shape
+  ``(world_size, *send.shape)``;
+* ``all_reduce(buf)``: sums ``buf`` over the ranks, in place;
+* ``halo_exchange(top_send, bottom_send, top_recv, bottom_recv)``: ``top_send`` goes to the rank
+  above (``rank - 1``), which receives it into its ``bottom_recv``; ``bottom_send`` goes to the rank
+  below, into its ``top_recv``. The first rank passes ``None`` for both ``top_*``, the last rank for
+  both ``bottom_*``; a rank may also pass ``None`` for a side with nothing to send (zero rows);
+* ``group()``: a scope; the operations called inside it are issued together when it closes (one
+  NCCL group launch in the C++ runtime), each straight between its own buffers.
+
+``Work.wait()`` orders what the caller does next after the transfer: on CUDA the caller's current
+stream waits on the GPU (no host block); on CPU the caller blocks, for at most the comm's timeout.
+``Work.synchronize(timeout_s)`` blocks the host and raises ``CommTimeoutError`` at the timeout.
+Buffers must not be touched between issue and ``wait``.
+
+Implementations: ``TorchComm`` (torch.distributed; gloo on CPU, nccl on GPU) and ``NcclComm`` (the
+C++ runtime ``distripy._C``).
+"""
+
+from typing import ContextManager, Optional, Protocol, Sequence, runtime_checkable
+
+__all__ = ["Comm", "CompletedWork", "Work", "check_all_gather", "check_halo_exchange", "check_all_reduce"]
+
+
+@runtime_checkable
+class Work(Protocol):
+    def wait(self) -> None: ...
+
+    def synchronize(self, timeout_s: Optional[float] = None) -> None: ...
+
+    def done(self) -> bool: ...
+
+
+@runtime_checkable
+class Comm(Protocol):
+    rank: int
+    world_size: int
+    timeout_s: float
+
+    def all_gather(self, send, recv) -> Work: ...
+
+    def all_reduce(self, buf) -> Work: ...
+
+    def halo_exchange(self, top_send, bottom_send, top_recv, bottom_recv) -> Work: ...
+
+    def group(self) -> ContextManager[None]: ...
+
+
+class CompletedWork:
+    """The handle of an operation with nothing to transfer."""
+
+    def wait(self) -> None:
+        pass
+
+    def synchronize(self, timeout_s: Optional[float] = None) -> None:
+        pass
+
+    def done(self) -> bool:
+        return True
+
+
+def _describe(tensor) -> str:
+    return f"{tuple(tensor.shape)} {tensor.dtype} on {tensor.device}"
+
+
+def _check_same_kind(op: str, named: Sequence) -> None:
+    """All given tensors share dtype and device and are contiguous."""
+    present = [(name, t) for name, t in named if t is not None]
+    for name, tensor in present:
+        if not tensor.is_contiguous():
+            raise ValueError(f"{op}: {name} ({_describe(tensor)}) must be contiguous")
+    if present:
+        first_name, first = present[0]
+        for name, tensor in present[1:]:
+            if tensor.dtype != first.dtype or tensor.device != first.device:
+                raise ValueError(
+                    f"{op}: {name} is {_describe(tensor)} but {first_name} is {_describe(first)}; "
+                    "dtype and device must agree"
+                )
+
+
+def check_all_gather(send, recv, world_size: int) -> None:
+    """Validate an all_gather before anything is issued."""
+    if send.dim() == 0:
+        raise ValueError("all_gather: send must have at least one dimension")
+    expected = (world_size,) + tuple(send.shape)
+    if tuple(recv.shape) != expected:
+        raise ValueError(
+            f"all_gather: recv has shape {tuple(recv.shape)}, expected {expected} (world_size x send.shape)"
+        )
+    _check_same_kind("all_gather", (("send", send), ("recv", recv)))
+
+
+def check_all_reduce(buf) -> None:
+    _check_same_kind("all_reduce", (("buf", buf),))
+
+
+def check_halo_exchange(rank: int, world_size: int, top_send, bottom_send, top_recv, bottom_recv) -> None:
+    """Validate a halo exchange: no transfer past the first or last rank, consistent buffers."""
+    if rank == 0 and (top_send is not None or top_recv is not None):
+        raise ValueError("halo_exchange: rank 0 has no rank above it; top_send and top_recv must be None")
+    if rank == world_size - 1 and (bottom_send is not None or bottom_recv is not None):
+        raise ValueError(
+            f"halo_exchange: rank {rank} is the last of {world_size}; "
+            "bottom_send and bottom_recv must be None"
+        )
+    _check_same_kind(
+        "halo_exchange",
+        (
+            ("top_send", top_send),
+            ("bottom_send", bottom_send),
+            ("top_recv", top_recv),
+            ("bottom_recv", bottom_recv),
+        ),
+    )

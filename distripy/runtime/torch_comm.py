@@ -1,0 +1,190 @@
+"""``TorchComm``: the ``Comm`` protocol over torch.distributed.
+
+On CPU it runs on gloo, which is how every multi-rank test runs; on GPUs on torch's NCCL process
+group, the baseline the C++ runtime (``NcclComm``) is measured against.
+"""
+
+import contextlib
+import time
+from datetime import timedelta
+from typing import Callable, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from distripy.errors import CommError, CommTimeoutError
+from distripy.runtime.comm import CompletedWork, check_all_gather, check_all_reduce, check_halo_exchange
+
+__all__ = ["TorchComm", "TorchWork"]
+
+DEFAULT_TIMEOUT_S = 300.0
+# gloo matches point-to-point messages by (peer, tag); a fresh tag per exchange keeps exchanges of
+# different layers apart even when they are in flight together.
+_TAG_SPACE = 1 << 24
+
+# torch renamed all_gather_into_tensor to all_gather_single; accept either.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class TorchWork:
+    """Handle of one protocol operation: the torch.distributed works it was issued as."""
+
+    def __init__(self, works: List, op: str, on_cuda: bool, timeout_s: float) -> None:
+        self._works = works
+        self._op = op
+        self._on_cuda = on_cuda
+        self._timeout_s = timeout_s
+
+    def wait(self) -> None:
+        if self._on_cuda:
+            # Stream-ordered: the current stream waits on the GPU; NCCL's watchdog enforces the
+            # process group's timeout.
+            for work in self._works:
+                work.wait()
+        else:
+            self.synchronize(self._timeout_s)
+
+    def synchronize(self, timeout_s: Optional[float] = None) -> None:
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        for work in self._works:
+            remaining = max(deadline - time.monotonic(), 1e-3)
+            try:
+                completed = work.wait(timeout=timedelta(seconds=remaining))
+            except RuntimeError as error:
+                text = str(error)
+                if "timeout" in text.lower() or "timed out" in text.lower():
+                    raise CommTimeoutError(
+                        f"{self._op} did not complete within {timeout_s:g} s: {text}"
+                    ) from error
+                raise CommError(f"{self._op} failed: {text}") from error
+            if completed is False:
+                raise CommTimeoutError(f"{self._op} did not complete within {timeout_s:g} s")
+
+    def done(self) -> bool:
+        return all(work.is_completed() for work in self._works)
+
+
+class _GroupedWork:
+    """Handle of an operation called inside ``group()``: it exists once the scope closes."""
+
+    def __init__(self, op: str) -> None:
+        self._op = op
+        self.issued: Optional[object] = None
+
+    def _inner(self):
+        if self.issued is None:
+            raise CommError(
+                f"{self._op} was waited on inside the group() scope that holds it; "
+                "it is issued when the scope closes"
+            )
+        return self.issued
+
+    def wait(self) -> None:
+        self._inner().wait()
+
+    def synchronize(self, timeout_s: Optional[float] = None) -> None:
+        self._inner().synchronize(timeout_s)
+
+    def done(self) -> bool:
+        return self.issued is not None and self.issued.done()
+
+
+class TorchComm:
+    """The ``Comm`` protocol for the ranks of a torch.distributed process group, in group-rank order."""
+
+    def __init__(
+        self, group: Optional[dist.ProcessGroup] = None, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
+        if not dist.is_initialized():
+            raise CommError(
+                "TorchComm needs torch.distributed to be initialised (call distripy.init() first)"
+            )
+        if timeout_s <= 0:
+            raise ValueError(f"TorchComm: timeout_s must be positive, got {timeout_s}")
+        self.process_group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.process_group)
+        self.world_size = dist.get_world_size(self.process_group)
+        if self.rank < 0:
+            raise CommError(
+                f"TorchComm: global rank {dist.get_rank()} is not a member of the given process group"
+            )
+        self.timeout_s = float(timeout_s)
+        self._global_ranks = [dist.get_global_rank(self.process_group, r) for r in range(self.world_size)]
+        self._tag = 0
+        self._pending: Optional[List[Callable[[], None]]] = None
+
+    # -- issue, immediately or at the end of a group() scope --------------------------------------
+
+    def _issue(self, op: str, start: Callable[[], List], on_cuda: bool):
+        def make() -> TorchWork:
+            return TorchWork(start(), op, on_cuda, self.timeout_s)
+
+        if self._pending is None:
+            return make()
+        grouped = _GroupedWork(op)
+
+        def issue_later() -> None:
+            grouped.issued = make()
+
+        self._pending.append(issue_later)
+        return grouped
+
+    @contextlib.contextmanager
+    def group(self) -> Iterator[None]:
+        if self._pending is not None:  # nested scope: the outermost one issues
+            yield
+            return
+        self._pending = []
+        try:
+            yield
+        except BaseException:
+            self._pending = None
+            raise
+        pending, self._pending = self._pending, None
+        for issue in pending:
+            issue()
+
+    # -- operations ------------------------------------------------------------------------------
+
+    def all_gather(self, send: torch.Tensor, recv: torch.Tensor):
+        check_all_gather(send, recv, self.world_size)
+        flat_recv = recv.view((self.world_size * send.shape[0],) + tuple(send.shape[1:]))
+        return self._issue(
+            f"all_gather of {tuple(send.shape)} {send.dtype} over {self.world_size} ranks",
+            lambda: [_all_gather_flat(flat_recv, send, group=self.process_group, async_op=True)],
+            send.is_cuda,
+        )
+
+    def all_reduce(self, buf: torch.Tensor):
+        check_all_reduce(buf)
+        return self._issue(
+            f"all_reduce of {tuple(buf.shape)} {buf.dtype} over {self.world_size} ranks",
+            lambda: [dist.all_reduce(buf, group=self.process_group, async_op=True)],
+            buf.is_cuda,
+        )
+
+    def halo_exchange(self, top_send, bottom_send, top_recv, bottom_recv):
+        check_halo_exchange(self.rank, self.world_size, top_send, bottom_send, top_recv, bottom_recv)
+        tag = self._tag
+        self._tag = (self._tag + 1) % _TAG_SPACE
+        transfers = []
+        if self.rank > 0:
+            above = self._global_ranks[self.rank - 1]
+            transfers += [(dist.isend, top_send, above), (dist.irecv, top_recv, above)]
+        if self.rank < self.world_size - 1:
+            below = self._global_ranks[self.rank + 1]
+            transfers += [(dist.isend, bottom_send, below), (dist.irecv, bottom_recv, below)]
+        ops = [
+            dist.P2POp(fn, tensor, peer, self.process_group, tag)
+            for fn, tensor, peer in transfers
+            if tensor is not None and tensor.numel() > 0
+        ]
+        if not ops:
+            return CompletedWork()
+        on_cuda = ops[0].tensor.is_cuda
+        return self._issue(
+            f"halo_exchange on rank {self.rank} of {self.world_size}",
+            lambda: dist.batch_isend_irecv(ops),
+            on_cuda,
+        )

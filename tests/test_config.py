@@ -1,0 +1,94 @@
+"""``DistriConfig`` validation and ``distripy.init`` outside torchrun."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import distripy
+from distripy.config import COMM_BACKENDS, KERNEL_BACKENDS, MODES
+
+
+def test_defaults():
+    config = distripy.DistriConfig()
+    assert (config.warmup_steps, config.mode, config.split_batch) == (4, "corrected_async_gn", True)
+    assert (config.comm_backend, config.kernel_backend) == ("auto", "auto")
+    assert (config.rank, config.world_size) == (0, 1)  # torch.distributed not initialised
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("mode", "async", MODES),
+        ("comm_backend", "mpi", COMM_BACKENDS),
+        ("kernel_backend", "cuda", KERNEL_BACKENDS),
+    ],
+)
+def test_a_bad_choice_names_the_field_and_the_allowed_values(field, value, allowed):
+    with pytest.raises(ValueError) as error:
+        distripy.DistriConfig(**{field: value})
+    message = str(error.value)
+    assert f"DistriConfig.{field}={value!r}" in message
+    assert all(repr(choice) in message for choice in allowed)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("warmup_steps", -1),
+        ("warmup_steps", 2.5),
+        ("warmup_steps", True),
+        ("split_batch", 1),
+        ("timeout_s", 0),
+    ],
+)
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"DistriConfig.{field}={value!r}"):
+        distripy.DistriConfig(**{field: value})
+
+
+def test_config_is_frozen():
+    config = distripy.DistriConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.mode = "full_sync"
+    assert dataclasses.replace(config, mode="full_sync").mode == "full_sync"
+    with pytest.raises(ValueError, match="DistriConfig.mode='bad'"):
+        dataclasses.replace(config, mode="bad")
+
+
+def test_init_without_torchrun_is_a_single_process(monkeypatch):
+    import torch.distributed as dist
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert distripy.init() == (0, 1)
+    assert not dist.is_initialized()
+
+
+def test_init_with_part_of_torchrun_environment_says_what_is_missing(monkeypatch):
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="not MASTER_ADDR, MASTER_PORT"):
+        distripy.init()
+
+
+def _init_body(rank, world_size):
+    # the harness initialised torch.distributed already: init() keeps it
+    return distripy.init()
+
+
+def test_init_keeps_an_existing_process_group(run_ranks):
+    assert run_ranks(_init_body, 2, timeout=60) == [(0, 2), (1, 2)]
+
+
+def test_parallelize_rejects_what_it_cannot_take():
+    from unet_models import tiny_sdxl_unet
+
+    with pytest.raises(TypeError, match="expected a diffusers UNet2DConditionModel, got Linear"):
+        distripy.parallelize(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="config must be a DistriConfig, got dict"):
+        distripy.parallelize(tiny_sdxl_unet(), {"mode": "full_sync"})
+    with pytest.raises(ValueError, match="comm_backend='nccl' needs distripy.runtime.NcclComm"):
+        distripy.parallelize(tiny_sdxl_unet(), distripy.DistriConfig(comm_backend="nccl"))

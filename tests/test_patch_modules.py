@@ -1,0 +1,179 @@
+"""The patch-parallel modules one at a time, on real gloo processes: a synchronous step equals the
+whole-image module; a stale step uses exactly the previous step's halos and statistics."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def _band(x, rank, world_size):
+    rows = x.shape[2] // world_size
+    return x[:, :, rank * rows : (rank + 1) * rows]
+
+
+def _context(mode, world_size, rank, warmup_steps=1):
+    from distripy import DistriConfig
+    from distripy.parallel import PatchContext
+    from distripy.runtime.torch_comm import TorchComm
+
+    context = PatchContext(DistriConfig(mode=mode, warmup_steps=warmup_steps))
+    context.start_generation(TorchComm(timeout_s=60), rank, world_size)
+    return context
+
+
+def _step(context, module, x):
+    context.begin_step()
+    try:
+        return module(x)
+    finally:
+        context.end_step(issue_pending=True)
+
+
+def _images(seed, shape, steps):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=generator, dtype=torch.float64).float() for _ in range(steps)]
+
+
+def _conv_body(rank, world_size, stride):
+    from distripy.kernels import halo_conv2d
+    from distripy.parallel import PatchConv2d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 3, stride=stride, padding=1)
+    context = _context("corrected_async_gn", world_size, rank)
+    patch = PatchConv2d.from_conv(conv, context, "conv")
+    x0, x1 = _images(1, (2, 3, 4 * world_size, 7), 2)
+    sync_out = _step(context, patch, _band(x0, rank, world_size))  # step 0: synchronous
+    stale_out = _step(context, patch, _band(x1, rank, world_size))  # step 1: last step's halos
+    rows = 4
+    top = x0[:, :, rank * rows - 1 : rank * rows] if rank > 0 else None
+    bottom_rows = 1 if stride == 1 else 0
+    bottom = x0[:, :, (rank + 1) * rows : (rank + 1) * rows + bottom_rows] if rank < world_size - 1 else None
+    expected_stale = halo_conv2d(_band(x1, rank, world_size), top, bottom, conv.weight, conv.bias, stride, 1)
+    return sync_out, stale_out, expected_stale, F.conv2d(x0, conv.weight, conv.bias, stride, 1)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_patch_conv_sync_then_stale(run_ranks, world_size, stride):
+    results = run_ranks(_conv_body, world_size, stride, timeout=120)
+    whole = results[0][3].double()
+    for rank, (sync_out, stale_out, expected_stale, _) in enumerate(results):
+        torch.testing.assert_close(sync_out.double(), _band(whole, rank, world_size), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stale_out, expected_stale, rtol=1e-6, atol=1e-6)
+
+
+def _group_norm_body(rank, world_size, mode):
+    from distripy.kernels import (
+        corrected_sums,
+        elements_per_group,
+        group_norm_apply,
+        group_norm_stats,
+        mean_rstd,
+    )
+    from distripy.parallel import PatchGroupNorm
+
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 8)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    context = _context(mode, world_size, rank)
+    patch = PatchGroupNorm.from_group_norm(norm, context, "norm")
+    x0, x1 = _images(2, (2, 8, 3 * world_size, 5), 2)
+    x1 = x1 * 2 + 0.5  # the statistics move between steps
+    sync_out = _step(context, patch, _band(x0, rank, world_size))
+    async_out = _step(context, patch, _band(x1, rank, world_size))
+    # the expectation, from the kernels' definitions
+    local0, local1 = (group_norm_stats(_band(x, rank, world_size), 4) for x in (x0, x1))
+    image0 = group_norm_stats(x0, 4)
+    estimate = corrected_sums(image0, local0, local1) if mode == "corrected_async_gn" else image0
+    count = elements_per_group(_band(x1, rank, world_size), 4)
+    mean, rstd = mean_rstd(estimate, count * world_size, norm.eps, local1, count)
+    expected = group_norm_apply(_band(x1, rank, world_size), mean, rstd, norm.weight, norm.bias, 4)
+    whole0 = F.group_norm(x0.double(), 4, norm.weight.double(), norm.bias.double(), norm.eps)
+    return sync_out, async_out, expected, _band(whole0, rank, world_size)
+
+
+@pytest.mark.parametrize("mode", ["corrected_async_gn", "stale_gn"])
+def test_patch_group_norm_sync_then_async(run_ranks, mode):
+    for sync_out, async_out, expected, whole in run_ranks(_group_norm_body, 2, mode, timeout=120):
+        torch.testing.assert_close(sync_out.double(), whole, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(async_out, expected, rtol=1e-5, atol=1e-5)
+
+
+def _negative_variance_body(rank, world_size):
+    """Step 0: rank 0's band is huge, rank 1's is all ones; step 1: rank 0's band is ones too. The
+    corrected statistics for rank 0 are then those of an (almost) constant image computed by
+    cancelling huge sums, whose variance rounds to <= 0 in some groups."""
+    from distripy.kernels import (
+        corrected_sums,
+        elements_per_group,
+        group_norm_apply,
+        group_norm_stats,
+        mean_rstd,
+    )
+    from distripy.parallel import PatchGroupNorm
+
+    context = _context("corrected_async_gn", world_size, rank)
+    norm = torch.nn.GroupNorm(8, 16)
+    patch = PatchGroupNorm.from_group_norm(norm, context, "norm")
+    generator = torch.Generator().manual_seed(3)
+    shape = (2, 16, 4, 6)
+    huge = torch.randn(*shape, generator=generator) * 3e4 + 1e4
+    ones = 1 + 1e-3 * torch.randn(*shape, generator=generator)
+    step0 = huge if rank == 0 else ones
+    step1 = ones
+    _step(context, patch, step0)
+    out = _step(context, patch, step1)
+    image0 = group_norm_stats(huge, 8) + group_norm_stats(ones, 8)
+    estimate = corrected_sums(image0, group_norm_stats(step0, 8), group_norm_stats(step1, 8))
+    count = elements_per_group(step1, 8)
+    variance = estimate[..., 1] / (2 * count) - (estimate[..., 0] / (2 * count)) ** 2
+    mean, rstd = mean_rstd(estimate, 2 * count, norm.eps, group_norm_stats(step1, 8), count)
+    expected = group_norm_apply(step1, mean, rstd, norm.weight, norm.bias, 8)
+    return out, expected, float((variance + norm.eps).min())
+
+
+def test_a_negative_corrected_variance_falls_back_and_stays_finite(run_ranks):
+    (out0, expected0, lowest0), (out1, expected1, _) = run_ranks(_negative_variance_body, 2, timeout=120)
+    # without the fallback, 1 / sqrt(var + eps) of some group would be NaN
+    assert lowest0 < 0, "the case must drive the corrected variance below -eps on rank 0"
+    assert torch.isfinite(out0).all() and torch.isfinite(out1).all()
+    torch.testing.assert_close(out0, expected0)
+    torch.testing.assert_close(out1, expected1)
+
+
+def _processor_body(rank, world_size):
+    """Self-attention of a band with the whole image's keys: sync equals the whole image's attention;
+    the stale step uses the previous step's keys/values of the other bands."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from distripy.parallel import PatchSelfAttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, heads=2, dim_head=4)
+    reference = Attention(query_dim=8, heads=2, dim_head=4)
+    reference.load_state_dict(attn.state_dict())
+    reference.set_processor(AttnProcessor2_0())
+    context = _context("corrected_async_gn", world_size, rank)
+    attn.set_processor(PatchSelfAttnProcessor(context, "attn"))
+    x0, x1 = _images(4, (2, 8, 2 * world_size, 3), 2)
+    with torch.no_grad():
+        sync_out = _step(context, attn, _band(x0, rank, world_size))
+        stale_out = _step(context, attn, _band(x1, rank, world_size))
+        whole0 = reference(x0)
+        # stale: queries and this band's keys from x1, the other bands' keys from x0
+        mixed = x0.clone()
+        rows = 2
+        mixed[:, :, rank * rows : (rank + 1) * rows] = _band(x1, rank, world_size)
+        tokens = mixed.flatten(2).transpose(1, 2)
+        band_tokens = _band(x1, rank, world_size).flatten(2).transpose(1, 2)
+        expected = reference(band_tokens, encoder_hidden_states=tokens)
+        expected = expected.transpose(1, 2).reshape(2, 8, rows, 3)
+    return sync_out, stale_out, _band(whole0, rank, world_size), expected
+
+
+def test_patch_self_attention_sync_then_stale(run_ranks):
+    for sync_out, stale_out, whole, expected in run_ranks(_processor_body, 2, timeout=120):
+        torch.testing.assert_close(sync_out, whole, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stale_out, expected, rtol=1e-5, atol=1e-5)
