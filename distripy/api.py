@@ -239,8 +239,10 @@ def _forward_of(model) -> PatchUNetForward:
 
 
 def reset(model) -> None:
-    """Start a new generation at the next call: forget every stale buffer. A single-rank model
-    (returned untouched by ``parallelize``) has nothing to reset."""
+    """End the current generation: wait for the transfers its last step issued and forget every
+    stale buffer, so that the next call starts a new generation. Call it between images (a new
+    generation is also recognised by itself) and before tearing down torch.distributed. A
+    single-rank model (returned untouched by ``parallelize``) has nothing to reset."""
     forward = getattr(model, _ATTRIBUTE, None)
     if forward is not None:
         forward.reset()

@@ -45,6 +45,7 @@ def _conv_body(rank, world_size, stride):
     x0, x1 = _images(1, (2, 3, 4 * world_size, 7), 2)
     sync_out = _step(context, patch, _band(x0, rank, world_size))  # step 0: synchronous
     stale_out = _step(context, patch, _band(x1, rank, world_size))  # step 1: last step's halos
+    context.drain()
     rows = 4
     top = x0[:, :, rank * rows - 1 : rank * rows] if rank > 0 else None
     bottom_rows = 1 if stride == 1 else 0
@@ -83,6 +84,7 @@ def _group_norm_body(rank, world_size, mode):
     x1 = x1 * 2 + 0.5  # the statistics move between steps
     sync_out = _step(context, patch, _band(x0, rank, world_size))
     async_out = _step(context, patch, _band(x1, rank, world_size))
+    context.drain()
     # the expectation, from the kernels' definitions
     local0, local1 = (group_norm_stats(_band(x, rank, world_size), 4) for x in (x0, x1))
     image0 = group_norm_stats(x0, 4)
@@ -125,6 +127,7 @@ def _negative_variance_body(rank, world_size):
     step1 = ones
     _step(context, patch, step0)
     out = _step(context, patch, step1)
+    context.drain()
     image0 = group_norm_stats(huge, 8) + group_norm_stats(ones, 8)
     estimate = corrected_sums(image0, group_norm_stats(step0, 8), group_norm_stats(step1, 8))
     count = elements_per_group(step1, 8)
@@ -161,6 +164,7 @@ def _processor_body(rank, world_size):
     with torch.no_grad():
         sync_out = _step(context, attn, _band(x0, rank, world_size))
         stale_out = _step(context, attn, _band(x1, rank, world_size))
+        context.drain()
         whole0 = reference(x0)
         # stale: queries and this band's keys from x1, the other bands' keys from x0
         mixed = x0.clone()

@@ -15,7 +15,14 @@ from typing import NamedTuple, Tuple
 import pytest
 import torch
 
-from unet_models import ddim_loop, relative_error, sdxl_conditioning, tiny_sdxl_unet
+from unet_models import (
+    ddim_loop,
+    relative_error,
+    sd15_conditioning,
+    sdxl_conditioning,
+    tiny_sd15_unet,
+    tiny_sdxl_unet,
+)
 
 WIDTH = 16
 EXACT = 1e-5
@@ -75,24 +82,40 @@ class Case(NamedTuple):
     seed: int
     extras: Tuple[str, ...] = ()
     steps: int = 10
+    model: str = "sdxl"  # or "sd15", or "sdxl_lcm" (timestep_cond)
+
+
+LCM_COND_DIM = 16
+
+
+def _model(case: Case):
+    if case.model == "sd15":
+        return tiny_sd15_unet(case.seed)
+    if case.model == "sdxl_lcm":
+        return tiny_sdxl_unet(case.seed, time_cond_proj_dim=LCM_COND_DIM)
+    return tiny_sdxl_unet(case.seed)
 
 
 def _run(unet, case: Case):
-    guidance, batch, height, seed, extras, steps = case
+    guidance, batch, height, seed, extras, steps, model = case
     model_batch = batch * (2 if guidance > 0 else 1)
     kwargs = {}
+    if model == "sdxl_lcm":
+        generator = torch.Generator().manual_seed(seed + 2)
+        kwargs["timestep_cond"] = torch.randn(model_batch, LCM_COND_DIM, generator=generator)
     if "controlnet" in extras:
         kwargs.update(_controlnet_residuals(model_batch, height, seed))
     if "gate" in extras:
         _gate_cross_attention(unet)
         kwargs["cross_attention_kwargs"] = {"gate": 0.6}
-    latents, conditioning = _latents(batch, height, seed), sdxl_conditioning(model_batch, seed + 1)
+    make_conditioning = sd15_conditioning if model == "sd15" else sdxl_conditioning
+    latents, conditioning = _latents(batch, height, seed), make_conditioning(model_batch, seed + 1)
     return ddim_loop(unet, latents, conditioning, steps=steps, guidance=guidance, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)
 def _reference(case):
-    return _run(tiny_sdxl_unet(case.seed), case)
+    return _run(_model(case), case)
 
 
 def _parallel_body(rank, world_size, runs):
@@ -101,9 +124,10 @@ def _parallel_body(rank, world_size, runs):
 
     results = []
     for config, case in runs:
-        unet = tiny_sdxl_unet(case.seed)
+        unet = _model(case)
         distripy.parallelize(unet, distripy.DistriConfig(**config))
         results.append(_run(unet, case))
+        distripy.reset(unet)  # the last step's transfers complete before the group goes away
     return results
 
 
@@ -140,6 +164,19 @@ def test_full_sync_on_an_odd_number_of_ranks(run_ranks):
     runs = [({"mode": "full_sync"}, Case(guidance=5.0, batch=1, height=24, seed=4, steps=4))]
     (error,) = _errors(run_ranks, 3, runs)
     assert error <= EXACT
+
+
+def test_full_sync_sd15_architecture_and_timestep_cond(run_ranks):
+    """SD 1.x's architecture (conv projections, three downsamplings) and an SDXL UNet with a
+    timestep condition (LCM), each with a CFG split on 4 ranks and without on 2."""
+    cases = [
+        Case(guidance=5.0, batch=1, height=32, seed=20, steps=4, model="sd15"),
+        Case(guidance=5.0, batch=1, height=32, seed=21, steps=4, model="sdxl_lcm"),
+    ]
+    for world_size, split in ((4, True), (2, False)):
+        runs = [({"mode": "full_sync", "split_batch": split}, case) for case in cases]
+        errors = _errors(run_ranks, world_size, runs)
+        assert max(errors) <= EXACT, (world_size, errors)
 
 
 ASYNC_MODES = ["corrected_async_gn", "sync_gn", "stale_gn"]
@@ -206,7 +243,9 @@ def _shared_weights_body(rank, world_size):
     with torch.no_grad():
         for layer in (attn.attn1.to_q, attn.attn1.to_k, resnet.conv1):
             layer.weight += 0.1 * torch.randn(layer.weight.shape, generator=generator)
-    return _run(unet, SHARED_CASE)
+    result = _run(unet, SHARED_CASE)
+    distripy.reset(unet)
+    return result
 
 
 SHARED_CASE = Case(guidance=5.0, batch=1, height=32, seed=8, steps=2)
@@ -247,6 +286,9 @@ def _generations_body(rank, world_size):
     other_size = _run(unet, Case(guidance=5.0, batch=2, height=16, seed=10, steps=3))
     distripy.reset(unet)
     third = _run(unet, GENERATION)
+    in_flight_before = len(patch_context(unet).in_flight())
+    distripy.reset(unet)
+    assert in_flight_before > 0 and patch_context(unet).in_flight() == []
     return first, second, third, other_size, steps_seen
 
 

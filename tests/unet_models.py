@@ -4,6 +4,8 @@
 linear projections, several transformer layers in the deepest block, ``text_time`` added
 embeddings) at a size that runs in milliseconds on a CPU: two downsamplings, so a latent of
 height 32 gives bands of whole rows for 2 and 4 ranks down to the deepest level.
+``tiny_sd15_unet`` has SD 1.x's (three cross-attention down blocks then a DownBlock2D, 1x1
+convolution projections, no added embeddings; three downsamplings).
 """
 
 from typing import Dict
@@ -38,6 +40,35 @@ def tiny_sdxl_unet(seed: int = 0, **overrides):
     config.update(overrides)
     torch.manual_seed(seed)
     return UNet2DConditionModel(**config).eval()
+
+
+def tiny_sd15_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=(
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        attention_head_dim=2,
+        norm_num_groups=8,
+        cross_attention_dim=TEXT_DIM,
+        use_linear_projection=False,
+    ).eval()
+
+
+def sd15_conditioning(batch: int, seed: int, text_tokens: int = 7) -> Dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {"encoder_hidden_states": torch.randn(batch, text_tokens, TEXT_DIM, generator=generator)}
 
 
 def sdxl_conditioning(batch: int, seed: int, text_tokens: int = 7) -> Dict[str, torch.Tensor]:

@@ -32,6 +32,9 @@ class PatchSelfAttnProcessor(PatchState):
     def reset_state(self) -> None:
         self._stale = None
 
+    def in_flight(self):
+        return () if self._stale is None else self._stale[0]
+
     def _gather_buffers(self, key: torch.Tensor, value: torch.Tensor):
         bands = self.patch_context.band_count
         return key.new_empty((bands,) + tuple(key.shape)), value.new_empty((bands,) + tuple(value.shape))

@@ -7,7 +7,7 @@ consumed next step), or absent. It also collects the transfers the modules issue
 asynchronous step and sends them out together at checkpoints, in one ``Comm.group()``.
 """
 
-from typing import Callable, List
+from typing import Callable, List, Sequence
 
 from distripy.config import DistriConfig
 
@@ -18,6 +18,11 @@ class PatchState:
     """Base of everything that holds stale buffers across the steps of one generation."""
 
     def reset_state(self) -> None:
+        """Forget the stale buffers (after ``in_flight`` has been waited for)."""
+        raise NotImplementedError
+
+    def in_flight(self) -> Sequence:
+        """The ``Work`` handles of transfers issued for the next step."""
         raise NotImplementedError
 
 
@@ -39,19 +44,31 @@ class PatchContext:
     def register(self, state: PatchState) -> None:
         self._states.append(state)
 
+    def in_flight(self) -> List:
+        """The ``Work`` handles of every transfer issued for a next step."""
+        return [work for state in self._states for work in state.in_flight()]
+
+    def drain(self) -> None:
+        """Wait (on the host, bounded by the timeout) for the transfers the last step issued for a
+        next step, and forget every stale buffer. After this no transfer of this model is in flight,
+        so its process group may be torn down."""
+        self._deferred.clear()
+        for work in self.in_flight():
+            work.synchronize(self.config.timeout_s)
+        for state in self._states:
+            state.reset_state()
+
     def start_generation(self, comm, band_index: int, band_count: int) -> None:
         """Forget every stale buffer: the next step is the first of a new generation."""
         if not 0 <= band_index < band_count:
             raise ValueError(f"band_index {band_index} is outside [0, {band_count})")
+        self.drain()
         self.comm = comm
         self.band_index = band_index
         self.band_count = band_count
         self.generation += 1
         self.step = -1
-        self._deferred.clear()
         self._seen.clear()
-        for state in self._states:
-            state.reset_state()
 
     def begin_step(self) -> None:
         self.step += 1

@@ -66,6 +66,9 @@ class PatchConv2d(nn.Conv2d, PatchState):
     def reset_state(self) -> None:
         self._stale = None
 
+    def in_flight(self):
+        return () if self._stale is None else (self._stale[0],)
+
     def _halo_buffers(self, x: torch.Tensor):
         """``(top_send, bottom_send, top_recv, bottom_recv)`` of an exchange of ``x``'s boundary rows.
 

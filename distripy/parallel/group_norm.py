@@ -40,6 +40,9 @@ class PatchGroupNorm(nn.GroupNorm, PatchState):
     def reset_state(self) -> None:
         self._stale = None
 
+    def in_flight(self):
+        return () if self._stale is None else (self._stale[0],)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.patch_context
         if not ctx.has_neighbours:

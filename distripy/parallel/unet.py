@@ -91,7 +91,9 @@ class PatchUNetForward:
     # -- generations -----------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """The next call starts a new generation (pipelines call this before their loop)."""
+        """End the current generation: wait for its last transfers, forget its stale buffers; the
+        next call starts a new generation."""
+        self.context.drain()
         self._reset_requested = True
 
     def _plan(self, sample: torch.Tensor) -> BandPlan:
@@ -228,6 +230,10 @@ class PatchUNetForward:
             completed = True
         finally:
             context.end_step(issue_pending=completed)
+            if not completed:
+                # Some modules consumed their stale buffers and issued nothing for the next step:
+                # the next call starts a new generation.
+                self._reset_requested = True
         prediction = self._gather(band, plan)
         return UNet2DConditionOutput(sample=prediction) if return_dict else (prediction,)
 
