@@ -16,24 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from distripy.parallel.context import PatchContext, PatchState
-from distripy.runtime.comm import CompletedWork
 
 __all__ = ["PatchSelfAttnProcessor"]
 
 
 class PatchSelfAttnProcessor(PatchState):
     def __init__(self, context: PatchContext, path: str) -> None:
-        self.patch_context = context
-        self.patch_path = path
-        # (work of the all-gathers, gathered keys, gathered values): (bands, B, L, inner) each
-        self._stale: Optional[Tuple] = None
-        context.register(self)
-
-    def reset_state(self) -> None:
-        self._stale = None
-
-    def in_flight(self):
-        return () if self._stale is None else self._stale[0]
+        # _stale: ((all-gathers,), gathered keys, gathered values), (bands, B, L, inner) each
+        self.attach(context, path)
 
     def _gather_buffers(self, key: torch.Tensor, value: torch.Tensor):
         bands = self.patch_context.band_count
@@ -51,13 +41,9 @@ class PatchSelfAttnProcessor(PatchState):
                 works = (ctx.comm.all_gather(key, keys), ctx.comm.all_gather(value, values))
             for work in works:
                 work.wait()
-            self._stale = ((CompletedWork(),), keys, values)
+            self._stale = ((), keys, values)
         else:
-            if self._stale is None:
-                raise ctx.stale_unavailable(self.patch_path)
-            works, keys, values = self._stale
-            for work in works:
-                work.wait()
+            keys, values = self.take_stale()
             # The stale buffers are this module's alone: this band's slot takes the fresh rows.
             keys[ctx.band_index].copy_(key)
             values[ctx.band_index].copy_(value)

@@ -7,7 +7,7 @@ consumed next step), or absent. It also collects the transfers the modules issue
 asynchronous step and sends them out together at checkpoints, in one ``Comm.group()``.
 """
 
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from distripy.config import DistriConfig
 
@@ -15,15 +15,42 @@ __all__ = ["PatchContext", "PatchState"]
 
 
 class PatchState:
-    """Base of everything that holds stale buffers across the steps of one generation."""
+    """Base of everything that keeps one step's exchange for the next step of a generation.
+
+    ``_stale`` is ``None`` or ``(works, *buffers)``: the buffers a transfer fills for the next step
+    and the ``Work`` handles of the transfers that fill them.
+    """
+
+    patch_context: "PatchContext"
+    patch_path: str
+    _stale: Optional[Tuple] = None
+
+    def attach(self, context: "PatchContext", path: str) -> None:
+        self.patch_context = context
+        self.patch_path = path
+        self._stale = None
+        context.register(self)
 
     def reset_state(self) -> None:
         """Forget the stale buffers (after ``in_flight`` has been waited for)."""
-        raise NotImplementedError
+        self._stale = None
 
     def in_flight(self) -> Sequence:
         """The ``Work`` handles of transfers issued for the next step."""
-        raise NotImplementedError
+        return () if self._stale is None else self._stale[0]
+
+    def take_stale(self) -> List:
+        """The buffers the previous step's transfers filled, once they are complete."""
+        if self._stale is None:
+            ctx = self.patch_context
+            raise RuntimeError(
+                f"{self.patch_path}: step {ctx.step} of generation {ctx.generation} wants the previous "
+                "step's exchange, but none was made (the module did not run in the previous step)"
+            )
+        works, *buffers = self._stale
+        for work in works:
+            work.wait()
+        return buffers
 
 
 class PatchContext:
@@ -137,9 +164,3 @@ class PatchContext:
         with self.comm.group():
             for issue in pending:
                 issue()
-
-    def stale_unavailable(self, path: str) -> RuntimeError:
-        return RuntimeError(
-            f"{path}: step {self.step} of generation {self.generation} wants the previous step's "
-            "exchange, but none was made (the module did not run in the previous step)"
-        )

@@ -7,8 +7,6 @@ image's top and bottom the halo is the convolution's zero padding; in ``naive_pa
 edge is.
 """
 
-from typing import Optional, Tuple
-
 import torch
 import torch.nn as nn
 
@@ -16,7 +14,6 @@ from distripy.errors import BandGeometryError, UnsupportedModuleError
 from distripy.kernels import halo_conv2d, halo_rows
 from distripy.parallel.adopt import adopt
 from distripy.parallel.context import PatchContext, PatchState
-from distripy.runtime.comm import CompletedWork
 
 __all__ = ["PatchConv2d", "conv_needs_halo", "check_conv"]
 
@@ -47,27 +44,15 @@ def check_conv(conv: nn.Conv2d, path: str) -> None:
 class PatchConv2d(nn.Conv2d, PatchState):
     """``nn.Conv2d`` over this rank's band; shares the original convolution's parameters."""
 
-    patch_context: PatchContext
-    patch_path: str
-
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, context: PatchContext, path: str) -> "PatchConv2d":
         check_conv(conv, path)
         module = adopt(cls, conv)
-        module.patch_context = context
-        module.patch_path = path
+        module.attach(context, path)
         module.halo_top, module.halo_bottom = halo_rows(
             conv.kernel_size[0], conv.padding[0], conv.stride[0], conv.dilation[0]
         )
-        module._stale: Optional[Tuple] = None
-        context.register(module)
         return module
-
-    def reset_state(self) -> None:
-        self._stale = None
-
-    def in_flight(self):
-        return () if self._stale is None else (self._stale[0],)
 
     def _halo_buffers(self, x: torch.Tensor):
         """``(top_send, bottom_send, top_recv, bottom_recv)`` of an exchange of ``x``'s boundary rows.
@@ -104,17 +89,14 @@ class PatchConv2d(nn.Conv2d, PatchState):
             buffers = self._halo_buffers(x)
             ctx.comm.halo_exchange(*buffers).wait()
             top, bottom = buffers[2], buffers[3]
-            self._stale = (CompletedWork(), top, bottom)
+            self._stale = ((), top, bottom)
         elif exchange == "stale":
-            if self._stale is None:
-                raise ctx.stale_unavailable(self.patch_path)
-            work, top, bottom = self._stale
-            work.wait()
+            top, bottom = self.take_stale()
 
             buffers = self._halo_buffers(x)
 
             def issue() -> None:
-                self._stale = (ctx.comm.halo_exchange(*buffers), buffers[2], buffers[3])
+                self._stale = ((ctx.comm.halo_exchange(*buffers),), buffers[2], buffers[3])
 
             ctx.defer(issue)
         return halo_conv2d(

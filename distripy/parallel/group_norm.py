@@ -8,15 +8,12 @@ own (local, ``naive_patch``). In the asynchronous cases this step's sums are all
 background for the next step.
 """
 
-from typing import Optional, Tuple
-
 import torch
 import torch.nn as nn
 
 from distripy.kernels import corrected_sums, elements_per_group, group_norm_apply, group_norm_stats, mean_rstd
 from distripy.parallel.adopt import adopt
 from distripy.parallel.context import PatchContext, PatchState
-from distripy.runtime.comm import CompletedWork
 
 __all__ = ["PatchGroupNorm"]
 
@@ -24,24 +21,12 @@ __all__ = ["PatchGroupNorm"]
 class PatchGroupNorm(nn.GroupNorm, PatchState):
     """``nn.GroupNorm`` over this rank's band; shares the original's affine parameters."""
 
-    patch_context: PatchContext
-    patch_path: str
-
     @classmethod
     def from_group_norm(cls, norm: nn.GroupNorm, context: PatchContext, path: str) -> "PatchGroupNorm":
         module = adopt(cls, norm)
-        module.patch_context = context
-        module.patch_path = path
-        # (work of the all-reduce, image sums it produces, the band's sums that went into it)
-        module._stale: Optional[Tuple] = None
-        context.register(module)
+        # _stale: ((all-reduce,), the image's sums it produces, the band's sums that went into it)
+        module.attach(context, path)
         return module
-
-    def reset_state(self) -> None:
-        self._stale = None
-
-    def in_flight(self):
-        return () if self._stale is None else (self._stale[0],)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.patch_context
@@ -58,13 +43,10 @@ class PatchGroupNorm(nn.GroupNorm, PatchState):
         elif exchange == "sync":
             image = local.clone()
             ctx.comm.all_reduce(image).wait()
-            self._stale = (CompletedWork(), image, local)
+            self._stale = ((), image, local)
             mean, rstd = mean_rstd(image, total, self.eps)
         else:
-            if self._stale is None:
-                raise ctx.stale_unavailable(self.patch_path)
-            work, image_prev, local_prev = self._stale
-            work.wait()
+            image_prev, local_prev = self.take_stale()
             estimate = (
                 corrected_sums(image_prev, local_prev, local) if exchange == "corrected" else image_prev
             )
@@ -72,7 +54,7 @@ class PatchGroupNorm(nn.GroupNorm, PatchState):
             image = local.clone()
 
             def issue() -> None:
-                self._stale = (ctx.comm.all_reduce(image), image, local)
+                self._stale = ((ctx.comm.all_reduce(image),), image, local)
 
             ctx.defer(issue)
         return group_norm_apply(x, mean, rstd, self.weight, self.bias, groups)
