@@ -42,12 +42,16 @@ def test_skip_ext_builds_a_pure_python_wheel_with_every_package(pure_python_whee
 def test_skip_ext_install_imports_and_explains_the_missing_runtime(pure_python_wheel, tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(pure_python_wheel).extractall(site)
-    # -S: site-packages is on the path only as a plain folder (for torch, which distripy.kernels
-    # needs), without its .pth files, so an editable install of this checkout stays invisible and
-    # distripy comes from the pure-Python wheel.
-    purelib = sysconfig.get_paths()["purelib"]
+    # -S and a copy of site-packages (as links) without distripy: torch, which distripy.kernels
+    # needs, is importable, but no installed distripy (regular or editable) is visible.
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    dependencies = tmp_path / "dependencies"
+    dependencies.mkdir()
+    for entry in purelib.iterdir():
+        if not entry.name.lower().startswith(("distripy", "__editable__")):
+            (dependencies / entry.name).symlink_to(entry)
     code = (
-        f"import sys; sys.path[:0] = [{str(site)!r}, {purelib!r}]; "
+        f"import sys; sys.path[:0] = [{str(site)!r}, {str(dependencies)!r}]; "
         "import distripy, distripy.kernels, distripy.runtime as r; "
         f"assert distripy.__file__.startswith({str(site)!r}), distripy.__file__; "
         f"assert distripy.kernels.__file__.startswith({str(site)!r}), distripy.kernels.__file__; "
