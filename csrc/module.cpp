@@ -3,16 +3,61 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "communicator.h"
 #include "error.h"
 #include "runtime_info.h"
 
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "distripy native runtime: CUDA/NCCL queries (and, as it grows, the NCCL communicator).";
+  m.doc() = "distripy native runtime: CUDA/NCCL queries and the stream-managed NCCL communicator.";
 
   py::register_exception<distripy::CudaError>(m, "CudaError", PyExc_RuntimeError);
   py::register_exception<distripy::NcclError>(m, "NcclError", PyExc_RuntimeError);
+  py::register_exception<distripy::CommTimeout>(m, "CommTimeout", PyExc_TimeoutError);
+
+  using distripy::Communicator;
+  using distripy::Work;
+  const auto release = py::call_guard<py::gil_scoped_release>();
+
+  py::class_<Work>(m, "Work", "Completion of an asynchronous operation (an event on the comm stream).")
+      .def("wait", &Work::wait, py::arg("stream"), release,
+           "Make `stream` (a raw cudaStream_t handle) wait for the operation on the GPU; no host block.")
+      .def("synchronize", &Work::synchronize, py::arg("timeout_s") = -1.0, release,
+           "Block the host until the operation completes; raise CommTimeout after timeout_s (negative: "
+           "the communicator's timeout), aborting the communicator, or NcclError on an NCCL error.")
+      .def("done", &Work::done, "Whether the operation has completed.")
+      .def_property_readonly("op", &Work::op);
+
+  py::class_<Communicator>(m, "Communicator",
+                           "One NCCL communicator on one device with its own high-priority comm stream.")
+      .def_static("new_unique_id", [] { return py::bytes(Communicator::new_unique_id()); },
+                  "A new NCCL unique id (bytes); one rank makes it, every rank passes it to Communicator.")
+      .def(py::init([](py::bytes unique_id, int rank, int world, int device, double timeout_s) {
+             std::string id = unique_id;
+             py::gil_scoped_release no_gil;
+             return std::make_unique<Communicator>(id, rank, world, device, timeout_s);
+           }),
+           py::arg("unique_id"), py::arg("rank"), py::arg("world_size"), py::arg("device"),
+           py::arg("timeout_s") = 300.0)
+      .def_property_readonly("rank", &Communicator::rank)
+      .def_property_readonly("world_size", &Communicator::world_size)
+      .def_property_readonly("device", &Communicator::device)
+      .def_property_readonly("comm_stream", &Communicator::comm_stream)
+      .def_property_readonly("aborted", &Communicator::aborted)
+      .def_property_readonly("in_group", &Communicator::in_group)
+      .def("all_gather", &Communicator::all_gather, py::arg("send"), py::arg("recv"), py::arg("count"),
+           py::arg("dtype"), py::arg("stream"))
+      .def("all_reduce", &Communicator::all_reduce, py::arg("buf"), py::arg("count"), py::arg("dtype"),
+           py::arg("op"), py::arg("stream"))
+      .def("halo_exchange", &Communicator::halo_exchange, py::arg("top_send"), py::arg("top_send_count"),
+           py::arg("bottom_send"), py::arg("bottom_send_count"), py::arg("top_recv"), py::arg("top_recv_count"),
+           py::arg("bottom_recv"), py::arg("bottom_recv_count"), py::arg("dtype"), py::arg("stream"))
+      .def("group_start", &Communicator::group_start, py::arg("stream"))
+      .def("group_end", &Communicator::group_end, release)
+      .def("join", &Communicator::join, py::arg("stream"))
+      .def("split", &Communicator::split, py::arg("color"), py::arg("key"), release)
+      .def("abort", &Communicator::abort, release);
 
   m.def("nccl_version", &distripy::nccl_version,
         "Version of the NCCL library loaded at run time, as (major, minor, patch).");

@@ -155,13 +155,20 @@ def _count_downsamplings(unet: nn.Module) -> int:
 
 
 def _resolve_backends(config: DistriConfig) -> None:
-    from distripy.runtime import native_available
+    """Refuse, before any work, a backend this machine or build cannot run."""
+    import torch
+
+    from distripy.runtime import native_available, native_unavailable_reason
 
     if config.comm_backend == "nccl":
-        raise ValueError(
-            "DistriConfig.comm_backend='nccl' needs distripy.runtime.NcclComm, which this version does not "
-            f"provide yet (native runtime importable: {native_available()}); use 'torch' or 'auto'"
-        )
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "DistriConfig.comm_backend='nccl' needs CUDA GPUs; torch sees none (use 'torch' or 'auto')"
+            )
+        if not native_available():
+            raise ValueError(
+                f"DistriConfig.comm_backend='nccl' needs distripy._C: {native_unavailable_reason()}"
+            )
     if config.kernel_backend == "triton":
         raise ValueError(
             "DistriConfig.kernel_backend='triton': the Triton kernels are not part of this version yet; "
@@ -169,19 +176,29 @@ def _resolve_backends(config: DistriConfig) -> None:
         )
 
 
+def _comm_class(config: DistriConfig):
+    """``nccl``: the C++ runtime. ``auto`` and ``torch``: torch.distributed (gloo on CPU, NCCL on GPUs)."""
+    if config.comm_backend == "nccl":
+        from distripy.runtime.nccl_comm import NcclComm
+
+        return NcclComm
+    from distripy.runtime.torch_comm import TorchComm
+
+    return TorchComm
+
+
 def _make_comms(config: DistriConfig, world_size: int, rank: int):
     """The Comm of all ranks, and per split choice the Comm of this rank's patch group."""
     import torch.distributed as dist
 
-    from distripy.runtime.torch_comm import TorchComm
-
-    world = TorchComm(None, config.timeout_s)
+    comm_class = _comm_class(config)
+    world = comm_class(None, config.timeout_s)
     patch = {False: world}
     if config.split_batch and world_size % 2 == 0:
         half = world_size // 2
         # new_group is collective: every rank creates both halves, in the same order.
         groups = [dist.new_group(list(range(i * half, (i + 1) * half))) for i in range(2)]
-        patch[True] = TorchComm(groups[rank // half], config.timeout_s)
+        patch[True] = comm_class(groups[rank // half], config.timeout_s)
     return world, patch
 
 

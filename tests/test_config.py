@@ -90,5 +90,11 @@ def test_parallelize_rejects_what_it_cannot_take():
         distripy.parallelize(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="config must be a DistriConfig, got dict"):
         distripy.parallelize(tiny_sdxl_unet(), {"mode": "full_sync"})
-    with pytest.raises(ValueError, match="comm_backend='nccl' needs distripy.runtime.NcclComm"):
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only machine's answer")
+def test_parallelize_refuses_the_nccl_runtime_without_gpus():
+    from unet_models import tiny_sdxl_unet
+
+    with pytest.raises(ValueError, match="comm_backend='nccl' needs CUDA GPUs; torch sees none"):
         distripy.parallelize(tiny_sdxl_unet(), distripy.DistriConfig(comm_backend="nccl"))

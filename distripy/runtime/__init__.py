@@ -2,11 +2,12 @@
 
 * ``Comm`` / ``Work``: the protocol the patch-parallel modules use (``distripy.runtime.comm``);
 * ``TorchComm``: its torch.distributed implementation (``distripy.runtime.torch_comm``);
+* ``NcclComm``: its implementation on the C++ runtime (``distripy.runtime.nccl_comm``; CUDA);
 * ``native()``: the C++/NCCL runtime ``distripy._C``; when it is absent (installed with
   ``DISTRIPY_SKIP_EXT=1``, or its shared libraries cannot be loaded) it raises
   ``NativeRuntimeUnavailable`` with the reason and the remedy.
 
-Importing this package does not import torch; ``TorchComm`` does, on first use.
+Importing this package does not import torch; ``TorchComm`` and ``NcclComm`` do, on first use.
 """
 
 from distripy.runtime.comm import Comm, CompletedWork, Work
@@ -21,6 +22,7 @@ __all__ = [
     "Comm",
     "CompletedWork",
     "NativeRuntimeUnavailable",
+    "NcclComm",
     "TorchComm",
     "Work",
     "native",
@@ -34,4 +36,8 @@ def __getattr__(name):
         from distripy.runtime.torch_comm import TorchComm
 
         return TorchComm
+    if name == "NcclComm":
+        from distripy.runtime.nccl_comm import NcclComm
+
+        return NcclComm
     raise AttributeError(f"module 'distripy.runtime' has no attribute {name!r}")
