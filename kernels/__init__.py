@@ -4,10 +4,13 @@ Installed as the subpackage ``distripy.kernels`` from the top-level ``kernels/``
 holds an op's plain-torch reference, which defines the op; the fused Triton kernels that run on
 CUDA live beside their reference and are tested against it (on CPU under ``TRITON_INTERPRET=1``).
 
-* ``group_norm_stats``: per (batch, group) sum and sum of squares of a band;
+* ``group_norm_stats``: per (batch, group) sum and sum of squares of a band (+ Triton kernel);
 * ``group_norm_combine``: the sync / corrected / stale combination and mean, rstd;
-* ``group_norm_apply``: normalise + affine (+ SiLU), optionally into a view;
+* ``group_norm_apply``: normalise + affine (+ SiLU), optionally into a view (+ Triton kernel);
 * ``halo_conv``: a band's convolution from the band and its halo rows held apart.
+
+The patch modules call the references; the Triton kernels are selected by ``kernel_backend`` once
+they have been validated on GPUs.
 """
 
 from distripy.kernels.group_norm_apply import group_norm_apply, group_norm_apply_reference

@@ -3,14 +3,123 @@
 Separate from the statistics because in a patch GroupNorm the mean and rstd come from the whole
 image (combined across ranks), not from the band being normalised. ``out`` lets the result land
 in a view, e.g. the interior rows of a buffer whose halo rows are received from neighbours.
+
+The Triton kernel: programs over (batch x group, spatial tile), each normalising a tile of the
+group's channels in fp32 and storing in the output's dtype through the output's own strides.
 """
 
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-__all__ = ["group_norm_apply", "group_norm_apply_reference"]
+from distripy.kernels._layout import flat_spatial_strides, next_power_of_2
+
+__all__ = ["group_norm_apply", "group_norm_apply_reference", "group_norm_apply_triton"]
+
+
+@triton.jit
+def _group_norm_apply_kernel(
+    x_ptr,
+    out_ptr,
+    mean_ptr,
+    rstd_ptr,
+    weight_ptr,
+    bias_ptr,
+    x_stride_b,
+    x_stride_c,
+    x_stride_s,
+    out_stride_b,
+    out_stride_c,
+    out_stride_s,
+    channels_per_group,
+    spatial,
+    groups,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    batch = pid // groups
+    group = pid % groups
+    positions = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    local = tl.arange(0, BLOCK_C)
+    channel_mask = local < channels_per_group
+    channels = group * channels_per_group + local
+    mask = channel_mask[:, None] & (positions < spatial)[None, :]
+    mean = tl.load(mean_ptr + pid).to(tl.float32)
+    rstd = tl.load(rstd_ptr + pid).to(tl.float32)
+    x = tl.load(
+        x_ptr + batch * x_stride_b + channels[:, None] * x_stride_c + positions[None, :] * x_stride_s,
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
+    y = (x - mean) * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(weight_ptr + channels, mask=channel_mask, other=1.0).to(tl.float32)[:, None]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)[:, None]
+    if SILU:
+        y = y * tl.sigmoid(y)
+    out = (
+        out_ptr + batch * out_stride_b + channels[:, None] * out_stride_c + positions[None, :] * out_stride_s
+    )
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def group_norm_apply_triton(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    num_groups: int,
+    silu: bool = False,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``); writes ``out`` in place when
+    given (its spatial dims must flatten to one stride, as a band of rows does)."""
+    x, x_stride_b, x_stride_c, x_stride_s, spatial = flat_spatial_strides(x)
+    if out is None:
+        out = torch.empty_like(x)
+    _, out_stride_b, out_stride_c, out_stride_s, out_spatial = flat_spatial_strides(out)
+    if out_spatial != spatial or flat_spatial_strides(out)[0] is not out:
+        raise ValueError(
+            "group_norm_apply: out must have x's shape with spatial dims that flatten to one stride"
+        )
+    batch, channels = x.shape[:2]
+    per_group = channels // num_groups
+    block_c = next_power_of_2(per_group)
+    block_s = max(16, min(next_power_of_2(spatial), 4096 // block_c))
+    grid = (batch * num_groups, triton.cdiv(spatial, block_s))
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    _group_norm_apply_kernel[grid](
+        x,
+        out,
+        mean,
+        rstd,
+        weight if weight is not None else mean,
+        bias if bias is not None else mean,
+        x_stride_b,
+        x_stride_c,
+        x_stride_s,
+        out_stride_b,
+        out_stride_c,
+        out_stride_s,
+        per_group,
+        spatial,
+        num_groups,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        SILU=silu,
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
+    )
+    return out
 
 
 def group_norm_apply_reference(

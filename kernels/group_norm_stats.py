@@ -4,11 +4,65 @@ A patch GroupNorm cannot normalise a band with the band's own statistics (that i
 ``naive_patch`` seam); it needs the whole image's. Sums (not means) are what ranks exchange,
 because sums of equal-sized bands add up to the image's and can be corrected term by term
 (``kernels.group_norm_combine``).
+
+The Triton kernel: one program per (batch, group) walks the group's channels x spatial positions in
+tiles, accumulating in fp32; any layout whose spatial dims flatten to one stride (NCHW, channels-last,
+a band of either) is read in place.
 """
 
 import torch
+import triton
+import triton.language as tl
 
-__all__ = ["elements_per_group", "group_norm_stats", "group_norm_stats_reference"]
+from distripy.kernels._layout import flat_spatial_strides, next_power_of_2
+
+__all__ = ["elements_per_group", "group_norm_stats", "group_norm_stats_reference", "group_norm_stats_triton"]
+
+
+@triton.jit
+def _group_norm_stats_kernel(
+    x_ptr,
+    out_ptr,
+    stride_b,
+    stride_c,
+    stride_s,
+    channels_per_group,
+    spatial,
+    groups,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    batch = pid // groups
+    group = pid % groups
+    channels = tl.arange(0, BLOCK_C)
+    channel_mask = channels < channels_per_group
+    base = x_ptr + batch * stride_b + group * channels_per_group * stride_c
+    total = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
+    total_sq = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
+    for start in range(0, spatial, BLOCK_S):
+        positions = start + tl.arange(0, BLOCK_S)
+        mask = channel_mask[:, None] & (positions < spatial)[None, :]
+        x = tl.load(base + channels[:, None] * stride_c + positions[None, :] * stride_s, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        total += x
+        total_sq += x * x
+    tl.store(out_ptr + pid * 2, tl.sum(tl.sum(total, axis=1), axis=0))
+    tl.store(out_ptr + pid * 2 + 1, tl.sum(tl.sum(total_sq, axis=1), axis=0))
+
+
+def group_norm_stats_triton(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """The Triton kernel's ``(B, G, 2)`` fp32 statistics (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
+    x, stride_b, stride_c, stride_s, spatial = flat_spatial_strides(x)
+    batch, channels = x.shape[:2]
+    per_group = channels // num_groups
+    out = torch.empty((batch, num_groups, 2), dtype=torch.float32, device=x.device)
+    block_c = next_power_of_2(per_group)
+    block_s = max(16, min(next_power_of_2(spatial), 4096 // block_c))
+    _group_norm_stats_kernel[(batch * num_groups,)](
+        x, out, stride_b, stride_c, stride_s, per_group, spatial, num_groups, BLOCK_C=block_c, BLOCK_S=block_s
+    )
+    return out
 
 
 def group_norm_stats_reference(x: torch.Tensor, num_groups: int) -> torch.Tensor:

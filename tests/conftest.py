@@ -2,10 +2,14 @@
 
 * ``cuda`` marker: a test that needs a CUDA GPU; it is skipped, with the reason, when torch sees
   none (every CPU-only machine, CI included).
+* Triton: on a machine without a GPU, ``TRITON_INTERPRET=1`` is set so that the Triton kernels
+  run (slowly, on small shapes) in Triton's interpreter.
 * ``run_ranks`` fixture: ``run_ranks(fn, world_size, *args, timeout=..., **kwargs)`` runs
   ``fn(rank, world_size, *args, **kwargs)`` on that many real processes joined by a gloo process
   group and returns the per-rank results (see ``multirank.py``).
 """
+
+import os
 
 import pytest
 
@@ -20,6 +24,12 @@ def _cuda_available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+# Without a GPU the Triton kernels run in Triton's interpreter. Triton decides when a kernel is
+# defined, so this is set before any test module imports distripy.kernels.
+if "TRITON_INTERPRET" not in os.environ and not _cuda_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_configure(config):
