@@ -7,7 +7,8 @@ CUDA live beside their reference and are tested against it (on CPU under ``TRITO
 * ``group_norm_stats``: per (batch, group) sum and sum of squares of a band (+ Triton kernel);
 * ``group_norm_combine``: the sync / corrected / stale combination and mean, rstd;
 * ``group_norm_apply``: normalise + affine (+ SiLU), optionally into a view (+ Triton kernel);
-* ``halo_conv``: a band's convolution from the band and its halo rows held apart.
+* ``halo_conv``: a band's convolution from the band and its halo rows held apart (+ Triton
+  kernel, groups=1).
 
 The patch modules call the references; the Triton kernels are selected by ``kernel_backend`` once
 they have been validated on GPUs.

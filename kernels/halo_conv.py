@@ -12,14 +12,20 @@ input rows ``s o - p`` to ``s o - p + k_eff - 1``, so the band's ``h / s`` outpu
 ``top = p`` rows above and ``bottom = k_eff - p - s`` rows below (none for a 3x3 stride-2 conv).
 The band's outputs are the image's exactly when the convolution maps ``H`` rows to ``H / s``:
 ``0 <= 2 p - k_eff + s < s``.
+
+The Triton kernel is an implicit GEMM (output pixels x output channels, reducing over input
+channels and kernel taps) whose loads pick each input row from the top halo, the band or the bottom
+halo by its index, so nothing is concatenated; rows and columns outside the image read as zero.
 """
 
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-__all__ = ["halo_conv2d", "halo_conv2d_reference", "halo_rows", "band_compatible"]
+__all__ = ["halo_conv2d", "halo_conv2d_reference", "halo_conv2d_triton", "halo_rows", "band_compatible"]
 
 
 def band_compatible(kernel: int, padding: int, stride: int, dilation: int = 1) -> bool:
@@ -44,17 +50,21 @@ def _pair(value) -> Tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def _halo_or_zeros(halo: Optional[torch.Tensor], x: torch.Tensor, rows: int, name: str) -> torch.Tensor:
-    expected = (x.shape[0], x.shape[1], rows, x.shape[3])
+def _check_halo(halo: Optional[torch.Tensor], x: torch.Tensor, rows: int, name: str) -> None:
     if halo is None:
-        return x.new_zeros(expected)
+        return
+    expected = (x.shape[0], x.shape[1], rows, x.shape[3])
     if tuple(halo.shape) != expected:
         raise ValueError(f"halo_conv2d: {name} halo must have shape {expected}, got {tuple(halo.shape)}")
     if halo.dtype != x.dtype or halo.device != x.device:
         raise ValueError(
             f"halo_conv2d: {name} halo is {halo.dtype} on {halo.device}, the band is {x.dtype} on {x.device}"
         )
-    return halo
+
+
+def _halo_or_zeros(halo: Optional[torch.Tensor], x: torch.Tensor, rows: int, name: str) -> torch.Tensor:
+    _check_halo(halo, x, rows, name)
+    return x.new_zeros((x.shape[0], x.shape[1], rows, x.shape[3])) if halo is None else halo
 
 
 def halo_conv2d_reference(
@@ -84,6 +94,157 @@ def halo_conv2d_reference(
     # With a bottom halo longer than the last output row reads (never for band-compatible
     # convolutions), trailing rows would be extra; the band's output is its first h / s rows.
     return out[:, :, : rows // stride_h]
+
+
+@triton.jit
+def _halo_conv2d_kernel(
+    x_ptr,
+    top_ptr,
+    bottom_ptr,
+    w_ptr,
+    bias_ptr,
+    out_ptr,
+    channels,
+    rows,
+    width,
+    out_channels,
+    out_rows,
+    out_width,
+    x_sb, x_sc, x_sh, x_sw,
+    t_sb, t_sc, t_sh, t_sw,
+    b_sb, b_sc, b_sh, b_sw,
+    w_so, w_sc, w_sh, w_sw,
+    o_sb, o_sc, o_sh, o_sw,
+    top_rows,
+    bottom_rows,
+    stride_h,
+    stride_w,
+    pad_w,
+    dil_h,
+    dil_w,
+    HAS_TOP: tl.constexpr,
+    HAS_BOTTOM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    batch = tl.program_id(2)
+    pixels = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pixel_mask = pixels < out_rows * out_width
+    out_row = pixels // out_width
+    out_col = pixels % out_width
+    outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_mask = outs < out_channels
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        # the input row in the band's coordinates: < 0 in the top halo, >= rows in the bottom halo
+        row = out_row * stride_h + kh * dil_h - top_rows
+        for kw in tl.static_range(KW):
+            col = out_col * stride_w - pad_w + kw * dil_w
+            col_ok = pixel_mask & (col >= 0) & (col < width)
+            in_band = col_ok & (row >= 0) & (row < rows)
+            in_top = col_ok & (row < 0) & (row >= -top_rows)
+            in_bottom = col_ok & (row >= rows) & (row < rows + bottom_rows)
+            for start in range(0, channels, BLOCK_K):
+                ks = start + tl.arange(0, BLOCK_K)
+                k_mask = ks < channels
+                a = tl.load(
+                    x_ptr + batch * x_sb + ks[None, :] * x_sc + row[:, None] * x_sh + col[:, None] * x_sw,
+                    mask=in_band[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                if HAS_TOP:
+                    a += tl.load(
+                        top_ptr
+                        + batch * t_sb
+                        + ks[None, :] * t_sc
+                        + (row + top_rows)[:, None] * t_sh
+                        + col[:, None] * t_sw,
+                        mask=in_top[:, None] & k_mask[None, :],
+                        other=0.0,
+                    )
+                if HAS_BOTTOM:
+                    a += tl.load(
+                        bottom_ptr
+                        + batch * b_sb
+                        + ks[None, :] * b_sc
+                        + (row - rows)[:, None] * b_sh
+                        + col[:, None] * b_sw,
+                        mask=in_bottom[:, None] & k_mask[None, :],
+                        other=0.0,
+                    )
+                w = tl.load(
+                    w_ptr + outs[None, :] * w_so + ks[:, None] * w_sc + kh * w_sh + kw * w_sw,
+                    mask=k_mask[:, None] & out_mask[None, :],
+                    other=0.0,
+                )
+                acc += tl.dot(a, w)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + outs, mask=out_mask, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + batch * o_sb + outs[None, :] * o_sc + out_row[:, None] * o_sh + out_col[:, None] * o_sw
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=pixel_mask[:, None] & out_mask[None, :])
+
+
+def halo_conv2d_triton(
+    x: torch.Tensor,
+    top: Optional[torch.Tensor],
+    bottom: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """The Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``); ``groups`` must be 1. The
+    output has ``x``'s memory format (channels-last in, channels-last out)."""
+    if groups != 1:
+        raise ValueError(f"halo_conv2d_triton: groups={groups}; the kernel handles groups=1 only")
+    stride_h, stride_w = _pair(stride)
+    pad_h, pad_w = _pair(padding)
+    dil_h, dil_w = _pair(dilation)
+    kernel_h, kernel_w = weight.shape[2:]
+    top_rows, bottom_rows = halo_rows(kernel_h, pad_h, stride_h, dil_h)
+    batch, channels, rows, width = x.shape
+    if rows % stride_h != 0:
+        raise ValueError(f"halo_conv2d: band height {rows} is not a multiple of the stride {stride_h}")
+    _check_halo(top, x, top_rows, "top")
+    _check_halo(bottom, x, bottom_rows, "bottom")
+    out_rows = rows // stride_h
+    out_width = (width + 2 * pad_w - dil_w * (kernel_w - 1) - 1) // stride_w + 1
+    out_channels = weight.shape[0]
+    channels_last = (
+        x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    )
+    out = torch.empty(
+        (batch, out_channels, out_rows, out_width),
+        device=x.device,
+        dtype=x.dtype,
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+    )
+    top_arg = top if top is not None and top_rows > 0 else x
+    bottom_arg = bottom if bottom is not None and bottom_rows > 0 else x
+    weight = weight.to(x.dtype)
+    block_m, block_n, block_k = 32, 32, 16
+    grid = (triton.cdiv(out_rows * out_width, block_m), triton.cdiv(out_channels, block_n), batch)
+    _halo_conv2d_kernel[grid](
+        x, top_arg, bottom_arg, weight, bias if bias is not None else weight, out,
+        channels, rows, width, out_channels, out_rows, out_width,
+        *x.stride(), *top_arg.stride(), *bottom_arg.stride(), *weight.stride(), *out.stride(),
+        top_rows, bottom_rows, stride_h, stride_w, pad_w, dil_h, dil_w,
+        HAS_TOP=top is not None and top_rows > 0,
+        HAS_BOTTOM=bottom is not None and bottom_rows > 0,
+        HAS_BIAS=bias is not None,
+        KH=kernel_h,
+        KW=kernel_w,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+    )  # fmt: skip
+    return out
 
 
 def halo_conv2d(
