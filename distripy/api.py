@@ -169,11 +169,15 @@ def _resolve_backends(config: DistriConfig) -> None:
             raise ValueError(
                 f"DistriConfig.comm_backend='nccl' needs distripy._C: {native_unavailable_reason()}"
             )
-    if config.kernel_backend == "triton":
+    if config.kernel_backend == "triton" and not torch.cuda.is_available():
         raise ValueError(
-            "DistriConfig.kernel_backend='triton': the Triton kernels are not part of this version yet; "
-            "use 'torch' or 'auto'"
+            "DistriConfig.kernel_backend='triton' needs CUDA GPUs; torch sees none (use 'torch' or 'auto')"
         )
+
+
+def _kernel_backend(config: DistriConfig) -> str:
+    """``triton``: the fused kernels (CUDA). ``auto`` and ``torch``: the torch references."""
+    return "triton" if config.kernel_backend == "triton" else "torch"
 
 
 def _comm_class(config: DistriConfig):
@@ -225,7 +229,7 @@ def parallelize(model, config: Optional[DistriConfig] = None):
     plan = _plan_swaps(model)
 
     world_comm, patch_comms = _make_comms(config, world_size, rank)
-    context = PatchContext(config)
+    context = PatchContext(config, kernel_backend=_kernel_backend(config))
     for path in plan["conv"]:
         _set_submodule(model, path, PatchConv2d.from_conv(model.get_submodule(path), context, path))
     for path in plan["norm"]:

@@ -36,7 +36,8 @@ class DistriConfig:
     ``split_batch``: with an even batch (classifier-free guidance's (uncond, cond) halves) and an
     even number of ranks, each half of the ranks denoises one half of the batch.
     ``comm_backend``: ``nccl`` (the C++ runtime), ``torch`` (torch.distributed) or ``auto``.
-    ``kernel_backend``: ``triton`` (fused kernels, CUDA), ``torch`` (references) or ``auto``.
+    ``kernel_backend``: ``triton`` (the Triton kernels, CUDA), ``torch`` (the references) or
+    ``auto`` (for now the references, until the Triton kernels are validated on GPUs).
     ``timeout_s``: the longest any wait for a transfer may take before it raises.
 
     Frozen: a parallelised model reads it on every step; ``dataclasses.replace`` makes a changed

@@ -145,6 +145,43 @@ def group_norm_apply_reference(
     return y.to(x.dtype)
 
 
+@torch.library.custom_op("distripy::group_norm_apply", mutates_args=())
+def _group_norm_apply_op(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    num_groups: int,
+    silu: bool,
+) -> torch.Tensor:
+    return group_norm_apply_triton(x, mean, rstd, weight, bias, num_groups, silu)
+
+
+@_group_norm_apply_op.register_fake
+def _(x, mean, rstd, weight, bias, num_groups, silu):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("distripy::group_norm_apply_out", mutates_args=("out",))
+def _group_norm_apply_out_op(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    num_groups: int,
+    silu: bool,
+    out: torch.Tensor,
+) -> None:
+    group_norm_apply_triton(x, mean, rstd, weight, bias, num_groups, silu, out=out)
+
+
+@_group_norm_apply_out_op.register_fake
+def _(x, mean, rstd, weight, bias, num_groups, silu, out):
+    return None
+
+
 def group_norm_apply(
     x: torch.Tensor,
     mean: torch.Tensor,
@@ -154,16 +191,21 @@ def group_norm_apply(
     num_groups: int,
     silu: bool = False,
     out: Optional[torch.Tensor] = None,
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Normalise ``x`` (B, C, *spatial) per (batch, group) with ``mean`` and ``rstd`` (B, G), apply
-    the per-channel affine and, if asked, SiLU. Writes into ``out`` when given and returns it."""
+    the per-channel affine and, if asked, SiLU. Writes into ``out`` when given and returns it.
+    ``backend``: ``torch`` (the reference) or ``triton`` (the ops ``distripy::group_norm_apply[_out]``)."""
     expected = (x.shape[0], num_groups)
     for name, value in (("mean", mean), ("rstd", rstd)):
         if tuple(value.shape) != expected:
             raise ValueError(f"group_norm_apply: {name} must have shape {expected}, got {tuple(value.shape)}")
-    y = group_norm_apply_reference(x, mean, rstd, weight, bias, num_groups, silu)
-    if out is None:
-        return y
-    if out.shape != x.shape:
+    if out is not None and out.shape != x.shape:
         raise ValueError(f"group_norm_apply: out has shape {tuple(out.shape)}, x has {tuple(x.shape)}")
-    return out.copy_(y)
+    if backend == "triton":
+        if out is None:
+            return torch.ops.distripy.group_norm_apply(x, mean, rstd, weight, bias, num_groups, silu)
+        torch.ops.distripy.group_norm_apply_out(x, mean, rstd, weight, bias, num_groups, silu, out)
+        return out
+    y = group_norm_apply_reference(x, mean, rstd, weight, bias, num_groups, silu)
+    return y if out is None else out.copy_(y)

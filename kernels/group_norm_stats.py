@@ -73,14 +73,27 @@ def group_norm_stats_reference(x: torch.Tensor, num_groups: int) -> torch.Tensor
     return torch.stack((grouped.sum(dim=-1), grouped.square().sum(dim=-1)), dim=-1)
 
 
-def group_norm_stats(x: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """``(B, G, 2)`` fp32 ``[sum, sum of squares]`` of ``x`` (B, C, *spatial) per (batch, group)."""
+@torch.library.custom_op("distripy::group_norm_stats", mutates_args=())
+def _group_norm_stats_op(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    return group_norm_stats_triton(x, num_groups)
+
+
+@_group_norm_stats_op.register_fake
+def _(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], num_groups, 2), dtype=torch.float32)
+
+
+def group_norm_stats(x: torch.Tensor, num_groups: int, backend: str = "torch") -> torch.Tensor:
+    """``(B, G, 2)`` fp32 ``[sum, sum of squares]`` of ``x`` (B, C, *spatial) per (batch, group).
+    ``backend``: ``torch`` (the reference) or ``triton`` (the op ``distripy::group_norm_stats``)."""
     if x.dim() < 2:
         raise ValueError(f"group_norm_stats: x must be (B, C, *spatial), got shape {tuple(x.shape)}")
     if x.shape[1] % num_groups != 0:
         raise ValueError(
             f"group_norm_stats: {x.shape[1]} channels do not split into num_groups={num_groups} groups"
         )
+    if backend == "triton":
+        return torch.ops.distripy.group_norm_stats(x, num_groups)
     return group_norm_stats_reference(x, num_groups)
 
 

@@ -18,7 +18,7 @@ channels and kernel taps) whose loads pick each input row from the top halo, the
 halo by its index, so nothing is concatenated; rows and columns outside the image read as zero.
 """
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -247,6 +247,34 @@ def halo_conv2d_triton(
     return out
 
 
+@torch.library.custom_op("distripy::halo_conv2d", mutates_args=())
+def _halo_conv2d_op(
+    x: torch.Tensor,
+    top: Optional[torch.Tensor],
+    bottom: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+) -> torch.Tensor:
+    return halo_conv2d_triton(x, top, bottom, weight, bias, stride, padding, dilation)
+
+
+@_halo_conv2d_op.register_fake
+def _(x, top, bottom, weight, bias, stride, padding, dilation):
+    rows, width = x.shape[2], x.shape[3]
+    kernel_w = weight.shape[3]
+    out_width = (width + 2 * padding[1] - dilation[1] * (kernel_w - 1) - 1) // stride[1] + 1
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.empty(
+        (x.shape[0], weight.shape[0], rows // stride[0], out_width),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+    )
+
+
 def halo_conv2d(
     x: torch.Tensor,
     top: Optional[torch.Tensor],
@@ -257,10 +285,17 @@ def halo_conv2d(
     padding=0,
     dilation=1,
     groups: int = 1,
+    backend: str = "torch",
 ) -> torch.Tensor:
     """A band's convolution output from the band ``x`` (B, C, h, W) and its halos: ``top``
     (B, C, top_rows, W) from the band above, ``bottom`` (B, C, bottom_rows, W) from the band below,
-    ``None`` at the image's edge (zero padding). See ``halo_rows`` for the row counts."""
+    ``None`` at the image's edge (zero padding). See ``halo_rows`` for the row counts.
+    ``backend``: ``torch`` (the reference) or ``triton`` (the op ``distripy::halo_conv2d``; grouped
+    convolutions take the reference)."""
     if x.dim() != 4:
         raise ValueError(f"halo_conv2d: x must be (B, C, h, W), got shape {tuple(x.shape)}")
+    if backend == "triton" and groups == 1:
+        return torch.ops.distripy.halo_conv2d(
+            x, top, bottom, weight, bias, list(_pair(stride)), list(_pair(padding)), list(_pair(dilation))
+        )
     return halo_conv2d_reference(x, top, bottom, weight, bias, stride, padding, dilation, groups)

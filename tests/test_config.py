@@ -98,3 +98,5 @@ def test_parallelize_refuses_the_nccl_runtime_without_gpus():
 
     with pytest.raises(ValueError, match="comm_backend='nccl' needs CUDA GPUs; torch sees none"):
         distripy.parallelize(tiny_sdxl_unet(), distripy.DistriConfig(comm_backend="nccl"))
+    with pytest.raises(ValueError, match="kernel_backend='triton' needs CUDA GPUs; torch sees none"):
+        distripy.parallelize(tiny_sdxl_unet(), distripy.DistriConfig(kernel_backend="triton"))

@@ -11,12 +11,12 @@ def _band(x, rank, world_size):
     return x[:, :, rank * rows : (rank + 1) * rows]
 
 
-def _context(mode, world_size, rank, warmup_steps=1):
+def _context(mode, world_size, rank, warmup_steps=1, kernel_backend="torch"):
     from distripy import DistriConfig
     from distripy.parallel import PatchContext
     from distripy.runtime.torch_comm import TorchComm
 
-    context = PatchContext(DistriConfig(mode=mode, warmup_steps=warmup_steps))
+    context = PatchContext(DistriConfig(mode=mode, warmup_steps=warmup_steps), kernel_backend=kernel_backend)
     context.start_generation(TorchComm(timeout_s=60), rank, world_size)
     return context
 
@@ -34,13 +34,13 @@ def _images(seed, shape, steps):
     return [torch.randn(*shape, generator=generator, dtype=torch.float64).float() for _ in range(steps)]
 
 
-def _conv_body(rank, world_size, stride):
+def _conv_body(rank, world_size, stride, kernel_backend="torch"):
     from distripy.kernels import halo_conv2d
     from distripy.parallel import PatchConv2d
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 5, 3, stride=stride, padding=1)
-    context = _context("corrected_async_gn", world_size, rank)
+    context = _context("corrected_async_gn", world_size, rank, kernel_backend=kernel_backend)
     patch = PatchConv2d.from_conv(conv, context, "conv")
     x0, x1 = _images(1, (2, 3, 4 * world_size, 7), 2)
     sync_out = _step(context, patch, _band(x0, rank, world_size))  # step 0: synchronous
@@ -57,14 +57,23 @@ def _conv_body(rank, world_size, stride):
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_patch_conv_sync_then_stale(run_ranks, world_size, stride):
-    results = run_ranks(_conv_body, world_size, stride, timeout=120)
+    _check_conv_results(run_ranks(_conv_body, world_size, stride, timeout=120), world_size)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_patch_conv_on_the_triton_kernel(run_ranks, stride):
+    """The same, with kernel_backend='triton' (under Triton's interpreter without a GPU)."""
+    _check_conv_results(run_ranks(_conv_body, 2, stride, "triton", timeout=300), 2, stale_tolerance=1e-5)
+
+
+def _check_conv_results(results, world_size, stale_tolerance=1e-6):
     whole = results[0][3].double()
     for rank, (sync_out, stale_out, expected_stale, _) in enumerate(results):
         torch.testing.assert_close(sync_out.double(), _band(whole, rank, world_size), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(stale_out, expected_stale, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(stale_out, expected_stale, rtol=stale_tolerance, atol=stale_tolerance)
 
 
-def _group_norm_body(rank, world_size, mode):
+def _group_norm_body(rank, world_size, mode, kernel_backend="torch"):
     from distripy.kernels import (
         corrected_sums,
         elements_per_group,
@@ -78,7 +87,7 @@ def _group_norm_body(rank, world_size, mode):
     norm = torch.nn.GroupNorm(4, 8)
     torch.nn.init.normal_(norm.weight)
     torch.nn.init.normal_(norm.bias)
-    context = _context(mode, world_size, rank)
+    context = _context(mode, world_size, rank, kernel_backend=kernel_backend)
     patch = PatchGroupNorm.from_group_norm(norm, context, "norm")
     x0, x1 = _images(2, (2, 8, 3 * world_size, 5), 2)
     x1 = x1 * 2 + 0.5  # the statistics move between steps
@@ -96,9 +105,13 @@ def _group_norm_body(rank, world_size, mode):
     return sync_out, async_out, expected, _band(whole0, rank, world_size)
 
 
-@pytest.mark.parametrize("mode", ["corrected_async_gn", "stale_gn"])
-def test_patch_group_norm_sync_then_async(run_ranks, mode):
-    for sync_out, async_out, expected, whole in run_ranks(_group_norm_body, 2, mode, timeout=120):
+@pytest.mark.parametrize(
+    "mode, kernel_backend",
+    [("corrected_async_gn", "torch"), ("stale_gn", "torch"), ("corrected_async_gn", "triton")],
+)
+def test_patch_group_norm_sync_then_async(run_ranks, mode, kernel_backend):
+    results = run_ranks(_group_norm_body, 2, mode, kernel_backend, timeout=300)
+    for sync_out, async_out, expected, whole in results:
         torch.testing.assert_close(sync_out.double(), whole, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(async_out, expected, rtol=1e-5, atol=1e-5)
 

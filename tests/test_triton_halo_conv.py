@@ -3,7 +3,8 @@
 Without a GPU it runs under ``TRITON_INTERPRET=1`` on small shapes: bands of 1-3 rows, odd widths,
 channel counts that do not fill a tile, kernel 1x1 and 3x3, stride 1 and 2, with and without bias,
 the first / a middle / the last band (halos absent at the image's edges), NCHW, channels-last and
-band views, each dtype the interpreter supports (bfloat16 on GPUs only); every case draws fresh random inputs and every output element is checked.
+band views, each dtype the interpreter supports (bfloat16 on GPUs only); every case draws fresh
+random inputs and every output element is checked.
 """
 
 import pytest

@@ -54,8 +54,11 @@ class PatchState:
 
 
 class PatchContext:
-    def __init__(self, config: DistriConfig) -> None:
+    def __init__(self, config: DistriConfig, kernel_backend: str = "torch") -> None:
+        if kernel_backend not in ("torch", "triton"):
+            raise ValueError(f"kernel_backend {kernel_backend!r} is not 'torch' or 'triton'")
         self.config = config
+        self.kernel_backend = kernel_backend
         self.comm = None
         self.band_index = 0
         self.band_count = 1

@@ -100,5 +100,14 @@ class PatchConv2d(nn.Conv2d, PatchState):
 
             ctx.defer(issue)
         return halo_conv2d(
-            x, top, bottom, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+            x,
+            top,
+            bottom,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            backend=ctx.kernel_backend,
         )

@@ -34,7 +34,8 @@ class PatchGroupNorm(nn.GroupNorm, PatchState):
             return super().forward(x)
         ctx.enter(self, self.patch_path)
         groups = self.num_groups
-        local = group_norm_stats(x, groups)
+        backend = ctx.kernel_backend
+        local = group_norm_stats(x, groups, backend=backend)
         count = elements_per_group(x, groups)
         total = count * ctx.band_count  # every band has the same number of elements
         exchange = ctx.statistics_exchange
@@ -57,4 +58,4 @@ class PatchGroupNorm(nn.GroupNorm, PatchState):
                 self._stale = ((ctx.comm.all_reduce(image),), image, local)
 
             ctx.defer(issue)
-        return group_norm_apply(x, mean, rstd, self.weight, self.bias, groups)
+        return group_norm_apply(x, mean, rstd, self.weight, self.bias, groups, backend=backend)
