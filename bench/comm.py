@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from timing import cuda_time_ms
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -49,19 +50,7 @@ def _bus_factor(op: str, world: int) -> float:
 
 
 def _cuda_time_ms(fn, iters: int, repeats: int) -> float:
-    """Median over ``repeats`` of the CUDA-event time of ``iters`` back-to-back calls, per call."""
-    samples = []
-    for _ in range(repeats):
-        dist.barrier()
-        torch.cuda.synchronize()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        stop.record()
-        stop.synchronize()
-        samples.append(start.elapsed_time(stop) / iters)
-    return statistics.median(samples)
+    return cuda_time_ms(fn, iters, repeats, before=dist.barrier)
 
 
 class Backends:

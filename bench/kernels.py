@@ -20,7 +20,6 @@ import datetime
 import json
 import platform
 import socket
-import statistics
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from distripy.kernels import group_norm_apply, group_norm_stats, halo_conv2d, mean_rstd
+from timing import cuda_time_ms
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMAGES = {1024: 128, 2048: 256, 3840: 480}  # image side -> latent rows
@@ -36,18 +36,8 @@ GROUPS = 32
 
 
 def _time_ms(fn, repeats: int, iters: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        stop.record()
-        stop.synchronize()
-        samples.append(start.elapsed_time(stop) / iters)
-    return statistics.median(samples)
+    fn()  # warm-up: compilation and autotuning
+    return cuda_time_ms(fn, iters, repeats)
 
 
 def _fused_group_norm_silu(x):
