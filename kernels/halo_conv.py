@@ -18,7 +18,7 @@ channels and kernel taps) whose loads pick each input row from the top halo, the
 halo by its index, so nothing is concatenated; rows and columns outside the image read as zero.
 """
 
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +62,29 @@ def _check_halo(halo: Optional[torch.Tensor], x: torch.Tensor, rows: int, name: 
         )
 
 
-def _halo_or_zeros(halo: Optional[torch.Tensor], x: torch.Tensor, rows: int, name: str) -> torch.Tensor:
-    _check_halo(halo, x, rows, name)
+class _BandConv(NamedTuple):
+    stride: Tuple[int, int]
+    pad_w: int
+    dilation: Tuple[int, int]
+    top_rows: int
+    bottom_rows: int
+
+
+def _band_conv(x, top, bottom, weight, stride, padding, dilation) -> _BandConv:
+    """The height/width parameters of a band's convolution, after checking the band and its halos."""
+    stride_h, stride_w = _pair(stride)
+    pad_h, pad_w = _pair(padding)
+    dil_h, dil_w = _pair(dilation)
+    top_rows, bottom_rows = halo_rows(weight.shape[2], pad_h, stride_h, dil_h)
+    rows = x.shape[2]
+    if rows % stride_h != 0:
+        raise ValueError(f"halo_conv2d: band height {rows} is not a multiple of the stride {stride_h}")
+    _check_halo(top, x, top_rows, "top")
+    _check_halo(bottom, x, bottom_rows, "bottom")
+    return _BandConv((stride_h, stride_w), pad_w, (dil_h, dil_w), top_rows, bottom_rows)
+
+
+def _zeros_if_none(halo: Optional[torch.Tensor], x: torch.Tensor, rows: int) -> torch.Tensor:
     return x.new_zeros((x.shape[0], x.shape[1], rows, x.shape[3])) if halo is None else halo
 
 
@@ -80,20 +101,14 @@ def halo_conv2d_reference(
 ) -> torch.Tensor:
     """Plain torch: concatenate ``[top or zeros, x, bottom or zeros]`` along the height and
     convolve with the height padding removed (it is the halo) and the width padding kept."""
-    stride_h, stride_w = _pair(stride)
-    pad_h, pad_w = _pair(padding)
-    dil_h, dil_w = _pair(dilation)
-    top_rows, bottom_rows = halo_rows(weight.shape[2], pad_h, stride_h, dil_h)
-    rows = x.shape[2]
-    if rows % stride_h != 0:
-        raise ValueError(f"halo_conv2d: band height {rows} is not a multiple of the stride {stride_h}")
+    conv = _band_conv(x, top, bottom, weight, stride, padding, dilation)
     padded = torch.cat(
-        (_halo_or_zeros(top, x, top_rows, "top"), x, _halo_or_zeros(bottom, x, bottom_rows, "bottom")), dim=2
+        (_zeros_if_none(top, x, conv.top_rows), x, _zeros_if_none(bottom, x, conv.bottom_rows)), dim=2
     )
-    out = F.conv2d(padded, weight, bias, (stride_h, stride_w), (0, pad_w), (dil_h, dil_w), groups)
+    out = F.conv2d(padded, weight, bias, conv.stride, (0, conv.pad_w), conv.dilation, groups)
     # With a bottom halo longer than the last output row reads (never for band-compatible
     # convolutions), trailing rows would be extra; the band's output is its first h / s rows.
-    return out[:, :, : rows // stride_h]
+    return out[:, :, : x.shape[2] // conv.stride[0]]
 
 
 @triton.jit
@@ -203,16 +218,11 @@ def halo_conv2d_triton(
     output has ``x``'s memory format (channels-last in, channels-last out)."""
     if groups != 1:
         raise ValueError(f"halo_conv2d_triton: groups={groups}; the kernel handles groups=1 only")
-    stride_h, stride_w = _pair(stride)
-    pad_h, pad_w = _pair(padding)
-    dil_h, dil_w = _pair(dilation)
+    conv = _band_conv(x, top, bottom, weight, stride, padding, dilation)
+    (stride_h, stride_w), pad_w, (dil_h, dil_w) = conv.stride, conv.pad_w, conv.dilation
+    top_rows, bottom_rows = conv.top_rows, conv.bottom_rows
     kernel_h, kernel_w = weight.shape[2:]
-    top_rows, bottom_rows = halo_rows(kernel_h, pad_h, stride_h, dil_h)
     batch, channels, rows, width = x.shape
-    if rows % stride_h != 0:
-        raise ValueError(f"halo_conv2d: band height {rows} is not a multiple of the stride {stride_h}")
-    _check_halo(top, x, top_rows, "top")
-    _check_halo(bottom, x, bottom_rows, "bottom")
     out_rows = rows // stride_h
     out_width = (width + 2 * pad_w - dil_w * (kernel_w - 1) - 1) // stride_w + 1
     out_channels = weight.shape[0]
