@@ -97,6 +97,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["distripy", "distripy.*"]) + ["distripy.kernels"],
     package_dir={"distripy.kernels": "kernels"},
+    package_data={"distripy.kernels": ["*.json"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[

@@ -1,18 +1,27 @@
 """Kernel benchmark: the Triton kernels of ``kernels/`` vs cuDNN / torch, at SDXL's shapes.
 
-For latents of 1024², 2048² and 3840² images (128, 256, 480 rows) at each UNet level (320, 640,
-1280 channels at 1, 1/2, 1/4 of the latent) and the band heights of N = 1, 2, 4, 8 ranks:
+For latents of 1024², 2048² and 3840² images (128, 256, 480 rows) at SDXL's 3x3 convolutions (per
+UNet level: 320, 640, 1280 channels at 1, 1/2, 1/4 of the latent; with ``--shapes all`` also the
+down blocks' channel-raising convs, the up blocks' concatenated inputs and the stride-2
+downsamplers) and the band heights of N = 1, 2, 4, 8 ranks, fp16, channels-last:
 
-* halo conv (3x3, fp16, channels-last): the Triton kernel reading separate halo buffers, vs cuDNN
-  on the same band with plain zero padding (the halo overhead; target <= 1.05x), vs ``torch.cat``
-  of the halos + cuDNN (what the reference does);
-* GroupNorm + SiLU: the Triton statistics + apply kernels vs ``F.group_norm`` + ``F.silu``
+* halo conv: the Triton kernel reading separate halo buffers vs cuDNN on the same band with plain
+  zero padding (the halo overhead; target <= 1.05x) and vs the halo-padded buffer + cuDNN (the
+  ``cudnn`` path: ``torch.cat`` + cuDNN without a prologue);
+* GroupNorm + SiLU + halo conv (a ResNet block's half): the fused Triton kernel (prologue) vs the
+  ``cudnn`` path (Triton GroupNorm apply into the padded buffer, then cuDNN) vs eager torch
+  (``F.group_norm``, ``F.silu``, ``torch.cat``, cuDNN);
+* GroupNorm + SiLU alone: the Triton statistics + apply kernels vs ``F.group_norm`` + ``F.silu``
   (target <= 0.6x);
-* a ResNet block's body (GroupNorm, SiLU, conv, GroupNorm, SiLU, conv): Triton path vs eager torch.
+* a ResNet block's body (GroupNorm, SiLU, conv, GroupNorm, SiLU, conv) as ``auto`` runs it vs eager
+  torch.
 
 Ratios are measured side by side in one run, medians over repetitions (CUDA events). Prints a table
-and writes ``bench/results/kernels-<host>-<time>.json`` with the device, versions and command.
-Run: ``python bench/kernels.py`` on a GPU.
+(which path wins where) and writes ``bench/results/kernels-<host>-<time>.json`` with the device,
+versions and command. ``--write-dispatch`` also writes the per-shape winner of the fused
+convolution (Triton vs cuDNN path) to ``kernels/halo_conv_paths.json``, the table
+``kernel_backend='auto'`` dispatches by (``kernels/halo_conv_dispatch.py``).
+Run: ``python bench/kernels.py [--shapes all] [--write-dispatch]`` on a GPU.
 """
 
 import argparse
@@ -26,13 +35,28 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distripy.kernels import group_norm_apply, group_norm_stats, halo_conv2d, mean_rstd
+from distripy.kernels import GroupNormPrologue, group_norm_apply, group_norm_stats, halo_conv2d, mean_rstd
+from distripy.kernels.halo_conv_dispatch import TABLE_PATH
 from timing import cuda_time_ms
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMAGES = {1024: 128, 2048: 256, 3840: 480}  # image side -> latent rows
-LEVELS = [(320, 1), (640, 2), (1280, 4)]  # (channels, downsampling) of SDXL's UNet levels
 GROUPS = 32
+# (in channels, out channels, downsampling of the level, stride) of SDXL's 3x3 convolutions
+CORE_SHAPES = [(320, 320, 1, 1), (640, 640, 2, 1), (1280, 1280, 4, 1)]
+MORE_SHAPES = [
+    (320, 640, 2, 1),  # first resnet of down block 1 (at its output's resolution)
+    (640, 1280, 4, 1),
+    (2560, 1280, 4, 1),  # up block 0: skip connection concatenated
+    (1920, 1280, 4, 1),
+    (1920, 640, 2, 1),  # up block 1
+    (1280, 640, 2, 1),
+    (960, 640, 2, 1),
+    (960, 320, 1, 1),  # up block 2
+    (640, 320, 1, 1),
+    (320, 320, 1, 2),  # downsamplers (input resolution)
+    (640, 640, 2, 2),
+]
 
 
 def _time_ms(fn, repeats: int, iters: int = 10) -> float:
@@ -40,75 +64,126 @@ def _time_ms(fn, repeats: int, iters: int = 10) -> float:
     return cuda_time_ms(fn, iters, repeats)
 
 
-def _fused_group_norm_silu(x):
+def _fused_statistics(x):
     stats = group_norm_stats(x, GROUPS, backend="triton")
-    count = x[0].numel() // GROUPS
-    mean, rstd = mean_rstd(stats, count, 1e-5)
+    return mean_rstd(stats, x[0].numel() // GROUPS, 1e-5)
+
+
+def _fused_group_norm_silu(x):
+    mean, rstd = _fused_statistics(x)
     return group_norm_apply(x, mean, rstd, None, None, GROUPS, silu=True, backend="triton")
 
 
-def measure(image: int, channels: int, down: int, ranks: int, repeats: int) -> dict:
+def _channels_last(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def measure(image: int, shape, ranks: int, batch: int, repeats: int) -> dict:
+    in_channels, out_channels, down, stride = shape
     rows = IMAGES[image] // down // ranks
     width = IMAGES[image] // down
-    x = torch.randn(1, channels, rows, width, device="cuda", dtype=torch.float16)
-    x = x.contiguous(memory_format=torch.channels_last)
-    top = torch.randn(1, channels, 1, width, device="cuda", dtype=torch.float16)
-    bottom = torch.randn_like(top)
-    weight = (
-        torch.randn(channels, channels, 3, 3, device="cuda", dtype=torch.float16) / channels**0.5
-    ).contiguous(memory_format=torch.channels_last)
-    bias = torch.randn(channels, device="cuda", dtype=torch.float16)
+    kw = dict(device="cuda", dtype=torch.float16)
+    x = _channels_last(torch.randn(batch, in_channels, rows, width, **kw))
+    top = _channels_last(torch.randn(batch, in_channels, 1, width, **kw))
+    bottom = _channels_last(torch.randn(batch, in_channels, 1 if stride == 1 else 0, width, **kw))
+    bottom = bottom if stride == 1 else None
+    weight = _channels_last(torch.randn(out_channels, in_channels, 3, 3, **kw) / (9 * in_channels) ** 0.5)
+    bias = torch.randn(out_channels, **kw)
+    square = in_channels == out_channels and stride == 1
+    mean, rstd = _fused_statistics(x)
+    prologue = GroupNormPrologue(mean, rstd, None, None, GROUPS, True)
 
-    def conv_triton():
-        return halo_conv2d(x, top, bottom, weight, bias, 1, 1, backend="triton")
+    def conv(backend, with_prologue=False):
+        p = prologue if with_prologue else None
+        return lambda: halo_conv2d(x, top, bottom, weight, bias, stride, 1, prologue=p, backend=backend)
 
-    def conv_cudnn_band():
-        return F.conv2d(x, weight, bias, 1, 1)
-
-    def conv_cat_cudnn():
-        return F.conv2d(torch.cat([top, x, bottom], 2), weight, bias, 1, (0, 1))
-
-    def gn_torch():
-        return F.silu(F.group_norm(x, GROUPS, eps=1e-5))
-
-    def block_triton():
-        h = conv_and(_fused_group_norm_silu(x))
-        return conv_and(_fused_group_norm_silu(h))
-
-    def conv_and(h):
-        return halo_conv2d(h, top, bottom, weight, bias, 1, 1, backend="triton")
-
-    def block_torch():
-        h = F.conv2d(torch.cat([top, gn_torch(), bottom], 2), weight, bias, 1, (0, 1))
-        h = F.silu(F.group_norm(h, GROUPS, eps=1e-5))
-        return F.conv2d(torch.cat([top, h, bottom], 2), weight, bias, 1, (0, 1))
+    def eager_norm_conv():
+        h = F.silu(F.group_norm(x, GROUPS, eps=1e-5))
+        parts = [top, h] + ([bottom] if bottom is not None else [])
+        return F.conv2d(torch.cat(parts, 2), weight, bias, stride, (0, 1))
 
     variants = {
-        "conv_triton": conv_triton,
-        "conv_cudnn_band": conv_cudnn_band,
-        "conv_cat_cudnn": conv_cat_cudnn,
+        "conv_triton": conv("triton"),
+        "conv_cudnn_path": conv("cudnn"),
+        "conv_cudnn_band": lambda: F.conv2d(x, weight, bias, stride, 1),
+        "norm_conv_triton": conv("triton", True),
+        "norm_conv_cudnn_path": conv("cudnn", True),
+        "norm_conv_eager": eager_norm_conv,
         "gn_silu_triton": lambda: _fused_group_norm_silu(x),
-        "gn_silu_torch": gn_torch,
-        "block_triton": block_triton,
-        "block_torch": block_torch,
+        "gn_silu_torch": lambda: F.silu(F.group_norm(x, GROUPS, eps=1e-5)),
     }
+    if square:
+
+        def block(backend):
+            def run():
+                mean, rstd = _fused_statistics(x)
+                p = GroupNormPrologue(mean, rstd, None, None, GROUPS, True)
+                h = halo_conv2d(x, top, bottom, weight, bias, 1, 1, prologue=p, backend=backend)
+                mean, rstd = _fused_statistics(h)
+                p = GroupNormPrologue(mean, rstd, None, None, GROUPS, True)
+                return halo_conv2d(h, top, bottom, weight, bias, 1, 1, prologue=p, backend=backend)
+
+            return run
+
+        def block_eager():
+            h = F.conv2d(
+                torch.cat([top, F.silu(F.group_norm(x, GROUPS)), bottom], 2), weight, bias, 1, (0, 1)
+            )
+            return F.conv2d(
+                torch.cat([top, F.silu(F.group_norm(h, GROUPS)), bottom], 2), weight, bias, 1, (0, 1)
+            )
+
+        variants.update(block_auto=block("auto"), block_triton=block("triton"), block_eager=block_eager)
     t = {name: _time_ms(fn, repeats) for name, fn in variants.items()}
-    fastest_conv = "triton" if t["conv_triton"] <= t["conv_cat_cudnn"] else "cat+cudnn"
-    return {
+    winner = "triton" if t["norm_conv_triton"] <= t["norm_conv_cudnn_path"] else "cudnn"
+    row = {
         "image": image,
-        "channels": channels,
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "stride": stride,
         "level_down": down,
         "ranks": ranks,
+        "batch": batch,
         "band_rows": rows,
         "width": width,
         "ms": t,
         "conv_vs_cudnn_band": t["conv_triton"] / t["conv_cudnn_band"],
-        "conv_vs_cat_cudnn": t["conv_triton"] / t["conv_cat_cudnn"],
-        "cat_cudnn_vs_cudnn_band": t["conv_cat_cudnn"] / t["conv_cudnn_band"],
+        "cudnn_path_vs_cudnn_band": t["conv_cudnn_path"] / t["conv_cudnn_band"],
+        "norm_conv_triton_vs_eager": t["norm_conv_triton"] / t["norm_conv_eager"],
+        "norm_conv_cudnn_path_vs_eager": t["norm_conv_cudnn_path"] / t["norm_conv_eager"],
         "gn_silu_vs_torch": t["gn_silu_triton"] / t["gn_silu_torch"],
-        "block_vs_torch": t["block_triton"] / t["block_torch"],
-        "conv_fastest": fastest_conv,
+        "fused_conv_winner": winner,
     }
+    if square:
+        row["block_auto_vs_eager"] = t["block_auto"] / t["block_eager"]
+    return row
+
+
+def _dispatch_entry(row: dict, device: str) -> dict:
+    return {
+        "device": device,
+        "dtype": "float16",
+        "batch": row["batch"],
+        "in_channels": row["in_channels"],
+        "out_channels": row["out_channels"],
+        "kernel": [3, 3],
+        "stride": [row["stride"], row["stride"]],
+        "rows": row["band_rows"],
+        "width": row["width"],
+        "path": row["fused_conv_winner"],
+        "triton_ms": row["ms"]["norm_conv_triton"],
+        "cudnn_ms": row["ms"]["norm_conv_cudnn_path"],
+    }
+
+
+def write_dispatch_table(rows, device: str, path: Path = TABLE_PATH) -> None:
+    """Merge this run's winners into the dispatch table (entries of other GPUs are kept)."""
+    entries = []
+    if path.exists():
+        entries = [e for e in json.loads(path.read_text())["entries"] if e["device"] != device]
+    entries += [_dispatch_entry(row, device) for row in rows]
+    path.write_text(json.dumps({"format": 1, "entries": entries}, indent=1))
+    print(f"wrote {len(rows)} dispatch entries for {device} to {path}")
 
 
 def main(argv=None) -> int:
@@ -116,26 +191,39 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--images", type=int, nargs="+", default=sorted(IMAGES))
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="per-rank batch (1: CFG split)")
+    parser.add_argument("--shapes", choices=["core", "all"], default="core")
+    parser.add_argument("--write-dispatch", action="store_true", help="write kernels/halo_conv_paths.json")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
         return 2
     rows = []
-    columns = "conv/cudnn conv/cat+cudnn gn+silu/torch block/torch  fastest conv"
-    print(f"{'image':>6} {'C':>5} {'N':>2} {'rows':>5} | {columns}")
+    shapes = CORE_SHAPES + (MORE_SHAPES if args.shapes == "all" else [])
+    header = "conv/band cudnn-path/band norm+conv: triton/eager cudnn/eager  gn+silu/torch block/eager winner"
+    print(f"{'image':>6} {'Cin':>5} {'Cout':>5} {'s':>1} {'N':>2} {'B':>1} {'rows':>5} | {header}")
     for image in args.images:
-        for channels, down in LEVELS:
+        for shape in shapes:
             for ranks in args.ranks:
-                if IMAGES[image] // down % ranks:
+                rows_at_level = IMAGES[image] // shape[2]
+                if rows_at_level % ranks or (rows_at_level // ranks) % shape[3]:
                     continue
-                row = measure(image, channels, down, ranks, args.repeats)
-                rows.append(row)
-                print(
-                    f"{image:>6} {channels:>5} {ranks:>2} {row['band_rows']:>5} | "
-                    f"{row['conv_vs_cudnn_band']:>10.2f} {row['conv_vs_cat_cudnn']:>15.2f} "
-                    f"{row['gn_silu_vs_torch']:>13.2f} {row['block_vs_torch']:>11.2f}  {row['conv_fastest']}"
-                )
+                for batch in args.batch:
+                    row = measure(image, shape, ranks, batch, args.repeats)
+                    rows.append(row)
+                    block = (
+                        f"{row['block_auto_vs_eager']:>11.2f}"
+                        if "block_auto_vs_eager" in row
+                        else f"{'':>11}"
+                    )
+                    print(
+                        f"{image:>6} {shape[0]:>5} {shape[1]:>5} {shape[3]:>1} {ranks:>2} {batch:>1} "
+                        f"{row['band_rows']:>5} | {row['conv_vs_cudnn_band']:>9.2f} "
+                        f"{row['cudnn_path_vs_cudnn_band']:>15.2f} {row['norm_conv_triton_vs_eager']:>20.2f} "
+                        f"{row['norm_conv_cudnn_path_vs_eager']:>12.2f} {row['gn_silu_vs_torch']:>14.2f} "
+                        f"{block} {row['fused_conv_winner']}"
+                    )
     from distripy.runtime import native_available
 
     environment = {
@@ -154,6 +242,8 @@ def main(argv=None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"environment": environment, "rows": rows}, indent=2))
     print(f"wrote {path}")
+    if args.write_dispatch:
+        write_dispatch_table(rows, environment["device"])
     return 0
 
 

@@ -7,6 +7,7 @@ For a ``UNet2DConditionModel`` (SD 1.x, 2.x, SDXL configurations) on more than o
 * ``GroupNorm`` -> ``PatchGroupNorm`` (statistics of the whole image);
 * self-attention -> ``PatchSelfAttnProcessor`` through diffusers' processor API; cross-attention
   stays local;
+* ``ResnetBlock2D.forward`` -> ``PatchResnetForward`` (each GroupNorm -> SiLU -> conv fused);
 * ``forward`` -> ``PatchUNetForward`` (bands in, the whole prediction out).
 
 The swapped modules share the original parameters. Before anything is changed the whole model is
@@ -26,6 +27,7 @@ from distripy.parallel.attention import PatchSelfAttnProcessor
 from distripy.parallel.context import PatchContext
 from distripy.parallel.conv import PatchConv2d, check_conv, conv_needs_halo
 from distripy.parallel.group_norm import PatchGroupNorm
+from distripy.parallel.resnet import PatchResnetForward, resnet_fusable
 from distripy.parallel.unet import PatchUNetForward
 
 __all__ = ["parallelize", "reset", "patch_context"]
@@ -176,8 +178,9 @@ def _resolve_backends(config: DistriConfig) -> None:
 
 
 def _kernel_backend(config: DistriConfig) -> str:
-    """``triton``: the fused kernels (CUDA). ``auto`` and ``torch``: the torch references."""
-    return "triton" if config.kernel_backend == "triton" else "torch"
+    """Passed to the kernels as it is: ``auto`` is decided per call by the tensors' device (the
+    Triton kernels and the per-shape convolution path on CUDA, the references on CPU)."""
+    return config.kernel_backend
 
 
 def _comm_class(config: DistriConfig):
@@ -236,6 +239,10 @@ def parallelize(model, config: Optional[DistriConfig] = None):
         _set_submodule(model, path, PatchGroupNorm.from_group_norm(model.get_submodule(path), context, path))
     for path in plan["attention"]:
         model.get_submodule(path).set_processor(PatchSelfAttnProcessor(context, path))
+    # ResNet blocks: GroupNorm -> SiLU -> conv fused (the same result, the activation read once).
+    for module in model.modules():
+        if resnet_fusable(module):
+            module.forward = PatchResnetForward(module, context)
 
     # Checkpoints: an asynchronous step's transfers leave as each block finishes.
     def checkpoint(module, inputs, output) -> None:

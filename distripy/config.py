@@ -37,7 +37,8 @@ class DistriConfig:
     even number of ranks, each half of the ranks denoises one half of the batch.
     ``comm_backend``: ``nccl`` (the C++ runtime), ``torch`` (torch.distributed) or ``auto``.
     ``kernel_backend``: ``triton`` (the Triton kernels, CUDA), ``torch`` (the references) or
-    ``auto`` (for now the references, until the Triton kernels are validated on GPUs).
+    ``auto`` (on CUDA the Triton GroupNorm kernels and, per convolution shape, the faster of the
+    fused Triton halo convolution and a halo-padded buffer + cuDNN; on CPU the references).
     ``timeout_s``: the longest any wait for a transfer may take before it raises.
 
     Frozen: a parallelised model reads it on every step; ``dataclasses.replace`` makes a changed

@@ -7,19 +7,27 @@ CUDA live beside their reference and are tested against it (on CPU under ``TRITO
 * ``group_norm_stats``: per (batch, group) sum and sum of squares of a band (+ Triton kernel);
 * ``group_norm_combine``: the sync / corrected / stale combination and mean, rstd;
 * ``group_norm_apply``: normalise + affine (+ SiLU), optionally into a view (+ Triton kernel);
-* ``halo_conv``: a band's convolution from the band and its halo rows held apart (+ Triton
-  kernel, groups=1).
+* ``halo_conv``: a band's convolution from the band and its halo rows held apart, optionally
+  with the GroupNorm (+ SiLU) of its input fused in as a prologue (+ Triton kernel, groups=1);
+* ``halo_conv_dispatch``: per shape, which CUDA path of the halo convolution is faster.
 
-The patch modules call the references; the Triton kernels are selected by ``kernel_backend`` once
-they have been validated on GPUs.
+Every function takes ``backend``: ``torch`` (the reference), ``triton`` or ``auto`` (on CUDA the
+Triton kernels, the convolution's path chosen per shape; on CPU the references).
 """
 
 from distripy.kernels.group_norm_apply import group_norm_apply, group_norm_apply_reference
 from distripy.kernels.group_norm_combine import corrected_sums, mean_rstd
 from distripy.kernels.group_norm_stats import elements_per_group, group_norm_stats, group_norm_stats_reference
-from distripy.kernels.halo_conv import band_compatible, halo_conv2d, halo_conv2d_reference, halo_rows
+from distripy.kernels.halo_conv import (
+    GroupNormPrologue,
+    band_compatible,
+    halo_conv2d,
+    halo_conv2d_reference,
+    halo_rows,
+)
 
 __all__ = [
+    "GroupNormPrologue",
     "band_compatible",
     "corrected_sums",
     "elements_per_group",

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from distripy.kernels._backend import use_triton
 from distripy.kernels._layout import flat_spatial_strides, next_power_of_2
 
 __all__ = ["group_norm_apply", "group_norm_apply_reference", "group_norm_apply_triton"]
@@ -195,14 +196,15 @@ def group_norm_apply(
 ) -> torch.Tensor:
     """Normalise ``x`` (B, C, *spatial) per (batch, group) with ``mean`` and ``rstd`` (B, G), apply
     the per-channel affine and, if asked, SiLU. Writes into ``out`` when given and returns it.
-    ``backend``: ``torch`` (the reference) or ``triton`` (the ops ``distripy::group_norm_apply[_out]``)."""
+    ``backend``: ``torch`` (the reference), ``triton`` (the ops ``distripy::group_norm_apply[_out]``)
+    or ``auto`` (Triton on CUDA)."""
     expected = (x.shape[0], num_groups)
     for name, value in (("mean", mean), ("rstd", rstd)):
         if tuple(value.shape) != expected:
             raise ValueError(f"group_norm_apply: {name} must have shape {expected}, got {tuple(value.shape)}")
     if out is not None and out.shape != x.shape:
         raise ValueError(f"group_norm_apply: out has shape {tuple(out.shape)}, x has {tuple(x.shape)}")
-    if backend == "triton":
+    if use_triton(backend, x, "group_norm_apply"):
         if out is None:
             return torch.ops.distripy.group_norm_apply(x, mean, rstd, weight, bias, num_groups, silu)
         torch.ops.distripy.group_norm_apply_out(x, mean, rstd, weight, bias, num_groups, silu, out)

@@ -5,15 +5,22 @@ A patch GroupNorm cannot normalise a band with the band's own statistics (that i
 because sums of equal-sized bands add up to the image's and can be corrected term by term
 (``kernels.group_norm_combine``).
 
-The Triton kernel: one program per (batch, group) walks the group's channels x spatial positions in
-tiles, accumulating in fp32; any layout whose spatial dims flatten to one stride (NCHW, channels-last,
-a band of either) is read in place.
+The Triton kernel: programs over (batch x group, spatial chunk), each walking its chunk of the
+group's channels x spatial positions in tiles, accumulating in fp32; a torch sum adds the chunks'
+partial sums (deterministic, no atomics). Chunks exist because SDXL has only 32 groups: one program
+per (batch, group) would leave most of a GPU's multiprocessors idle on a large band. Any layout whose
+spatial dims flatten to one stride (NCHW, channels-last, a band of either) is read in place.
 """
+
+import os
+from typing import Optional
+
 
 import torch
 import triton
 import triton.language as tl
 
+from distripy.kernels._backend import use_triton
 from distripy.kernels._layout import flat_spatial_strides, next_power_of_2
 
 __all__ = ["elements_per_group", "group_norm_stats", "group_norm_stats_reference", "group_norm_stats_triton"]
@@ -28,6 +35,7 @@ def _group_norm_stats_kernel(
     stride_s,
     channels_per_group,
     spatial,
+    chunk,
     groups,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -40,29 +48,49 @@ def _group_norm_stats_kernel(
     base = x_ptr + batch * stride_b + group * channels_per_group * stride_c
     total = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
     total_sq = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
-    for start in range(0, spatial, BLOCK_S):
+    first = tl.program_id(1) * chunk
+    for start in range(first, tl.minimum(first + chunk, spatial), BLOCK_S):
         positions = start + tl.arange(0, BLOCK_S)
         mask = channel_mask[:, None] & (positions < spatial)[None, :]
         x = tl.load(base + channels[:, None] * stride_c + positions[None, :] * stride_s, mask=mask, other=0.0)
         x = x.to(tl.float32)
         total += x
         total_sq += x * x
-    tl.store(out_ptr + pid * 2, tl.sum(tl.sum(total, axis=1), axis=0))
-    tl.store(out_ptr + pid * 2 + 1, tl.sum(tl.sum(total_sq, axis=1), axis=0))
+    out = out_ptr + (pid * tl.num_programs(1) + tl.program_id(1)) * 2
+    tl.store(out, tl.sum(tl.sum(total, axis=1), axis=0))
+    tl.store(out + 1, tl.sum(tl.sum(total_sq, axis=1), axis=0))
 
 
-def group_norm_stats_triton(x: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """The Triton kernel's ``(B, G, 2)`` fp32 statistics (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
+def _programs_wanted(x: torch.Tensor) -> int:
+    """Enough programs to fill the GPU a few times over (4 under the interpreter, so that the CPU
+    tests split small bands into chunks too)."""
+    if x.device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return 4
+    return 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+
+
+def group_norm_stats_triton(x: torch.Tensor, num_groups: int, chunks: Optional[int] = None) -> torch.Tensor:
+    """The Triton kernel's ``(B, G, 2)`` fp32 statistics (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+    ``chunks``: spatial chunks per (batch, group); by default enough to fill the device."""
     x, stride_b, stride_c, stride_s, spatial = flat_spatial_strides(x)
     batch, channels = x.shape[:2]
     per_group = channels // num_groups
-    out = torch.empty((batch, num_groups, 2), dtype=torch.float32, device=x.device)
     block_c = next_power_of_2(per_group)
     block_s = max(16, min(next_power_of_2(spatial), 4096 // block_c))
-    _group_norm_stats_kernel[(batch * num_groups,)](
-        x, out, stride_b, stride_c, stride_s, per_group, spatial, num_groups, BLOCK_C=block_c, BLOCK_S=block_s
-    )
-    return out
+    if chunks is None:
+        chunks = -(-_programs_wanted(x) // (batch * num_groups))
+    chunks = max(1, min(chunks, -(-spatial // 16)))
+    # each chunk a whole number of tiles, tiles no longer than a chunk needs
+    per_chunk = -(-spatial // chunks)
+    block_s = max(16, min(block_s, next_power_of_2(per_chunk)))
+    chunk = -(-per_chunk // block_s) * block_s
+    chunks = -(-spatial // chunk)
+    partial = torch.empty((batch, num_groups, chunks, 2), dtype=torch.float32, device=x.device)
+    _group_norm_stats_kernel[(batch * num_groups, chunks)](
+        x, partial, stride_b, stride_c, stride_s, per_group, spatial, chunk, num_groups,
+        BLOCK_C=block_c, BLOCK_S=block_s,
+    )  # fmt: skip
+    return partial[:, :, 0] if chunks == 1 else partial.sum(dim=2)
 
 
 def group_norm_stats_reference(x: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -85,14 +113,15 @@ def _(x: torch.Tensor, num_groups: int) -> torch.Tensor:
 
 def group_norm_stats(x: torch.Tensor, num_groups: int, backend: str = "torch") -> torch.Tensor:
     """``(B, G, 2)`` fp32 ``[sum, sum of squares]`` of ``x`` (B, C, *spatial) per (batch, group).
-    ``backend``: ``torch`` (the reference) or ``triton`` (the op ``distripy::group_norm_stats``)."""
+    ``backend``: ``torch`` (the reference), ``triton`` (the op ``distripy::group_norm_stats``) or
+    ``auto`` (Triton on CUDA)."""
     if x.dim() < 2:
         raise ValueError(f"group_norm_stats: x must be (B, C, *spatial), got shape {tuple(x.shape)}")
     if x.shape[1] % num_groups != 0:
         raise ValueError(
             f"group_norm_stats: {x.shape[1]} channels do not split into num_groups={num_groups} groups"
         )
-    if backend == "triton":
+    if use_triton(backend, x, "group_norm_stats"):
         return torch.ops.distripy.group_norm_stats(x, num_groups)
     return group_norm_stats_reference(x, num_groups)
 

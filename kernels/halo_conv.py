@@ -16,8 +16,22 @@ The band's outputs are the image's exactly when the convolution maps ``H`` rows 
 The Triton kernel is an implicit GEMM (output pixels x output channels, reducing over input
 channels and kernel taps) whose loads pick each input row from the top halo, the band or the bottom
 halo by its index, so nothing is concatenated; rows and columns outside the image read as zero.
+
+Optional prologue (``GroupNormPrologue``): the band is a GroupNorm's *input*, normalised with given
+per-(batch, group) mean and rstd, affine and SiLU as it is loaded, so that a ResNet block reads its
+activation once instead of writing and re-reading the normalised tensor. The halos are the
+neighbours' rows *after* the prologue (what they send is their activated boundary rows), and the
+zero padding is the padding of the activated image, so the result equals the unfused
+``GroupNorm -> SiLU -> conv`` of the whole image.
+
+Three ways to compute a band (``backend``): ``torch`` (the reference: prologue, ``torch.cat``,
+convolution), ``triton`` (the fused kernel, autotuned per shape on CUDA), ``cudnn`` (the prologue
+writes straight into the interior rows of a halo-padded buffer, the halo rows are copied in, one
+cuDNN convolution). ``auto`` takes the torch reference on CPU and, on CUDA, the faster of the two
+CUDA paths for the shape (``kernels.halo_conv_dispatch``).
 """
 
+import os
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -25,7 +39,45 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["halo_conv2d", "halo_conv2d_reference", "halo_conv2d_triton", "halo_rows", "band_compatible"]
+from distripy.kernels.group_norm_apply import group_norm_apply
+
+__all__ = [
+    "GroupNormPrologue",
+    "band_compatible",
+    "halo_conv2d",
+    "halo_conv2d_cudnn",
+    "halo_conv2d_reference",
+    "halo_conv2d_triton",
+    "halo_rows",
+]
+
+BACKENDS = ("torch", "triton", "cudnn", "auto")
+
+
+class GroupNormPrologue(NamedTuple):
+    """GroupNorm apply (+ SiLU) of a convolution's input: ``silu((x - mean) * rstd * weight + bias)``
+    with ``mean``/``rstd`` (B, G) per (batch, group) and ``weight``/``bias`` (C) or ``None``."""
+
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    num_groups: int
+    silu: bool
+
+    def apply(self, x: torch.Tensor, out: Optional[torch.Tensor] = None, backend: str = "torch"):
+        """The prologue on its own (e.g. on the boundary rows a band sends to its neighbours)."""
+        return group_norm_apply(
+            x,
+            self.mean,
+            self.rstd,
+            self.weight,
+            self.bias,
+            self.num_groups,
+            self.silu,
+            out=out,
+            backend=backend,
+        )
 
 
 def band_compatible(kernel: int, padding: int, stride: int, dilation: int = 1) -> bool:
@@ -70,8 +122,32 @@ class _BandConv(NamedTuple):
     bottom_rows: int
 
 
-def _band_conv(x, top, bottom, weight, stride, padding, dilation) -> _BandConv:
-    """The height/width parameters of a band's convolution, after checking the band and its halos."""
+def _check_prologue(prologue: Optional[GroupNormPrologue], x: torch.Tensor) -> None:
+    if prologue is None:
+        return
+    batch, channels = x.shape[:2]
+    groups = prologue.num_groups
+    if groups <= 0 or channels % groups != 0:
+        raise ValueError(f"halo_conv2d: {channels} channels do not split into num_groups={groups} groups")
+    for name in ("mean", "rstd"):
+        value = getattr(prologue, name)
+        if tuple(value.shape) != (batch, groups) or value.device != x.device:
+            raise ValueError(
+                f"halo_conv2d: prologue {name} must be ({batch}, {groups}) on {x.device}, "
+                f"got {tuple(value.shape)} on {value.device}"
+            )
+    for name in ("weight", "bias"):
+        value = getattr(prologue, name)
+        if value is not None and (tuple(value.shape) != (channels,) or value.device != x.device):
+            raise ValueError(
+                f"halo_conv2d: prologue {name} must be ({channels},) on {x.device}, "
+                f"got {tuple(value.shape)} on {value.device}"
+            )
+
+
+def _band_conv(x, top, bottom, weight, stride, padding, dilation, prologue=None) -> _BandConv:
+    """The height/width parameters of a band's convolution, after checking the band, its halos and
+    the prologue."""
     stride_h, stride_w = _pair(stride)
     pad_h, pad_w = _pair(padding)
     dil_h, dil_w = _pair(dilation)
@@ -81,6 +157,7 @@ def _band_conv(x, top, bottom, weight, stride, padding, dilation) -> _BandConv:
         raise ValueError(f"halo_conv2d: band height {rows} is not a multiple of the stride {stride_h}")
     _check_halo(top, x, top_rows, "top")
     _check_halo(bottom, x, bottom_rows, "bottom")
+    _check_prologue(prologue, x)
     return _BandConv((stride_h, stride_w), pad_w, (dil_h, dil_w), top_rows, bottom_rows)
 
 
@@ -98,10 +175,14 @@ def halo_conv2d_reference(
     padding=0,
     dilation=1,
     groups: int = 1,
+    prologue: Optional[GroupNormPrologue] = None,
 ) -> torch.Tensor:
-    """Plain torch: concatenate ``[top or zeros, x, bottom or zeros]`` along the height and
-    convolve with the height padding removed (it is the halo) and the width padding kept."""
-    conv = _band_conv(x, top, bottom, weight, stride, padding, dilation)
+    """Plain torch: apply the prologue to the band, concatenate ``[top or zeros, band, bottom or
+    zeros]`` along the height and convolve with the height padding removed (it is the halo) and the
+    width padding kept."""
+    conv = _band_conv(x, top, bottom, weight, stride, padding, dilation, prologue)
+    if prologue is not None:
+        x = prologue.apply(x)
     padded = torch.cat(
         (_zeros_if_none(top, x, conv.top_rows), x, _zeros_if_none(bottom, x, conv.bottom_rows)), dim=2
     )
@@ -118,6 +199,10 @@ def _halo_conv2d_kernel(
     bottom_ptr,
     w_ptr,
     bias_ptr,
+    mean_ptr,
+    rstd_ptr,
+    norm_w_ptr,
+    norm_b_ptr,
     out_ptr,
     channels,
     rows,
@@ -137,11 +222,18 @@ def _halo_conv2d_kernel(
     pad_w,
     dil_h,
     dil_w,
+    groups,
+    channels_per_group,
     HAS_TOP: tl.constexpr,
     HAS_BOTTOM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    PROLOGUE: tl.constexpr,
+    HAS_NORM_WEIGHT: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
     KH: tl.constexpr,
     KW: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -154,53 +246,127 @@ def _halo_conv2d_kernel(
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     out_mask = outs < out_channels
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(KH):
+    # One flat loop over (tap, channel block), so the compiler pipelines every load of the reduction.
+    channel_blocks = tl.cdiv(channels, BLOCK_K)
+    for step in range(0, KH * KW * channel_blocks):
+        tap = step // channel_blocks
+        kh = tap // KW
+        kw = tap % KW
+        ks = (step % channel_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = ks < channels
         # the input row in the band's coordinates: < 0 in the top halo, >= rows in the bottom halo
         row = out_row * stride_h + kh * dil_h - top_rows
-        for kw in tl.static_range(KW):
-            col = out_col * stride_w - pad_w + kw * dil_w
-            col_ok = pixel_mask & (col >= 0) & (col < width)
-            in_band = col_ok & (row >= 0) & (row < rows)
-            in_top = col_ok & (row < 0) & (row >= -top_rows)
-            in_bottom = col_ok & (row >= rows) & (row < rows + bottom_rows)
-            for start in range(0, channels, BLOCK_K):
-                ks = start + tl.arange(0, BLOCK_K)
-                k_mask = ks < channels
-                a = tl.load(
-                    x_ptr + batch * x_sb + ks[None, :] * x_sc + row[:, None] * x_sh + col[:, None] * x_sw,
-                    mask=in_band[:, None] & k_mask[None, :],
-                    other=0.0,
-                )
-                if HAS_TOP:
-                    a += tl.load(
-                        top_ptr
-                        + batch * t_sb
-                        + ks[None, :] * t_sc
-                        + (row + top_rows)[:, None] * t_sh
-                        + col[:, None] * t_sw,
-                        mask=in_top[:, None] & k_mask[None, :],
-                        other=0.0,
-                    )
-                if HAS_BOTTOM:
-                    a += tl.load(
-                        bottom_ptr
-                        + batch * b_sb
-                        + ks[None, :] * b_sc
-                        + (row - rows)[:, None] * b_sh
-                        + col[:, None] * b_sw,
-                        mask=in_bottom[:, None] & k_mask[None, :],
-                        other=0.0,
-                    )
-                w = tl.load(
-                    w_ptr + outs[None, :] * w_so + ks[:, None] * w_sc + kh * w_sh + kw * w_sw,
-                    mask=k_mask[:, None] & out_mask[None, :],
-                    other=0.0,
-                )
-                acc += tl.dot(a, w)
+        col = out_col * stride_w - pad_w + kw * dil_w
+        col_ok = pixel_mask & (col >= 0) & (col < width)
+        in_band = (col_ok & (row >= 0) & (row < rows))[:, None] & k_mask[None, :]
+        a = tl.load(
+            x_ptr + batch * x_sb + ks[None, :] * x_sc + row[:, None] * x_sh + col[:, None] * x_sw,
+            mask=in_band,
+            other=0.0,
+        )
+        if PROLOGUE:
+            # GroupNorm apply (+ SiLU) of the band's rows; the halos arrive already activated.
+            stat = batch * groups + ks // channels_per_group
+            mean = tl.load(mean_ptr + stat, mask=k_mask, other=0.0)
+            rstd = tl.load(rstd_ptr + stat, mask=k_mask, other=0.0)
+            y = (a.to(tl.float32) - mean[None, :]) * rstd[None, :]
+            if HAS_NORM_WEIGHT:
+                y = y * tl.load(norm_w_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_NORM_BIAS:
+                y = y + tl.load(norm_b_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            if SILU:
+                y = y * tl.sigmoid(y)
+            # padding is the activated image's zero, not the prologue of a zero
+            a = tl.where(in_band, y, 0.0).to(x_ptr.dtype.element_ty)
+        if HAS_TOP:
+            in_top = (col_ok & (row < 0) & (row >= -top_rows))[:, None] & k_mask[None, :]
+            a += tl.load(
+                top_ptr
+                + batch * t_sb
+                + ks[None, :] * t_sc
+                + (row + top_rows)[:, None] * t_sh
+                + col[:, None] * t_sw,
+                mask=in_top,
+                other=0.0,
+            )
+        if HAS_BOTTOM:
+            in_bottom = (col_ok & (row >= rows) & (row < rows + bottom_rows))[:, None] & k_mask[None, :]
+            a += tl.load(
+                bottom_ptr
+                + batch * b_sb
+                + ks[None, :] * b_sc
+                + (row - rows)[:, None] * b_sh
+                + col[:, None] * b_sw,
+                mask=in_bottom,
+                other=0.0,
+            )
+        w = tl.load(
+            w_ptr + outs[None, :] * w_so + ks[:, None] * w_sc + kh * w_sh + kw * w_sw,
+            mask=k_mask[:, None] & out_mask[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=out_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + batch * o_sb + outs[None, :] * o_sc + out_row[:, None] * o_sh + out_col[:, None] * o_sw
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=pixel_mask[:, None] & out_mask[None, :])
+
+
+# Tiles (output pixels x output channels x input channels) tried per shape on CUDA. SDXL's bands
+# range from 4 rows x 32 columns (deepest level, 1024², 8 ranks: 128 pixels) to 480 x 480 (230k
+# pixels), with 320 to 2560 input and 320 to 1280 output channels.
+_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+    for m, n, k, warps, stages in (
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 8, 4),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 64, 32, 4, 5),
+        (32, 64, 64, 4, 4),
+        (32, 128, 64, 4, 4),
+    )
+]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles much taller than the band's output (a 128-pixel band does not need 256-pixel
+    tiles) or wider than the output channels; keep at least the smallest."""
+    pixels = named_args["out_rows"] * named_args["out_width"]
+    out_channels = named_args["out_channels"]
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(pixels))
+        and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(out_channels))
+    ]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+_halo_conv2d_tuned = triton.autotune(
+    configs=_CONFIGS,
+    key=["channels", "out_channels", "out_rows", "out_width", "stride_h", "stride_w", "KH", "KW", "PROLOGUE"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+    cache_results=True,
+)(_halo_conv2d_kernel)
+
+# Under Triton's interpreter (CPU tests) one small tile: tuning would time on a GPU.
+_INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
+
+
+def _interpreted(x: torch.Tensor) -> bool:
+    return x.device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _out_width(width: int, kernel_w: int, pad_w: int, stride_w: int, dil_w: int) -> int:
+    return (width + 2 * pad_w - dil_w * (kernel_w - 1) - 1) // stride_w + 1
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def halo_conv2d_triton(
@@ -213,48 +379,126 @@ def halo_conv2d_triton(
     padding=0,
     dilation=1,
     groups: int = 1,
+    prologue: Optional[GroupNormPrologue] = None,
 ) -> torch.Tensor:
     """The Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``); ``groups`` must be 1. The
-    output has ``x``'s memory format (channels-last in, channels-last out)."""
+    output has ``x``'s memory format (channels-last in, channels-last out). fp32 inputs multiply in
+    TF32 when ``torch.backends.cudnn.allow_tf32`` is set (torch's default for cuDNN convolutions)."""
     if groups != 1:
         raise ValueError(f"halo_conv2d_triton: groups={groups}; the kernel handles groups=1 only")
-    conv = _band_conv(x, top, bottom, weight, stride, padding, dilation)
+    conv = _band_conv(x, top, bottom, weight, stride, padding, dilation, prologue)
     (stride_h, stride_w), pad_w, (dil_h, dil_w) = conv.stride, conv.pad_w, conv.dilation
     top_rows, bottom_rows = conv.top_rows, conv.bottom_rows
     kernel_h, kernel_w = weight.shape[2:]
     batch, channels, rows, width = x.shape
     out_rows = rows // stride_h
-    out_width = (width + 2 * pad_w - dil_w * (kernel_w - 1) - 1) // stride_w + 1
+    out_width = _out_width(width, kernel_w, pad_w, stride_w, dil_w)
     out_channels = weight.shape[0]
-    channels_last = (
-        x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    )
     out = torch.empty(
         (batch, out_channels, out_rows, out_width),
         device=x.device,
         dtype=x.dtype,
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+        memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format,
     )
-    top_arg = top if top is not None and top_rows > 0 else x
-    bottom_arg = bottom if bottom is not None and bottom_rows > 0 else x
+    has_top = top is not None and top_rows > 0
+    has_bottom = bottom is not None and bottom_rows > 0
+    top_arg = top if has_top else x
+    bottom_arg = bottom if has_bottom else x
     weight = weight.to(x.dtype)
-    block_m, block_n, block_k = 32, 32, 16
-    grid = (triton.cdiv(out_rows * out_width, block_m), triton.cdiv(out_channels, block_n), batch)
-    _halo_conv2d_kernel[grid](
-        x, top_arg, bottom_arg, weight, bias if bias is not None else weight, out,
+    if prologue is not None:
+        mean, rstd = prologue.mean.float().contiguous(), prologue.rstd.float().contiguous()
+        norm_w, norm_b, norm_groups = prologue.weight, prologue.bias, prologue.num_groups
+    else:
+        mean = rstd = norm_w = norm_b = None
+        norm_groups = 1
+    tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    args = (
+        x, top_arg, bottom_arg, weight, bias if bias is not None else weight,
+        mean if mean is not None else x, rstd if rstd is not None else x,
+        norm_w if norm_w is not None else x, norm_b if norm_b is not None else x,
+        out,
         channels, rows, width, out_channels, out_rows, out_width,
         *x.stride(), *top_arg.stride(), *bottom_arg.stride(), *weight.stride(), *out.stride(),
         top_rows, bottom_rows, stride_h, stride_w, pad_w, dil_h, dil_w,
-        HAS_TOP=top is not None and top_rows > 0,
-        HAS_BOTTOM=bottom is not None and bottom_rows > 0,
+        norm_groups, channels // norm_groups,
+    )  # fmt: skip
+    flags = dict(
+        HAS_TOP=has_top,
+        HAS_BOTTOM=has_bottom,
         HAS_BIAS=bias is not None,
+        PROLOGUE=prologue is not None,
+        HAS_NORM_WEIGHT=norm_w is not None,
+        HAS_NORM_BIAS=norm_b is not None,
+        SILU=prologue is not None and prologue.silu,
         KH=kernel_h,
         KW=kernel_w,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-    )  # fmt: skip
+        PRECISION="tf32" if tf32 else "ieee",
+    )
+    pixels = out_rows * out_width
+    if _interpreted(x):
+        tile = _INTERPRETER_TILE
+        grid = (triton.cdiv(pixels, tile["BLOCK_M"]), triton.cdiv(out_channels, tile["BLOCK_N"]), batch)
+        _halo_conv2d_kernel[grid](*args, **flags, **tile)
+    else:
+
+        def grid(meta):
+            return (triton.cdiv(pixels, meta["BLOCK_M"]), triton.cdiv(out_channels, meta["BLOCK_N"]), batch)
+
+        _halo_conv2d_tuned[grid](*args, **flags)
     return out
+
+
+def halo_conv2d_cudnn(
+    x: torch.Tensor,
+    top: Optional[torch.Tensor],
+    bottom: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    prologue: Optional[GroupNormPrologue] = None,
+) -> torch.Tensor:
+    """One halo-padded buffer in ``x``'s memory format: the prologue (the Triton GroupNorm apply
+    kernel on CUDA) writes the band straight into its interior rows, the halo rows (or zeros) are
+    copied into its first and last rows, then one ``F.conv2d`` (cuDNN on CUDA) without height
+    padding. Without a prologue this is ``torch.cat`` + cuDNN."""
+    conv = _band_conv(x, top, bottom, weight, stride, padding, dilation, prologue)
+    batch, channels, rows, width = x.shape
+    top_rows, bottom_rows = conv.top_rows, conv.bottom_rows
+    padded = torch.empty(
+        (batch, channels, top_rows + rows + bottom_rows, width),
+        device=x.device,
+        dtype=x.dtype,
+        memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format,
+    )
+    interior = padded[:, :, top_rows : top_rows + rows]
+    if prologue is None:
+        interior.copy_(x)
+    else:
+        prologue.apply(x, out=interior, backend="triton" if x.is_cuda else "torch")
+    for halo, view in ((top, padded[:, :, :top_rows]), (bottom, padded[:, :, top_rows + rows :])):
+        if view.shape[2] == 0:
+            continue
+        if halo is None:
+            view.zero_()
+        else:
+            view.copy_(halo)
+    out = F.conv2d(padded, weight, bias, conv.stride, (0, conv.pad_w), conv.dilation, groups)
+    return out[:, :, : rows // conv.stride[0]]
+
+
+def _prologue_args(prologue: Optional[GroupNormPrologue]):
+    if prologue is None:
+        return None, None, None, None, 1, False
+    return prologue
+
+
+def _prologue_from_args(mean, rstd, norm_weight, norm_bias, num_groups, silu):
+    if mean is None:
+        return None
+    return GroupNormPrologue(mean, rstd, norm_weight, norm_bias, num_groups, silu)
 
 
 @torch.library.custom_op("distripy::halo_conv2d", mutates_args=())
@@ -267,21 +511,25 @@ def _halo_conv2d_op(
     stride: List[int],
     padding: List[int],
     dilation: List[int],
+    norm_mean: Optional[torch.Tensor],
+    norm_rstd: Optional[torch.Tensor],
+    norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
+    num_groups: int,
+    silu: bool,
 ) -> torch.Tensor:
-    return halo_conv2d_triton(x, top, bottom, weight, bias, stride, padding, dilation)
+    prologue = _prologue_from_args(norm_mean, norm_rstd, norm_weight, norm_bias, num_groups, silu)
+    return halo_conv2d_triton(x, top, bottom, weight, bias, stride, padding, dilation, 1, prologue)
 
 
 @_halo_conv2d_op.register_fake
-def _(x, top, bottom, weight, bias, stride, padding, dilation):
-    rows, width = x.shape[2], x.shape[3]
-    kernel_w = weight.shape[3]
-    out_width = (width + 2 * padding[1] - dilation[1] * (kernel_w - 1) - 1) // stride[1] + 1
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+def _(x, top, bottom, weight, bias, stride, padding, dilation, *prologue):
+    out_width = _out_width(x.shape[3], weight.shape[3], padding[1], stride[1], dilation[1])
     return torch.empty(
-        (x.shape[0], weight.shape[0], rows // stride[0], out_width),
+        (x.shape[0], weight.shape[0], x.shape[2] // stride[0], out_width),
         dtype=x.dtype,
         device=x.device,
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+        memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format,
     )
 
 
@@ -295,17 +543,36 @@ def halo_conv2d(
     padding=0,
     dilation=1,
     groups: int = 1,
+    prologue: Optional[GroupNormPrologue] = None,
     backend: str = "torch",
 ) -> torch.Tensor:
     """A band's convolution output from the band ``x`` (B, C, h, W) and its halos: ``top``
     (B, C, top_rows, W) from the band above, ``bottom`` (B, C, bottom_rows, W) from the band below,
-    ``None`` at the image's edge (zero padding). See ``halo_rows`` for the row counts.
-    ``backend``: ``torch`` (the reference) or ``triton`` (the op ``distripy::halo_conv2d``; grouped
-    convolutions take the reference)."""
+    ``None`` at the image's edge (zero padding). See ``halo_rows`` for the row counts. With a
+    ``prologue`` the band is first normalised (+ SiLU); the halos must already be.
+    ``backend``: ``torch`` (the reference), ``triton`` (the op ``distripy::halo_conv2d``; grouped
+    convolutions take the ``cudnn`` path), ``cudnn`` (halo-padded buffer + ``F.conv2d``) or ``auto``
+    (``torch`` on CPU; on CUDA the path ``kernels.halo_conv_dispatch`` picks for the shape)."""
     if x.dim() != 4:
         raise ValueError(f"halo_conv2d: x must be (B, C, h, W), got shape {tuple(x.shape)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"halo_conv2d: backend={backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        from distripy.kernels.halo_conv_dispatch import choose_halo_conv_path
+
+        backend = choose_halo_conv_path(x, weight, stride, groups) if x.is_cuda else "torch"
     if backend == "triton" and groups == 1:
         return torch.ops.distripy.halo_conv2d(
-            x, top, bottom, weight, bias, list(_pair(stride)), list(_pair(padding)), list(_pair(dilation))
+            x,
+            top,
+            bottom,
+            weight,
+            bias,
+            list(_pair(stride)),
+            list(_pair(padding)),
+            list(_pair(dilation)),
+            *_prologue_args(prologue),
         )
-    return halo_conv2d_reference(x, top, bottom, weight, bias, stride, padding, dilation, groups)
+    if backend in ("triton", "cudnn"):
+        return halo_conv2d_cudnn(x, top, bottom, weight, bias, stride, padding, dilation, groups, prologue)
+    return halo_conv2d_reference(x, top, bottom, weight, bias, stride, padding, dilation, groups, prologue)

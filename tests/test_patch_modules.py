@@ -194,3 +194,56 @@ def test_patch_self_attention_sync_then_stale(run_ranks):
     for sync_out, stale_out, whole, expected in run_ranks(_processor_body, 2, timeout=120):
         torch.testing.assert_close(sync_out, whole, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(stale_out, expected, rtol=1e-5, atol=1e-5)
+
+
+def _fused_norm_conv_body(rank, world_size, kernel_backend):
+    """GroupNorm -> SiLU -> conv, fused (``conv(x, prologue=norm.prologue(x))``) and one module at a
+    time, each in its own context, over a synchronous and a stale step."""
+    from distripy.parallel import PatchConv2d, PatchGroupNorm
+
+    torch.manual_seed(3)
+    norm, conv = torch.nn.GroupNorm(2, 6), torch.nn.Conv2d(6, 5, 3, padding=1)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    fused_ctx, plain_ctx = (
+        _context("corrected_async_gn", world_size, rank, 1, kernel_backend) for _ in range(2)
+    )
+    fused = (
+        PatchGroupNorm.from_group_norm(norm, fused_ctx, "norm"),
+        PatchConv2d.from_conv(conv, fused_ctx, "conv"),
+    )
+    plain = (
+        PatchGroupNorm.from_group_norm(norm, plain_ctx, "norm"),
+        PatchConv2d.from_conv(conv, plain_ctx, "conv"),
+    )
+    x0, x1 = _images(4, (2, 6, 3 * world_size, 7), 2)
+    x1 = x1 * 1.5 - 0.2
+    outputs = []
+    for x in (x0, x1):
+        band = _band(x, rank, world_size)
+        fused_ctx.begin_step()
+        outputs.append(fused[1](band, prologue=fused[0].prologue(band, silu=True)))
+        fused_ctx.end_step(issue_pending=True)
+        plain_ctx.begin_step()
+        outputs.append(plain[1](F.silu(plain[0](band))))
+        plain_ctx.end_step(issue_pending=True)
+    fused_ctx.drain()
+    plain_ctx.drain()
+    whole0 = F.conv2d(
+        F.silu(F.group_norm(x0.double(), 2, norm.weight.double(), norm.bias.double(), norm.eps)),
+        conv.weight.double(),
+        conv.bias.double(),
+        padding=1,
+    )
+    return outputs, _band(whole0, rank, world_size)
+
+
+@pytest.mark.parametrize("kernel_backend", ["torch", "triton"])
+def test_fused_norm_conv_equals_the_modules_one_by_one(run_ranks, kernel_backend):
+    for (fused0, plain0, fused1, plain1), whole0 in run_ranks(
+        _fused_norm_conv_body, 2, kernel_backend, timeout=300
+    ):
+        torch.testing.assert_close(fused0.double(), whole0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(plain0.double(), whole0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused1, plain1, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(fused1, fused0)  # step 1 is a different image

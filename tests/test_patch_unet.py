@@ -390,3 +390,57 @@ def test_one_rank_with_a_different_input_fails_every_rank(run_ranks):
             and "rank 1: input ((1, 4, 48, 16)" in outcome[0][1]
         )
         assert outcome[1] == ("ok", (1, 4, 32, WIDTH))
+
+
+# -- fused ResNet blocks -----------------------------------------------------------------------------
+
+
+def _fused_resnet_body(rank, world_size, case, modes):
+    """Per mode: the UNet with fused ResNet blocks, and again with a hook on every ResNet norm (which
+    makes each block run its original, unfused forward); counts the convolutions given a prologue."""
+    import distripy
+    import distripy.parallel.conv as patch_conv
+    from distripy.parallel.resnet import PatchResnetForward
+
+    calls = {"prologue": 0, "plain": 0}
+    halo_conv2d = patch_conv.halo_conv2d
+
+    def counting_halo_conv2d(*args, prologue=None, **kwargs):
+        calls["prologue" if prologue is not None else "plain"] += 1
+        return halo_conv2d(*args, prologue=prologue, **kwargs)
+
+    patch_conv.halo_conv2d = counting_halo_conv2d
+    results = []
+    for mode in modes:
+        for unfused in (False, True):
+            unet = _model(case)
+            distripy.parallelize(unet, distripy.DistriConfig(mode=mode, warmup_steps=1, split_batch=False))
+            resnets = [m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D"]
+            assert resnets and all(isinstance(m.forward, PatchResnetForward) for m in resnets)
+            if unfused:
+                for resnet in resnets:
+                    resnet.norm1.register_forward_hook(lambda *args: None)
+                    resnet.norm2.register_forward_hook(lambda *args: None)
+            calls.update(prologue=0, plain=0)
+            results.append((_run(unet, case), dict(calls), len(resnets)))
+            distripy.reset(unet)
+    return results
+
+
+def test_fused_resnet_blocks_equal_the_unfused_blocks(run_ranks):
+    """The fused GroupNorm -> SiLU -> conv path computes exactly what the modules compute one by one
+    (the torch references here), in a synchronous and an asynchronous mode."""
+    case = Case(guidance=5.0, batch=1, height=32, seed=9, steps=4)
+    modes = ["full_sync", "corrected_async_gn"]
+    per_rank = run_ranks(_fused_resnet_body, 2, case, modes, timeout=300)
+    for rank_results in per_rank:
+        for index, mode in enumerate(modes):
+            (fused, fused_calls, resnets), (unfused, unfused_calls, _) = rank_results[
+                2 * index : 2 * index + 2
+            ]
+            # two convolutions per block per step take the prologue; none when unfused
+            assert fused_calls["prologue"] == 2 * resnets * case.steps, fused_calls
+            assert unfused_calls["prologue"] == 0, unfused_calls
+            assert torch.equal(fused, unfused), f"{mode}: fused and unfused blocks differ"
+    assert relative_error(per_rank[0][0][0], _reference(case)) <= EXACT
+    assert relative_error(per_rank[0][2][0], _reference(case)) > EXACT  # stale values are used

@@ -5,7 +5,7 @@ GPU, the ops under ``torch.compile``. Without a GPU the Triton code runs under `
 import pytest
 import torch
 
-from distripy.kernels import group_norm_apply, group_norm_stats, halo_conv2d
+from distripy.kernels import GroupNormPrologue, group_norm_apply, group_norm_stats, halo_conv2d
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # opcheck's autograd-registration test needs inputs that require grad; these ops have no backward.
@@ -38,7 +38,13 @@ def test_ops_pass_opcheck():
     )
     torch.library.opcheck(
         torch.ops.distripy.halo_conv2d.default,
-        (x, None, bottom, weight, None, [1, 1], [1, 1], [1, 1]),
+        (x, None, bottom, weight, None, [1, 1], [1, 1], [1, 1], None, None, None, None, 1, False),
+        test_utils=OPCHECK_TESTS,
+    )
+    norm_weight = torch.randn(8, device=DEVICE)
+    torch.library.opcheck(
+        torch.ops.distripy.halo_conv2d.default,
+        (x, None, bottom, weight, None, [1, 1], [1, 1], [1, 1], mean, rstd, norm_weight, None, 4, True),
         test_utils=OPCHECK_TESTS,
     )
 
@@ -72,7 +78,12 @@ def test_ops_under_torch_compile():
         mean = stats[..., 0] / 30
         rstd = torch.rsqrt((stats[..., 1] / 30 - mean * mean).clamp_min(0) + 1e-5)
         y = group_norm_apply(x, mean, rstd, None, None, 4, True, backend="triton")
-        return halo_conv2d(y, None, bottom, weight, None, 1, 1, backend="triton")
+        unfused = halo_conv2d(y, None, bottom, weight, None, 1, 1, backend="triton")
+        prologue = GroupNormPrologue(mean, rstd, None, None, 4, True)
+        fused = halo_conv2d(x, None, bottom, weight, None, 1, 1, prologue=prologue, backend="triton")
+        chosen = halo_conv2d(x, None, bottom, weight, None, 1, 1, prologue=prologue, backend="auto")
+        return unfused, fused, chosen
 
     compiled = torch.compile(block, fullgraph=True)
-    torch.testing.assert_close(compiled(x), block(x), rtol=1e-4, atol=1e-4)
+    for got, expected in zip(compiled(x), block(x)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

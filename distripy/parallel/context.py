@@ -55,8 +55,8 @@ class PatchState:
 
 class PatchContext:
     def __init__(self, config: DistriConfig, kernel_backend: str = "torch") -> None:
-        if kernel_backend not in ("torch", "triton"):
-            raise ValueError(f"kernel_backend {kernel_backend!r} is not 'torch' or 'triton'")
+        if kernel_backend not in ("torch", "triton", "auto"):
+            raise ValueError(f"kernel_backend {kernel_backend!r} is not 'torch', 'triton' or 'auto'")
         self.config = config
         self.kernel_backend = kernel_backend
         self.comm = None

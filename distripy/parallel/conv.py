@@ -5,13 +5,21 @@ output equals the full image's convolution on this band. Stale step: the halos r
 the previous step are used, and this step's boundary rows are sent for the next step. At the
 image's top and bottom the halo is the convolution's zero padding; in ``naive_patch`` every band
 edge is.
+
+``forward(x, prologue)`` takes the *input of a GroupNorm* and that GroupNorm's ``GroupNormPrologue``
+(from ``PatchGroupNorm.prologue``): the boundary rows sent to the neighbours are normalised (+ SiLU)
+on their own, and the band is normalised as the convolution loads it (``kernels.halo_conv``), so
+the activation between the norm and the convolution is never written out. The result is that of
+``conv(silu(norm(x)))``.
 """
+
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from distripy.errors import BandGeometryError, UnsupportedModuleError
-from distripy.kernels import halo_conv2d, halo_rows
+from distripy.kernels import GroupNormPrologue, halo_conv2d, halo_rows
 from distripy.parallel.adopt import adopt
 from distripy.parallel.context import PatchContext, PatchState
 
@@ -54,8 +62,9 @@ class PatchConv2d(nn.Conv2d, PatchState):
         )
         return module
 
-    def _halo_buffers(self, x: torch.Tensor):
-        """``(top_send, bottom_send, top_recv, bottom_recv)`` of an exchange of ``x``'s boundary rows.
+    def _halo_buffers(self, x: torch.Tensor, prologue: Optional[GroupNormPrologue]):
+        """``(top_send, bottom_send, top_recv, bottom_recv)`` of an exchange of ``x``'s boundary rows
+        (after the prologue, when there is one).
 
         The rank above needs this band's first ``halo_bottom`` rows as its bottom halo; the rank
         below its last ``halo_top`` rows as its top halo. The sends are copies, taken now: the
@@ -64,18 +73,22 @@ class PatchConv2d(nn.Conv2d, PatchState):
         ctx = self.patch_context
         batch, channels, rows, width = x.shape
         first, last = ctx.band_index == 0, ctx.band_index == ctx.band_count - 1
-        top_send = None if first else x[:, :, : self.halo_bottom].clone(memory_format=torch.contiguous_format)
-        bottom_send = (
-            None if last else x[:, :, rows - self.halo_top :].clone(memory_format=torch.contiguous_format)
-        )
+
+        def boundary(rows_view: torch.Tensor) -> torch.Tensor:
+            if prologue is not None:
+                rows_view = prologue.apply(rows_view, backend=ctx.kernel_backend)
+            return rows_view.clone(memory_format=torch.contiguous_format)
+
+        top_send = None if first else boundary(x[:, :, : self.halo_bottom])
+        bottom_send = None if last else boundary(x[:, :, rows - self.halo_top :])
         top_recv = None if first else x.new_empty((batch, channels, self.halo_top, width))
         bottom_recv = None if last else x.new_empty((batch, channels, self.halo_bottom, width))
         return top_send, bottom_send, top_recv, bottom_recv
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prologue: Optional[GroupNormPrologue] = None) -> torch.Tensor:
         ctx = self.patch_context
         if not ctx.has_neighbours:
-            return super().forward(x)
+            return super().forward(x if prologue is None else prologue.apply(x, backend=ctx.kernel_backend))
         ctx.enter(self, self.patch_path)
         rows = x.shape[2]
         if max(self.halo_top, self.halo_bottom) > rows:
@@ -86,14 +99,14 @@ class PatchConv2d(nn.Conv2d, PatchState):
         exchange = ctx.activation_exchange
         top = bottom = None
         if exchange == "sync":
-            buffers = self._halo_buffers(x)
+            buffers = self._halo_buffers(x, prologue)
             ctx.comm.halo_exchange(*buffers).wait()
             top, bottom = buffers[2], buffers[3]
             self._stale = ((), top, bottom)
         elif exchange == "stale":
             top, bottom = self.take_stale()
 
-            buffers = self._halo_buffers(x)
+            buffers = self._halo_buffers(x, prologue)
 
             def issue() -> None:
                 self._stale = ((ctx.comm.halo_exchange(*buffers),), buffers[2], buffers[3])
@@ -109,5 +122,6 @@ class PatchConv2d(nn.Conv2d, PatchState):
             self.padding,
             self.dilation,
             self.groups,
+            prologue=prologue,
             backend=ctx.kernel_backend,
         )

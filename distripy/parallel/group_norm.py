@@ -6,12 +6,23 @@ image according to the step (see ``PatchContext.statistics_exchange`` and
 corrected with this step's local ones (corrected), last step's as they are (stale), or the band's
 own (local, ``naive_patch``). In the asynchronous cases this step's sums are all-reduced in the
 background for the next step.
+
+``prologue(x)`` stops before the normalisation and returns it as a ``GroupNormPrologue`` for the
+convolution that follows (the fused ResNet block path, ``parallel.resnet``).
 """
+
+from typing import Tuple
 
 import torch
 import torch.nn as nn
 
-from distripy.kernels import corrected_sums, elements_per_group, group_norm_apply, group_norm_stats, mean_rstd
+from distripy.kernels import (
+    GroupNormPrologue,
+    corrected_sums,
+    elements_per_group,
+    group_norm_stats,
+    mean_rstd,
+)
 from distripy.parallel.adopt import adopt
 from distripy.parallel.context import PatchContext, PatchState
 
@@ -28,34 +39,39 @@ class PatchGroupNorm(nn.GroupNorm, PatchState):
         module.attach(context, path)
         return module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def statistics(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """This step's mean and rstd (B, G) of the whole image for the band ``x``, exchanging the
+        band's sums as the step asks (see the module docstring)."""
         ctx = self.patch_context
-        if not ctx.has_neighbours:
-            return super().forward(x)
         ctx.enter(self, self.patch_path)
         groups = self.num_groups
-        backend = ctx.kernel_backend
-        local = group_norm_stats(x, groups, backend=backend)
+        local = group_norm_stats(x, groups, backend=ctx.kernel_backend)
         count = elements_per_group(x, groups)
         total = count * ctx.band_count  # every band has the same number of elements
         exchange = ctx.statistics_exchange
         if exchange == "local":
-            mean, rstd = mean_rstd(local, count, self.eps)
-        elif exchange == "sync":
+            return mean_rstd(local, count, self.eps)
+        if exchange == "sync":
             image = local.clone()
             ctx.comm.all_reduce(image).wait()
             self._stale = ((), image, local)
-            mean, rstd = mean_rstd(image, total, self.eps)
-        else:
-            image_prev, local_prev = self.take_stale()
-            estimate = (
-                corrected_sums(image_prev, local_prev, local) if exchange == "corrected" else image_prev
-            )
-            mean, rstd = mean_rstd(estimate, total, self.eps, fallback_sums=local, fallback_count=count)
-            image = local.clone()
+            return mean_rstd(image, total, self.eps)
+        image_prev, local_prev = self.take_stale()
+        estimate = corrected_sums(image_prev, local_prev, local) if exchange == "corrected" else image_prev
+        image = local.clone()
 
-            def issue() -> None:
-                self._stale = ((ctx.comm.all_reduce(image),), image, local)
+        def issue() -> None:
+            self._stale = ((ctx.comm.all_reduce(image),), image, local)
 
-            ctx.defer(issue)
-        return group_norm_apply(x, mean, rstd, self.weight, self.bias, groups, backend=backend)
+        ctx.defer(issue)
+        return mean_rstd(estimate, total, self.eps, fallback_sums=local, fallback_count=count)
+
+    def prologue(self, x: torch.Tensor, silu: bool) -> GroupNormPrologue:
+        """This step's normalisation of ``x`` (+ SiLU), to be applied by the next convolution."""
+        mean, rstd = self.statistics(x)
+        return GroupNormPrologue(mean, rstd, self.weight, self.bias, self.num_groups, silu)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.patch_context.has_neighbours:
+            return super().forward(x)
+        return self.prologue(x, silu=False).apply(x, backend=self.patch_context.kernel_backend)
