@@ -105,12 +105,14 @@ setup(
         f"triton>=3.0; {LINUX}",
         "numpy>=1.24",
         "diffusers>=0.30",
+        "transformers>=4.40",
         f"nvidia-nccl-cu12>=2.18; {LINUX}",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "cmake>=3.18", "wheel"],
         "bench": ["matplotlib>=3.7", f"cupy-cuda12x>=13; {LINUX}"],
     },
+    entry_points={"console_scripts": ["distripy = distripy.cli:main"]},
     zip_safe=False,
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -30,7 +30,7 @@ from distripy.parallel.group_norm import PatchGroupNorm
 from distripy.parallel.resnet import PatchResnetForward, resnet_fusable
 from distripy.parallel.unet import PatchUNetForward
 
-__all__ = ["parallelize", "reset", "patch_context"]
+__all__ = ["parallelize", "reset", "patch_context", "swap_modules"]
 
 _ATTRIBUTE = "_distripy_forward"
 
@@ -209,30 +209,10 @@ def _make_comms(config: DistriConfig, world_size: int, rank: int):
     return world, patch
 
 
-def parallelize(model, config: Optional[DistriConfig] = None):
-    """Make ``model`` (a diffusers ``UNet2DConditionModel``) patch-parallel over the ranks of
-    torch.distributed, in place, and return it. Every rank must call this, in the same order."""
-    from diffusers import UNet2DConditionModel
-
-    config = DistriConfig() if config is None else config
-    if not isinstance(config, DistriConfig):
-        raise TypeError(f"parallelize: config must be a DistriConfig, got {type(config).__name__}")
-    if not isinstance(model, UNet2DConditionModel):
-        raise TypeError(f"parallelize: expected a diffusers UNet2DConditionModel, got {type(model).__name__}")
-    if hasattr(model, _ATTRIBUTE):
-        raise ValueError("parallelize: this model is already patch-parallel")
-    if model.config.addition_embed_type == "image_hint":
-        raise UnsupportedModuleError(
-            "UNet2DConditionModel with addition_embed_type='image_hint' (a spatial hint)"
-        )
-    _resolve_backends(config)
-    world_size, rank = config.world_size, config.rank
-    if world_size == 1:
-        return model
+def swap_modules(model: nn.Module, context: PatchContext) -> None:
+    """Check every module of ``model``, then swap its convolutions, GroupNorms and self-attention
+    processors for the patch-parallel ones of ``context`` and fuse its ResNet blocks."""
     plan = _plan_swaps(model)
-
-    world_comm, patch_comms = _make_comms(config, world_size, rank)
-    context = PatchContext(config, kernel_backend=_kernel_backend(config))
     for path in plan["conv"]:
         _set_submodule(model, path, PatchConv2d.from_conv(model.get_submodule(path), context, path))
     for path in plan["norm"]:
@@ -243,6 +223,49 @@ def parallelize(model, config: Optional[DistriConfig] = None):
     for module in model.modules():
         if resnet_fusable(module):
             module.forward = PatchResnetForward(module, context)
+
+
+def parallelize(model, config: Optional[DistriConfig] = None):
+    """Make ``model`` patch-parallel over the ranks of torch.distributed, in place, and return it.
+    Every rank must call this, in the same order.
+
+    ``model``: a diffusers ``UNet2DConditionModel``; an ``AutoencoderKL`` (its decoder decodes
+    bands, exactly); or a pipeline holding them (``StableDiffusionXLPipeline``,
+    ``StableDiffusionPipeline`` and their img2img variants), whose calls then give every rank the
+    same images (see ``distripy.pipelines``)."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+
+    config = DistriConfig() if config is None else config
+    if not isinstance(config, DistriConfig):
+        raise TypeError(f"parallelize: config must be a DistriConfig, got {type(config).__name__}")
+    if isinstance(model, DiffusionPipeline):
+        from distripy.pipelines import parallelize_pipeline
+
+        return parallelize_pipeline(model, config)
+    if isinstance(model, AutoencoderKL):
+        from distripy.pipelines import parallelize_vae
+
+        return parallelize_vae(model, config)
+    if not isinstance(model, UNet2DConditionModel):
+        raise TypeError(
+            "parallelize: expected a diffusers UNet2DConditionModel, AutoencoderKL or pipeline, "
+            f"got {type(model).__name__}"
+        )
+    if hasattr(model, _ATTRIBUTE):
+        raise ValueError("parallelize: this model is already patch-parallel")
+    if model.config.addition_embed_type == "image_hint":
+        raise UnsupportedModuleError(
+            "UNet2DConditionModel with addition_embed_type='image_hint' (a spatial hint)"
+        )
+    _resolve_backends(config)
+    world_size, rank = config.world_size, config.rank
+    if world_size == 1:
+        return model
+    _plan_swaps(model)  # refuse before creating communicators
+
+    world_comm, patch_comms = _make_comms(config, world_size, rank)
+    context = PatchContext(config, kernel_backend=_kernel_backend(config))
+    swap_modules(model, context)
 
     # Checkpoints: an asynchronous step's transfers leave as each block finishes.
     def checkpoint(module, inputs, output) -> None:
@@ -269,8 +292,12 @@ def _forward_of(model) -> PatchUNetForward:
 def reset(model) -> None:
     """End the current generation: wait for the transfers its last step issued and forget every
     stale buffer, so that the next call starts a new generation. Call it between images (a new
-    generation is also recognised by itself) and before tearing down torch.distributed. A
-    single-rank model (returned untouched by ``parallelize``) has nothing to reset."""
+    generation is also recognised by itself; a parallelised pipeline does it at every call) and
+    before tearing down torch.distributed. A single-rank model (returned untouched by
+    ``parallelize``) has nothing to reset; a pipeline resets its UNet."""
+    unet = getattr(model, "unet", None)
+    if unet is not None and not isinstance(model, nn.Module):
+        model = unet
     forward = getattr(model, _ATTRIBUTE, None)
     if forward is not None:
         forward.reset()

@@ -340,6 +340,8 @@ def _bad_input_body(rank, world_size, problem):
         sample = sample.to("meta")
     elif problem == "one_rank_differs":
         sample = _latents(1, 32 if rank == 0 else 48, 18)
+    elif problem == "latents_differ":  # e.g. noise drawn without a shared seed
+        sample = _latents(1, height, 18 + rank)
     try:
         unet(sample, 999, **conditioning)
         outcomes.append(("ok", ""))
@@ -389,6 +391,13 @@ def test_one_rank_with_a_different_input_fails_every_rank(run_ranks):
             "rank 0: input ((1, 4, 32, 16)" in outcome[0][1]
             and "rank 1: input ((1, 4, 48, 16)" in outcome[0][1]
         )
+        assert outcome[1] == ("ok", (1, 4, 32, WIDTH))
+
+
+def test_ranks_given_different_latents_fail_instead_of_making_a_wrong_image(run_ranks):
+    first, second = run_ranks(_bad_input_body, 2, "latents_differ", timeout=120)
+    for outcome in (first, second):
+        assert outcome[0][0] == "RankMismatchError" and "latent sum" in outcome[0][1], outcome
         assert outcome[1] == ("ok", (1, 4, 32, WIDTH))
 
 

@@ -14,29 +14,14 @@ import torch
 
 TEXT_DIM = 32
 POOLED_DIM = 32
-TIME_EMBED_DIM = 8
 
 
 def tiny_sdxl_unet(seed: int = 0, **overrides):
     from diffusers import UNet2DConditionModel
 
-    config = dict(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        transformer_layers_per_block=(1, 1, 2),
-        attention_head_dim=(2, 4, 4),
-        norm_num_groups=8,
-        cross_attention_dim=TEXT_DIM,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=POOLED_DIM + 6 * TIME_EMBED_DIM,
-    )
+    from distripy.pipelines.tiny import tiny_sdxl_unet_config
+
+    config = tiny_sdxl_unet_config(TEXT_DIM, POOLED_DIM)
     config.update(overrides)
     torch.manual_seed(seed)
     return UNet2DConditionModel(**config).eval()

@@ -1,0 +1,341 @@
+"""The ``distripy`` command: ``generate`` an image on N GPUs (or N CPU processes), run the ``demo``.
+
+``--nproc N`` starts N processes through torch.distributed's elastic launcher (``torchrun``); a
+command already started by torchrun runs as one of its ranks. Everything that can be checked
+before launching is (the model folder, the scheduler, the size for N ranks, N against the GPUs
+present): a bad value exits with status 2 and one line saying what is wrong, before any process
+starts or any file is written. Images are written by rank 0, to a temporary name first, then
+renamed, so a failed run leaves no partial file.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+__all__ = ["main", "CommandError"]
+
+MODES = ("corrected_async_gn", "full_sync", "sync_gn", "stale_gn", "naive_patch")
+SCHEDULERS = {
+    "default": None,
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-ancestral": "EulerAncestralDiscreteScheduler",
+    "dpm++2m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+}
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+class CommandError(Exception):
+    """A bad command line or environment: printed as one line, exit status 2."""
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distripy", description="One diffusion image from N GPUs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate an image with a local diffusers pipeline")
+    generate.add_argument("--model", required=True, type=Path, help="a local diffusers pipeline folder")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--negative-prompt", default=None)
+    generate.add_argument("--height", type=int, default=None, help="pixels (default: the model's)")
+    generate.add_argument("--width", type=int, default=None, help="pixels (default: the model's)")
+    generate.add_argument("--steps", type=int, default=50)
+    generate.add_argument("--guidance", type=float, default=5.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--scheduler", default="default", help=f"one of {', '.join(SCHEDULERS)}")
+    _add_parallel_arguments(generate)
+    generate.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="default: float16 on GPUs, else float32"
+    )
+    generate.add_argument("--output", type=Path, default=Path("distripy.png"))
+
+    demo = commands.add_parser("demo", help="a small SDXL-architecture pipeline (random weights), every mode")
+    demo.add_argument("--height", type=int, default=128)
+    demo.add_argument("--width", type=int, default=128)
+    demo.add_argument("--steps", type=int, default=8)
+    demo.add_argument("--warmup-steps", type=int, default=2)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--nproc", type=int, default=2, help="ranks (processes; one GPU each when present)")
+    demo.add_argument("--output-dir", type=Path, default=Path("distripy-demo"))
+    return parser
+
+
+def _add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=MODES, default="corrected_async_gn")
+    parser.add_argument("--warmup-steps", type=int, default=4)
+    parser.add_argument("--no-split-batch", action="store_true", help="keep CFG's two halves on every rank")
+    parser.add_argument("--nproc", type=int, default=None, help="ranks to launch (one GPU each when present)")
+
+
+# -- checks before launching -----------------------------------------------------------------------
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CommandError(f"{what}: {path} is missing") from None
+    except (OSError, ValueError) as error:
+        raise CommandError(f"{what}: {path} is not valid JSON ({error})") from None
+
+
+def _model_geometry(model: Path) -> dict:
+    """What the size check needs from a diffusers pipeline folder: pixels per latent row, the
+    UNet's downsamplings, its default latent size."""
+    if not model.is_dir():
+        raise CommandError(f"--model {model}: no such folder (a local diffusers pipeline folder is needed)")
+    index = _read_json(model / "model_index.json", f"--model {model}")
+    if "unet" not in index:
+        raise CommandError(f"--model {model}: model_index.json names no 'unet' (a UNet pipeline is needed)")
+    unet = _read_json(model / "unet" / "config.json", f"--model {model}")
+    vae = _read_json(model / "vae" / "config.json", f"--model {model}") if "vae" in index else {}
+    try:
+        levels = len(unet["down_block_types"]) - 1
+        vae_scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+        sample_size = unet.get("sample_size", 64)
+        sample_size = sample_size if isinstance(sample_size, int) else sample_size[0]
+    except (KeyError, TypeError) as error:
+        raise CommandError(f"--model {model}: unet/config.json is malformed ({error!r})") from None
+    return {"levels": levels, "vae_scale": vae_scale, "default_size": sample_size * vae_scale}
+
+
+def _bands(args, world: int) -> int:
+    """Bands per image: half the ranks with a CFG split (even N, guidance > 1), else all."""
+    split = not args.no_split_batch and world % 2 == 0 and args.guidance > 1.0
+    return world // 2 if split else world
+
+
+def _check_size(name: str, pixels: int, geometry: dict, bands: int, world: int) -> None:
+    multiple = geometry["vae_scale"] * 2 ** geometry["levels"] * bands
+    if pixels <= 0 or pixels % multiple != 0:
+        raise CommandError(
+            f"--{name} {pixels} is not supported on {world} ranks: it must be a multiple of {multiple} "
+            f"({geometry['vae_scale']} pixels per latent row x {2 ** geometry['levels']} rows per band "
+            f"at the UNet's deepest level x {bands} bands)"
+        )
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _check_world(world: int) -> None:
+    if world < 1:
+        raise CommandError(f"--nproc {world}: needs at least 1")
+    gpus = _gpu_count()
+    if gpus and world > gpus:
+        raise CommandError(f"--nproc {world}: only {gpus} GPUs are present")
+
+
+def _check_output(path: Path) -> None:
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise CommandError(f"--output {path}: folder {folder} does not exist")
+    if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise CommandError(f"--output {path}: name an image file (.png, .jpg, .webp)")
+
+
+def check_generate(args, world: int) -> None:
+    """Every check ``generate`` can make before any process starts."""
+    if args.scheduler not in SCHEDULERS:
+        raise CommandError(f"--scheduler {args.scheduler}: unknown; use one of {', '.join(SCHEDULERS)}")
+    for name in ("steps", "warmup_steps"):
+        if getattr(args, name) < (1 if name == "steps" else 0):
+            raise CommandError(f"--{name.replace('_', '-')} {getattr(args, name)}: too small")
+    _check_world(world)
+    geometry = _model_geometry(args.model)
+    for name in ("height", "width"):
+        pixels = getattr(args, name) or geometry["default_size"]
+        setattr(args, name, pixels)
+        # only the height is cut into bands; the width needs whole latent rows at every level
+        _check_size(name, pixels, geometry, _bands(args, world) if name == "height" else 1, world)
+    _check_output(args.output)
+
+
+# -- launching -------------------------------------------------------------------------------------
+
+
+def _under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _launch(world: int, argv: List[str]) -> int:
+    """Run this command on ``world`` local processes with torch's elastic launcher (what
+    ``torchrun --standalone --nproc-per-node world`` does). Each process gets an equal share of
+    the CPU cores for its threads unless ``OMP_NUM_THREADS`` says otherwise."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=world,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "distripy.cli", *argv)
+    except ChildFailedError as error:
+        failures = "; ".join(f"rank {f.local_rank}: exit {f.exitcode}" for f in error.failures.values())
+        print(f"distripy: {failures} (see the rank's message above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _device():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _save_image(image, path: Path) -> None:
+    """Write to a temporary name beside ``path``, then rename: no partial file on failure."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        image.save(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+# -- generate --------------------------------------------------------------------------------------
+
+
+def _load_pipeline(args, device, dtype):
+    import diffusers
+
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(
+            args.model, torch_dtype=dtype, local_files_only=True
+        )
+    except Exception as error:  # noqa: BLE001 - any loading failure is reported as one line
+        raise CommandError(
+            f"--model {args.model}: cannot load the pipeline ({type(error).__name__}: {error})"
+        ) from None
+    if SCHEDULERS[args.scheduler] is not None:
+        scheduler_class = getattr(diffusers, SCHEDULERS[args.scheduler])
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    return pipe.to(device)
+
+
+def _step_timer(device):
+    """A ``callback_on_step_end`` that records when each step ended (after the GPU finished it)."""
+    import torch
+
+    ends: List[float] = []
+
+    def callback(pipe, step, timestep, callback_kwargs):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        ends.append(time.perf_counter())
+        return callback_kwargs
+
+    return callback, ends
+
+
+def run_generate(args) -> int:
+    import statistics
+
+    import torch
+
+    import distripy
+
+    rank, world = distripy.init()
+    device = _device()
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.float16 if device.type == "cuda" else torch.float32)
+    )
+    pipe = _load_pipeline(args, device, dtype)
+    config = distripy.DistriConfig(
+        mode=args.mode, warmup_steps=args.warmup_steps, split_batch=not args.no_split_batch
+    )
+    pipe = distripy.parallelize(pipe, config)
+    callback, ends = _step_timer(device)
+    start = time.perf_counter()
+    image = pipe(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        generator=torch.Generator().manual_seed(args.seed),
+        callback_on_step_end=callback,
+    ).images[0]
+    total = time.perf_counter() - start
+    if rank == 0:
+        _save_image(image, args.output)
+        steps = [b - a for a, b in zip([start] + ends[:-1], ends)]
+        ranks = (
+            f"{world} GPU{'s' * (world > 1)}"
+            if device.type == "cuda"
+            else f"{world} CPU process{'es' * (world > 1)}"
+        )
+        print(
+            f"distripy: {args.width}x{args.height}, {args.steps} steps on {ranks}: {total:.2f} s "
+            f"(per step: median {statistics.median(steps):.3f} s); wrote {args.output}"
+        )
+    return 0
+
+
+# -- entry point -----------------------------------------------------------------------------------
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    try:
+        world = int(os.environ["WORLD_SIZE"]) if _under_torchrun() else (args.nproc or 1)
+        if args.command == "generate":
+            check_generate(args, world)
+        else:
+            from distripy.demo import check_demo
+
+            check_demo(args, world)
+        if world > 1 and not _under_torchrun():
+            return _launch(world, argv)
+        return _run_rank(args)
+    except CommandError as error:
+        print(f"distripy: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run_rank(args) -> int:
+    """This process's share; distripy's own errors (which name what is wrong) become one line."""
+    from distripy.errors import BandGeometryError, CommError, RankMismatchError, UnsupportedModuleError
+
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+        from distripy.demo import run_demo
+
+        return run_demo(args)
+    except (BandGeometryError, CommError, RankMismatchError, UnsupportedModuleError) as error:
+        print(f"distripy: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The ``distripy`` command end to end on CPU processes: ``demo`` and ``generate`` (a small SDXL
+pipeline saved to a temporary folder) write their files; every bad input exits non-zero with a
+one-line reason, before any process starts, and leaves no output file."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distripy import cli
+
+
+def _command(*args, timeout=600):
+    environment = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, "-m", "distripy.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from distripy.pipelines.tiny import tiny_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    tiny_sdxl_pipeline(seed=3).save_pretrained(folder)
+    return folder
+
+
+def test_demo_writes_the_grid_and_the_report(tmp_path):
+    out = tmp_path / "demo"
+    result = _command("demo", "--steps", "4", "--height", "64", "--width", "64", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    modes = report["modes"]
+    assert report["ranks"] == 2 and set(modes) == {"single_device", *cli.MODES}
+    assert modes["full_sync"]["psnr_db"] > 100  # equals the single device
+    assert modes["naive_patch"]["psnr_db"] < modes["corrected_async_gn"]["psnr_db"] < 100
+    from PIL import Image
+
+    assert Image.open(out / "grid.png").size == (3 * 64 + 2 * 4, 64)
+    assert "corrected_async_gn" in result.stdout and "speedup" in result.stdout
+
+
+def test_generate_writes_the_image_on_two_processes(tiny_model, tmp_path):
+    output = tmp_path / "image.png"
+    result = _command(
+        "generate", "--model", str(tiny_model), "--prompt", "a red boat", "--height", "64", "--width", "96",
+        "--steps", "3", "--nproc", "2", "--scheduler", "ddim", "--output", str(output),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    from PIL import Image
+
+    assert Image.open(output).size == (96, 64)
+    assert "per step" in result.stdout and "2 CPU processes" in result.stdout
+    assert list(tmp_path.iterdir()) == [output]  # no temporary file left behind
+
+
+def _bad(tiny_model, tmp_path):
+    malformed = tmp_path / "malformed"
+    malformed.mkdir()
+    (malformed / "model_index.json").write_text("{ not json")
+    return {
+        "missing model": (["--model", str(tmp_path / "nowhere")], "no such folder"),
+        "malformed model": (["--model", str(malformed)], "model_index.json is not valid JSON"),
+        "height for N": (["--model", str(tiny_model), "--height", "72", "--nproc", "2", "--no-split-batch"],
+                         "--height 72 is not supported on 2 ranks: it must be a multiple of 32"),
+        "unknown scheduler": (["--model", str(tiny_model), "--scheduler", "warp"],
+                              "--scheduler warp: unknown"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["missing model", "malformed model", "height for N", "unknown scheduler"])
+def test_bad_generate_input_exits_with_one_line_and_no_file(tiny_model, tmp_path, capsys, case):
+    args, message = _bad(tiny_model, tmp_path)[case]
+    output = tmp_path / "out.png"
+    defaults = ["--model", str(tiny_model)] if "--model" not in args else []
+    status = cli.main(["generate", "--prompt", "x", "--output", str(output), *defaults, *args])
+    error = capsys.readouterr().err
+    assert status == 2 and message in error, error
+    assert error.count("\n") == 1 and error.startswith("distripy: error: ")
+    assert not output.exists()
+
+
+def test_more_ranks_than_gpus_is_refused(tiny_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_gpu_count", lambda: 2)
+    output = tmp_path / "out.png"
+    status = cli.main(
+        ["generate", "--model", str(tiny_model), "--prompt", "x", "--nproc", "4", "--output", str(output)]
+    )
+    assert status == 2 and "--nproc 4: only 2 GPUs are present" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_the_installed_command_exits_non_zero_on_a_bad_model(tmp_path):
+    """The console script ``pip install`` puts beside the interpreter."""
+    executable = Path(sys.executable).parent / "distripy"
+    assert executable.exists(), f"{executable} was not installed"
+    result = subprocess.run(
+        [str(executable), "generate", "--model", str(tmp_path / "absent"), "--prompt", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("distripy: error: --model")
