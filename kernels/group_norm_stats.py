@@ -12,6 +12,7 @@ per (batch, group) would leave most of a GPU's multiprocessors idle on a large b
 spatial dims flatten to one stride (NCHW, channels-last, a band of either) is read in place.
 """
 
+import functools
 import os
 from typing import Optional
 
@@ -61,12 +62,18 @@ def _group_norm_stats_kernel(
     tl.store(out + 1, tl.sum(tl.sum(total_sq, axis=1), axis=0))
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _programs_wanted(x: torch.Tensor) -> int:
     """Enough programs to fill the GPU a few times over (4 under the interpreter, so that the CPU
     tests split small bands into chunks too)."""
     if x.device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return 4
-    return 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return 4 * _multiprocessors(index)
 
 
 def group_norm_stats_triton(x: torch.Tensor, num_groups: int, chunks: Optional[int] = None) -> torch.Tensor:

@@ -86,7 +86,9 @@ def test_init_keeps_an_existing_process_group(run_ranks):
 def test_parallelize_rejects_what_it_cannot_take():
     from unet_models import tiny_sdxl_unet
 
-    with pytest.raises(TypeError, match="expected a diffusers UNet2DConditionModel, got Linear"):
+    with pytest.raises(
+        TypeError, match="expected a diffusers UNet2DConditionModel, AutoencoderKL or pipeline, got Linear"
+    ):
         distripy.parallelize(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="config must be a DistriConfig, got dict"):
         distripy.parallelize(tiny_sdxl_unet(), {"mode": "full_sync"})

@@ -36,7 +36,11 @@ def test_skip_ext_builds_a_pure_python_wheel_with_every_package(pure_python_whee
     assert pure_python_wheel.name.endswith("-py3-none-any.whl"), pure_python_wheel.name
     names = set(zipfile.ZipFile(pure_python_wheel).namelist())
     assert {"distripy/__init__.py", "distripy/kernels/__init__.py", "distripy/runtime/__init__.py"} <= names
+    assert {"distripy/pipelines/__init__.py", "distripy/cli.py", "distripy/demo.py"} <= names
     assert not [name for name in names if "/_C" in name]
+    (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
+    text = zipfile.ZipFile(pure_python_wheel).read(entry_points).decode()
+    assert "distripy = distripy.cli:main" in text  # the `distripy` command
 
 
 def test_skip_ext_install_imports_and_explains_the_missing_runtime(pure_python_wheel, tmp_path):
