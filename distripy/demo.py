@@ -30,18 +30,14 @@ GRID_MODES = ("single_device", "corrected_async_gn", "naive_patch")
 
 
 def check_demo(args, world: int) -> None:
-    from distripy.pipelines.tiny import TINY_LATENT_MULTIPLE, TINY_VAE_SCALE
+    from distripy.cli import _check_size
+    from distripy.pipelines.tiny import TINY_DOWNSAMPLINGS, TINY_VAE_SCALE
 
     if world < 1:
         raise CommandError(f"--nproc {world}: needs at least 1")
-    multiple = TINY_VAE_SCALE * TINY_LATENT_MULTIPLE * world  # one band per rank (no CFG split)
-    for name in ("height", "width"):
-        pixels = getattr(args, name)
-        needed = multiple if name == "height" else TINY_VAE_SCALE * TINY_LATENT_MULTIPLE
-        if pixels <= 0 or pixels % needed != 0:
-            raise CommandError(
-                f"--{name} {pixels} is not supported on {world} ranks: use a multiple of {needed}"
-            )
+    geometry = {"vae_scale": TINY_VAE_SCALE, "levels": TINY_DOWNSAMPLINGS}
+    _check_size("height", args.height, geometry, world, world)  # one band per rank (no CFG split)
+    _check_size("width", args.width, geometry, 1, world)
     if args.steps < 1 or args.warmup_steps < 0:
         raise CommandError(f"--steps {args.steps} / --warmup-steps {args.warmup_steps}: too small")
     if args.output_dir.exists() and not args.output_dir.is_dir():

@@ -110,3 +110,12 @@ def test_the_installed_command_exits_non_zero_on_a_bad_model(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("distripy: error: --model")
+
+
+def test_demo_refuses_a_height_that_does_not_split_into_bands(tmp_path, capsys):
+    status = cli.main(["demo", "--height", "72", "--output-dir", str(tmp_path / "demo")])
+    error = capsys.readouterr().err
+    assert status == 2 and "--height 72 is not supported on 2 ranks: it must be a multiple of 32" in error, (
+        error
+    )
+    assert not (tmp_path / "demo").exists()

@@ -75,8 +75,8 @@ class PatchConv2d(nn.Conv2d, PatchState):
         first, last = ctx.band_index == 0, ctx.band_index == ctx.band_count - 1
 
         def boundary(rows_view: torch.Tensor) -> torch.Tensor:
-            if prologue is not None:
-                rows_view = prologue.apply(rows_view, backend=ctx.kernel_backend)
+            if prologue is not None:  # a new tensor already: no second copy
+                return prologue.apply(rows_view, backend=ctx.kernel_backend).contiguous()
             return rows_view.clone(memory_format=torch.contiguous_format)
 
         top_send = None if first else boundary(x[:, :, : self.halo_bottom])

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 __all__ = [
-    "TINY_LATENT_MULTIPLE",
+    "TINY_DOWNSAMPLINGS",
     "TINY_VAE_SCALE",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
@@ -23,8 +23,8 @@ __all__ = [
 TEXT_DIM = 32
 TIME_EMBED_DIM = 8
 # The UNets below downsample twice: latent heights must be multiples of 4 x bands.
-TINY_LATENT_MULTIPLE = 4
-# The VAE below upsamples three times less one: 4 pixels per latent row.
+TINY_DOWNSAMPLINGS = 2
+# The VAE below has three blocks, two of them upsampling: 4 pixels per latent row.
 TINY_VAE_SCALE = 4
 
 
