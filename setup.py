@@ -109,8 +109,8 @@ setup(
         f"nvidia-nccl-cu12>=2.18; {LINUX}",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "cmake>=3.18", "wheel"],
-        "bench": ["matplotlib>=3.7", f"cupy-cuda12x>=13; {LINUX}"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "cmake>=3.18", "wheel", "matplotlib>=3.7"],
+        "bench": ["matplotlib>=3.7", f"cupy-cuda12x>=13; {LINUX}", "torchmetrics>=1.3", "clean-fid>=0.1.35"],
     },
     entry_points={"console_scripts": ["distripy = distripy.cli:main"]},
     zip_safe=False,

@@ -156,25 +156,42 @@ def _count_downsamplings(unet: nn.Module) -> int:
     return sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
 
 
-def _resolve_backends(config: DistriConfig) -> None:
+def _resolve_backends(config: DistriConfig, comm=None) -> None:
     """Refuse, before any work, a backend this machine or build cannot run."""
     import torch
 
     from distripy.runtime import native_available, native_unavailable_reason
 
-    if config.comm_backend == "nccl":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                "DistriConfig.comm_backend='nccl' needs CUDA GPUs; torch sees none (use 'torch' or 'auto')"
-            )
+    cuda = torch.cuda.is_available()
+    if comm is None and _wants_native(config):
+        what = "comm_backend='nccl'" if config.comm_backend == "nccl" else "use_cuda_graph=True"
+        if not cuda:
+            raise ValueError(f"DistriConfig.{what} needs CUDA GPUs; torch sees none")
         if not native_available():
+            raise ValueError(f"DistriConfig.{what} needs distripy._C: {native_unavailable_reason()}")
+    if config.use_cuda_graph:
+        if not cuda:
+            raise ValueError("DistriConfig.use_cuda_graph=True needs CUDA GPUs; torch sees none")
+        if comm is None and config.comm_backend == "torch":
             raise ValueError(
-                f"DistriConfig.comm_backend='nccl' needs distripy._C: {native_unavailable_reason()}"
+                "DistriConfig.use_cuda_graph=True needs the C++ runtime (comm_backend 'nccl' or 'auto'): "
+                "torch.distributed's transfers are not captured into CUDA graphs here"
             )
-    if config.kernel_backend == "triton" and not torch.cuda.is_available():
+        if comm is not None and not getattr(comm, "supports_cuda_graphs", False):
+            raise ValueError(
+                f"DistriConfig.use_cuda_graph=True: the given {type(comm).__name__} cannot be captured "
+                "into a CUDA graph (use NcclComm or LoopbackComm)"
+            )
+    if config.kernel_backend == "triton" and not cuda:
         raise ValueError(
             "DistriConfig.kernel_backend='triton' needs CUDA GPUs; torch sees none (use 'torch' or 'auto')"
         )
+
+
+def _wants_native(config: DistriConfig) -> bool:
+    """The C++ runtime: asked for, or ``auto`` with CUDA graphs (which torch.distributed's transfers
+    cannot join here)."""
+    return config.comm_backend == "nccl" or (config.comm_backend == "auto" and config.use_cuda_graph)
 
 
 def _kernel_backend(config: DistriConfig) -> str:
@@ -184,8 +201,9 @@ def _kernel_backend(config: DistriConfig) -> str:
 
 
 def _comm_class(config: DistriConfig):
-    """``nccl``: the C++ runtime. ``auto`` and ``torch``: torch.distributed (gloo on CPU, NCCL on GPUs)."""
-    if config.comm_backend == "nccl":
+    """``nccl``, and ``auto`` with CUDA graphs: the C++ runtime. Otherwise torch.distributed (gloo on
+    CPU, NCCL on GPUs)."""
+    if _wants_native(config):
         from distripy.runtime.nccl_comm import NcclComm
 
         return NcclComm
@@ -194,8 +212,22 @@ def _comm_class(config: DistriConfig):
     return TorchComm
 
 
-def _make_comms(config: DistriConfig, world_size: int, rank: int):
+def _make_comms(config: DistriConfig, world_size: int, rank: int, comm=None):
     """The Comm of all ranks, and per split choice the Comm of this rank's patch group."""
+    if comm is not None:
+        world = comm
+        patch = {False: world}
+        if config.split_batch and world_size % 2 == 0:
+            if not hasattr(comm, "subgroup"):
+                raise TypeError(
+                    f"parallelize: split_batch needs the given {type(comm).__name__} to provide "
+                    "subgroup(ranks); or set DistriConfig(split_batch=False)"
+                )
+            half = world_size // 2
+            first = rank // half * half
+            patch[True] = comm.subgroup(range(first, first + half))
+        return world, patch
+
     import torch.distributed as dist
 
     comm_class = _comm_class(config)
@@ -225,9 +257,13 @@ def swap_modules(model: nn.Module, context: PatchContext) -> None:
             module.forward = PatchResnetForward(module, context)
 
 
-def parallelize(model, config: Optional[DistriConfig] = None):
+def parallelize(model, config: Optional[DistriConfig] = None, *, comm=None):
     """Make ``model`` patch-parallel over the ranks of torch.distributed, in place, and return it.
     Every rank must call this, in the same order.
+
+    ``comm``: for a UNet, a ``Comm`` of all ranks to use instead of torch.distributed's, e.g.
+    ``LoopbackComm(rank, world_size)`` to run one rank's share of an N-way split in this process
+    alone (what ``bench/e2e.py`` measures); with ``split_batch`` it must provide ``subgroup``.
 
     ``model``: a diffusers ``UNet2DConditionModel``; an ``AutoencoderKL`` (its decoder decodes
     bands, exactly); or a pipeline holding them (``StableDiffusionXLPipeline``,
@@ -238,6 +274,10 @@ def parallelize(model, config: Optional[DistriConfig] = None):
     config = DistriConfig() if config is None else config
     if not isinstance(config, DistriConfig):
         raise TypeError(f"parallelize: config must be a DistriConfig, got {type(config).__name__}")
+    if comm is not None and not isinstance(model, UNet2DConditionModel):
+        raise TypeError(
+            f"parallelize: comm= is accepted for a UNet2DConditionModel only, got {type(model).__name__}"
+        )
     if isinstance(model, DiffusionPipeline):
         from distripy.pipelines import parallelize_pipeline
 
@@ -257,13 +297,16 @@ def parallelize(model, config: Optional[DistriConfig] = None):
         raise UnsupportedModuleError(
             "UNet2DConditionModel with addition_embed_type='image_hint' (a spatial hint)"
         )
-    _resolve_backends(config)
-    world_size, rank = config.world_size, config.rank
+    _resolve_backends(config, comm)
+    if comm is not None:
+        world_size, rank = comm.world_size, comm.rank
+    else:
+        world_size, rank = config.world_size, config.rank
     if world_size == 1:
         return model
     _plan_swaps(model)  # refuse before creating communicators
 
-    world_comm, patch_comms = _make_comms(config, world_size, rank)
+    world_comm, patch_comms = _make_comms(config, world_size, rank, comm)
     context = PatchContext(config, kernel_backend=_kernel_backend(config))
     swap_modules(model, context)
 
@@ -277,6 +320,11 @@ def parallelize(model, config: Optional[DistriConfig] = None):
             block.register_forward_hook(checkpoint)
 
     forward = PatchUNetForward(model, context, world_comm, patch_comms, _count_downsamplings(model))
+    if config.use_cuda_graph:
+        from distripy.parallel.graphs import StepGraphs
+
+        context.static_buffers = True
+        forward.graphs = StepGraphs(context, list(patch_comms.values()))
     model.forward = forward
     setattr(model, _ATTRIBUTE, forward)
     return model

@@ -8,8 +8,6 @@ problem, or a ``RankMismatchError`` naming how the ranks' inputs differ.
 
 from typing import Any, Hashable, List, Optional, Tuple
 
-import torch.distributed as dist
-
 from distripy.errors import RankMismatchError
 
 __all__ = ["agree"]
@@ -19,8 +17,7 @@ Problem = Optional[Tuple[type, str]]
 
 def agree(comm, description: Hashable, problem: Problem, what: str = "input") -> None:
     """Raise on every rank of ``comm`` if any rank has a problem or describes its input differently."""
-    reports: List[Any] = [None] * comm.world_size
-    dist.all_gather_object(reports, (description, problem), group=comm.process_group)
+    reports: List[Any] = comm.all_gather_object((description, problem))
     if problem is not None:
         kind, message = problem
         raise kind(message)

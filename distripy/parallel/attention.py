@@ -26,8 +26,12 @@ class PatchSelfAttnProcessor(PatchState):
         self.attach(context, path)
 
     def _gather_buffers(self, key: torch.Tensor, value: torch.Tensor):
-        bands = self.patch_context.band_count
-        return key.new_empty((bands,) + tuple(key.shape)), value.new_empty((bands,) + tuple(value.shape))
+        ctx = self.patch_context
+        bands = ctx.band_count
+        return (
+            ctx.new_buffer(self, "keys", (bands,) + tuple(key.shape), key),
+            ctx.new_buffer(self, "values", (bands,) + tuple(value.shape), value),
+        )
 
     def _image_keys_values(self, key: torch.Tensor, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of every band, (B, bands * L, inner), in band (= image row) order."""

@@ -5,9 +5,17 @@ this rank holds, of how many, and the ``Comm`` of the ranks sharing the image), 
 the generation, and so whether this step's exchanges are fresh and synchronous, stale (issued now,
 consumed next step), or absent. It also collects the transfers the modules issue during an
 asynchronous step and sends them out together at checkpoints, in one ``Comm.group()``.
+
+Buffers kept for the next step come from ``new_buffer`` / ``keep``. Normally they are fresh
+tensors. With ``static_buffers`` (CUDA graphs) each is one of two persistent tensors per module,
+buffer name and input shape, chosen by the step's parity: a step writes the set of its parity and
+reads the other, so a graph captured for an even step and one for an odd step replay each other's
+results forever, without copies.
 """
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+
+import torch
 
 from distripy.config import DistriConfig
 
@@ -68,11 +76,20 @@ class PatchContext:
         self._states: List[PatchState] = []
         self._deferred: List[Callable[[], None]] = []
         self._seen: dict = {}
+        self.static_buffers = False
+        self.shape_key: Hashable = None  # the current generation's input signature
+        self._static: Dict[Hashable, Dict[Tuple, torch.Tensor]] = {}
+        self.capturing = False  # a CUDA-graph capture is running: no new static buffer may appear
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def register(self, state: PatchState) -> None:
         self._states.append(state)
+
+    @property
+    def states(self) -> List[PatchState]:
+        """Every module of this model that keeps an exchange for the next step."""
+        return list(self._states)
 
     def in_flight(self) -> List:
         """The ``Work`` handles of every transfer issued for a next step."""
@@ -88,14 +105,16 @@ class PatchContext:
         for state in self._states:
             state.reset_state()
 
-    def start_generation(self, comm, band_index: int, band_count: int) -> None:
-        """Forget every stale buffer: the next step is the first of a new generation."""
+    def start_generation(self, comm, band_index: int, band_count: int, shape_key: Hashable = None) -> None:
+        """Forget every stale buffer: the next step is the first of a new generation. ``shape_key``
+        names the generation's input signature (it selects the persistent buffers)."""
         if not 0 <= band_index < band_count:
             raise ValueError(f"band_index {band_index} is outside [0, {band_count})")
         self.drain()
         self.comm = comm
         self.band_index = band_index
         self.band_count = band_count
+        self.shape_key = shape_key
         self.generation += 1
         self.step = -1
         self._seen.clear()
@@ -112,6 +131,42 @@ class PatchContext:
             self.flush()
         else:
             self._deferred.clear()
+
+    # -- buffers kept for the next step ----------------------------------------------------------
+
+    def new_buffer(self, owner: PatchState, name: str, shape, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor (``like``'s dtype and device) that ``owner`` keeps for the next
+        step: fresh, or with ``static_buffers`` this step parity's persistent one."""
+        shape = tuple(shape)
+        if not self.static_buffers:
+            return like.new_empty(shape)
+        buffers = self._static.setdefault(self.shape_key, {})
+        key = (owner.patch_path, name, self.step % 2)
+        buffer = buffers.get(key)
+        if (
+            buffer is None
+            or tuple(buffer.shape) != shape
+            or buffer.dtype != like.dtype
+            or buffer.device != like.device
+        ):
+            if self.capturing:
+                raise RuntimeError(
+                    f"{owner.patch_path}: buffer {name!r} {shape} first appeared inside a CUDA-graph "
+                    "capture; the eager step before the capture should have made it"
+                )
+            buffer = like.new_empty(shape)
+            buffers[key] = buffer
+        return buffer
+
+    def keep(self, owner: PatchState, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` itself, or with ``static_buffers`` a copy in this step parity's persistent one."""
+        if not self.static_buffers:
+            return tensor
+        return self.new_buffer(owner, name, tensor.shape, tensor).copy_(tensor)
+
+    def release_static(self, shape_key: Hashable) -> None:
+        """Forget the persistent buffers of one input signature (its graphs are gone)."""
+        self._static.pop(shape_key, None)
 
     # -- what this step does ---------------------------------------------------------------------
 

@@ -81,8 +81,10 @@ class PatchConv2d(nn.Conv2d, PatchState):
 
         top_send = None if first else boundary(x[:, :, : self.halo_bottom])
         bottom_send = None if last else boundary(x[:, :, rows - self.halo_top :])
-        top_recv = None if first else x.new_empty((batch, channels, self.halo_top, width))
-        bottom_recv = None if last else x.new_empty((batch, channels, self.halo_bottom, width))
+        top_recv = None if first else ctx.new_buffer(self, "top", (batch, channels, self.halo_top, width), x)
+        bottom_recv = (
+            None if last else ctx.new_buffer(self, "bottom", (batch, channels, self.halo_bottom, width), x)
+        )
         return top_send, bottom_send, top_recv, bottom_recv
 
     def forward(self, x: torch.Tensor, prologue: Optional[GroupNormPrologue] = None) -> torch.Tensor:

@@ -52,13 +52,14 @@ class PatchGroupNorm(nn.GroupNorm, PatchState):
         if exchange == "local":
             return mean_rstd(local, count, self.eps)
         if exchange == "sync":
-            image = local.clone()
+            image = ctx.new_buffer(self, "image", local.shape, local).copy_(local)
             ctx.comm.all_reduce(image).wait()
-            self._stale = ((), image, local)
+            self._stale = ((), image, ctx.keep(self, "local", local))
             return mean_rstd(image, total, self.eps)
         image_prev, local_prev = self.take_stale()
         estimate = corrected_sums(image_prev, local_prev, local) if exchange == "corrected" else image_prev
-        image = local.clone()
+        image = ctx.new_buffer(self, "image", local.shape, local).copy_(local)
+        local = ctx.keep(self, "local", local)
 
         def issue() -> None:
             self._stale = ((ctx.comm.all_reduce(image),), image, local)

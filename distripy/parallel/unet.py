@@ -88,6 +88,7 @@ class PatchUNetForward:
         self._signature: Optional[Tuple] = None
         self._last_timestep: Optional[float] = None
         self._reset_requested = True
+        self.graphs = None  # a StepGraphs with use_cuda_graph
 
     # -- generations -----------------------------------------------------------------------------
 
@@ -117,6 +118,11 @@ class PatchUNetForward:
                 ValueError,
                 f"sample is on {sample.device} but the UNet's parameters are on {self._parameter.device}",
             )
+        if self.graphs is not None and sample.device.type != "cuda":
+            return (
+                ValueError,
+                f"use_cuda_graph=True needs the UNet on a CUDA device; it is on {sample.device}",
+            )
         height, factor, bands = sample.shape[2], 2**self.levels, plan.band_count
         deepest = height // factor if height % factor == 0 else height / factor
         if height % (factor * bands) != 0:
@@ -142,10 +148,13 @@ class PatchUNetForward:
         problem = self._input_problem(sample, arguments, plan)
         # The latent's sum tells ranks given different latents (e.g. unseeded noise) apart before
         # they silently make a wrong image; one device-to-host copy per generation.
-        checksum = float(sample.double().sum()) if problem is None else None
+        # (A meta tensor -- shape propagation, e.g. bench/step_profile.py -- has no values.)
+        checksum = float(sample.double().sum()) if problem is None and not sample.is_meta else None
         description = f"input {signature}, timestep {timestep}, latent sum {checksum!r}"
         agree(self.world_comm, description, problem)
-        self.context.start_generation(self.patch_comms[plan.split_batch], plan.band_index, plan.band_count)
+        self.context.start_generation(
+            self.patch_comms[plan.split_batch], plan.band_index, plan.band_count, shape_key=signature
+        )
         self._signature = signature
 
     # -- one step --------------------------------------------------------------------------------
@@ -186,6 +195,15 @@ class PatchUNetForward:
         )
         return gathered.reshape(halves * batch, channels, plan.band_count * rows, width)
 
+    def _forward_band(self, local: Dict[str, Any]) -> torch.Tensor:
+        return self.original_forward(**local, return_dict=False)[0]
+
+    def _run_local(self, local: Dict[str, Any]) -> torch.Tensor:
+        """The model's own forward on this rank's share: eagerly, or as a CUDA graph."""
+        if self.graphs is None:
+            return self._forward_band(local)
+        return self.graphs.run(self._forward_band, local)
+
     def __call__(self, *args, **kwargs):
         arguments = self.__signature__.bind(*args, **kwargs).arguments
         sample = arguments["sample"]
@@ -218,7 +236,7 @@ class PatchUNetForward:
         context.begin_step()
         completed = False
         try:
-            band = self.original_forward(**self._localize(arguments, plan), return_dict=False)[0]
+            band = self._run_local(self._localize(arguments, plan))
             completed = True
         finally:
             context.end_step(issue_pending=completed)

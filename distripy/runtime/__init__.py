@@ -3,6 +3,9 @@
 * ``Comm`` / ``Work``: the protocol the patch-parallel modules use (``distripy.runtime.comm``);
 * ``TorchComm``: its torch.distributed implementation (``distripy.runtime.torch_comm``);
 * ``NcclComm``: its implementation on the C++ runtime (``distripy.runtime.nccl_comm``; CUDA);
+* ``LoopbackComm``: one process standing in for one rank of N, every transfer complete at once
+  (``distripy.runtime.loopback_comm``): one device measures one rank's compute; its
+  ``TrafficLog`` records what a rank sends, and where in the step;
 * ``native()``: the C++/NCCL runtime ``distripy._C``; when it is absent (installed with
   ``DISTRIPY_SKIP_EXT=1``, or its shared libraries cannot be loaded) it raises
   ``NativeRuntimeUnavailable`` with the reason and the remedy.
@@ -11,6 +14,7 @@ Importing this package does not import torch; ``TorchComm`` and ``NcclComm`` do,
 """
 
 from distripy.runtime.comm import Comm, CompletedWork, Work
+from distripy.runtime.loopback_comm import LoopbackComm, TrafficLog, Transfer
 from distripy.runtime.loader import (
     NativeRuntimeUnavailable,
     native,
@@ -21,9 +25,12 @@ from distripy.runtime.loader import (
 __all__ = [
     "Comm",
     "CompletedWork",
+    "LoopbackComm",
     "NativeRuntimeUnavailable",
     "NcclComm",
     "TorchComm",
+    "TrafficLog",
+    "Transfer",
     "Work",
     "native",
     "native_available",

@@ -11,18 +11,21 @@ bands, in band order). Every operation is asynchronous and returns a ``Work``:
   below, into its ``top_recv``. The first rank passes ``None`` for both ``top_*``, the last rank for
   both ``bottom_*``; a rank may also pass ``None`` for a side with nothing to send (zero rows);
 * ``group()``: a scope; the operations called inside it are issued together when it closes (one
-  NCCL group launch in the C++ runtime), each straight between its own buffers.
+  NCCL group launch in the C++ runtime), each straight between its own buffers;
+* ``all_gather_object(obj)``: a host-side exchange of small picklable objects (the input checks
+  every rank makes together before a generation); returns one object per rank, blocking.
 
 ``Work.wait()`` orders what the caller does next after the transfer: on CUDA the caller's current
 stream waits on the GPU (no host block); on CPU the caller blocks, for at most the comm's timeout.
 ``Work.synchronize(timeout_s)`` blocks the host and raises ``CommTimeoutError`` at the timeout.
 Buffers must not be touched between issue and ``wait``.
 
-Implementations: ``TorchComm`` (torch.distributed; gloo on CPU, nccl on GPU) and ``NcclComm`` (the
-C++ runtime ``distripy._C``).
+Implementations: ``TorchComm`` (torch.distributed; gloo on CPU, nccl on GPU), ``NcclComm`` (the
+C++ runtime ``distripy._C``) and ``LoopbackComm`` (one process standing in for one rank of N, for
+measuring one rank's compute on one device).
 """
 
-from typing import ContextManager, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, ContextManager, List, Optional, Protocol, Sequence, runtime_checkable
 
 __all__ = ["Comm", "CompletedWork", "Work", "check_all_gather", "check_halo_exchange", "check_all_reduce"]
 
@@ -49,6 +52,8 @@ class Comm(Protocol):
     def halo_exchange(self, top_send, bottom_send, top_recv, bottom_recv) -> Work: ...
 
     def group(self) -> ContextManager[None]: ...
+
+    def all_gather_object(self, obj: Any) -> List[Any]: ...
 
 
 class CompletedWork:

@@ -92,6 +92,8 @@ class NcclWork:
 class NcclComm:
     """The ``Comm`` protocol for the ranks of a torch.distributed process group, on the C++ runtime."""
 
+    supports_cuda_graphs = True
+
     def __init__(
         self,
         group: Optional[dist.ProcessGroup] = None,
@@ -189,6 +191,12 @@ class NcclComm:
             yield
         finally:
             self._native.group_end()  # NCCL needs a balanced group even when the body raised
+
+    def all_gather_object(self, obj):
+        """Every rank's ``obj``, in rank order (host side, blocking; small picklable objects)."""
+        objects = [None] * self.world_size
+        dist.all_gather_object(objects, obj, group=self.process_group)
+        return objects
 
     def join(self) -> None:
         """Make the caller's current stream wait for everything issued so far (before a CUDA-graph

@@ -188,3 +188,9 @@ class TorchComm:
             lambda: dist.batch_isend_irecv(ops),
             on_cuda,
         )
+
+    def all_gather_object(self, obj):
+        """Every rank's ``obj``, in rank order (host side, blocking; small picklable objects)."""
+        objects = [None] * self.world_size
+        dist.all_gather_object(objects, obj, group=self.process_group)
+        return objects

@@ -1,0 +1,186 @@
+"""``StepGraphs``: the parallel UNet's steps as replayed CUDA graphs (``use_cuda_graph=True``).
+
+A step of SDXL launches about a thousand kernels; on a small band (1024², 8 GPUs) launching them
+costs about as much as running them. So each kind of step is captured once into a CUDA graph and
+replayed with new inputs. What a step does depends on
+
+* the input signature (shapes, dtypes, the non-tensor arguments),
+* the exchange the step makes: synchronous (warm-up; every transfer waited for in the step) or
+  asynchronous (the previous step's transfers read, this step's issued), per mode,
+* the step's parity: the buffers a step keeps for the next one alternate between two persistent
+  sets (``PatchContext.static_buffers``), so an even and an odd step are two graphs that replay
+  each other's results without copies. The first asynchronous step replays the asynchronous graph
+  of its parity: a synchronous step leaves its exchange in the same buffers.
+
+A step of a new key runs eagerly (that also tunes the Triton kernels and allocates the persistent
+buffers); the second time the key is met it is captured and replayed; after that it is replayed.
+Graphs are kept for the last ``max_shapes`` input signatures. Inside a graph the transfers are
+joined back into the step's stream before the capture ends, so a replayed step's transfers are
+complete when the next step starts; transfers of an eager step are waited for before a replay, and
+synchronised before a capture.
+"""
+
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+
+import torch
+
+from distripy.parallel.context import PatchContext
+
+__all__ = ["StepGraphs"]
+
+
+def _flatten(value: Any, tensors: List[torch.Tensor]) -> Hashable:
+    """The structure of ``value`` with its tensors taken out (appended to ``tensors``): hashable,
+    and equal for two values that one graph can serve."""
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return ("tensor", tuple(value.shape), value.dtype, value.device, value.stride())
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _flatten(v, tensors)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_flatten(v, tensors) for v in value))
+    try:
+        hash(value)
+    except TypeError:
+        raise ValueError(
+            f"use_cuda_graph: a UNet argument of type {type(value).__name__} cannot be part of a graph's key"
+        ) from None
+    return ("value", value)
+
+
+def _unflatten(structure: Hashable, tensors: List[torch.Tensor], original: Any) -> Any:
+    """``original`` with its tensors replaced, in order, by ``tensors`` (consumed from the front)."""
+    kind = structure[0]
+    if kind == "tensor":
+        return tensors.pop(0)
+    if kind == "dict":
+        return {k: _unflatten(s, tensors, original[k]) for (k, s) in structure[1]}
+    if kind in ("list", "tuple"):
+        items = [_unflatten(s, tensors, v) for s, v in zip(structure[1], original)]
+        return items if kind == "list" else tuple(items)
+    return original
+
+
+def _without_works(stale: Optional[Tuple]) -> Optional[Tuple]:
+    return None if stale is None else ((),) + tuple(stale[1:])
+
+
+class _Entry:
+    def __init__(self) -> None:
+        self.seen = 0
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.inputs: List[torch.Tensor] = []
+        self.output: Optional[torch.Tensor] = None
+        self.after: List[Tuple[Any, Optional[Tuple]]] = []  # (state, its _stale after the step)
+
+
+class StepGraphs:
+    """Runs one UNet step (``forward(arguments) -> band``) eagerly, by capture, or by replay."""
+
+    def __init__(self, context: PatchContext, comms: Sequence, max_shapes: int = 4) -> None:
+        if max_shapes < 1:
+            raise ValueError(f"StepGraphs: max_shapes must be >= 1, got {max_shapes}")
+        self.context = context
+        self.comms = list({id(c): c for c in comms}.values())
+        self.max_shapes = max_shapes
+        self._entries: Dict[Hashable, _Entry] = {}
+        self._shapes: "OrderedDict[Hashable, None]" = OrderedDict()
+        self._pool = None
+        self._stream: Optional[torch.cuda.Stream] = None
+        self.captures = 0
+        self.replays = 0
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+
+    def _key(self, structure: Hashable) -> Hashable:
+        ctx = self.context
+        return (ctx.shape_key, structure, ctx.activation_exchange, ctx.statistics_exchange, ctx.step % 2)
+
+    def _touch_shape(self) -> None:
+        """Keep the graphs of the last ``max_shapes`` input signatures; drop the oldest's."""
+        shape = self.context.shape_key
+        self._shapes[shape] = None
+        self._shapes.move_to_end(shape)
+        while len(self._shapes) > self.max_shapes:
+            old, _ = self._shapes.popitem(last=False)
+            for key in [k for k in self._entries if k[0] == old]:
+                del self._entries[key]
+            self.context.release_static(old)
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    # -- running a step --------------------------------------------------------------------------
+
+    def run(
+        self, forward: Callable[[Dict[str, Any]], torch.Tensor], arguments: Dict[str, Any]
+    ) -> torch.Tensor:
+        arguments = dict(arguments)
+        timestep = arguments.get("timestep")
+        if not isinstance(timestep, torch.Tensor):  # a number would be baked into the graph
+            arguments["timestep"] = torch.tensor(timestep, device=arguments["sample"].device)
+        tensors: List[torch.Tensor] = []
+        structure = _flatten(arguments, tensors)
+        self._touch_shape()
+        key = self._key(structure)
+        entry = self._entries.setdefault(key, _Entry())
+        entry.seen += 1
+        if entry.seen == 1:
+            return self._eager(forward, arguments)
+        if entry.graph is None:
+            self._capture(entry, forward, arguments, structure, tensors)
+            self.captures += 1
+        self._replay(entry, tensors)
+        return entry.output
+
+    def _eager(self, forward, arguments) -> torch.Tensor:
+        """On the side stream the captures use (the recommended warm-up before a capture)."""
+        current, side = torch.cuda.current_stream(), self._side_stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            output = forward(arguments)
+            self.context.flush()
+        current.wait_stream(side)
+        return output
+
+    def _capture(self, entry: _Entry, forward, arguments, structure, tensors) -> None:
+        ctx = self.context
+        # A Work of a transfer issued outside the graph cannot be waited for inside it.
+        for work in ctx.in_flight():
+            work.synchronize(ctx.config.timeout_s)
+        for state in ctx.states:
+            state._stale = _without_works(state._stale)
+        entry.inputs = [t.detach().clone() for t in tensors]
+        static_arguments = _unflatten(structure, list(entry.inputs), arguments)
+        graph = torch.cuda.CUDAGraph()
+        side = self._side_stream()
+        side.wait_stream(torch.cuda.current_stream())
+        ctx.capturing = True
+        try:
+            # thread_local: the C++ runtime's watchdog thread polls events while this thread captures.
+            with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
+                entry.output = forward(static_arguments)
+                ctx.flush()
+                for comm in self.comms:
+                    comm.join()
+        finally:
+            ctx.capturing = False
+        if self._pool is None:
+            self._pool = graph.pool()
+        entry.after = [(state, _without_works(state._stale)) for state in ctx.states]
+        entry.graph = graph
+
+    def _replay(self, entry: _Entry, tensors: Sequence[torch.Tensor]) -> None:
+        ctx = self.context
+        for work in ctx.in_flight():  # an eager step's transfers: the stream waits on the GPU
+            work.wait()
+        for static, fresh in zip(entry.inputs, tensors):
+            if static.data_ptr() != fresh.data_ptr():
+                static.copy_(fresh)
+        entry.graph.replay()
+        self.replays += 1
+        for state, stale in entry.after:
+            state._stale = stale

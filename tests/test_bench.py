@@ -1,0 +1,244 @@
+"""The performance instruments of ``bench/``: they run (scaled down, on CPU) and compute what they
+claim. Nothing here times anything: the timing is the benchmarks' business.
+
+* ``step_profile``: the roofline clock and the step profiles built from a ``LoopbackComm`` log;
+* ``scaling``: the fabric cost formulas (nccl-tests' conventions), the overlap rules of the
+  simulation on hand-made steps, and the check against the DistriFusion paper;
+* ``e2e``: the scaled-down run writes rows, bytes by kind, measured profiles and a plot;
+* ``quality``: PSNR and the seam score on known images, and a 2-rank run of the demo model in
+  which full_sync matches the single device and naive_patch shows seams the corrected mode lacks.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(autouse=True)
+def bench_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+
+
+# -- step_profile ---------------------------------------------------------------------------------
+
+
+def test_the_roofline_clock_charges_flops_or_bytes_whichever_is_slower():
+    from step_profile import RooflineClock
+
+    a = torch.empty(64, 128, device="meta", dtype=torch.float16)
+    b = torch.empty(128, 32, device="meta", dtype=torch.float16)
+    with RooflineClock(peak_flops=1e3, bandwidth=1e12) as clock:  # compute-bound
+        a @ b
+    assert clock.now() == pytest.approx(2 * 64 * 128 * 32 / 1e3)
+    with RooflineClock(peak_flops=1e30, bandwidth=1e3) as clock:  # bandwidth-bound
+        a.view(128, 64)  # a view moves nothing
+        a + 1.0
+    assert clock.now() == pytest.approx(2 * a.numel() * 2 / 1e3)
+    q = torch.empty(1, 2, 10, 8, device="meta")
+    with RooflineClock(peak_flops=1.0, bandwidth=1e30) as clock:  # attention as one fused kernel
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert clock.now() == pytest.approx(4 * 1 * 2 * 10 * 10 * 8)
+
+
+def test_roofline_profiles_of_the_tiny_unet_follow_the_band_geometry():
+    from step_profile import roofline_profiles
+
+    small = roofline_profiles((32, 16), 4, False, tiny=True)
+    wide = roofline_profiles((32, 32), 4, False, tiny=True)
+    tall = roofline_profiles((64, 16), 4, False, tiny=True)
+    for phase in ("sync", "async"):
+        profile = small[phase]
+        assert profile.compute_s > 0 and profile.transfers
+        assert all(0.0 <= t.issued <= 1.0 for t in profile.transfers)
+        sent = profile.bytes_sent()
+        assert all(sent[kind] > 0 for kind in ("halo", "kv", "gn_stats", "output"))
+        # Halo rows are as wide as the image; K/V cover the band's tokens; statistics are fixed.
+        assert wide[phase].bytes_sent()["halo"] == 2 * sent["halo"]
+        assert tall[phase].bytes_sent()["kv"] == 2 * sent["kv"]
+        assert tall[phase].bytes_sent()["gn_stats"] == sent["gn_stats"]
+    assert all(not t.waited_next for t in small["sync"].transfers)
+    stale = [t for t in small["async"].transfers if t.kind != "output"]
+    assert stale and all(t.waited_next for t in stale)
+
+
+# -- scaling --------------------------------------------------------------------------------------
+
+
+def _profile(phase, compute, *transfers):
+    from step_profile import ProfiledTransfer, StepProfile
+
+    return StepProfile(phase, compute, [ProfiledTransfer(*t) for t in transfers])
+
+
+def test_fabric_costs_follow_nccl_tests_bus_bandwidth_conventions():
+    from scaling import Fabric, bandwidth_seconds
+    from step_profile import ProfiledTransfer
+
+    fabric = Fabric("test", busbw_gbps=100.0, p2p_gbps=50.0, latency_us=0.0, comm_sm_share=0.0, source="")
+    gather = ProfiledTransfer("kv", "all_gather", 8, 10**9, 7 * 10**9, None, 0.0, None, False)
+    reduce = ProfiledTransfer("gn_stats", "all_reduce", 4, 10**9, 10**9, None, 0.0, None, False)
+    halo = ProfiledTransfer("halo", "halo_exchange", 4, 2 * 10**8, 10**8, None, 0.0, None, False)
+    assert bandwidth_seconds(gather, fabric) == pytest.approx(7 / 100)  # send * (n - 1) / busbw
+    assert bandwidth_seconds(reduce, fabric) == pytest.approx(2 * 3 / 4 / 100)  # S * 2(n-1)/n / busbw
+    assert bandwidth_seconds(halo, fabric) == pytest.approx(0.2 / 50)
+
+
+def test_the_simulation_hides_what_fits_in_a_step_and_exposes_what_does_not():
+    from scaling import Fabric, simulate
+
+    fabric = Fabric("test", busbw_gbps=1.0, p2p_gbps=1.0, latency_us=0.0, comm_sm_share=0.0, source="")
+    second = 10**9  # bytes one link moves in a second (2 ranks: all-gather moves `sent` once)
+
+    def steps(sent, waited, waited_next, phase):
+        transfer = ("kv", "all_gather", 2, sent, sent, None, 0.5, waited, waited_next)
+        return _profile(phase, 1.0, transfer)
+
+    hidden = {"sync": steps(0, 0.5, False, "sync"), "async": steps(second // 2, 0.5, True, "async")}
+    assert simulate(hidden, fabric, steps=5, warmup_steps=1) == pytest.approx([1.0] * 5)
+    # A transfer longer than a step: each async step waits for the previous one's remainder.
+    slow = {"sync": hidden["sync"], "async": steps(3 * second // 2, 0.5, True, "async")}
+    durations = simulate(slow, fabric, steps=5, warmup_steps=1)
+    assert durations[:2] == pytest.approx([1.0, 1.0]) and durations[-1] == pytest.approx(1.5)
+    # Synchronous: waited where issued, so fully exposed.
+    sync = {"sync": steps(second // 2, 0.5, False, "sync"), "async": hidden["async"]}
+    assert simulate(sync, fabric, steps=1, warmup_steps=1) == pytest.approx([1.5])
+    # With graphs a step joins its transfers at its end: half a second fits in the second half.
+    assert simulate(hidden, fabric, steps=3, warmup_steps=1, graphs=True) == pytest.approx([1.0] * 3)
+    assert simulate(slow, fabric, steps=2, warmup_steps=1, graphs=True)[-1] == pytest.approx(2.0)
+
+
+def test_grouped_transfers_pay_one_latency():
+    from scaling import Fabric, simulate
+
+    fabric = Fabric("test", busbw_gbps=1e9, p2p_gbps=1e9, latency_us=1e5, comm_sm_share=0.0, source="")
+    alone = [("gn_stats", "all_reduce", 2, 8, 8, None, 0.0, 0.0, False)] * 3
+    grouped = [("gn_stats", "all_reduce", 2, 8, 8, 7, 0.0, 0.0, False)] * 3
+    for transfers, expected in ((alone, 1.3), (grouped, 1.1)):
+        profiles = {"sync": _profile("sync", 1.0, *transfers), "async": _profile("async", 1.0)}
+        assert simulate(profiles, fabric, steps=1, warmup_steps=1) == pytest.approx([expected])
+
+
+def test_the_model_reproduces_the_papers_latencies_within_15_percent():
+    """From the committed roofline profiles of SDXL (bench/results/profiles)."""
+    from scaling import paper_check
+
+    rows = [r for r in paper_check() if "predicted_s" in r]
+    assert {(r["resolution"], r["gpus"]) for r in rows} == {(1024, 8), (2048, 8), (3840, 8)}
+    for row in rows:
+        assert abs(row["error"]) <= 0.15, row
+
+
+# -- e2e ------------------------------------------------------------------------------------------
+
+
+def test_the_end_to_end_benchmark_runs_scaled_down(tmp_path):
+    import e2e
+
+    output = tmp_path / "e2e.json"
+    argv = [
+        "--smoke",
+        "--device",
+        "cpu",
+        "--resolutions",
+        "256",
+        "--gpus",
+        "2",
+        "4",
+        "--repeats",
+        "1",
+        "--skip",
+        "2",
+    ]
+    assert e2e.main(argv + ["--output", str(output)]) == 0
+    results = json.loads(output.read_text())
+    assert results["environment"]["command"]
+    rows = {(r["gpus"], r["split_batch"]): r for r in results["rows"]}
+    assert set(rows) == {(1, False), (2, False), (2, True), (4, False), (4, True)}
+    for row in rows.values():
+        assert row["step_ms"] > 0 and math.isfinite(row["efficiency"]) and row["variant"] == "eager"
+    assert rows[(1, False)]["efficiency"] == 1.0
+    sent = rows[(4, False)]["sent_bytes"]
+    assert all(sent[kind] > 0 for kind in ("halo", "kv", "gn_stats", "output"))
+    # Twice the bands: a band of half the rows sends half the K/V.
+    assert rows[(4, False)]["sent_bytes"]["kv"] * 2 == rows[(2, False)]["sent_bytes"]["kv"]
+    halves = rows[(2, True)]["sent_bytes"]  # one band per CFG half: only the output is gathered
+    assert halves["kv"] == halves["halo"] == halves["gn_stats"] == 0 and halves["output"] > 0
+    profile = results["profiles"]["256-n4"]
+    assert {t["kind"] for t in profile["async"]["transfers"]} == {"halo", "kv", "gn_stats", "output"}
+    pytest.importorskip("matplotlib")
+    assert output.with_suffix(".png").stat().st_size > 0
+
+
+# -- quality --------------------------------------------------------------------------------------
+
+
+def test_psnr_and_seam_score_on_known_images():
+    from quality import boundary_rows, psnr, seam_score, seam_visibility
+
+    reference = np.linspace(0, 1, 64).reshape(8, 8)
+    assert psnr(reference, reference) == math.inf
+    assert psnr(reference + 0.1, reference, peak=1.0) == pytest.approx(20.0)
+    assert boundary_rows(32, 4) == [8, 16, 24]
+    with pytest.raises(ValueError, match="do not split"):
+        boundary_rows(30, 4)
+    rows = np.arange(64)[:, None, None]
+    smooth = 0.02 * rows + 0.01 * np.random.default_rng(0).standard_normal((64, 48, 3))
+    assert 0.5 < seam_score(smooth, 4) < 2.0
+    seamed = smooth + 0.5 * ((rows // 16) % 2)  # a step at every band boundary
+    assert seam_score(seamed, 4) > 20.0
+    assert seam_score(seamed, 1) == 1.0
+    assert seam_visibility(smooth, smooth, 4) == 0.0
+    # steps of 0.5 at the boundaries over the ramp's 0.02 plus the noise's 2 x 0.01² per row
+    assert seam_visibility(seamed, smooth, 4) == pytest.approx(0.25 / (0.02**2 + 2 * 0.01**2), rel=0.1)
+
+
+def _quality_body(rank, world_size, output_dir):
+    sys.path.insert(0, str(BENCH))
+    import quality
+
+    args = quality.parser().parse_args(
+        [
+            "--height",
+            "256",
+            "--width",
+            "64",
+            "--steps",
+            "6",
+            "--warmup-steps",
+            "1",
+            "--dtype",
+            "float32",
+            "--modes",
+            "full_sync",
+            "corrected_async_gn",
+            "naive_patch",
+            "--max-prompts",
+            "1",
+            "--output-dir",
+            str(output_dir),
+        ]
+    )
+    return quality.run(args)
+
+
+def test_quality_run_on_two_ranks(run_ranks, tmp_path):
+    report = run_ranks(_quality_body, 2, tmp_path, timeout=300)[0]
+    settings = report["settings"]
+    full, corrected, naive = (
+        settings[f"{m}/warmup=1"] for m in ("full_sync", "corrected_async_gn", "naive_patch")
+    )
+    assert full["psnr_image_db"] > 80 and full["psnr_latent_db"] > 80
+    assert corrected["psnr_latent_db"] > naive["psnr_latent_db"]
+    for where in ("seam_visibility_latent", "seam_visibility_image"):
+        assert naive[where] > 3 * corrected[where], where
+        assert full[where] < 1e-8, where
+    assert full["seam_image"] == pytest.approx(settings["reference"]["seam_image"], rel=1e-4)
+    assert "lpips" in full and ("lpips" in full["missing"] or full["lpips"] is not None)
+    assert json.loads((tmp_path / "report.json").read_text())["bands"] == 2
