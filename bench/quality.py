@@ -59,8 +59,7 @@ def boundary_rows(height: int, bands: int) -> List[int]:
 
 def seam_score(image: np.ndarray, bands: int) -> float:
     """Mean squared step between the rows meeting at band boundaries, over the mean squared step
-    between all other adjacent rows. ``image``: (H, W) or (H, W, C), or (C, H, W) with
-    ``channels_first``-like shapes handled by the caller."""
+    between all other adjacent rows. ``image``: rows first, (H, W) or (H, W, C)."""
     image = np.asarray(image, np.float64)
     steps = np.diff(image, axis=0) ** 2  # steps[r - 1]: between rows r - 1 and r
     per_row = steps.reshape(steps.shape[0], -1).mean(axis=1)

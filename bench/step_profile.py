@@ -15,6 +15,7 @@ to, where in the step it is issued and where it is waited for (as fractions of t
 """
 
 import functools
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -132,14 +133,7 @@ def profiles_from_log(
 
 def _halo_conv_flops(x_shape, top_shape, bottom_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
     """2 * outputs * (input channels per group) * kernel area: distripy's halo convolution."""
-    return 2 * prod(out_shape) * prod(weight_shape[1:])
-
-
-def prod(shape) -> int:
-    result = 1
-    for size in shape:
-        result *= size
-    return result
+    return 2 * math.prod(out_shape) * math.prod(weight_shape[1:])
 
 
 @functools.lru_cache(maxsize=None)

@@ -118,6 +118,13 @@ def test_use_cuda_graph_is_refused_without_a_gpu_or_with_torch_distributed(monke
 # -- on a GPU -------------------------------------------------------------------------------------
 
 
+def _cuda_conditioning(batch):
+    def to_cuda(value):
+        return value.cuda() if isinstance(value, torch.Tensor) else {k: v.cuda() for k, v in value.items()}
+
+    return {name: to_cuda(value) for name, value in sdxl_conditioning(batch, 7).items()}
+
+
 def _graphed_and_eager(mode, rank, world_size, split_batch, warmup_steps=2):
     import distripy
 
@@ -142,10 +149,7 @@ def test_graph_replays_equal_eager_steps(mode, rank, world_size, split_batch):
     timesteps = [950, 900, 850, 800, 750, 700, 650, 600, 550, 500]
     for generation, height in enumerate((32, 32, 48, 32)):
         latents = _latents(2, height, generation, "cuda")
-        conditioning = {
-            k: (v.cuda() if isinstance(v, torch.Tensor) else {n: x.cuda() for n, x in v.items()})
-            for k, v in sdxl_conditioning(2, 7).items()
-        }
+        conditioning = _cuda_conditioning(2)
         expected = _steps(eager, latents, conditioning, timesteps)
         got = _steps(graphed, latents, conditioning, timesteps)
         for step, (a, b) in enumerate(zip(expected, got)):
@@ -164,10 +168,7 @@ def test_graphs_take_a_number_timestep_and_refuse_a_cpu_input():
 
     _, graphed = _graphed_and_eager("corrected_async_gn", 0, 2, False)
     latents = _latents(1, 32, 0, "cuda")
-    conditioning = {
-        k: (v.cuda() if isinstance(v, torch.Tensor) else {n: x.cuda() for n, x in v.items()})
-        for k, v in sdxl_conditioning(1, 7).items()
-    }
+    conditioning = _cuda_conditioning(1)
     outputs = _steps(graphed, latents, conditioning, [999, 900, 800, 700, 600, 500, 400])
     assert all(torch.isfinite(o).all() for o in outputs)
     distripy.reset(graphed)
