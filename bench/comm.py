@@ -25,10 +25,8 @@ environment and the command.
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -38,9 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from timing import cuda_time_ms
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import cuda_time_ms, environment, results_path, write_json
 
 
 def _bus_factor(op: str, world: int) -> float:
@@ -221,28 +217,17 @@ def overlap(backends: Backends, repeats: int, matmul_n: int = 4096, transfer_byt
     }
 
 
-def environment() -> dict:
-    from distripy.runtime import native
-
-    C = native()
-    info = {
-        "host": socket.gethostname(),
-        "device": torch.cuda.get_device_name(),
-        "devices": torch.cuda.device_count(),
-        "world_size": dist.get_world_size(),
-        "torch": torch.__version__,
-        "nccl": ".".join(map(str, C.nccl_version())),
-        "cuda_runtime": ".".join(map(str, C.cuda_runtime_version())),
-        "cuda_driver": ".".join(map(str, C.cuda_driver_version())),
-        "build_info": C.build_info(),
-        "python": platform.python_version(),
-        "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
-        "command": " ".join([sys.executable] + sys.argv),
-    }
+def comm_environment() -> dict:
+    """The shared record plus what a collective's numbers depend on: the world, NCCL's settings,
+    CuPy, and the topology."""
+    info = environment(
+        world_size=dist.get_world_size(),
+        nccl_env={k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
+    )
     with contextlib.suppress(Exception):
         import cupy
 
-        info["cupy"] = cupy.__version__
+        info["versions"]["cupy"] = cupy.__version__
     with contextlib.suppress(Exception):
         info["topology"] = subprocess.run(
             ["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=30
@@ -294,20 +279,16 @@ def main(argv=None) -> int:
         _print_bandwidth(rows, backends.names)
         print("host us per op:", json.dumps({k: round(v, 3) for k, v in host.items()}))
         print("overlap:", json.dumps({k: round(v, 3) for k, v in overlapped.items()}))
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        path = args.output or RESULTS / f"comm-{args.tag}-{socket.gethostname()}-{stamp}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(
-            json.dumps(
-                {
-                    "environment": environment(),
-                    "tag": args.tag,
-                    "bandwidth": rows,
-                    "host_cost_us": host,
-                    "overlap": overlapped,
-                },
-                indent=2,
-            )
+        path = args.output or results_path("comm", args.tag, socket.gethostname())
+        write_json(
+            path,
+            {
+                "environment": comm_environment(),
+                "tag": args.tag,
+                "bandwidth": rows,
+                "host_cost_us": host,
+                "overlap": overlapped,
+            },
         )
         print(f"wrote {path}")
     dist.destroy_process_group()

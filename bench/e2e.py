@@ -19,10 +19,6 @@ statistics, output), writes JSON (device, versions, command, rows, and measured 
 
 import argparse
 import copy
-import datetime
-import json
-import platform
-import socket
 import statistics
 import sys
 import time
@@ -30,16 +26,12 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+from common import environment, results_path, write_json
+from sdxl import VAE_SCALE, build_unet, inputs
+from step_profile import KINDS, kind_of, middle_rank, profiles_from_log
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from sdxl import VAE_SCALE, build_unet, inputs  # noqa: E402
-from step_profile import KINDS, kind_of, middle_rank, profiles_from_log  # noqa: E402
-
-RESULTS = HERE / "results"
 PAPER_EFFICIENCY_8 = {1024: 0.42, 2048: 0.72, 3840: 0.82}  # T1 / (8 * T_8, no communication)
-TARGET_EFFICIENCY_8 = {1024: 0.60, 2048: 0.85, 3840: 0.92}  # DESIGN.md, H100, graphs + Triton
+TARGET_EFFICIENCY_8 = {1024: 0.60, 2048: 0.85, 3840: 0.92}  # the performance targets, H100, graphs + Triton
 
 
 class Clock:
@@ -192,32 +184,6 @@ def _row(resolution, gpus, split, variant, seconds, sent, rank) -> Dict:
     }
 
 
-def environment(device: torch.device, args) -> Dict:
-    import diffusers
-
-    info = {
-        "host": socket.gethostname(),
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "python": platform.python_version(),
-        "command": " ".join([sys.executable] + sys.argv),
-        "dtype": args.dtype,
-        "kernel_backend": args.kernel_backend,
-    }
-    if device.type == "cuda":
-        info["cuda"] = torch.version.cuda
-        try:
-            import triton
-
-            info["triton"] = triton.__version__
-        except ImportError:
-            pass
-    return info
-
-
 def print_rows(rows: List[Dict]) -> None:
     print(
         f"{'size':>6} {'GPUs':>4} {'split':>5} {'variant':>7} {'step ms':>9} {'efficiency':>10} {'paper':>6}"
@@ -304,7 +270,8 @@ def main(argv=None) -> int:
     if args.smoke:
         dtype = torch.float32 if device.type == "cpu" else dtype
     base = build_unet(device, dtype, tiny=args.smoke)
-    results = {"environment": environment(device, args), "rows": [], "profiles": {}}
+    settings = {"dtype": args.dtype, "kernel_backend": args.kernel_backend, "run_on": str(device)}
+    results = {"environment": environment(**settings), "rows": [], "profiles": {}}
     clock = Clock(device)
     for resolution in args.resolutions:
         if resolution % (VAE_SCALE * 4):
@@ -313,11 +280,9 @@ def main(argv=None) -> int:
         results["rows"] += measured["rows"]
         results["profiles"].update(measured["profiles"])
     print_rows(results["rows"])
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    slug = results["environment"]["device"].replace(" ", "-").replace("/", "-")
-    path = args.output or RESULTS / f"e2e-{'smoke-' if args.smoke else ''}{slug}-{stamp}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    path = args.output or results_path("e2e", "smoke" if args.smoke else "", device_name)
+    write_json(path, results)
     print(f"wrote {path}")
     figure = plot(results["rows"], path.with_suffix(".png"))
     if figure:

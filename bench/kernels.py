@@ -25,21 +25,18 @@ Run: ``python bench/kernels.py [--shapes all] [--write-dispatch]`` on a GPU.
 """
 
 import argparse
-import datetime
 import json
-import platform
 import socket
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import cuda_time_ms, environment, results_path, write_json
 
 from distripy.kernels import GroupNormPrologue, group_norm_apply, group_norm_stats, halo_conv2d, mean_rstd
 from distripy.kernels.halo_conv_dispatch import TABLE_PATH
-from timing import cuda_time_ms
 
-RESULTS = Path(__file__).resolve().parent / "results"
 IMAGES = {1024: 128, 2048: 256, 3840: 480}  # image side -> latent rows
 GROUPS = 32
 # (in channels, out channels, downsampling of the level, stride) of SDXL's 3x3 convolutions
@@ -182,7 +179,7 @@ def write_dispatch_table(rows, device: str, path: Path = TABLE_PATH) -> None:
     if path.exists():
         entries = [e for e in json.loads(path.read_text())["entries"] if e["device"] != device]
     entries += [_dispatch_entry(row, device) for row in rows]
-    path.write_text(json.dumps({"format": 1, "entries": entries}, indent=1))
+    write_json(path, {"format": 1, "entries": entries})
     print(f"wrote {len(rows)} dispatch entries for {device} to {path}")
 
 
@@ -226,24 +223,12 @@ def main(argv=None) -> int:
                     )
     from distripy.runtime import native_available
 
-    environment = {
-        "host": socket.gethostname(),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-        "python": platform.python_version(),
-        "native_runtime": native_available(),
-        "command": " ".join([sys.executable] + sys.argv),
-    }
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = args.output or RESULTS / f"kernels-{socket.gethostname()}-{stamp}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"environment": environment, "rows": rows}, indent=2))
+    record = environment(native_runtime=native_available())
+    path = args.output or results_path("kernels", socket.gethostname())
+    write_json(path, {"environment": record, "rows": rows})
     print(f"wrote {path}")
     if args.write_dispatch:
-        write_dispatch_table(rows, environment["device"])
+        write_dispatch_table(rows, record["device"])
     return 0
 
 

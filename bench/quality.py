@@ -24,19 +24,18 @@ demo's small SDXL-architecture pipeline with seeded random weights.
 
 import argparse
 import copy
-import datetime
-import json
 import math
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from common import RESULTS, environment, timestamp, write_json
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+from distripy.config import MODES as ALL_MODES
+
 DEFAULT_PROMPTS = ["a watercolour lighthouse on a cliff at dawn", "a red fox in fresh snow, photograph"]
-MODES = ("full_sync", "corrected_async_gn", "sync_gn", "stale_gn", "naive_patch")
+MODES = ("full_sync",) + tuple(m for m in ALL_MODES if m != "full_sync")  # the reference first
 
 
 # -- metrics (rank 0) ------------------------------------------------------------------------------
@@ -201,8 +200,7 @@ def run(args) -> Optional[Dict]:
 
 def _report(args, prompts, references, outputs, bands: int, world: int) -> Dict:
     ref_latents, ref_images = [r[0] for r in references], [r[1] for r in references]
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    folder = args.output_dir or RESULTS / f"quality-{stamp}"
+    folder = args.output_dir or RESULTS / f"quality-{timestamp()}"
     folder.mkdir(parents=True, exist_ok=True)
     settings = {
         "reference": {
@@ -235,7 +233,7 @@ def _report(args, prompts, references, outputs, bands: int, world: int) -> Dict:
             "missing": {k: v for k, v in (("lpips", lpips_reason), ("fid", fid_reason)) if v},
         }
     report = {
-        "command": " ".join([sys.executable] + sys.argv),
+        "environment": environment(),
         "model": str(args.model) if args.model else "tiny random-weight SDXL (distripy demo)",
         "ranks": world,
         "bands": bands,
@@ -244,7 +242,7 @@ def _report(args, prompts, references, outputs, bands: int, world: int) -> Dict:
         "prompts": prompts,
         "settings": settings,
     }
-    (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    write_json(folder / "report.json", report)
     print(_table(report))
     print(f"wrote {folder / 'report.json'}")
     return report

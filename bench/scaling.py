@@ -25,21 +25,15 @@ within 15% per cell). Then it predicts our table for H100 NVLink and PCIe.
 """
 
 import argparse
-import datetime
 import json
-import platform
-import socket
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from common import RESULTS, environment, results_path, write_json
+from step_profile import StepProfile, roofline_profiles
 
-from step_profile import StepProfile, roofline_profiles  # noqa: E402
-
-RESULTS = HERE / "results"
 PROFILE_CACHE = RESULTS / "profiles"
 STEPS = 50
 WARMUP_STEPS = 4
@@ -102,7 +96,7 @@ FABRICS = {
 }
 
 # The DistriFusion paper (arXiv 2402.19481; SDXL, 50-step DDIM, A100 NVLink, no CFG split):
-# seconds per image. Single GPU and 8 GPUs as DESIGN.md quotes them; 3840² on 2 and 4 GPUs from
+# seconds per image. Single GPU and 8 GPUs as the paper reports them; 3840² on 2 and 4 GPUs from
 # the speedups the authors' README gives (1.8x, 3.4x). The "no communication" latency (one rank's
 # compute) is published for 8 GPUs only in these sources.
 PAPER = {
@@ -208,7 +202,7 @@ def profiles_for(latent: int, world_size: int, split_batch: bool, gpu: str) -> D
         return {phase: StepProfile.from_dict(p) for phase, p in data.items()}
     profiles = roofline_profiles((latent, latent), world_size, split_batch, gpu)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({phase: p.to_dict() for phase, p in profiles.items()}))
+    write_json(path, {phase: p.to_dict() for phase, p in profiles.items()})
     return profiles
 
 
@@ -367,24 +361,18 @@ def main(argv=None) -> int:
     measured = json.loads(args.measured.read_text()) if args.measured else None
     rows = predictions(fabrics, args.gpu, measured, args.graphs)
     print_predictions(rows)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = args.output or RESULTS / f"scaling-{stamp}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        json.dumps(
-            {
-                "command": " ".join([sys.executable] + sys.argv),
-                "host": socket.gethostname(),
-                "python": platform.python_version(),
-                "steps": STEPS,
-                "warmup_steps": WARMUP_STEPS,
-                "graphs": args.graphs,
-                "fabrics": {name: asdict(FABRICS[name]) for name in fabrics + ["a100-nvlink3"]},
-                "paper_check": check,
-                "predictions": rows,
-            },
-            indent=2,
-        )
+    path = args.output or results_path("scaling")
+    write_json(
+        path,
+        {
+            "environment": environment(),
+            "steps": STEPS,
+            "warmup_steps": WARMUP_STEPS,
+            "graphs": args.graphs,
+            "fabrics": {name: asdict(FABRICS[name]) for name in fabrics + ["a100-nvlink3"]},
+            "paper_check": check,
+            "predictions": rows,
+        },
     )
     print(f"\nwrote {path}")
     return 0

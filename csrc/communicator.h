@@ -101,7 +101,6 @@ class Communicator {
   // The ranks of equal color form a new communicator, ordered by key (ncclCommSplit; collective).
   Communicator split(int color, int key);
 
-  void abort() { core_->abort(); }
   bool aborted() const { return core_->aborted; }
 
  private:

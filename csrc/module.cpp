@@ -12,9 +12,22 @@ namespace py = pybind11;
 PYBIND11_MODULE(_C, m) {
   m.doc() = "distripy native runtime: CUDA/NCCL queries and the stream-managed NCCL communicator.";
 
-  py::register_exception<distripy::CudaError>(m, "CudaError", PyExc_RuntimeError);
-  py::register_exception<distripy::NcclError>(m, "NcclError", PyExc_RuntimeError);
-  py::register_exception<distripy::CommTimeout>(m, "CommTimeout", PyExc_TimeoutError);
+  // Every error derives from distripy's own (distripy.errors): CommError is a RuntimeError,
+  // CommTimeoutError a TimeoutError, InputError a ValueError. The default timeout has one source too.
+  py::module_ errors = py::module_::import("distripy.errors");
+  const double default_timeout_s = py::module_::import("distripy.config").attr("DEFAULT_TIMEOUT_S").cast<double>();
+  py::register_exception<distripy::CudaError>(m, "CudaError", errors.attr("CommError"));
+  py::register_exception<distripy::NcclError>(m, "NcclError", errors.attr("CommError"));
+  py::register_exception<distripy::CommTimeout>(m, "CommTimeout", errors.attr("CommTimeoutError"));
+  // Kept for the life of the process: the translator may run at any time after import.
+  static py::handle input_error = py::object(errors.attr("InputError")).release();
+  py::register_local_exception_translator([](std::exception_ptr thrown) {
+    try {
+      if (thrown) std::rethrow_exception(thrown);
+    } catch (const std::invalid_argument& error) {
+      PyErr_SetString(input_error.ptr(), error.what());
+    }
+  });
 
   using distripy::Communicator;
   using distripy::Work;
@@ -39,7 +52,7 @@ PYBIND11_MODULE(_C, m) {
              return std::make_unique<Communicator>(id, rank, world, device, timeout_s);
            }),
            py::arg("unique_id"), py::arg("rank"), py::arg("world_size"), py::arg("device"),
-           py::arg("timeout_s") = 300.0)
+           py::arg("timeout_s") = default_timeout_s)
       .def_property_readonly("rank", &Communicator::rank)
       .def_property_readonly("world_size", &Communicator::world_size)
       .def_property_readonly("device", &Communicator::device)
@@ -56,8 +69,8 @@ PYBIND11_MODULE(_C, m) {
       .def("group_start", &Communicator::group_start, py::arg("stream"))
       .def("group_end", &Communicator::group_end, release)
       .def("join", &Communicator::join, py::arg("stream"))
-      .def("split", &Communicator::split, py::arg("color"), py::arg("key"), release)
-      .def("abort", &Communicator::abort, release);
+      .def("split", &Communicator::split, py::arg("color"), py::arg("key"), release,
+           "The ranks of equal color form a new communicator, ordered by key (ncclCommSplit; collective).");
 
   m.def("nccl_version", &distripy::nccl_version,
         "Version of the NCCL library loaded at run time, as (major, minor, patch).");

@@ -2,10 +2,12 @@
 
 Displaced patch parallelism (DistriFusion): each rank denoises one horizontal band of the latent
 and uses its neighbours' activations from the previous denoising step, exchanged asynchronously
-while it computes. See README.md and DESIGN.md.
+while it computes. See README.md and docs/architecture.md.
 
 The public API: ``distripy.init()`` (torch.distributed from torchrun's environment),
-``distripy.DistriConfig``, ``distripy.parallelize(model, config)`` and ``distripy.reset(model)``.
+``distripy.DistriConfig``, ``distripy.parallelize(model, config)``, ``distripy.reset(model)``,
+``distripy.patch_context(model)``, and the exceptions of ``distripy.errors`` (all derive from
+``DistripyError``).
 Importing ``distripy`` is cheap: torch, diffusers and the native runtime ``distripy._C`` load when
 first used (``distripy.runtime.native()`` loads the latter and explains its absence).
 """
@@ -23,12 +25,14 @@ from distripy._version import __version__  # noqa: E402
 # The public names load torch and diffusers, so they are imported on first use.
 _LAZY = {
     "DistriConfig": "distripy.config",
-    "init": "distripy.distributed",
+    "DistripyError": "distripy.errors",
+    "init": "distripy.runtime.distributed",
     "parallelize": "distripy.api",
+    "patch_context": "distripy.api",
     "reset": "distripy.api",
 }
 
-__all__ = ["DistriConfig", "__version__", "init", "parallelize", "reset"]
+__all__ = ["DistriConfig", "DistripyError", "__version__", "init", "parallelize", "patch_context", "reset"]
 
 
 def __getattr__(name):

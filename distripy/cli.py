@@ -4,8 +4,10 @@
 command already started by torchrun runs as one of its ranks. Everything that can be checked
 before launching is (the model folder, the scheduler, the size for N ranks, N against the GPUs
 present): a bad value exits with status 2 and one line saying what is wrong, before any process
-starts or any file is written. Images are written by rank 0, to a temporary name first, then
-renamed, so a failed run leaves no partial file.
+starts or any file is written. Any error of distripy's (a ``DistripyError``: a refused backend, an
+absent native runtime, a size the model cannot split, ...) met later, on a rank, is also one line
+and status 2. Images are written by rank 0, to a temporary name first, then renamed, so a failed
+run leaves no partial file.
 """
 
 import argparse
@@ -16,9 +18,11 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-__all__ = ["main", "CommandError"]
+from distripy.config import DEFAULT_MODE, MODES
+from distripy.errors import DistripyError
 
-MODES = ("corrected_async_gn", "full_sync", "sync_gn", "stale_gn", "naive_patch")
+__all__ = ["CommandError", "check_demo", "check_generate", "main"]
+
 SCHEDULERS = {
     "default": None,
     "ddim": "DDIMScheduler",
@@ -32,7 +36,7 @@ SCHEDULERS = {
 DTYPES = ("float16", "bfloat16", "float32")
 
 
-class CommandError(Exception):
+class CommandError(DistripyError):
     """A bad command line or environment: printed as one line, exit status 2."""
 
 
@@ -71,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", choices=MODES, default="corrected_async_gn")
+    parser.add_argument("--mode", choices=MODES, default=DEFAULT_MODE)
     parser.add_argument("--warmup-steps", type=int, default=4)
     parser.add_argument("--no-split-batch", action="store_true", help="keep CFG's two halves on every rank")
     parser.add_argument("--nproc", type=int, default=None, help="ranks to launch (one GPU each when present)")
@@ -162,6 +166,21 @@ def check_generate(args, world: int) -> None:
         # only the height is cut into bands; the width needs whole latent rows at every level
         _check_size(name, pixels, geometry, _bands(args, world) if name == "height" else 1, world)
     _check_output(args.output)
+
+
+def check_demo(args, world: int) -> None:
+    """Every check ``demo`` can make before any process starts."""
+    from distripy.pipelines.tiny import TINY_DOWNSAMPLINGS, TINY_VAE_SCALE
+
+    if world < 1:
+        raise CommandError(f"--nproc {world}: needs at least 1")
+    geometry = {"vae_scale": TINY_VAE_SCALE, "levels": TINY_DOWNSAMPLINGS}
+    _check_size("height", args.height, geometry, world, world)  # one band per rank (no CFG split)
+    _check_size("width", args.width, geometry, 1, world)
+    if args.steps < 1 or args.warmup_steps < 0:
+        raise CommandError(f"--steps {args.steps} / --warmup-steps {args.warmup_steps}: too small")
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise CommandError(f"--output-dir {args.output_dir}: exists and is not a folder")
 
 
 # -- launching -------------------------------------------------------------------------------------
@@ -311,30 +330,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "generate":
             check_generate(args, world)
         else:
-            from distripy.demo import check_demo
-
             check_demo(args, world)
-        if world > 1 and not _under_torchrun():
-            return _launch(world, argv)
-        return _run_rank(args)
     except CommandError as error:
         print(f"distripy: error: {error}", file=sys.stderr)
         return 2
+    if world > 1 and not _under_torchrun():
+        return _launch(world, argv)
+    return _run_rank(args)
 
 
 def _run_rank(args) -> int:
     """This process's share; distripy's own errors (which name what is wrong) become one line."""
-    from distripy.errors import BandGeometryError, CommError, RankMismatchError, UnsupportedModuleError
-
     try:
         if args.command == "generate":
             return run_generate(args)
         from distripy.demo import run_demo
 
         return run_demo(args)
-    except (BandGeometryError, CommError, RankMismatchError, UnsupportedModuleError) as error:
+    except CommandError as error:
+        print(f"distripy: error: {error}", file=sys.stderr)
+        return 2
+    except DistripyError as error:
         print(f"distripy: error: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+        return 2
 
 
 if __name__ == "__main__":

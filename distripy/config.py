@@ -6,7 +6,17 @@ sets it up from torchrun's environment), so one script runs unchanged on 1, 2 or
 
 from dataclasses import dataclass
 
-__all__ = ["DistriConfig", "MODES", "COMM_BACKENDS", "KERNEL_BACKENDS"]
+from distripy.errors import ConfigError
+
+__all__ = [
+    "COMM_BACKENDS",
+    "DEFAULT_MODE",
+    "DEFAULT_TIMEOUT_S",
+    "DistriConfig",
+    "KERNEL_BACKENDS",
+    "MODES",
+    "PROCESS_GROUP_TIMEOUT_S",
+]
 
 MODES = ("corrected_async_gn", "full_sync", "sync_gn", "stale_gn", "naive_patch")
 """
@@ -18,13 +28,27 @@ MODES = ("corrected_async_gn", "full_sync", "sync_gn", "stale_gn", "naive_patch"
 * ``naive_patch``: no exchange at all, every band alone (the baseline that shows seams).
 """
 
+DEFAULT_MODE = "corrected_async_gn"
+
 COMM_BACKENDS = ("auto", "nccl", "torch")
+"""``nccl``: the C++ runtime ``distripy._C``; ``torch``: torch.distributed; ``auto``: ``torch``, or
+``nccl`` with ``use_cuda_graph`` (see ``distripy.runtime.factory``)."""
+
 KERNEL_BACKENDS = ("auto", "triton", "torch")
+"""``torch``: the references; ``triton``: the Triton kernels (CUDA); ``auto``: per call, by the
+tensors' device (see ``distripy.kernels``)."""
+
+DEFAULT_TIMEOUT_S = 300.0
+"""The longest any wait for a transfer may take before it raises (``DistriConfig.timeout_s`` and
+every ``Comm``'s default)."""
+
+PROCESS_GROUP_TIMEOUT_S = 600.0
+"""torch.distributed's own timeout for the process group ``distripy.init`` creates."""
 
 
 def _check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
-        raise ValueError(f"DistriConfig.{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+        raise ConfigError(f"DistriConfig.{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
 
 
 @dataclass(frozen=True)
@@ -52,11 +76,11 @@ class DistriConfig:
     """
 
     warmup_steps: int = 4
-    mode: str = "corrected_async_gn"
+    mode: str = DEFAULT_MODE
     split_batch: bool = True
     comm_backend: str = "auto"
     kernel_backend: str = "auto"
-    timeout_s: float = 300.0
+    timeout_s: float = DEFAULT_TIMEOUT_S
     use_cuda_graph: bool = False
 
     def __post_init__(self) -> None:
@@ -65,20 +89,20 @@ class DistriConfig:
             or not isinstance(self.warmup_steps, int)
             or self.warmup_steps < 0
         ):
-            raise ValueError(f"DistriConfig.warmup_steps={self.warmup_steps!r} must be an integer >= 0")
+            raise ConfigError(f"DistriConfig.warmup_steps={self.warmup_steps!r} must be an integer >= 0")
         _check_choice("mode", self.mode, MODES)
         if not isinstance(self.split_batch, bool):
-            raise ValueError(f"DistriConfig.split_batch={self.split_batch!r} must be True or False")
+            raise ConfigError(f"DistriConfig.split_batch={self.split_batch!r} must be True or False")
         _check_choice("comm_backend", self.comm_backend, COMM_BACKENDS)
         _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         if not isinstance(self.use_cuda_graph, bool):
-            raise ValueError(f"DistriConfig.use_cuda_graph={self.use_cuda_graph!r} must be True or False")
+            raise ConfigError(f"DistriConfig.use_cuda_graph={self.use_cuda_graph!r} must be True or False")
         if (
             isinstance(self.timeout_s, bool)
             or not isinstance(self.timeout_s, (int, float))
             or not self.timeout_s > 0
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"DistriConfig.timeout_s={self.timeout_s!r} must be a positive number of seconds"
             )
 

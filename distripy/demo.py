@@ -19,29 +19,14 @@ import json
 import time
 from pathlib import Path
 
-from distripy.cli import MODES, CommandError
+from distripy.config import MODES
 
-__all__ = ["check_demo", "run_demo"]
+__all__ = ["run_demo"]
 
 PROMPT = "a watercolour lighthouse on a cliff at dawn"
 NEGATIVE_PROMPT = "blurry"
 GUIDANCE = 5.0
 GRID_MODES = ("single_device", "corrected_async_gn", "naive_patch")
-
-
-def check_demo(args, world: int) -> None:
-    from distripy.cli import _check_size
-    from distripy.pipelines.tiny import TINY_DOWNSAMPLINGS, TINY_VAE_SCALE
-
-    if world < 1:
-        raise CommandError(f"--nproc {world}: needs at least 1")
-    geometry = {"vae_scale": TINY_VAE_SCALE, "levels": TINY_DOWNSAMPLINGS}
-    _check_size("height", args.height, geometry, world, world)  # one band per rank (no CFG split)
-    _check_size("width", args.width, geometry, 1, world)
-    if args.steps < 1 or args.warmup_steps < 0:
-        raise CommandError(f"--steps {args.steps} / --warmup-steps {args.warmup_steps}: too small")
-    if args.output_dir.exists() and not args.output_dir.is_dir():
-        raise CommandError(f"--output-dir {args.output_dir}: exists and is not a folder")
 
 
 def _generate(pipe, args, device):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from distripy.errors import InputError
 from distripy.kernels._backend import use_triton
 from distripy.kernels._layout import flat_spatial_strides, next_power_of_2
 
@@ -89,7 +90,7 @@ def group_norm_apply_triton(
         out = torch.empty_like(x)
     _, out_stride_b, out_stride_c, out_stride_s, out_spatial = flat_spatial_strides(out)
     if out_spatial != spatial or flat_spatial_strides(out)[0] is not out:
-        raise ValueError(
+        raise InputError(
             "group_norm_apply: out must have x's shape with spatial dims that flatten to one stride"
         )
     batch, channels = x.shape[:2]
@@ -201,9 +202,9 @@ def group_norm_apply(
     expected = (x.shape[0], num_groups)
     for name, value in (("mean", mean), ("rstd", rstd)):
         if tuple(value.shape) != expected:
-            raise ValueError(f"group_norm_apply: {name} must have shape {expected}, got {tuple(value.shape)}")
+            raise InputError(f"group_norm_apply: {name} must have shape {expected}, got {tuple(value.shape)}")
     if out is not None and out.shape != x.shape:
-        raise ValueError(f"group_norm_apply: out has shape {tuple(out.shape)}, x has {tuple(x.shape)}")
+        raise InputError(f"group_norm_apply: out has shape {tuple(out.shape)}, x has {tuple(x.shape)}")
     if use_triton(backend, x, "group_norm_apply"):
         if out is None:
             return torch.ops.distripy.group_norm_apply(x, mean, rstd, weight, bias, num_groups, silu)

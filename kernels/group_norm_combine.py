@@ -1,7 +1,7 @@
 """Combining GroupNorm statistics across ranks, and turning them into mean and rstd.
 
 Statistics are ``(B, G, 2)`` fp32 tensors of ``[sum, sum of squares]`` (see
-``group_norm_stats``). The modes of DESIGN.md combine them as follows:
+``group_norm_stats``). The modes (docs/architecture.md) combine them as follows:
 
 * sync: the image's sums are the all-reduced sum of every band's sums;
 * corrected async: ``global_t ~ global_{t-1} - local_{t-1} + local_t``: last step's image sums
@@ -17,6 +17,8 @@ torch on every device; the tensors stay on the device and no value is read on th
 from typing import Optional, Tuple
 
 import torch
+
+from distripy.errors import InputError
 
 __all__ = ["corrected_sums", "mean_rstd"]
 
@@ -46,11 +48,11 @@ def mean_rstd(
     variance from ``sums`` is not positive takes the fallback's variance; its mean is kept.
     """
     if count <= 0:
-        raise ValueError(f"mean_rstd: count must be positive, got {count}")
+        raise InputError(f"mean_rstd: count must be positive, got {count}")
     mean, var = _mean_var(sums, count)
     if fallback_sums is not None:
         if fallback_count is None or fallback_count <= 0:
-            raise ValueError(f"mean_rstd: fallback_count must be positive, got {fallback_count}")
+            raise InputError(f"mean_rstd: fallback_count must be positive, got {fallback_count}")
         _, fallback_var = _mean_var(fallback_sums, fallback_count)
         var = torch.where(var > 0, var, fallback_var)
     # Rounding can leave E[x^2] - E[x]^2 a hair below zero for a (near) constant group.

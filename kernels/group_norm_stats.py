@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from distripy.errors import InputError
 from distripy.kernels._backend import use_triton
 from distripy.kernels._layout import flat_spatial_strides, next_power_of_2
 
@@ -123,9 +124,9 @@ def group_norm_stats(x: torch.Tensor, num_groups: int, backend: str = "torch") -
     ``backend``: ``torch`` (the reference), ``triton`` (the op ``distripy::group_norm_stats``) or
     ``auto`` (Triton on CUDA)."""
     if x.dim() < 2:
-        raise ValueError(f"group_norm_stats: x must be (B, C, *spatial), got shape {tuple(x.shape)}")
+        raise InputError(f"group_norm_stats: x must be (B, C, *spatial), got shape {tuple(x.shape)}")
     if x.shape[1] % num_groups != 0:
-        raise ValueError(
+        raise InputError(
             f"group_norm_stats: {x.shape[1]} channels do not split into num_groups={num_groups} groups"
         )
     if use_triton(backend, x, "group_norm_stats"):

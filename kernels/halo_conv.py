@@ -39,6 +39,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from distripy.config import KERNEL_BACKENDS
+from distripy.errors import InputError
 from distripy.kernels.group_norm_apply import group_norm_apply
 
 __all__ = [
@@ -51,7 +53,7 @@ __all__ = [
     "halo_rows",
 ]
 
-BACKENDS = ("torch", "triton", "cudnn", "auto")
+BACKENDS = KERNEL_BACKENDS + ("cudnn",)  # cudnn: the halo-padded buffer + cuDNN path
 
 
 class GroupNormPrologue(NamedTuple):
@@ -90,7 +92,7 @@ def band_compatible(kernel: int, padding: int, stride: int, dilation: int = 1) -
 def halo_rows(kernel: int, padding: int, stride: int, dilation: int = 1) -> Tuple[int, int]:
     """Rows ``(top, bottom)`` a band needs from the bands above and below it."""
     if not band_compatible(kernel, padding, stride, dilation):
-        raise ValueError(
+        raise InputError(
             f"a convolution with kernel={kernel}, padding={padding}, stride={stride}, dilation={dilation} "
             "along the height does not map bands to bands (needs 0 <= 2*padding - extent + stride < stride)"
         )
@@ -107,9 +109,9 @@ def _check_halo(halo: Optional[torch.Tensor], x: torch.Tensor, rows: int, name: 
         return
     expected = (x.shape[0], x.shape[1], rows, x.shape[3])
     if tuple(halo.shape) != expected:
-        raise ValueError(f"halo_conv2d: {name} halo must have shape {expected}, got {tuple(halo.shape)}")
+        raise InputError(f"halo_conv2d: {name} halo must have shape {expected}, got {tuple(halo.shape)}")
     if halo.dtype != x.dtype or halo.device != x.device:
-        raise ValueError(
+        raise InputError(
             f"halo_conv2d: {name} halo is {halo.dtype} on {halo.device}, the band is {x.dtype} on {x.device}"
         )
 
@@ -128,18 +130,18 @@ def _check_prologue(prologue: Optional[GroupNormPrologue], x: torch.Tensor) -> N
     batch, channels = x.shape[:2]
     groups = prologue.num_groups
     if groups <= 0 or channels % groups != 0:
-        raise ValueError(f"halo_conv2d: {channels} channels do not split into num_groups={groups} groups")
+        raise InputError(f"halo_conv2d: {channels} channels do not split into num_groups={groups} groups")
     for name in ("mean", "rstd"):
         value = getattr(prologue, name)
         if tuple(value.shape) != (batch, groups) or value.device != x.device:
-            raise ValueError(
+            raise InputError(
                 f"halo_conv2d: prologue {name} must be ({batch}, {groups}) on {x.device}, "
                 f"got {tuple(value.shape)} on {value.device}"
             )
     for name in ("weight", "bias"):
         value = getattr(prologue, name)
         if value is not None and (tuple(value.shape) != (channels,) or value.device != x.device):
-            raise ValueError(
+            raise InputError(
                 f"halo_conv2d: prologue {name} must be ({channels},) on {x.device}, "
                 f"got {tuple(value.shape)} on {value.device}"
             )
@@ -154,7 +156,7 @@ def _band_conv(x, top, bottom, weight, stride, padding, dilation, prologue=None)
     top_rows, bottom_rows = halo_rows(weight.shape[2], pad_h, stride_h, dil_h)
     rows = x.shape[2]
     if rows % stride_h != 0:
-        raise ValueError(f"halo_conv2d: band height {rows} is not a multiple of the stride {stride_h}")
+        raise InputError(f"halo_conv2d: band height {rows} is not a multiple of the stride {stride_h}")
     _check_halo(top, x, top_rows, "top")
     _check_halo(bottom, x, bottom_rows, "bottom")
     _check_prologue(prologue, x)
@@ -385,7 +387,7 @@ def halo_conv2d_triton(
     output has ``x``'s memory format (channels-last in, channels-last out). fp32 inputs multiply in
     TF32 when ``torch.backends.cudnn.allow_tf32`` is set (torch's default for cuDNN convolutions)."""
     if groups != 1:
-        raise ValueError(f"halo_conv2d_triton: groups={groups}; the kernel handles groups=1 only")
+        raise InputError(f"halo_conv2d_triton: groups={groups}; the kernel handles groups=1 only")
     conv = _band_conv(x, top, bottom, weight, stride, padding, dilation, prologue)
     (stride_h, stride_w), pad_w, (dil_h, dil_w) = conv.stride, conv.pad_w, conv.dilation
     top_rows, bottom_rows = conv.top_rows, conv.bottom_rows
@@ -554,9 +556,9 @@ def halo_conv2d(
     convolutions take the ``cudnn`` path), ``cudnn`` (halo-padded buffer + ``F.conv2d``) or ``auto``
     (``torch`` on CPU; on CUDA the path ``kernels.halo_conv_dispatch`` picks for the shape)."""
     if x.dim() != 4:
-        raise ValueError(f"halo_conv2d: x must be (B, C, h, W), got shape {tuple(x.shape)}")
+        raise InputError(f"halo_conv2d: x must be (B, C, h, W), got shape {tuple(x.shape)}")
     if backend not in BACKENDS:
-        raise ValueError(f"halo_conv2d: backend={backend!r}; expected one of {BACKENDS}")
+        raise InputError(f"halo_conv2d: backend={backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
         from distripy.kernels.halo_conv_dispatch import choose_halo_conv_path
 

@@ -16,6 +16,8 @@ from typing import Dict, Tuple
 
 import torch
 
+from distripy.errors import InputError
+
 __all__ = ["TABLE_PATH", "choose_halo_conv_path", "dispatch_key", "load_table"]
 
 TABLE_PATH = Path(__file__).resolve().parent / "halo_conv_paths.json"
@@ -72,7 +74,7 @@ def load_table(path: str = str(TABLE_PATH)) -> Dict[Key, str]:
     table = {}
     for entry in data.get("entries", []):
         if entry.get("path") not in PATHS:
-            raise ValueError(
+            raise InputError(
                 f"{file}: entry {entry} names path {entry.get('path')!r}, expected one of {PATHS}"
             )
         table[_entry_key(entry)] = entry["path"]

@@ -6,11 +6,17 @@ as under torchrun. The parent holds the rendezvous store on a port the operating
 concurrent runs never collide.
 
 Failure handling is the point of this module:
-  * an exception on any rank fails the run at once, with that rank's traceback, and the other
-    ranks (possibly blocked in a collective waiting for it) are killed;
-  * a rank that dies without reporting (segfault, os._exit) fails the run with its exit code;
+  * an exception on any rank fails the run with one ``RankFailure`` that names the root cause
+    first. When one rank raises, its peers blocked in a collective with it raise too ("Connection
+    closed by peer"): those are consequences, not the cause. So every rank stamps its failure with
+    the monotonic clock (system-wide on Linux, so comparable across processes) before it tears
+    down its process group, the parent collects the other ranks' reports for a short grace period
+    after the first one, and the failure that came first in time leads the message, the others
+    follow as consequences. A rank that died without reporting (segfault, ``os._exit``: it could
+    stamp nothing) leads before every stamped failure: a crash is a cause, not a consequence;
   * a run that has not finished at its timeout is killed (SIGTERM, then SIGKILL) and fails,
-    naming the ranks that had not finished -- a hung rank never hangs the test suite.
+    naming the ranks that had not finished -- a hung rank never hangs the test suite;
+  * whatever happens, every rank process is gone when ``run_on_ranks`` returns or raises.
 """
 
 import multiprocessing
@@ -19,11 +25,14 @@ import pickle
 import time
 import traceback
 from datetime import timedelta
+from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 DEFAULT_TIMEOUT_S = 120.0
 _KILL_GRACE_S = 5.0
+# After the first failure, how long the other ranks' reports are awaited (their consequences).
+_FAILURE_GRACE_S = 5.0
 _HOST = "127.0.0.1"
 _PRELOAD = [
     "torch",
@@ -34,8 +43,27 @@ _PRELOAD = [
 ]
 
 
+@dataclass
+class Failure:
+    """How one rank failed: ``raised`` (with the monotonic time it did, and its traceback) or
+    ``died`` without reporting (with its exit code)."""
+
+    rank: int
+    kind: str
+    detail: str
+    at: Optional[float] = None
+
+    def order(self):
+        return (self.kind != "died", self.at if self.at is not None else 0.0, self.rank)
+
+
 class RankFailure(AssertionError):
-    """A rank raised or died; the message holds the rank's traceback or exit code."""
+    """One or more ranks raised or died. ``failures`` lists them root cause first; the message
+    says the same, with each rank's traceback or exit code."""
+
+    def __init__(self, message: str, failures: List[Failure]) -> None:
+        super().__init__(message)
+        self.failures = failures
 
 
 class RankTimeout(AssertionError):
@@ -63,14 +91,25 @@ def _rank_main(fn, rank, world_size, port, backend, timeout_s, connection, args,
         )
         try:
             result = fn(rank, world_size, *args, **kwargs)
-        finally:
+        except BaseException:
+            # Stamped and reported before the teardown below wakes the peers up with errors of
+            # their own, whose stamps are therefore later.
+            _report(connection, ("error", time.monotonic(), traceback.format_exc()))
             dist.destroy_process_group()
+            return
+        dist.destroy_process_group()
         # Plain pickle (not multiprocessing's): tensors travel by value, not as shared-memory handles
         # that would die with this process.
-        connection.send_bytes(pickle.dumps(("ok", result)))
-    except BaseException:
-        connection.send_bytes(pickle.dumps(("error", traceback.format_exc())))
+        _report(connection, ("ok", None, result))
+    except BaseException:  # joining or leaving the process group failed
+        _report(connection, ("error", time.monotonic(), traceback.format_exc()))
     finally:
+        connection.close()
+
+
+def _report(connection, report) -> None:
+    if not connection.closed:
+        connection.send_bytes(pickle.dumps(report))
         connection.close()
 
 
@@ -143,13 +182,19 @@ def run_on_ranks(
         connections.append(receiver)
 
     results: Dict[int, Any] = {}
+    failures: Dict[int, Failure] = {}
     deadline = time.monotonic() + timeout  # from now: the fork server's first start is not counted
+    wait_until = deadline  # after the first failure: a little longer, for its consequences
     try:
-        while len(results) < world_size:
-            remaining = deadline - time.monotonic()
-            pending = [c for rank, c in enumerate(connections) if rank not in results]
-            ready = wait(pending, timeout=max(0.0, remaining)) if remaining > 0 else []
+        while len(results) + len(failures) < world_size:
+            now = time.monotonic()
+            pending = [
+                c for rank, c in enumerate(connections) if rank not in results and rank not in failures
+            ]
+            ready = wait(pending, timeout=max(0.0, wait_until - now)) if wait_until > now else []
             if not ready:
+                if failures:
+                    break
                 unfinished = sorted(set(range(world_size)) - set(results))
                 raise RankTimeout(
                     f"{fn.__qualname__} on {world_size} ranks did not finish within {timeout:g} s; "
@@ -158,16 +203,20 @@ def run_on_ranks(
             for connection in ready:
                 rank = connections.index(connection)
                 try:
-                    status, payload = pickle.loads(connection.recv_bytes())
+                    status, at, payload = pickle.loads(connection.recv_bytes())
                 except EOFError:
                     processes[rank].join(_KILL_GRACE_S)
-                    raise RankFailure(
-                        f"rank {rank} of {world_size} died without reporting "
-                        f"(exit code {processes[rank].exitcode}) in {fn.__qualname__}"
-                    ) from None
-                if status == "error":
-                    raise RankFailure(f"rank {rank} of {world_size} raised in {fn.__qualname__}:\n{payload}")
-                results[rank] = payload
+                    failure = Failure(rank, "died", f"exit code {processes[rank].exitcode}")
+                else:
+                    if status == "ok":
+                        results[rank] = payload
+                        continue
+                    failure = Failure(rank, "raised", payload, at)
+                if not failures:
+                    wait_until = min(deadline, time.monotonic() + _FAILURE_GRACE_S)
+                failures[rank] = failure
+        if failures:
+            raise _rank_failure(fn, world_size, list(failures.values()))
         for process in processes:
             process.join(max(0.0, deadline - time.monotonic()) + _KILL_GRACE_S)
         return [results[rank] for rank in range(world_size)]
@@ -176,3 +225,22 @@ def run_on_ranks(
         for connection in connections:
             connection.close()
         del store
+
+
+def _rank_failure(fn, world_size: int, failures: List[Failure]) -> RankFailure:
+    """One error for the run: the root cause first, then the ranks that failed after it."""
+    failures = sorted(failures, key=Failure.order)
+    first = failures[0]
+
+    def describe(failure: Failure) -> str:
+        if failure.kind == "died":
+            return f"rank {failure.rank} of {world_size} died without reporting ({failure.detail}) in {fn.__qualname__}"
+        when = ""
+        if failure is not first and first.at is not None:
+            when = f", {failure.at - first.at:.3f} s after rank {first.rank}"
+        return f"rank {failure.rank} of {world_size} raised in {fn.__qualname__}{when}:\n{failure.detail}"
+
+    message = describe(first)
+    if len(failures) > 1:
+        message += "\n-- then, as consequences --\n" + "\n".join(describe(f) for f in failures[1:])
+    return RankFailure(message, failures)

@@ -119,3 +119,30 @@ def test_demo_refuses_a_height_that_does_not_split_into_bands(tmp_path, capsys):
         error
     )
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize(
+    "kind, text",
+    [
+        ("ConfigError", "DistriConfig.comm_backend='nccl' needs CUDA GPUs; torch sees none"),
+        ("NativeRuntimeUnavailable", "distripy._C is not part of this installation"),
+        ("RankMismatchError", "the ranks were called with different inputs"),
+    ],
+)
+def test_a_distripy_error_on_a_rank_is_one_line_and_status_2(
+    tiny_model, tmp_path, capsys, monkeypatch, kind, text
+):
+    """Whatever distripy refuses once the ranks run (a backend, the native runtime, a mismatch)
+    reaches the user as one line, not a traceback."""
+    from distripy import errors
+
+    def refuse(args):
+        raise getattr(errors, kind)(text)
+
+    monkeypatch.setattr(cli, "run_generate", refuse)
+    output = tmp_path / "out.png"
+    status = cli.main(["generate", "--model", str(tiny_model), "--prompt", "x", "--output", str(output)])
+    message = capsys.readouterr().err
+    assert status == 2, message
+    assert message == f"distripy: error: {kind}: {text}\n"
+    assert not output.exists()

@@ -28,6 +28,15 @@ def raise_on_rank_one(rank, world_size):
     dist.barrier()  # rank 0 would wait here for rank 1 forever
 
 
+def raise_on_the_last_rank_after_a_collective(rank, world_size):
+    """Every rank but the last blocks in an all-reduce the last one never joins; they fail only
+    when its teardown closes their connections (or, for a late one, the store's)."""
+    dist.barrier()
+    if rank == world_size - 1:
+        raise KeyError("planted failure on the last rank")
+    dist.all_reduce(torch.ones(3))
+
+
 def sleep_forever_on_rank_one(rank, world_size, pid_dir, ignore_sigterm):
     with open(os.path.join(pid_dir, f"rank{rank}.pid"), "w") as handle:
         handle.write(str(os.getpid()))
@@ -75,6 +84,27 @@ def test_a_raising_rank_fails_fast_with_its_traceback(run_ranks):
     assert "ValueError: planted failure on rank 1" in message
     assert "Traceback" in message
     assert elapsed < timeout / 2, f"failure took {elapsed:.1f} s; it should not wait for the timeout"
+    # The cause leads, whichever rank's report the parent read first.
+    assert message.startswith("rank 1 of 2 raised in raise_on_rank_one:"), message[:200]
+    assert failure.value.failures[0].rank == 1
+
+
+@pytest.mark.parametrize("world_size", [3, 4])
+def test_the_root_cause_leads_and_the_consequences_follow(run_ranks, world_size):
+    with pytest.raises(RankFailure) as failure:
+        run_ranks(raise_on_the_last_rank_after_a_collective, world_size, timeout=120)
+    message = str(failure.value)
+    last = world_size - 1
+    assert message.startswith(f"rank {last} of {world_size} raised"), message[:200]
+    assert "KeyError: 'planted failure on the last rank'" in message.split("-- then, as consequences --")[0]
+    failures = failure.value.failures
+    assert failures[0].rank == last
+    # Every consequence was stamped after the cause, and is listed after it.
+    assert all(f.at >= failures[0].at for f in failures[1:])
+    for consequence in failures[1:]:
+        assert message.index(f"rank {consequence.rank} of {world_size} raised") > message.index(
+            "-- then, as consequences --"
+        )
 
 
 @pytest.mark.parametrize("ignore_sigterm", [False, True], ids=["sigterm", "needs-sigkill"])
@@ -92,8 +122,9 @@ def test_a_hung_rank_is_killed_at_the_timeout(run_ranks, tmp_path, ignore_sigter
 
 
 def test_a_rank_that_dies_without_reporting_fails_the_run(run_ranks):
-    with pytest.raises(RankFailure, match=r"rank 1 of 2 died without reporting \(exit code 7\)"):
+    with pytest.raises(RankFailure, match=r"rank 1 of 2 died without reporting \(exit code 7\)") as failure:
         run_ranks(exit_hard_on_rank_one, 2, timeout=120)
+    assert str(failure.value).startswith("rank 1 of 2 died without reporting")
 
 
 def test_invalid_arguments_are_rejected(run_ranks):

@@ -73,14 +73,19 @@ def _check_conv_results(results, world_size, stale_tolerance=1e-6):
         torch.testing.assert_close(stale_out, expected_stale, rtol=stale_tolerance, atol=stale_tolerance)
 
 
+def _group_norm_of(band, image, groups, weight, bias, eps):
+    """GroupNorm of ``band`` with the mean and variance of ``image`` per (batch, group), in float64:
+    a direct computation, not the kernels' sums."""
+    batch, channels = band.shape[:2]
+    flat = image.double().reshape(batch, groups, -1)
+    mean = flat.mean(-1)[:, :, None]
+    var = flat.var(-1, unbiased=False)[:, :, None]
+    grouped = band.double().reshape(batch, groups, -1)
+    normed = ((grouped - mean) / torch.sqrt(var + eps)).reshape(band.shape)
+    return normed * weight.double()[:, None, None] + bias.double()[:, None, None]
+
+
 def _group_norm_body(rank, world_size, mode, kernel_backend="torch"):
-    from distripy.kernels import (
-        corrected_sums,
-        elements_per_group,
-        group_norm_apply,
-        group_norm_stats,
-        mean_rstd,
-    )
     from distripy.parallel import PatchGroupNorm
 
     torch.manual_seed(0)
@@ -94,13 +99,17 @@ def _group_norm_body(rank, world_size, mode, kernel_backend="torch"):
     sync_out = _step(context, patch, _band(x0, rank, world_size))
     async_out = _step(context, patch, _band(x1, rank, world_size))
     context.drain()
-    # the expectation, from the kernels' definitions
-    local0, local1 = (group_norm_stats(_band(x, rank, world_size), 4) for x in (x0, x1))
-    image0 = group_norm_stats(x0, 4)
-    estimate = corrected_sums(image0, local0, local1) if mode == "corrected_async_gn" else image0
-    count = elements_per_group(_band(x1, rank, world_size), 4)
-    mean, rstd = mean_rstd(estimate, count * world_size, norm.eps, local1, count)
-    expected = group_norm_apply(_band(x1, rank, world_size), mean, rstd, norm.weight, norm.bias, 4)
+    # The expectation, from the statistics of whole images in float64. corrected_async_gn: last
+    # step's image with this band's rows replaced by this step's (its sums corrected by the band's
+    # change); stale_gn: last step's image as it was.
+    if mode == "corrected_async_gn":
+        statistics_of = x0.clone()
+        rows = x0.shape[2] // world_size
+        statistics_of[:, :, rank * rows : (rank + 1) * rows] = _band(x1, rank, world_size)
+    else:
+        statistics_of = x0
+    band1 = _band(x1, rank, world_size)
+    expected = _group_norm_of(band1, statistics_of, 4, norm.weight, norm.bias, norm.eps)
     whole0 = F.group_norm(x0.double(), 4, norm.weight.double(), norm.bias.double(), norm.eps)
     return sync_out, async_out, expected, _band(whole0, rank, world_size)
 
@@ -113,50 +122,58 @@ def test_patch_group_norm_sync_then_async(run_ranks, mode, kernel_backend):
     results = run_ranks(_group_norm_body, 2, mode, kernel_backend, timeout=300)
     for sync_out, async_out, expected, whole in results:
         torch.testing.assert_close(sync_out.double(), whole, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(async_out, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(async_out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def _negative_variance_body(rank, world_size):
-    """Step 0: rank 0's band is huge, rank 1's is all ones; step 1: rank 0's band is ones too. The
-    corrected statistics for rank 0 are then those of an (almost) constant image computed by
-    cancelling huge sums, whose variance rounds to <= 0 in some groups."""
-    from distripy.kernels import (
-        corrected_sums,
-        elements_per_group,
-        group_norm_apply,
-        group_norm_stats,
-        mean_rstd,
-    )
+    """Step 0: rank 0's band is +-2^14 (exact in fp32, and so are its squares and their sums),
+    rank 1's is ones with a little noise; step 1: rank 0's band is noisy ones too. Rank 0's corrected
+    image sums are last step's minus its huge share plus its new band. In fp32 the noisy ones' sum
+    of squares (about 48 per group) is lost next to the huge share's (48 * 2^28): the corrected sum
+    of squares then holds rank 0's new band only while the sum holds both bands, so the corrected
+    variance is about -0.5 -- negative -- and the group falls back to the band's fresh variance."""
     from distripy.parallel import PatchGroupNorm
 
     context = _context("corrected_async_gn", world_size, rank)
     norm = torch.nn.GroupNorm(8, 16)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
     patch = PatchGroupNorm.from_group_norm(norm, context, "norm")
     generator = torch.Generator().manual_seed(3)
     shape = (2, 16, 4, 6)
-    huge = torch.randn(*shape, generator=generator) * 3e4 + 1e4
-    ones = 1 + 1e-3 * torch.randn(*shape, generator=generator)
-    step0 = huge if rank == 0 else ones
-    step1 = ones
+    signs = torch.tensor([1.0, -1.0]).repeat(3)  # every row of every group: three +, three -
+    huge = (2.0**14 * signs).expand(shape).contiguous()
+    ones = [1 + 0.1 * torch.randn(*shape, generator=generator) for _ in range(2)]
+    step0 = huge if rank == 0 else ones[0]
+    step1 = ones[1] if rank == 0 else ones[0]
     _step(context, patch, step0)
     out = _step(context, patch, step1)
     context.drain()
-    image0 = group_norm_stats(huge, 8) + group_norm_stats(ones, 8)
-    estimate = corrected_sums(image0, group_norm_stats(step0, 8), group_norm_stats(step1, 8))
-    count = elements_per_group(step1, 8)
-    variance = estimate[..., 1] / (2 * count) - (estimate[..., 0] / (2 * count)) ** 2
-    mean, rstd = mean_rstd(estimate, 2 * count, norm.eps, group_norm_stats(step1, 8), count)
-    expected = group_norm_apply(step1, mean, rstd, norm.weight, norm.bias, 8)
-    return out, expected, float((variance + norm.eps).min())
+    # float64: the mean is the corrected image's (rank 1's step-0 band and rank 0's step-1 band for
+    # rank 0; rank 0's huge band and rank 1's band for rank 1); the variance, where the fp32
+    # corrected one is not positive (rank 0), the band's own.
+    image = torch.cat([ones[1], ones[0]] if rank == 0 else [huge, ones[0]], dim=2).double()
+    batch = shape[0]
+    grouped_image = image.reshape(batch, 8, -1)
+    grouped = step1.double().reshape(batch, 8, -1)
+    mean = grouped_image.mean(-1, keepdim=True)
+    var = (grouped if rank == 0 else grouped_image).var(-1, unbiased=False, keepdim=True)
+
+    def affine(normed):
+        return normed.reshape(shape) * norm.weight.double()[:, None, None] + norm.bias.double()[:, None, None]
+
+    expected = affine((grouped - mean) / torch.sqrt(var + norm.eps))
+    clamped = affine((grouped - mean) / torch.sqrt(torch.zeros_like(var) + norm.eps))  # no fallback
+    return out, expected, clamped
 
 
 def test_a_negative_corrected_variance_falls_back_and_stays_finite(run_ranks):
-    (out0, expected0, lowest0), (out1, expected1, _) = run_ranks(_negative_variance_body, 2, timeout=120)
-    # without the fallback, 1 / sqrt(var + eps) of some group would be NaN
-    assert lowest0 < 0, "the case must drive the corrected variance below -eps on rank 0"
+    (out0, expected0, clamped0), (out1, expected1, _) = run_ranks(_negative_variance_body, 2, timeout=120)
     assert torch.isfinite(out0).all() and torch.isfinite(out1).all()
-    torch.testing.assert_close(out0, expected0)
-    torch.testing.assert_close(out1, expected1)
+    # rank 0 normalised with its band's own variance, not with a clamped (or negative) one
+    torch.testing.assert_close(out0.double(), expected0, rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(out0.double(), clamped0, rtol=0.1, atol=0.1)
+    torch.testing.assert_close(out1.double(), expected1, rtol=1e-3, atol=1e-3)
 
 
 def _processor_body(rank, world_size):

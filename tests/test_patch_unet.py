@@ -4,7 +4,7 @@ The reference is the same seeded model run in the test process; each rank runs t
 model through a DDIM loop (10 steps unless a test needs fewer) and returns its final latents
 (every rank must hold the same). Every collective costs milliseconds between processes on a small
 machine, so the 4-rank runs are the ones the contract names, and the rest run on 2 ranks.
-The correctness contract of DESIGN.md: ``full_sync`` (or warm-up covering every step) equals the
+The correctness contract of docs/architecture.md: ``full_sync`` (or warm-up covering every step) equals the
 single device (fp32 relative error <= 1e-5); the async modes' errors are ordered
 corrected_async_gn <= stale_gn < naive_patch; bad input raises the same clear error on every rank.
 """
@@ -360,8 +360,8 @@ BAD_INPUTS = {
         "latent height 36 cannot be cut into 2 bands of whole rows",
     ),
     "too_many_ranks": (4, "BandGeometryError", "more bands (4) than rows (2) at the UNet's deepest level"),
-    "dtype": (2, "ValueError", "sample is torch.float64 but the UNet's parameters are torch.float32"),
-    "device": (2, "ValueError", "sample is on meta but the UNet's parameters are on cpu"),
+    "dtype": (2, "InputError", "sample is torch.float64 but the UNet's parameters are torch.float32"),
+    "device": (2, "InputError", "sample is on meta but the UNet's parameters are on cpu"),
     "unsupported_module": (2, "UnsupportedModuleError", "up_blocks.0.upsamplers.0.conv: ConvTranspose2d"),
     "reflect_padding": (
         2,

@@ -11,6 +11,7 @@ import pytest
 import torch
 from unet_models import sdxl_conditioning, tiny_sdxl_unet
 
+from distripy.pipelines.unet import require_installed_forward
 from distripy.runtime import LoopbackComm
 
 
@@ -27,26 +28,38 @@ def _steps(unet, latents, conditioning, timesteps):
 def _stale_pointers(context):
     pointers = set()
     for state in context.states:
-        if state._stale is not None:
-            pointers.update(t.data_ptr() for t in state._stale[1:] if t is not None and t.numel())
+        if state.exchange is not None:
+            pointers.update(t.data_ptr() for t in state.exchange.buffers if t is not None and t.numel())
     return pointers
 
 
 def test_flatten_and_unflatten_round_trip_and_refuse_unhashable_values():
-    from distripy.parallel.graphs import _flatten, _unflatten
+    from distripy.parallel.bands import flatten_tensors, unflatten_tensors
 
-    value = {"a": torch.ones(2), "b": {"c": (torch.zeros(3), 4.0), "d": None}, "e": [torch.ones(1)]}
-    tensors = []
-    structure = _flatten(value, tensors)
-    assert len(tensors) == 3 and hash(structure) is not None
+    def value_with(a, c, number):
+        return {"a": a, "b": {"c": (c, number), "d": None}, "e": [torch.ones(1)]}
+
+    value = value_with(torch.ones(2), torch.zeros(3), 4.0)
+    tensors, structure = flatten_tensors(value)
+    assert len(tensors) == 3
+    # The structure is a graph's key: other tensor contents of the same layout map to the same key.
+    same_layout = value_with(torch.randn(2), torch.randn(3), 4.0)
+    graphs = {structure: "graph"}
+    assert graphs[flatten_tensors(same_layout)[1]] == "graph"
     fresh = [t + 1 for t in tensors]
-    rebuilt = _unflatten(structure, list(fresh), value)
+    rebuilt = unflatten_tensors(structure, list(fresh))
     assert rebuilt["a"] is fresh[0] and rebuilt["b"]["c"][0] is fresh[1] and rebuilt["e"][0] is fresh[2]
     assert rebuilt["b"]["c"][1] == 4.0 and rebuilt["b"]["d"] is None
-    other = []
-    assert _flatten({**value, "b": {"c": (torch.zeros(3), 5.0), "d": None}}, other) != structure
+    # A different number, shape, dtype or stride is a different graph.
+    for other in (
+        value_with(torch.ones(2), torch.zeros(3), 5.0),
+        value_with(torch.ones(3), torch.zeros(3), 4.0),
+        value_with(torch.ones(2, dtype=torch.float64), torch.zeros(3), 4.0),
+        value_with(torch.ones(4)[::2], torch.zeros(3), 4.0),
+    ):
+        assert flatten_tensors(other)[1] not in graphs
     with pytest.raises(ValueError, match="type set"):
-        _flatten({"x": {1, 2}}, [])
+        flatten_tensors({"x": {1, 2}})
 
 
 @pytest.mark.parametrize("mode", ["corrected_async_gn", "sync_gn", "stale_gn"])
@@ -156,7 +169,7 @@ def test_graph_replays_equal_eager_steps(mode, rank, world_size, split_batch):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"generation {generation} step {step}")
         distripy.reset(eager)
         distripy.reset(graphed)
-    graphs = distripy.api._forward_of(graphed).graphs
+    graphs = require_installed_forward(graphed).graphs
     kinds = {"full_sync": 2, "naive_patch": 2}.get(mode, 4)  # (sync, async) x parity
     assert graphs.captures == 2 * kinds  # two shapes
     assert graphs.replays > graphs.captures

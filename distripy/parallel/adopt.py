@@ -4,6 +4,8 @@ from typing import Type, TypeVar
 
 import torch.nn as nn
 
+from distripy.errors import InputTypeError
+
 __all__ = ["adopt"]
 
 M = TypeVar("M", bound=nn.Module)
@@ -18,7 +20,7 @@ def adopt(cls: Type[M], original: nn.Module) -> M:
     paths stay those of the original model (LoRA loaders find their targets).
     """
     if not isinstance(original, cls.__mro__[1]):
-        raise TypeError(
+        raise InputTypeError(
             f"{cls.__name__} adopts {cls.__mro__[1].__name__} modules, not {type(original).__name__}"
         )
     module = cls.__new__(cls)

@@ -15,14 +15,15 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from distripy.parallel.context import PatchContext, PatchState
+from distripy.errors import InputError
+from distripy.parallel.context import ActivationExchange, PatchContext, PatchState
 
 __all__ = ["PatchSelfAttnProcessor"]
 
 
 class PatchSelfAttnProcessor(PatchState):
     def __init__(self, context: PatchContext, path: str) -> None:
-        # _stale: ((all-gathers,), gathered keys, gathered values), (bands, B, L, inner) each
+        # Its exchange: the all-gathered keys and values, (bands, B, L, inner) each.
         self.attach(context, path)
 
     def _gather_buffers(self, key: torch.Tensor, value: torch.Tensor):
@@ -37,16 +38,16 @@ class PatchSelfAttnProcessor(PatchState):
         """Keys and values of every band, (B, bands * L, inner), in band (= image row) order."""
         ctx = self.patch_context
         exchange = ctx.activation_exchange
-        if exchange == "none":
+        if exchange is ActivationExchange.NONE:
             return key, value
-        if exchange == "sync":
+        if exchange is ActivationExchange.SYNC:
             keys, values = self._gather_buffers(key, value)
             with ctx.comm.group():
                 works = (ctx.comm.all_gather(key, keys), ctx.comm.all_gather(value, values))
             for work in works:
                 work.wait()
-            self._stale = ((), keys, values)
-        else:
+            self.keep_exchange((), keys, values)
+        elif exchange is ActivationExchange.STALE:
             keys, values = self.take_stale()
             # The stale buffers are this module's alone: this band's slot takes the fresh rows.
             keys[ctx.band_index].copy_(key)
@@ -55,9 +56,11 @@ class PatchSelfAttnProcessor(PatchState):
 
             def issue() -> None:
                 works = (ctx.comm.all_gather(key, fresh_keys), ctx.comm.all_gather(value, fresh_values))
-                self._stale = (works, fresh_keys, fresh_values)
+                self.keep_exchange(works, fresh_keys, fresh_values)
 
             ctx.defer(issue)
+        else:
+            raise AssertionError(f"unhandled activation exchange {exchange!r}")
         return _bands_to_sequence(keys), _bands_to_sequence(values)
 
     def __call__(
@@ -72,12 +75,12 @@ class PatchSelfAttnProcessor(PatchState):
     ) -> torch.Tensor:
         ctx = self.patch_context
         if encoder_hidden_states is not None:
-            raise ValueError(f"{self.patch_path}: patch self-attention was called with encoder_hidden_states")
+            raise InputError(f"{self.patch_path}: patch self-attention was called with encoder_hidden_states")
         patched = ctx.has_neighbours
         if patched:
             ctx.enter(self, self.patch_path)
             if attention_mask is not None:
-                raise ValueError(
+                raise InputError(
                     f"{self.patch_path}: an attention_mask on self-attention is not supported under patch "
                     "parallelism (its key tokens would span every band)"
                 )

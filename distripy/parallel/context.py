@@ -1,70 +1,111 @@
-"""``PatchContext``: what every patch-parallel module of one model asks before it computes.
+"""``PatchContext``: what every patch-parallel module of one model asks before it computes, and the
+one place that decides when a step's transfers leave.
 
 One context per parallelised model. It knows the current generation's band geometry (which band
 this rank holds, of how many, and the ``Comm`` of the ranks sharing the image), the step within
 the generation, and so whether this step's exchanges are fresh and synchronous, stale (issued now,
-consumed next step), or absent. It also collects the transfers the modules issue during an
-asynchronous step and sends them out together at checkpoints, in one ``Comm.group()``.
+consumed next step), or absent (``ActivationExchange``, ``StatisticsExchange``).
 
-Buffers kept for the next step come from ``new_buffer`` / ``keep``. Normally they are fresh
-tensors. With ``static_buffers`` (CUDA graphs) each is one of two persistent tensors per module,
-buffer name and input shape, chosen by the step's parity: a step writes the set of its parity and
-reads the other, so a graph captured for an even step and one for an odd step replay each other's
-results forever, without copies.
+When transfers leave: a synchronous exchange is issued and waited for where the module needs it.
+An asynchronous one is queued (``defer``) and leaves with the others queued since the last
+checkpoint, as one ``Comm.group()``, at each checkpoint: the end of every block registered with
+``add_checkpoints`` and the end of the step (``end_step``, or ``checkpoint`` where a CUDA-graph
+capture must issue them before it closes).
+
+What a module keeps for the next step is an ``Exchange`` (the transfers' ``Work`` handles and the
+buffers they fill), held by its ``PatchState``. Buffers come from ``new_buffer`` / ``keep``.
+Normally they are fresh tensors. With ``static_buffers`` (CUDA graphs) each is one of two
+persistent tensors per module, buffer name and input shape, chosen by the step's parity: a step
+writes the set of its parity and reads the other, so a graph captured for an even step and one for
+an odd step replay each other's results forever, without copies.
 """
 
-from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+import enum
+from dataclasses import dataclass
+from typing import Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from distripy.config import DistriConfig
+from distripy.config import KERNEL_BACKENDS, DistriConfig
+from distripy.errors import ConfigError, InputError, StepError
 
-__all__ = ["PatchContext", "PatchState"]
+__all__ = ["ActivationExchange", "Exchange", "PatchContext", "PatchState", "StatisticsExchange"]
+
+
+class ActivationExchange(str, enum.Enum):
+    """How a step gets the other bands' activations (halo rows, attention keys and values)."""
+
+    NONE = "none"  # naive_patch: every band alone
+    SYNC = "sync"  # fresh, exchanged and waited for in this step
+    STALE = "stale"  # the previous step's; this step's leave for the next
+
+
+class StatisticsExchange(str, enum.Enum):
+    """How a step gets the whole image's GroupNorm statistics."""
+
+    LOCAL = "local"  # naive_patch: the band's own
+    SYNC = "sync"  # fresh, all-reduced and waited for in this step
+    CORRECTED = "corrected"  # last step's, corrected with this step's local ones
+    STALE = "stale"  # last step's as they are
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """What one module's exchange of a step leaves for the next step: the ``Work`` handles of the
+    transfers (none once complete) and the buffers they fill, in the module's own order."""
+
+    works: Tuple = ()
+    buffers: Tuple[Optional[torch.Tensor], ...] = ()
+
+    def completed(self) -> "Exchange":
+        """The same buffers, with no transfer left to wait for."""
+        return Exchange((), self.buffers)
 
 
 class PatchState:
-    """Base of everything that keeps one step's exchange for the next step of a generation.
-
-    ``_stale`` is ``None`` or ``(works, *buffers)``: the buffers a transfer fills for the next step
-    and the ``Work`` handles of the transfers that fill them.
-    """
+    """Base of everything that keeps one step's exchange for the next step of a generation."""
 
     patch_context: "PatchContext"
     patch_path: str
-    _stale: Optional[Tuple] = None
+    exchange: Optional[Exchange] = None
 
     def attach(self, context: "PatchContext", path: str) -> None:
         self.patch_context = context
         self.patch_path = path
-        self._stale = None
+        self.exchange = None
         context.register(self)
+
+    def keep_exchange(self, works: Sequence, *buffers: Optional[torch.Tensor]) -> None:
+        """Keep this step's exchange: ``buffers``, filled by ``works``, for the next step."""
+        self.exchange = Exchange(tuple(works), buffers)
 
     def reset_state(self) -> None:
         """Forget the stale buffers (after ``in_flight`` has been waited for)."""
-        self._stale = None
+        self.exchange = None
 
     def in_flight(self) -> Sequence:
         """The ``Work`` handles of transfers issued for the next step."""
-        return () if self._stale is None else self._stale[0]
+        return () if self.exchange is None else self.exchange.works
 
-    def take_stale(self) -> List:
+    def take_stale(self) -> Tuple[Optional[torch.Tensor], ...]:
         """The buffers the previous step's transfers filled, once they are complete."""
-        if self._stale is None:
+        if self.exchange is None:
             ctx = self.patch_context
-            raise RuntimeError(
+            raise StepError(
                 f"{self.patch_path}: step {ctx.step} of generation {ctx.generation} wants the previous "
                 "step's exchange, but none was made (the module did not run in the previous step)"
             )
-        works, *buffers = self._stale
-        for work in works:
+        for work in self.exchange.works:
             work.wait()
-        return buffers
+        return self.exchange.buffers
 
 
 class PatchContext:
-    def __init__(self, config: DistriConfig, kernel_backend: str = "torch") -> None:
-        if kernel_backend not in ("torch", "triton", "auto"):
-            raise ValueError(f"kernel_backend {kernel_backend!r} is not 'torch', 'triton' or 'auto'")
+    def __init__(self, config: DistriConfig, kernel_backend: Optional[str] = None) -> None:
+        """``kernel_backend``: the kernels' backend, ``config.kernel_backend`` unless given."""
+        kernel_backend = config.kernel_backend if kernel_backend is None else kernel_backend
+        if kernel_backend not in KERNEL_BACKENDS:
+            raise ConfigError(f"kernel_backend {kernel_backend!r} is not one of {KERNEL_BACKENDS}")
         self.config = config
         self.kernel_backend = kernel_backend
         self.comm = None
@@ -109,7 +150,7 @@ class PatchContext:
         """Forget every stale buffer: the next step is the first of a new generation. ``shape_key``
         names the generation's input signature (it selects the persistent buffers)."""
         if not 0 <= band_index < band_count:
-            raise ValueError(f"band_index {band_index} is outside [0, {band_count})")
+            raise InputError(f"band_index {band_index} is outside [0, {band_count})")
         self.drain()
         self.comm = comm
         self.band_index = band_index
@@ -125,12 +166,34 @@ class PatchContext:
         self.active = True
 
     def end_step(self, issue_pending: bool) -> None:
-        """Close the step: send the transfers still collected (or drop them after an error)."""
+        """Close the step: send the transfers still queued (or drop them after an error)."""
         self.active = False
         if issue_pending:
-            self.flush()
+            self.checkpoint()
         else:
             self._deferred.clear()
+
+    # -- CUDA-graph steps: the exchanges as plain data -------------------------------------------
+
+    def complete_in_flight(self) -> None:
+        """Wait on the host for every transfer issued for the next step and keep its buffers without
+        the handles (a ``Work`` of a transfer issued outside a CUDA graph cannot be waited for
+        inside one)."""
+        for work in self.in_flight():
+            work.synchronize(self.config.timeout_s)
+        for state in self._states:
+            if state.exchange is not None:
+                state.exchange = state.exchange.completed()
+
+    def exchanges(self) -> List[Tuple[PatchState, Optional[Exchange]]]:
+        """Every module's exchange for the next step, without its handles: what a replayed graph
+        leaves behind (its transfers are joined into the step's stream before it ends)."""
+        return [(s, None if s.exchange is None else s.exchange.completed()) for s in self._states]
+
+    def restore_exchanges(self, exchanges: Iterable[Tuple[PatchState, Optional[Exchange]]]) -> None:
+        """Set the modules' exchanges to what ``exchanges`` recorded."""
+        for state, exchange in exchanges:
+            state.exchange = exchange
 
     # -- buffers kept for the next step ----------------------------------------------------------
 
@@ -150,7 +213,7 @@ class PatchContext:
             or buffer.device != like.device
         ):
             if self.capturing:
-                raise RuntimeError(
+                raise StepError(
                     f"{owner.patch_path}: buffer {name!r} {shape} first appeared inside a CUDA-graph "
                     "capture; the eager step before the capture should have made it"
                 )
@@ -177,21 +240,21 @@ class PatchContext:
         return self.config.mode == "full_sync" or self.step < max(1, self.config.warmup_steps)
 
     @property
-    def activation_exchange(self) -> str:
-        """``none`` (naive_patch), ``sync`` (fresh, waited for now) or ``stale`` (last step's)."""
+    def activation_exchange(self) -> ActivationExchange:
         if self.config.mode == "naive_patch":
-            return "none"
-        return "sync" if self.synchronous_step else "stale"
+            return ActivationExchange.NONE
+        return ActivationExchange.SYNC if self.synchronous_step else ActivationExchange.STALE
 
     @property
-    def statistics_exchange(self) -> str:
-        """GroupNorm: ``local``, ``sync``, ``corrected`` or ``stale``."""
+    def statistics_exchange(self) -> StatisticsExchange:
         mode = self.config.mode
         if mode == "naive_patch":
-            return "local"
+            return StatisticsExchange.LOCAL
         if self.synchronous_step or mode == "sync_gn":
-            return "sync"
-        return "corrected" if mode == "corrected_async_gn" else "stale"
+            return StatisticsExchange.SYNC
+        if mode == "corrected_async_gn":
+            return StatisticsExchange.CORRECTED
+        return StatisticsExchange.STALE
 
     @property
     def has_neighbours(self) -> bool:
@@ -202,7 +265,7 @@ class PatchContext:
         its stale buffers twice, so it is refused."""
         key = id(module)
         if key in self._seen:
-            raise RuntimeError(
+            raise StepError(
                 f"{path} ran twice in one UNet call; patch-parallel modules keep one set of stale "
                 "buffers per module and step, so a module may run only once per call"
             )
@@ -214,11 +277,22 @@ class PatchContext:
         """Queue a transfer for the next checkpoint."""
         self._deferred.append(issue)
 
-    def flush(self) -> None:
-        """Checkpoint: issue the queued transfers as one group."""
+    def checkpoint(self) -> None:
+        """Issue the queued transfers as one group."""
         if not self._deferred:
             return
         pending, self._deferred = self._deferred, []
         with self.comm.group():
             for issue in pending:
                 issue()
+
+    def add_checkpoints(self, blocks: Iterable[torch.nn.Module]) -> None:
+        """Make the end of each block (during a step) a checkpoint: an asynchronous step's transfers
+        leave as the blocks that queued them finish, while the next blocks compute."""
+
+        def hook(module, inputs, output) -> None:
+            if self.active:
+                self.checkpoint()
+
+        for block in blocks:
+            block.register_forward_hook(hook)

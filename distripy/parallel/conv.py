@@ -21,7 +21,7 @@ import torch.nn as nn
 from distripy.errors import BandGeometryError, UnsupportedModuleError
 from distripy.kernels import GroupNormPrologue, halo_conv2d, halo_rows
 from distripy.parallel.adopt import adopt
-from distripy.parallel.context import PatchContext, PatchState
+from distripy.parallel.context import ActivationExchange, PatchContext, PatchState
 
 __all__ = ["PatchConv2d", "conv_needs_halo", "check_conv"]
 
@@ -50,7 +50,8 @@ def check_conv(conv: nn.Conv2d, path: str) -> None:
 
 
 class PatchConv2d(nn.Conv2d, PatchState):
-    """``nn.Conv2d`` over this rank's band; shares the original convolution's parameters."""
+    """``nn.Conv2d`` over this rank's band; shares the original convolution's parameters. Its
+    exchange: the (top, bottom) halo rows received for the next step."""
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, context: PatchContext, path: str) -> "PatchConv2d":
@@ -100,20 +101,22 @@ class PatchConv2d(nn.Conv2d, PatchState):
             )
         exchange = ctx.activation_exchange
         top = bottom = None
-        if exchange == "sync":
+        if exchange is ActivationExchange.SYNC:
             buffers = self._halo_buffers(x, prologue)
             ctx.comm.halo_exchange(*buffers).wait()
             top, bottom = buffers[2], buffers[3]
-            self._stale = ((), top, bottom)
-        elif exchange == "stale":
+            self.keep_exchange((), top, bottom)
+        elif exchange is ActivationExchange.STALE:
             top, bottom = self.take_stale()
 
             buffers = self._halo_buffers(x, prologue)
 
             def issue() -> None:
-                self._stale = ((ctx.comm.halo_exchange(*buffers),), buffers[2], buffers[3])
+                self.keep_exchange((ctx.comm.halo_exchange(*buffers),), buffers[2], buffers[3])
 
             ctx.defer(issue)
+        elif exchange is not ActivationExchange.NONE:  # NONE: every band edge is zero padding
+            raise AssertionError(f"unhandled activation exchange {exchange!r}")
         return halo_conv2d(
             x,
             top,

@@ -25,45 +25,11 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tupl
 
 import torch
 
-from distripy.parallel.context import PatchContext
+from distripy.errors import ConfigError
+from distripy.parallel.bands import flatten_tensors, unflatten_tensors
+from distripy.parallel.context import Exchange, PatchContext, PatchState
 
 __all__ = ["StepGraphs"]
-
-
-def _flatten(value: Any, tensors: List[torch.Tensor]) -> Hashable:
-    """The structure of ``value`` with its tensors taken out (appended to ``tensors``): hashable,
-    and equal for two values that one graph can serve."""
-    if isinstance(value, torch.Tensor):
-        tensors.append(value)
-        return ("tensor", tuple(value.shape), value.dtype, value.device, value.stride())
-    if isinstance(value, dict):
-        return ("dict", tuple((k, _flatten(v, tensors)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_flatten(v, tensors) for v in value))
-    try:
-        hash(value)
-    except TypeError:
-        raise ValueError(
-            f"use_cuda_graph: a UNet argument of type {type(value).__name__} cannot be part of a graph's key"
-        ) from None
-    return ("value", value)
-
-
-def _unflatten(structure: Hashable, tensors: List[torch.Tensor], original: Any) -> Any:
-    """``original`` with its tensors replaced, in order, by ``tensors`` (consumed from the front)."""
-    kind = structure[0]
-    if kind == "tensor":
-        return tensors.pop(0)
-    if kind == "dict":
-        return {k: _unflatten(s, tensors, original[k]) for (k, s) in structure[1]}
-    if kind in ("list", "tuple"):
-        items = [_unflatten(s, tensors, v) for s, v in zip(structure[1], original)]
-        return items if kind == "list" else tuple(items)
-    return original
-
-
-def _without_works(stale: Optional[Tuple]) -> Optional[Tuple]:
-    return None if stale is None else ((),) + tuple(stale[1:])
 
 
 class _Entry:
@@ -72,7 +38,7 @@ class _Entry:
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.inputs: List[torch.Tensor] = []
         self.output: Optional[torch.Tensor] = None
-        self.after: List[Tuple[Any, Optional[Tuple]]] = []  # (state, its _stale after the step)
+        self.after: List[Tuple[PatchState, Optional[Exchange]]] = []  # the exchanges the step leaves
 
 
 class StepGraphs:
@@ -80,7 +46,7 @@ class StepGraphs:
 
     def __init__(self, context: PatchContext, comms: Sequence, max_shapes: int = 4) -> None:
         if max_shapes < 1:
-            raise ValueError(f"StepGraphs: max_shapes must be >= 1, got {max_shapes}")
+            raise ConfigError(f"StepGraphs: max_shapes must be >= 1, got {max_shapes}")
         self.context = context
         self.comms = list({id(c): c for c in comms}.values())
         self.max_shapes = max_shapes
@@ -122,8 +88,7 @@ class StepGraphs:
         timestep = arguments.get("timestep")
         if not isinstance(timestep, torch.Tensor):  # a number would be baked into the graph
             arguments["timestep"] = torch.tensor(timestep, device=arguments["sample"].device)
-        tensors: List[torch.Tensor] = []
-        structure = _flatten(arguments, tensors)
+        tensors, structure = flatten_tensors(arguments)
         self._touch_shape()
         key = self._key(structure)
         entry = self._entries.setdefault(key, _Entry())
@@ -131,7 +96,7 @@ class StepGraphs:
         if entry.seen == 1:
             return self._eager(forward, arguments)
         if entry.graph is None:
-            self._capture(entry, forward, arguments, structure, tensors)
+            self._capture(entry, forward, structure, tensors)
             self.captures += 1
         self._replay(entry, tensors)
         return entry.output
@@ -142,19 +107,16 @@ class StepGraphs:
         side.wait_stream(current)
         with torch.cuda.stream(side):
             output = forward(arguments)
-            self.context.flush()
+            self.context.checkpoint()
         current.wait_stream(side)
         return output
 
-    def _capture(self, entry: _Entry, forward, arguments, structure, tensors) -> None:
+    def _capture(self, entry: _Entry, forward, structure, tensors) -> None:
         ctx = self.context
         # A Work of a transfer issued outside the graph cannot be waited for inside it.
-        for work in ctx.in_flight():
-            work.synchronize(ctx.config.timeout_s)
-        for state in ctx.states:
-            state._stale = _without_works(state._stale)
+        ctx.complete_in_flight()
         entry.inputs = [t.detach().clone() for t in tensors]
-        static_arguments = _unflatten(structure, list(entry.inputs), arguments)
+        static_arguments = unflatten_tensors(structure, entry.inputs)
         graph = torch.cuda.CUDAGraph()
         side = self._side_stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -163,14 +125,14 @@ class StepGraphs:
             # thread_local: the C++ runtime's watchdog thread polls events while this thread captures.
             with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
                 entry.output = forward(static_arguments)
-                ctx.flush()
+                ctx.checkpoint()
                 for comm in self.comms:
                     comm.join()
         finally:
             ctx.capturing = False
         if self._pool is None:
             self._pool = graph.pool()
-        entry.after = [(state, _without_works(state._stale)) for state in ctx.states]
+        entry.after = ctx.exchanges()
         entry.graph = graph
 
     def _replay(self, entry: _Entry, tensors: Sequence[torch.Tensor]) -> None:
@@ -182,5 +144,4 @@ class StepGraphs:
                 static.copy_(fresh)
         entry.graph.replay()
         self.replays += 1
-        for state, stale in entry.after:
-            state._stale = stale
+        ctx.restore_exchanges(entry.after)

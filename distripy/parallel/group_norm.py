@@ -24,7 +24,7 @@ from distripy.kernels import (
     mean_rstd,
 )
 from distripy.parallel.adopt import adopt
-from distripy.parallel.context import PatchContext, PatchState
+from distripy.parallel.context import PatchContext, PatchState, StatisticsExchange
 
 __all__ = ["PatchGroupNorm"]
 
@@ -35,7 +35,7 @@ class PatchGroupNorm(nn.GroupNorm, PatchState):
     @classmethod
     def from_group_norm(cls, norm: nn.GroupNorm, context: PatchContext, path: str) -> "PatchGroupNorm":
         module = adopt(cls, norm)
-        # _stale: ((all-reduce,), the image's sums it produces, the band's sums that went into it)
+        # Its exchange: the image's sums an all-reduce produces, and the band's sums that went in.
         module.attach(context, path)
         return module
 
@@ -49,20 +49,25 @@ class PatchGroupNorm(nn.GroupNorm, PatchState):
         count = elements_per_group(x, groups)
         total = count * ctx.band_count  # every band has the same number of elements
         exchange = ctx.statistics_exchange
-        if exchange == "local":
+        if exchange is StatisticsExchange.LOCAL:
             return mean_rstd(local, count, self.eps)
-        if exchange == "sync":
+        if exchange is StatisticsExchange.SYNC:
             image = ctx.new_buffer(self, "image", local.shape, local).copy_(local)
             ctx.comm.all_reduce(image).wait()
-            self._stale = ((), image, ctx.keep(self, "local", local))
+            self.keep_exchange((), image, ctx.keep(self, "local", local))
             return mean_rstd(image, total, self.eps)
         image_prev, local_prev = self.take_stale()
-        estimate = corrected_sums(image_prev, local_prev, local) if exchange == "corrected" else image_prev
+        if exchange is StatisticsExchange.CORRECTED:
+            estimate = corrected_sums(image_prev, local_prev, local)
+        elif exchange is StatisticsExchange.STALE:
+            estimate = image_prev
+        else:
+            raise AssertionError(f"unhandled statistics exchange {exchange!r}")
         image = ctx.new_buffer(self, "image", local.shape, local).copy_(local)
         local = ctx.keep(self, "local", local)
 
         def issue() -> None:
-            self._stale = ((ctx.comm.all_reduce(image),), image, local)
+            self.keep_exchange((ctx.comm.all_reduce(image),), image, local)
 
         ctx.defer(issue)
         return mean_rstd(estimate, total, self.eps, fallback_sums=local, fallback_count=count)

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from distripy.errors import InputError
 from distripy.parallel.context import PatchContext
 from distripy.parallel.conv import PatchConv2d
 from distripy.parallel.group_norm import PatchGroupNorm
@@ -50,7 +51,7 @@ class PatchResnetForward:
 
     def __init__(self, block: nn.Module, context: PatchContext) -> None:
         if not resnet_fusable(block):
-            raise ValueError(
+            raise InputError(
                 f"{type(block).__name__} is not a plain ResnetBlock2D with patch norms and convs"
             )
         self.block = block

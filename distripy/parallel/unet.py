@@ -15,16 +15,23 @@ Each call is one denoising step. The wrapper
 """
 
 import inspect
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from distripy.errors import BandGeometryError
+from distripy.errors import BandGeometryError, InputError
 from distripy.parallel.agreement import agree
+from distripy.parallel.bands import (
+    BandPlan,
+    gather_bands,
+    map_tensors,
+    take_band,
+    take_batch_half,
+    tensors_in,
+)
 from distripy.parallel.context import PatchContext
 
-__all__ = ["PatchUNetForward", "BandPlan"]
+__all__ = ["PatchUNetForward"]
 
 # UNet2DConditionModel.forward arguments that hold per-resolution spatial maps, cut into bands.
 _SPATIAL_ARGUMENTS = (
@@ -34,36 +41,12 @@ _SPATIAL_ARGUMENTS = (
 )
 
 
-class BandPlan:
-    """How this call's batch and rows are shared among the ranks."""
-
-    def __init__(self, rank: int, world_size: int, split_batch: bool) -> None:
-        self.split_batch = split_batch
-        self.band_count = world_size // 2 if split_batch else world_size
-        self.band_index = rank % self.band_count
-        self.batch_index = rank // self.band_count  # 0 or 1 with split_batch, else 0
-
-    def key(self) -> Tuple:
-        """What every rank must agree on."""
-        return (self.split_batch, self.band_count)
-
-
 def _timestep_value(timestep) -> float:
     """The step's timestep as a number, to recognise a new generation (timesteps decrease within
     one). A timestep on the GPU costs one small device-to-host copy per step."""
     if isinstance(timestep, torch.Tensor):
         return float(timestep.reshape(-1)[0])
     return float(timestep)
-
-
-def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        return {k: _map_tensors(v, fn) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_map_tensors(v, fn) for v in value)
-    return value
 
 
 class PatchUNetForward:
@@ -107,20 +90,20 @@ class PatchUNetForward:
         """What is wrong with this rank's input, if anything, as (exception type, message)."""
         if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
             shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
-            return ValueError, f"sample must be a (batch, channels, height, width) tensor, got {shape}"
+            return InputError, f"sample must be a (batch, channels, height, width) tensor, got {shape}"
         if sample.dtype != self._parameter.dtype:
             return (
-                ValueError,
+                InputError,
                 f"sample is {sample.dtype} but the UNet's parameters are {self._parameter.dtype}",
             )
         if sample.device != self._parameter.device:
             return (
-                ValueError,
+                InputError,
                 f"sample is on {sample.device} but the UNet's parameters are on {self._parameter.device}",
             )
         if self.graphs is not None and sample.device.type != "cuda":
             return (
-                ValueError,
+                InputError,
                 f"use_cuda_graph=True needs the UNet on a CUDA device; it is on {sample.device}",
             )
         height, factor, bands = sample.shape[2], 2**self.levels, plan.band_count
@@ -136,7 +119,7 @@ class PatchUNetForward:
                 f"the latent height must be a multiple of {factor * bands} ({factor} x {bands} bands)"
             )
         for name in _SPATIAL_ARGUMENTS:
-            for tensor in _flatten(arguments.get(name)):
+            for tensor in tensors_in(arguments.get(name)):
                 if tensor.dim() != 4 or tensor.shape[2] % bands != 0:
                     return BandGeometryError, (
                         f"{name}: a tensor of shape {tuple(tensor.shape)} cannot be cut into "
@@ -164,36 +147,16 @@ class PatchUNetForward:
         local = dict(arguments)
         if plan.split_batch:
             batch = arguments["sample"].shape[0]
-            half = batch // 2
-            rows = slice(plan.batch_index * half, (plan.batch_index + 1) * half)
+            local = map_tensors(local, lambda t: take_batch_half(t, batch, plan.batch_index))
 
-            def take_half(tensor: torch.Tensor) -> torch.Tensor:
-                return tensor[rows] if tensor.dim() >= 1 and tensor.shape[0] == batch else tensor
+        def band(tensor: torch.Tensor) -> torch.Tensor:
+            return take_band(tensor, plan.band_index, plan.band_count)
 
-            local = {name: _map_tensors(value, take_half) for name, value in local.items()}
-
-        def take_band(tensor: torch.Tensor) -> torch.Tensor:
-            band = tensor.shape[2] // plan.band_count
-            return tensor[:, :, plan.band_index * band : (plan.band_index + 1) * band]
-
-        local["sample"] = take_band(local["sample"])
+        local["sample"] = band(local["sample"])
         for name in _SPATIAL_ARGUMENTS:
             if local.get(name) is not None:
-                local[name] = _map_tensors(local[name], take_band)
+                local[name] = map_tensors(local[name], band)
         return local
-
-    def _gather(self, band: torch.Tensor, plan: BandPlan) -> torch.Tensor:
-        """Every rank's output band -> the full prediction, on every rank."""
-        comm = self.world_comm
-        gathered = band.new_empty((comm.world_size,) + tuple(band.shape))
-        comm.all_gather(band.contiguous(), gathered).wait()
-        batch, channels, rows, width = band.shape
-        halves = 2 if plan.split_batch else 1
-        # (halves, bands, batch, C, rows, W) -> (halves, batch, C, bands, rows, W)
-        gathered = gathered.view(halves, plan.band_count, batch, channels, rows, width).permute(
-            0, 2, 3, 1, 4, 5
-        )
-        return gathered.reshape(halves * batch, channels, plan.band_count * rows, width)
 
     def _forward_band(self, local: Dict[str, Any]) -> torch.Tensor:
         return self.original_forward(**local, return_dict=False)[0]
@@ -244,13 +207,9 @@ class PatchUNetForward:
                 # Some modules consumed their stale buffers and issued nothing for the next step:
                 # the next call starts a new generation.
                 self._reset_requested = True
-        prediction = self._gather(band, plan)
-        return UNet2DConditionOutput(sample=prediction) if return_dict else (prediction,)
+        prediction = gather_bands(self.world_comm, band, plan.halves)
+        if not return_dict:
+            return (prediction,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-
-def _flatten(value: Any) -> List[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _flatten(v)]
-    return []
+        return UNet2DConditionOutput(sample=prediction)

@@ -1,6 +1,9 @@
-"""Diffusers pipeline glue: a patch-parallel pipeline call and a patch-parallel VAE decode."""
+"""Everything that knows diffusers objects: which modules swap and how (``swap``), installing the
+patch-parallel forwards on a UNet (``unet``) and a VAE decoder (``vae``), the pipeline glue
+(``pipeline``), and the small seeded-random pipelines of the demo and the tests (``tiny``)."""
 
 from distripy.pipelines.pipeline import parallelize_pipeline
-from distripy.pipelines.vae import PatchDecoderForward, parallelize_vae
+from distripy.pipelines.unet import parallelize_unet
+from distripy.pipelines.vae import parallelize_vae
 
-__all__ = ["PatchDecoderForward", "parallelize_pipeline", "parallelize_vae"]
+__all__ = ["parallelize_pipeline", "parallelize_unet", "parallelize_vae"]

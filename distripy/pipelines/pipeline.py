@@ -7,7 +7,8 @@ whose ``__call__``
 * starts a new generation (``distripy.reset``) and, at the end, waits for the last step's
   transfers, so consecutive calls may change height, width, steps, guidance and batch freely;
 * gives every rank the same initial noise: without a ``generator`` or ``latents`` the ranks would
-  each draw their own and make a wrong image, so rank 0 draws a seed and sends it to all;
+  each draw their own and make a wrong image, so rank 0 draws a seed and sends it to all (through
+  the ``Comm``'s ``all_gather_object``);
 * shows the progress bar on rank 0 only.
 
 Every rank gets the same images back; writing them to files is the caller's choice (rank 0 alone).
@@ -21,32 +22,33 @@ import inspect
 import random
 
 import torch
-import torch.distributed as dist
 
 from distripy.config import DistriConfig
+from distripy.errors import InputError, InputTypeError
+from distripy.pipelines.unet import parallelize_unet, require_installed_forward, reset_unet
+from distripy.pipelines.vae import parallelize_vae
 
-__all__ = ["parallelize_pipeline"]
+__all__ = ["parallelize_pipeline", "shared_seed"]
+
+_COMM_ATTRIBUTE = "_distripy_comm"
 
 
-def _shared_seed(comm) -> int:
-    seed = [random.SystemRandom().randrange(2**63) if comm.rank == 0 else None]
-    dist.broadcast_object_list(
-        seed, src=dist.get_global_rank(comm.process_group, 0), group=comm.process_group
-    )
-    return int(seed[0])
+def shared_seed(comm) -> int:
+    """A seed drawn by the comm's first rank, the same on every rank."""
+    seed = random.SystemRandom().randrange(2**63) if comm.rank == 0 else None
+    return int(comm.all_gather_object(seed)[0])
 
 
 def _parallel_call(pipe, original, args, kwargs):
-    import distripy
-
     bound = inspect.signature(original).bind(pipe, *args, **kwargs)
     if bound.arguments.get("generator") is None and bound.arguments.get("latents") is None:
-        bound.arguments["generator"] = torch.Generator().manual_seed(_shared_seed(pipe._distripy_comm))
-    distripy.reset(pipe.unet)
+        comm = getattr(pipe, _COMM_ATTRIBUTE)
+        bound.arguments["generator"] = torch.Generator().manual_seed(shared_seed(comm))
+    reset_unet(pipe.unet)
     try:
         return original(*bound.args, **bound.kwargs)
     finally:
-        distripy.reset(pipe.unet)
+        reset_unet(pipe.unet)
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,24 +69,21 @@ def parallelize_pipeline(pipe, config: DistriConfig):
     """Make ``pipe`` patch-parallel in place and return it (untouched on a single rank)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from distripy.api import _forward_of, parallelize
-    from distripy.pipelines.vae import parallelize_vae
-
     if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
-        raise TypeError(
+        raise InputTypeError(
             f"parallelize: {type(pipe).__name__} has no UNet2DConditionModel 'unet'; distripy parallelises "
             "UNet pipelines (StableDiffusionXLPipeline, StableDiffusionPipeline and their img2img variants)"
         )
-    if getattr(pipe, "_distripy_comm", None) is not None:
-        raise ValueError("parallelize: this pipeline is already patch-parallel")
-    parallelize(pipe.unet, config)
+    if getattr(pipe, _COMM_ATTRIBUTE, None) is not None:
+        raise InputError("parallelize: this pipeline is already patch-parallel")
+    parallelize_unet(pipe.unet, config)
     if config.world_size == 1:
         return pipe
-    comm = _forward_of(pipe.unet).world_comm
+    comm = require_installed_forward(pipe.unet).world_comm
     if isinstance(getattr(pipe, "vae", None), AutoencoderKL):
         parallelize_vae(pipe.vae, config, comm)
     pipe.__class__ = _parallel_class(type(pipe))
-    pipe._distripy_comm = comm
+    setattr(pipe, _COMM_ATTRIBUTE, comm)
     if comm.rank != 0:
         pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -13,7 +13,11 @@ bands, in band order). Every operation is asynchronous and returns a ``Work``:
 * ``group()``: a scope; the operations called inside it are issued together when it closes (one
   NCCL group launch in the C++ runtime), each straight between its own buffers;
 * ``all_gather_object(obj)``: a host-side exchange of small picklable objects (the input checks
-  every rank makes together before a generation); returns one object per rank, blocking.
+  every rank makes together before a generation, a shared seed); returns one object per rank,
+  blocking;
+* ``subgroup(ranks)``: the ``Comm`` of the ranks ``ranks`` (numbered as in this comm, this rank
+  among them), its ranks numbered in ascending order. Collective: every rank of this comm calls it,
+  each with the group it belongs to, and the groups partition the comm (CFG split's two halves).
 
 ``Work.wait()`` orders what the caller does next after the transfer: on CUDA the caller's current
 stream waits on the GPU (no host block); on CPU the caller blocks, for at most the comm's timeout.
@@ -27,7 +31,17 @@ measuring one rank's compute on one device).
 
 from typing import Any, ContextManager, List, Optional, Protocol, Sequence, runtime_checkable
 
-__all__ = ["Comm", "CompletedWork", "Work", "check_all_gather", "check_halo_exchange", "check_all_reduce"]
+from distripy.errors import InputError
+
+__all__ = [
+    "Comm",
+    "CompletedWork",
+    "Work",
+    "check_all_gather",
+    "check_all_reduce",
+    "check_halo_exchange",
+    "check_partition",
+]
 
 
 @runtime_checkable
@@ -55,6 +69,8 @@ class Comm(Protocol):
 
     def all_gather_object(self, obj: Any) -> List[Any]: ...
 
+    def subgroup(self, ranks: Sequence[int]) -> "Comm": ...
+
 
 class CompletedWork:
     """The handle of an operation with nothing to transfer."""
@@ -78,12 +94,12 @@ def _check_same_kind(op: str, named: Sequence) -> None:
     present = [(name, t) for name, t in named if t is not None]
     for name, tensor in present:
         if not tensor.is_contiguous():
-            raise ValueError(f"{op}: {name} ({_describe(tensor)}) must be contiguous")
+            raise InputError(f"{op}: {name} ({_describe(tensor)}) must be contiguous")
     if present:
         first_name, first = present[0]
         for name, tensor in present[1:]:
             if tensor.dtype != first.dtype or tensor.device != first.device:
-                raise ValueError(
+                raise InputError(
                     f"{op}: {name} is {_describe(tensor)} but {first_name} is {_describe(first)}; "
                     "dtype and device must agree"
                 )
@@ -92,10 +108,10 @@ def _check_same_kind(op: str, named: Sequence) -> None:
 def check_all_gather(send, recv, world_size: int) -> None:
     """Validate an all_gather before anything is issued."""
     if send.dim() == 0:
-        raise ValueError("all_gather: send must have at least one dimension")
+        raise InputError("all_gather: send must have at least one dimension")
     expected = (world_size,) + tuple(send.shape)
     if tuple(recv.shape) != expected:
-        raise ValueError(
+        raise InputError(
             f"all_gather: recv has shape {tuple(recv.shape)}, expected {expected} (world_size x send.shape)"
         )
     _check_same_kind("all_gather", (("send", send), ("recv", recv)))
@@ -108,9 +124,9 @@ def check_all_reduce(buf) -> None:
 def check_halo_exchange(rank: int, world_size: int, top_send, bottom_send, top_recv, bottom_recv) -> None:
     """Validate a halo exchange: no transfer past the first or last rank, consistent buffers."""
     if rank == 0 and (top_send is not None or top_recv is not None):
-        raise ValueError("halo_exchange: rank 0 has no rank above it; top_send and top_recv must be None")
+        raise InputError("halo_exchange: rank 0 has no rank above it; top_send and top_recv must be None")
     if rank == world_size - 1 and (bottom_send is not None or bottom_recv is not None):
-        raise ValueError(
+        raise InputError(
             f"halo_exchange: rank {rank} is the last of {world_size}; "
             "bottom_send and bottom_recv must be None"
         )
@@ -123,3 +139,13 @@ def check_halo_exchange(rank: int, world_size: int, top_send, bottom_send, top_r
             ("bottom_recv", bottom_recv),
         ),
     )
+
+
+def check_partition(groups: Sequence[Sequence[int]], world_size: int) -> None:
+    """Validate the groups every rank asked ``subgroup`` for: each rank of the comm in exactly one."""
+    members = sorted(rank for group in groups for rank in group)
+    if members != list(range(world_size)):
+        raise InputError(
+            f"subgroup: the ranks asked for groups {[list(g) for g in groups]}, which do not partition "
+            f"the {world_size} ranks of the comm (each rank must be in exactly one group)"
+        )

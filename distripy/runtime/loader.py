@@ -14,13 +14,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import List, Optional
 
+from distripy.errors import NativeRuntimeUnavailable
+
+__all__ = ["NativeRuntimeUnavailable", "native", "native_available", "native_unavailable_reason"]
+
 _lock = threading.Lock()
 _module: Optional[ModuleType] = None
 _reason: Optional[str] = None
-
-
-class NativeRuntimeUnavailable(ImportError):
-    """``distripy._C`` cannot be used in this installation; the message says why and what to do."""
 
 
 def _wheel_nccl_libraries() -> List[Path]:

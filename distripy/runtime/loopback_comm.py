@@ -20,11 +20,11 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, List, Optional, Sequence
 
+from distripy.config import DEFAULT_TIMEOUT_S
+from distripy.errors import ConfigError, InputError
 from distripy.runtime.comm import check_all_gather, check_all_reduce, check_halo_exchange
 
 __all__ = ["LoopbackComm", "LoopbackWork", "TrafficLog", "Transfer"]
-
-DEFAULT_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -108,21 +108,22 @@ class LoopbackComm:
         log: Optional[TrafficLog] = None,
     ) -> None:
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"LoopbackComm: world_size must be a positive integer, got {world_size!r}")
+            raise InputError(f"LoopbackComm: world_size must be a positive integer, got {world_size!r}")
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"LoopbackComm: rank {rank!r} is outside [0, {world_size})")
+            raise InputError(f"LoopbackComm: rank {rank!r} is outside [0, {world_size})")
         if not timeout_s > 0:
-            raise ValueError(f"LoopbackComm: timeout_s must be positive, got {timeout_s!r}")
+            raise ConfigError(f"LoopbackComm: timeout_s must be positive, got {timeout_s!r}")
         self.rank = rank
         self.world_size = world_size
         self.timeout_s = float(timeout_s)
         self.log = log
 
     def subgroup(self, ranks: Sequence[int]) -> "LoopbackComm":
-        """The comm of the ranks ``ranks`` (which must include this one), sharing this log."""
-        ranks = list(ranks)
+        """The comm of the ranks ``ranks`` (which must include this one), sharing this log. With no
+        peers there is nothing collective to do: the other ranks' groups are theirs."""
+        ranks = sorted(int(r) for r in ranks)
         if self.rank not in ranks:
-            raise ValueError(f"LoopbackComm.subgroup: rank {self.rank} is not in {ranks}")
+            raise InputError(f"LoopbackComm.subgroup: rank {self.rank} is not in {ranks}")
         return LoopbackComm(ranks.index(self.rank), len(ranks), self.timeout_s, self.log)
 
     def _record(self, op: str, shape, dtype, sent: int, received: int) -> LoopbackWork:

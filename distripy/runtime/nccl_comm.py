@@ -12,18 +12,18 @@ shared through torch.distributed, so multi-node torchrun works unchanged.
 """
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from distripy.errors import CommError, CommTimeoutError
+from distripy.config import DEFAULT_TIMEOUT_S
+from distripy.errors import CommError, CommTimeoutError, InputError, InputTypeError
 from distripy.runtime.comm import CompletedWork, check_all_gather, check_all_reduce, check_halo_exchange
 from distripy.runtime.loader import native
+from distripy.runtime.torch_comm import new_process_subgroup
 
 __all__ = ["NcclComm", "NcclWork", "as_cuda_tensor", "nccl_dtype"]
-
-DEFAULT_TIMEOUT_S = 300.0
 
 # torch dtype -> ncclDataType_t
 _NCCL_DTYPES = {
@@ -45,7 +45,7 @@ def nccl_dtype(dtype: torch.dtype) -> int:
         return _NCCL_DTYPES[dtype]
     except KeyError:
         supported = ", ".join(str(d) for d in _NCCL_DTYPES)
-        raise ValueError(f"NCCL has no data type for {dtype}; supported: {supported}") from None
+        raise InputError(f"NCCL has no data type for {dtype}; supported: {supported}") from None
 
 
 def as_cuda_tensor(buffer, name: str) -> torch.Tensor:
@@ -57,12 +57,12 @@ def as_cuda_tensor(buffer, name: str) -> torch.Tensor:
     elif hasattr(buffer, "__dlpack__"):
         tensor = torch.from_dlpack(buffer)
     else:
-        raise TypeError(
+        raise InputTypeError(
             f"{name}: expected a CUDA tensor or an object with __cuda_array_interface__ or __dlpack__, "
             f"got {type(buffer).__name__}"
         )
     if not tensor.is_cuda:
-        raise ValueError(f"{name} is on {tensor.device}; NcclComm moves CUDA buffers only")
+        raise InputError(f"{name} is on {tensor.device}; NcclComm moves CUDA buffers only")
     return tensor
 
 
@@ -99,7 +99,13 @@ class NcclComm:
         group: Optional[dist.ProcessGroup] = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         device: Optional[int] = None,
+        *,
+        split_from: Optional["NcclComm"] = None,
+        color: int = 0,
     ) -> None:
+        """A communicator over ``group`` (default: the whole world). With ``split_from`` (used by
+        ``subgroup``) it is split from that communicator (``ncclCommSplit``, no new bootstrap):
+        every rank of it passes its group's index as ``color``."""
         C = native()  # raises NativeRuntimeUnavailable with the reason
         if not dist.is_initialized():
             raise CommError("NcclComm needs torch.distributed to be initialised (call distripy.init() first)")
@@ -109,12 +115,23 @@ class NcclComm:
         self.rank = dist.get_rank(self.process_group)
         self.world_size = dist.get_world_size(self.process_group)
         self.timeout_s = float(timeout_s)
-        self.device = torch.cuda.current_device() if device is None else int(device)
-        unique_id = [C.Communicator.new_unique_id() if self.rank == 0 else None]
-        dist.broadcast_object_list(
-            unique_id, src=dist.get_global_rank(self.process_group, 0), group=self.process_group
-        )
-        self._native = C.Communicator(unique_id[0], self.rank, self.world_size, self.device, self.timeout_s)
+        if split_from is not None:
+            self.device = split_from.device
+            self._native = split_from._native.split(color, self.rank)
+        else:
+            self.device = torch.cuda.current_device() if device is None else int(device)
+            unique_id = [C.Communicator.new_unique_id() if self.rank == 0 else None]
+            dist.broadcast_object_list(
+                unique_id, src=dist.get_global_rank(self.process_group, 0), group=self.process_group
+            )
+            self._native = C.Communicator(
+                unique_id[0], self.rank, self.world_size, self.device, self.timeout_s
+            )
+        if (self._native.rank, self._native.world_size) != (self.rank, self.world_size):
+            raise CommError(
+                f"NcclComm: the NCCL communicator is rank {self._native.rank} of {self._native.world_size} "
+                f"but its process group rank {self.rank} of {self.world_size}"
+            )
         self._comm_stream = torch.cuda.ExternalStream(self._native.comm_stream, device=self.device)
 
     def _stream(self) -> int:
@@ -128,7 +145,7 @@ class NcclComm:
                 continue
             tensor = as_cuda_tensor(buffer, name)
             if tensor.device.index != self.device:
-                raise ValueError(f"{name} is on {tensor.device}, this communicator on cuda:{self.device}")
+                raise InputError(f"{name} is on {tensor.device}, this communicator on cuda:{self.device}")
             tensors[name] = tensor
         return tensors
 
@@ -198,10 +215,13 @@ class NcclComm:
         dist.all_gather_object(objects, obj, group=self.process_group)
         return objects
 
+    def subgroup(self, ranks: Sequence[int]) -> "NcclComm":
+        """The comm of ``ranks`` (see ``Comm.subgroup``): its NCCL communicator split from this one,
+        its host-side exchanges on a new torch.distributed group."""
+        group, color = new_process_subgroup(self, ranks)
+        return NcclComm(group, self.timeout_s, split_from=self, color=color)
+
     def join(self) -> None:
         """Make the caller's current stream wait for everything issued so far (before a CUDA-graph
         capture ends, every stream it pulled in must be joined back)."""
         self._native.join(self._stream())
-
-    def abort(self) -> None:
-        self._native.abort()

@@ -7,17 +7,22 @@ group, the baseline the C++ runtime (``NcclComm``) is measured against.
 import contextlib
 import time
 from datetime import timedelta
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from distripy.errors import CommError, CommTimeoutError
-from distripy.runtime.comm import CompletedWork, check_all_gather, check_all_reduce, check_halo_exchange
+from distripy.config import DEFAULT_TIMEOUT_S
+from distripy.errors import CommError, CommTimeoutError, ConfigError, InputError
+from distripy.runtime.comm import (
+    CompletedWork,
+    check_all_gather,
+    check_all_reduce,
+    check_halo_exchange,
+    check_partition,
+)
 
-__all__ = ["TorchComm", "TorchWork"]
-
-DEFAULT_TIMEOUT_S = 300.0
+__all__ = ["TorchComm", "TorchWork", "new_process_subgroup"]
 # gloo matches point-to-point messages by (peer, tag); a fresh tag per exchange keeps exchanges of
 # different layers apart even when they are in flight together.
 _TAG_SPACE = 1 << 24
@@ -101,7 +106,7 @@ class TorchComm:
                 "TorchComm needs torch.distributed to be initialised (call distripy.init() first)"
             )
         if timeout_s <= 0:
-            raise ValueError(f"TorchComm: timeout_s must be positive, got {timeout_s}")
+            raise ConfigError(f"TorchComm: timeout_s must be positive, got {timeout_s}")
         self.process_group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.process_group)
         self.world_size = dist.get_world_size(self.process_group)
@@ -194,3 +199,33 @@ class TorchComm:
         objects = [None] * self.world_size
         dist.all_gather_object(objects, obj, group=self.process_group)
         return objects
+
+    def subgroup(self, ranks: Sequence[int]) -> "TorchComm":
+        """The comm of ``ranks`` (see ``Comm.subgroup``), on a new torch.distributed group."""
+        group, _ = new_process_subgroup(self, ranks)
+        return TorchComm(group, self.timeout_s)
+
+
+def new_process_subgroup(comm, ranks: Sequence[int]) -> Tuple[dist.ProcessGroup, int]:
+    """The torch.distributed group of ``ranks`` (numbered as in ``comm``, which spans
+    torch.distributed's whole world) and its index among every rank's groups.
+
+    ``dist.new_group`` must be entered by every process of the world for every group, in the same
+    order, so the ranks first tell each other which group each asks for."""
+    ranks = [int(r) for r in ranks]
+    if comm.rank not in ranks:
+        raise InputError(f"subgroup: rank {comm.rank} asked for the group {ranks}, which excludes it")
+    if comm.world_size != dist.get_world_size():
+        raise InputError(
+            f"subgroup: the comm has {comm.world_size} of the world's {dist.get_world_size()} ranks; "
+            "torch.distributed makes new groups only from a comm over the whole world"
+        )
+    groups: List[Tuple[int, ...]] = []
+    for asked in comm.all_gather_object(tuple(ranks)):
+        if asked not in groups:
+            groups.append(asked)
+    check_partition(groups, comm.world_size)
+    global_ranks = [dist.get_global_rank(comm.process_group, r) for r in range(comm.world_size)]
+    made = [dist.new_group([global_ranks[r] for r in group]) for group in groups]
+    index = groups.index(tuple(ranks))
+    return made[index], index

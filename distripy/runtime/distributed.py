@@ -4,12 +4,15 @@ import os
 from datetime import timedelta
 from typing import Optional, Tuple
 
+from distripy.config import PROCESS_GROUP_TIMEOUT_S
+from distripy.errors import LaunchError
+
 __all__ = ["init"]
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def init(backend: Optional[str] = None, timeout_s: float = 600.0) -> Tuple[int, int]:
+def init(backend: Optional[str] = None, timeout_s: float = PROCESS_GROUP_TIMEOUT_S) -> Tuple[int, int]:
     """Initialise torch.distributed from the environment torchrun sets, unless already done.
 
     ``backend`` defaults to ``nccl`` when CUDA is available (and then each process takes the GPU
@@ -25,7 +28,7 @@ def init(backend: Optional[str] = None, timeout_s: float = 600.0) -> Tuple[int, 
     if len(missing) == len(_TORCHRUN_VARIABLES):
         return 0, 1
     if missing:
-        raise RuntimeError(
+        raise LaunchError(
             f"distripy.init: the environment has some of torchrun's variables but not {', '.join(missing)}; "
             "launch with torchrun (or set all of RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)"
         )
@@ -36,7 +39,7 @@ def init(backend: Optional[str] = None, timeout_s: float = 600.0) -> Tuple[int, 
     if use_cuda and backend == "nccl":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
+            raise LaunchError(
                 f"distripy.init: LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs "
                 "are visible"
             )

@@ -1,0 +1,67 @@
+"""The VAE decoder's forward wrapper: every rank decodes one band of the latent, exactly.
+
+At 4K the VAE decoder's last blocks hold 128-channel activations of 3840 x 3840 pixels per image:
+decoding on every rank repeats that work N times and needs it to fit on one GPU. Here the decoder's
+convolutions, GroupNorms and mid-block self-attention are the patch-parallel modules, run in a
+context that is always synchronous (``full_sync``: fresh halos, whole-image statistics and keys),
+so the decoded bands are exactly the single-device decode's rows; one all-gather gives every rank
+the whole image.
+
+A latent whose height does not split into whole bands (an edge tile of ``enable_vae_tiling``'s
+tiled decode can be one) is decoded whole on every rank: the same result, without the speedup.
+"""
+
+import torch
+
+from distripy.errors import InputError, UnsupportedModuleError
+from distripy.parallel.agreement import agree
+from distripy.parallel.bands import gather_bands, take_band
+from distripy.parallel.context import PatchContext
+
+__all__ = ["PatchDecoderForward"]
+
+
+class PatchDecoderForward:
+    """Replaces ``vae.decoder.forward``: bands in on every rank, the whole decoded image out."""
+
+    def __init__(self, decoder: torch.nn.Module, context: PatchContext, comm) -> None:
+        self.original_forward = decoder.forward
+        self.context = context
+        self.comm = comm
+        self._parameter = next(decoder.parameters())
+
+    def _problem(self, sample, latent_embeds):
+        if latent_embeds is not None:
+            return (
+                UnsupportedModuleError,
+                "a decoder conditioned on latent_embeds (SpatialNorm) cannot decode bands",
+            )
+        if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
+            return (
+                InputError,
+                f"the decoder's input must be a (batch, channels, height, width) tensor, got {sample!r:.80}",
+            )
+        if sample.device != self._parameter.device:
+            return (
+                InputError,
+                f"latent is on {sample.device} but the VAE's parameters are on {self._parameter.device}",
+            )
+        return None
+
+    def __call__(self, sample: torch.Tensor, latent_embeds=None) -> torch.Tensor:
+        comm, context = self.comm, self.context
+        problem = self._problem(sample, latent_embeds)
+        description = (tuple(sample.shape), str(sample.dtype)) if problem is None else None
+        agree(comm, description, problem, what="latent to decode")
+        world, rank = comm.world_size, comm.rank
+        if sample.shape[2] % world != 0:
+            return self.original_forward(sample, latent_embeds)
+        context.start_generation(comm, rank, world)
+        context.begin_step()
+        completed = False
+        try:
+            band = self.original_forward(take_band(sample, rank, world), latent_embeds)
+            completed = True
+        finally:
+            context.end_step(issue_pending=completed)
+        return gather_bands(comm, band)

@@ -1,0 +1,163 @@
+"""Which modules of a diffusers model can run on bands, and swapping them for the patch-parallel ones.
+
+``plan_swaps`` checks every module before anything is changed: a spatial module whose band-wise
+result would not be the band of its whole-image result (a transposed convolution, batch or
+instance statistics, reflect padding, FIR resampling, ...) is refused with its module path, and
+the paths of what must be swapped are returned:
+
+* ``Conv2d`` with a kernel taller than one row -> ``PatchConv2d`` (halo rows from the neighbouring
+  bands); 1x1 convolutions, linear layers and embeddings stay as they are (local);
+* ``GroupNorm`` -> ``PatchGroupNorm`` (statistics of the whole image);
+* self-attention -> ``PatchSelfAttnProcessor`` through diffusers' processor API; cross-attention
+  stays local.
+
+``swap_modules`` then swaps them (sharing the original parameters) and fuses each plain
+``ResnetBlock2D``'s GroupNorm -> SiLU -> conv (``PatchResnetForward``).
+"""
+
+import functools
+from typing import Dict, List
+
+import torch.nn as nn
+
+from distripy.errors import UnsupportedModuleError
+from distripy.parallel.attention import PatchSelfAttnProcessor
+from distripy.parallel.context import PatchContext
+from distripy.parallel.conv import PatchConv2d, check_conv, conv_needs_halo
+from distripy.parallel.group_norm import PatchGroupNorm
+from distripy.parallel.resnet import PatchResnetForward, resnet_fusable
+
+__all__ = ["REFUSED", "plan_swaps", "swap_modules"]
+
+# Modules whose result on a band is not the band of their result on the image, by class name
+# (diffusers' and torch's), with the reason given in the error.
+REFUSED = {
+    "ConvTranspose1d": "a transposed convolution",
+    "ConvTranspose2d": "a transposed convolution",
+    "ConvTranspose3d": "a transposed convolution",
+    "Conv3d": "a 3-D convolution",
+    "BatchNorm2d": "batch statistics over the whole image",
+    "SyncBatchNorm": "batch statistics over the whole image",
+    "InstanceNorm2d": "instance statistics over the whole image",
+    "LocalResponseNorm": "a cross-channel window norm",
+    "AdaGroupNorm": "a GroupNorm computed outside nn.GroupNorm",
+    "SpatialNorm": "a norm conditioned on an image-sized map",
+    "FirUpsample2D": "FIR resampling",
+    "FirDownsample2D": "FIR resampling",
+    "KUpsample2D": "padded FIR resampling",
+    "KDownsample2D": "padded FIR resampling",
+    "GatedSelfAttentionDense": "GLIGEN self-attention over image and grounding tokens",
+    "PatchEmbed": "patch embedding with absolute positions",
+    "AdaptiveAvgPool2d": "pooling over the whole image",
+    "AdaptiveMaxPool2d": "pooling over the whole image",
+}
+
+
+def _check_pool(module: nn.Module, path: str) -> None:
+    kernel, stride, padding = module.kernel_size, module.stride, module.padding
+    kernel = kernel if isinstance(kernel, int) else kernel[0]
+    stride = stride if isinstance(stride, int) else stride[0]
+    padding = padding if isinstance(padding, int) else padding[0]
+    if kernel != stride or padding != 0:
+        raise UnsupportedModuleError(
+            f"{path}: {type(module).__name__}(kernel={kernel}, stride={stride}, padding={padding}); only "
+            "non-overlapping unpadded pooling is band-exact"
+        )
+
+
+def _check_upsample(module: nn.Module, path: str) -> None:
+    if module.mode != "nearest" or module.size is not None:
+        raise UnsupportedModuleError(
+            f"{path}: nn.Upsample(mode={module.mode!r}, size={module.size}); "
+            "only nearest scaling is band-exact"
+        )
+
+
+def _check_resnet(module: nn.Module, path: str) -> None:
+    for name in ("upsample", "downsample"):
+        resample = getattr(module, name, None)
+        if (
+            isinstance(resample, functools.partial)
+            and getattr(resample.func, "__name__", "") != "interpolate"
+        ):
+            raise UnsupportedModuleError(
+                f"{path}.{name}: {resample.func.__name__} resampling is not band-exact"
+            )
+
+
+def _check_attention(module: nn.Module, path: str) -> bool:
+    """Whether this Attention is a self-attention to patch (cross-attention stays local)."""
+    if getattr(module, "added_kv_proj_dim", None) is not None:
+        raise UnsupportedModuleError(f"{path}: attention with added key/value projections (joint self/cross)")
+    if getattr(module, "spatial_norm", None) is not None:
+        raise UnsupportedModuleError(f"{path}: attention with a spatial norm")
+    if module.is_cross_attention:
+        return False
+    processor = type(module.processor).__name__
+    if processor not in (
+        "AttnProcessor",
+        "AttnProcessor2_0",
+        "FusedAttnProcessor2_0",
+        "XFormersAttnProcessor",
+    ):
+        raise UnsupportedModuleError(
+            f"{path}: self-attention with processor {processor}; patch parallelism replaces the standard "
+            "processors only, so this one would be silently dropped"
+        )
+    return True
+
+
+def plan_swaps(model: nn.Module) -> Dict[str, List[str]]:
+    """Check every module; return the paths of the convolutions, norms and self-attentions to swap."""
+    from diffusers.models.attention_processor import Attention
+
+    plan: Dict[str, List[str]] = {"conv": [], "norm": [], "attention": []}
+    for path, module in model.named_modules():
+        path = path or type(model).__name__
+        kind = type(module).__name__
+        if kind in REFUSED:
+            raise UnsupportedModuleError(f"{path}: {kind} ({REFUSED[kind]}) cannot run on bands")
+        if isinstance(module, nn.Conv2d):
+            check_conv(module, path)
+            if conv_needs_halo(module):
+                plan["conv"].append(path)
+        elif isinstance(module, nn.Conv1d):
+            raise UnsupportedModuleError(f"{path}: Conv1d over a token sequence would need a halo")
+        elif isinstance(module, nn.GroupNorm):
+            plan["norm"].append(path)
+        elif isinstance(module, (nn.AvgPool2d, nn.MaxPool2d)):
+            _check_pool(module, path)
+        elif isinstance(module, nn.Upsample):
+            _check_upsample(module, path)
+        elif kind in ("ResnetBlock2D",):
+            _check_resnet(module, path)
+        elif isinstance(module, Attention):
+            if _check_attention(module, path):
+                plan["attention"].append(path)
+        elif kind == "Transformer2DModel" and not getattr(module, "is_input_continuous", True):
+            raise UnsupportedModuleError(
+                f"{path}: Transformer2DModel on patches or vectors (absolute positions)"
+            )
+    return plan
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+def swap_modules(model: nn.Module, context: PatchContext) -> None:
+    """Check every module of ``model``, then swap its convolutions, GroupNorms and self-attention
+    processors for the patch-parallel ones of ``context`` and fuse its ResNet blocks."""
+    plan = plan_swaps(model)
+    for path in plan["conv"]:
+        _set_submodule(model, path, PatchConv2d.from_conv(model.get_submodule(path), context, path))
+    for path in plan["norm"]:
+        _set_submodule(model, path, PatchGroupNorm.from_group_norm(model.get_submodule(path), context, path))
+    for path in plan["attention"]:
+        model.get_submodule(path).set_processor(PatchSelfAttnProcessor(context, path))
+    # ResNet blocks: GroupNorm -> SiLU -> conv fused (the same result, the activation read once).
+    for module in model.modules():
+        if resnet_fusable(module):
+            module.forward = PatchResnetForward(module, context)

@@ -1,0 +1,93 @@
+"""Choosing the communication backend and building the communicators of a parallel model.
+
+One place decides which ``Comm`` a ``DistriConfig`` asks for, refuses before any work a backend
+this machine or build cannot run, and makes the comm of all ranks plus, for CFG split, the comm
+of this rank's patch group:
+
+* ``comm_backend='nccl'``, or ``'auto'`` with ``use_cuda_graph``: ``NcclComm`` (the C++ runtime,
+  whose transfers join CUDA-graph captures); otherwise ``TorchComm`` (torch.distributed: gloo on
+  CPU, NCCL on GPUs);
+* a patch group is a ``subgroup`` of the world comm, so a comm the caller passes in (e.g. a
+  ``LoopbackComm``) gets its patch groups the same way as one built here.
+"""
+
+from typing import Dict, Optional
+
+from distripy.config import DistriConfig
+from distripy.errors import ConfigError, InputTypeError
+from distripy.runtime.loader import native_available, native_unavailable_reason
+
+__all__ = ["check_backends", "comm_class", "make_comms", "patch_group_ranks", "uses_native_runtime"]
+
+
+def uses_native_runtime(config: DistriConfig) -> bool:
+    """The C++ runtime: asked for, or ``auto`` with CUDA graphs (which torch.distributed's transfers
+    cannot join here)."""
+    return config.comm_backend == "nccl" or (config.comm_backend == "auto" and config.use_cuda_graph)
+
+
+def check_backends(config: DistriConfig, comm=None) -> None:
+    """Refuse, before any work, a backend this machine or build cannot run (``comm``: a comm the
+    caller provides instead of one built from ``config.comm_backend``)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if comm is None and uses_native_runtime(config):
+        what = "comm_backend='nccl'" if config.comm_backend == "nccl" else "use_cuda_graph=True"
+        if not cuda:
+            raise ConfigError(f"DistriConfig.{what} needs CUDA GPUs; torch sees none")
+        if not native_available():
+            raise ConfigError(f"DistriConfig.{what} needs distripy._C: {native_unavailable_reason()}")
+    if config.use_cuda_graph:
+        if not cuda:
+            raise ConfigError("DistriConfig.use_cuda_graph=True needs CUDA GPUs; torch sees none")
+        if comm is None and config.comm_backend == "torch":
+            raise ConfigError(
+                "DistriConfig.use_cuda_graph=True needs the C++ runtime (comm_backend 'nccl' or 'auto'): "
+                "torch.distributed's transfers are not captured into CUDA graphs here"
+            )
+        if comm is not None and not getattr(comm, "supports_cuda_graphs", False):
+            raise ConfigError(
+                f"DistriConfig.use_cuda_graph=True: the given {type(comm).__name__} cannot be captured "
+                "into a CUDA graph (use NcclComm or LoopbackComm)"
+            )
+    if config.kernel_backend == "triton" and not cuda:
+        raise ConfigError(
+            "DistriConfig.kernel_backend='triton' needs CUDA GPUs; torch sees none (use 'torch' or 'auto')"
+        )
+
+
+def comm_class(config: DistriConfig) -> type:
+    """The ``Comm`` class ``config`` asks for (``NcclComm`` or ``TorchComm``)."""
+    if uses_native_runtime(config):
+        from distripy.runtime.nccl_comm import NcclComm
+
+        return NcclComm
+    from distripy.runtime.torch_comm import TorchComm
+
+    return TorchComm
+
+
+def patch_group_ranks(rank: int, world_size: int) -> range:
+    """With CFG split: the ranks of ``rank``'s half of the world (the first half denoises the first
+    half of the batch)."""
+    half = world_size // 2
+    first = rank // half * half
+    return range(first, first + half)
+
+
+def make_comms(config: DistriConfig, comm=None):
+    """``(world, patch)``: the comm of all ranks (``comm``, or one built from ``config`` over
+    torch.distributed's world) and, keyed by whether the batch is split, the comm of this rank's
+    patch group. Every rank must call this together (the split is collective)."""
+    world = comm if comm is not None else comm_class(config)(None, config.timeout_s)
+    patch: Dict[bool, object] = {False: world}
+    if config.split_batch and world.world_size % 2 == 0:
+        subgroup: Optional[object] = getattr(world, "subgroup", None)
+        if subgroup is None:
+            raise InputTypeError(
+                f"parallelize: split_batch needs the given {type(world).__name__} to provide "
+                "subgroup(ranks); or set DistriConfig(split_batch=False)"
+            )
+        patch[True] = subgroup(patch_group_ranks(world.rank, world.world_size))
+    return world, patch
