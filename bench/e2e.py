@@ -30,6 +30,8 @@ from common import environment, results_path, write_json
 from sdxl import VAE_SCALE, build_unet, inputs
 from step_profile import KINDS, kind_of, middle_rank, profiles_from_log
 
+from distripy.config import KERNEL_BACKENDS
+
 PAPER_EFFICIENCY_8 = {1024: 0.42, 2048: 0.72, 3840: 0.82}  # T1 / (8 * T_8, no communication)
 TARGET_EFFICIENCY_8 = {1024: 0.60, 2048: 0.85, 3840: 0.92}  # the performance targets, H100, graphs + Triton
 
@@ -248,7 +250,7 @@ def main(argv=None) -> int:
         help="CFG split settings to measure",
     )
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "torch"])
+    parser.add_argument("--kernel-backend", default="auto", choices=KERNEL_BACKENDS)
     parser.add_argument("--skip", type=int, default=6, help="steps of each generation not timed")
     parser.add_argument("--repeats", type=int, default=15, help="timed steps; the median is reported")
     parser.add_argument("--device", default="cuda")
