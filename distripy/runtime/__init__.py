@@ -8,7 +8,10 @@
   ``TrafficLog`` records what a rank sends, and where in the step;
 * ``native()``: the C++/NCCL runtime ``distripy._C``; when it is absent (installed with
   ``DISTRIPY_SKIP_EXT=1``, or its shared libraries cannot be loaded) it raises
-  ``NativeRuntimeUnavailable`` with the reason and the remedy.
+  ``NativeRuntimeUnavailable`` with the reason and the remedy;
+* ``factory``: which comm a ``DistriConfig`` asks for, the refusal of a backend this machine
+  cannot run, and the world and patch-group comms of a parallel model;
+* ``distributed.init``: torch.distributed from torchrun's environment (``distripy.init``).
 
 Importing this package does not import torch; ``TorchComm`` and ``NcclComm`` do, on first use.
 """
