@@ -181,9 +181,7 @@ class PatchContext:
         inside one)."""
         for work in self.in_flight():
             work.synchronize(self.config.timeout_s)
-        for state in self._states:
-            if state.exchange is not None:
-                state.exchange = state.exchange.completed()
+        self.restore_exchanges(self.exchanges())
 
     def exchanges(self) -> List[Tuple[PatchState, Optional[Exchange]]]:
         """Every module's exchange for the next step, without its handles: what a replayed graph

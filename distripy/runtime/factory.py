@@ -11,7 +11,7 @@ of this rank's patch group:
   ``LoopbackComm``) gets its patch groups the same way as one built here.
 """
 
-from typing import Dict, Optional
+from typing import Dict
 
 from distripy.config import DistriConfig
 from distripy.errors import ConfigError, InputTypeError
@@ -83,11 +83,10 @@ def make_comms(config: DistriConfig, comm=None):
     world = comm if comm is not None else comm_class(config)(None, config.timeout_s)
     patch: Dict[bool, object] = {False: world}
     if config.split_batch and world.world_size % 2 == 0:
-        subgroup: Optional[object] = getattr(world, "subgroup", None)
-        if subgroup is None:
+        if not hasattr(world, "subgroup"):
             raise InputTypeError(
                 f"parallelize: split_batch needs the given {type(world).__name__} to provide "
                 "subgroup(ranks); or set DistriConfig(split_batch=False)"
             )
-        patch[True] = subgroup(patch_group_ranks(world.rank, world.world_size))
+        patch[True] = world.subgroup(patch_group_ranks(world.rank, world.world_size))
     return world, patch
