@@ -36,7 +36,7 @@ from step_profile import StepProfile, roofline_profiles
 
 PROFILE_CACHE = RESULTS / "profiles"
 STEPS = 50
-WARMUP_STEPS = 4
+WARMUP_STEPS = 5  # synchronous steps: distripy's default (DistriConfig.warmup_steps)
 RESOLUTIONS = (1024, 2048, 3840)
 WORLD_SIZES = (2, 4, 8)
 

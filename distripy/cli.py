@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from distripy.config import DEFAULT_MODE, MODES
+from distripy.config import DEFAULT_MODE, DEFAULT_WARMUP_STEPS, MODES
 from distripy.errors import DistripyError
 
 __all__ = ["CommandError", "check_demo", "check_generate", "main"]
@@ -76,7 +76,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=MODES, default=DEFAULT_MODE)
-    parser.add_argument("--warmup-steps", type=int, default=4)
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=DEFAULT_WARMUP_STEPS,
+        help=f"synchronous steps at the start (default {DEFAULT_WARMUP_STEPS}; the reference's W is W + 1 here)",
+    )
     parser.add_argument("--no-split-batch", action="store_true", help="keep CFG's two halves on every rank")
     parser.add_argument("--nproc", type=int, default=None, help="ranks to launch (one GPU each when present)")
 

@@ -12,23 +12,41 @@ __all__ = [
     "COMM_BACKENDS",
     "DEFAULT_MODE",
     "DEFAULT_TIMEOUT_S",
+    "DEFAULT_WARMUP_STEPS",
     "DistriConfig",
     "KERNEL_BACKENDS",
     "MODES",
     "PROCESS_GROUP_TIMEOUT_S",
 ]
 
-MODES = ("corrected_async_gn", "full_sync", "sync_gn", "stale_gn", "naive_patch")
+MODES = ("corrected_async_gn", "full_sync", "sync_gn", "stale_gn", "separate_gn", "naive_patch")
 """
-* ``corrected_async_gn`` (default, DistriFusion's): after warm-up, halos and attention K/V from
-  the previous step; GroupNorm statistics corrected with this step's local ones;
+The modes of displaced patch parallelism, DistriFusion's (arXiv 2402.19481) and its reference
+implementation's names. Every mode but ``naive_patch`` makes the first ``warmup_steps`` steps of a
+generation synchronous: fresh halos, keys/values and statistics, exact. After the warm-up, with
+``E(all)`` the whole image's per-(batch, group) ``[E[x], E[x^2]]``, ``E(own)`` this band's, ``t``
+this step and ``t-1`` the previous one:
+
+* ``corrected_async_gn`` (default; the paper's corrected asynchronous GroupNorm): halos and
+  self-attention keys/values of the other bands from step ``t-1``;
+  ``E_t(all) ~ E_{t-1}(all) + (E_t(own) - E_{t-1}(own))``, and where the variance that gives is not
+  positive, the band's own fresh variance (the mean is kept);
 * ``full_sync``: every exchange fresh every step: equals the single-device result;
-* ``sync_gn``: stale halos and K/V, fresh (synchronous) GroupNorm statistics;
-* ``stale_gn``: stale halos, K/V and GroupNorm statistics;
-* ``naive_patch``: no exchange at all, every band alone (the baseline that shows seams).
+* ``sync_gn``: stale halos and keys/values; ``E_t(all)`` exchanged fresh (synchronously);
+* ``stale_gn``: stale halos and keys/values; the other bands' statistics from ``t-1``, this band's
+  from ``t``: ``E_t(all) ~ sum over bands b != own of w_b E_{t-1}(b) + w_own E_t(own)`` (``w_b``:
+  a band's share of the image's elements);
+* ``separate_gn``: stale halos and keys/values; every band normalised with its own statistics
+  ``E_t(own)``;
+* ``naive_patch``: no exchange at all, in any step: every band alone, its edges zero padded (the
+  baseline that shows seams).
 """
 
 DEFAULT_MODE = "corrected_async_gn"
+
+DEFAULT_WARMUP_STEPS = 5
+"""Synchronous steps at the start of a generation: the reference implementation's default (its
+``warmup_steps=4``, steps 0..4)."""
 
 COMM_BACKENDS = ("auto", "nccl", "torch")
 """``nccl``: the C++ runtime ``distripy._C``; ``torch``: torch.distributed; ``auto``: ``torch``, or
@@ -55,8 +73,12 @@ def _check_choice(name: str, value, allowed) -> None:
 class DistriConfig:
     """Settings of displaced patch parallelism.
 
-    ``warmup_steps``: the first steps of every generation exchange fresh activations
-    synchronously (at least the first step always does: there is nothing stale yet).
+    ``warmup_steps``: how many steps at the start of every generation are synchronous (fresh,
+    exact exchanges); the asynchronous steps follow. The first step is synchronous even with 0:
+    there is nothing stale to use yet. DistriFusion's reference implementation
+    (``distrifuser.DistriConfig``) counts differently: its ``warmup_steps=W`` makes steps ``0..W``
+    synchronous, ``W + 1`` steps; its default 4 is this default 5. So distripy's ``W + 1`` is its
+    ``W``.
     ``split_batch``: with an even batch (classifier-free guidance's (uncond, cond) halves) and an
     even number of ranks, each half of the ranks denoises one half of the batch.
     ``comm_backend``: ``nccl`` (the C++ runtime), ``torch`` (torch.distributed) or ``auto``.
@@ -75,7 +97,7 @@ class DistriConfig:
     copy for the next ``parallelize``.
     """
 
-    warmup_steps: int = 4
+    warmup_steps: int = DEFAULT_WARMUP_STEPS
     mode: str = DEFAULT_MODE
     split_batch: bool = True
     comm_backend: str = "auto"

@@ -5,7 +5,7 @@ holds an op's plain-torch reference, which defines the op; the fused Triton kern
 CUDA live beside their reference and are tested against it (on CPU under ``TRITON_INTERPRET=1``).
 
 * ``group_norm_stats``: per (batch, group) sum and sum of squares of a band (+ Triton kernel);
-* ``group_norm_combine``: the sync / corrected / stale combination and mean, rstd;
+* ``group_norm_combine``: the sync / corrected / stale / local combination and mean, rstd;
 * ``group_norm_apply``: normalise + affine (+ SiLU), optionally into a view (+ Triton kernel);
 * ``halo_conv``: a band's convolution from the band and its halo rows held apart, optionally
   with the GroupNorm (+ SiLU) of its input fused in as a prologue (+ Triton kernel, groups=1);
@@ -16,7 +16,7 @@ Triton kernels, the convolution's path chosen per shape; on CPU the references).
 """
 
 from distripy.kernels.group_norm_apply import group_norm_apply, group_norm_apply_reference
-from distripy.kernels.group_norm_combine import corrected_sums, mean_rstd
+from distripy.kernels.group_norm_combine import corrected_sums, mean_rstd, stale_sums
 from distripy.kernels.group_norm_stats import elements_per_group, group_norm_stats, group_norm_stats_reference
 from distripy.kernels.halo_conv import (
     GroupNormPrologue,
@@ -39,4 +39,5 @@ __all__ = [
     "halo_conv2d_reference",
     "halo_rows",
     "mean_rstd",
+    "stale_sums",
 ]

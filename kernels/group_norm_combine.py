@@ -1,17 +1,28 @@
 """Combining GroupNorm statistics across ranks, and turning them into mean and rstd.
 
-Statistics are ``(B, G, 2)`` fp32 tensors of ``[sum, sum of squares]`` (see
-``group_norm_stats``). The modes (docs/architecture.md) combine them as follows:
+Statistics are ``(B, G, 2)`` fp32 tensors of ``[sum, sum of squares]`` per (batch, group) (see
+``group_norm_stats``). Dividing by an element count gives ``E = [E[x], E[x^2]]``. With ``E(all)``
+the whole image's, ``E(own)`` this band's, ``t`` this step and ``t-1`` the previous, and ``n`` the
+image's element count over the band's (the number of bands, when they are equal):
 
-* sync: the image's sums are the all-reduced sum of every band's sums;
-* corrected async: ``global_t ~ global_{t-1} - local_{t-1} + local_t``: last step's image sums
-  with this band's stale share replaced by its fresh one (DistriFusion's correction);
-* stale: last step's image sums as they are.
+* sync (``full_sync``, ``sync_gn``, warm-up): ``E_t(all)`` exactly: the sum of every band's sums;
+* corrected (``corrected_async_gn``, DistriFusion's corrected asynchronous GroupNorm):
+  ``E_t(all) ~ E_{t-1}(all) + (E_t(own) - E_{t-1}(own))``: last step's image moved by this band's
+  own change. In sums: ``S_{t-1}(all) + n * (S_t(own) - S_{t-1}(own))`` (``corrected_sums``);
+* stale (``stale_gn``): the other bands' statistics from ``t-1``, this band's from ``t``:
+  ``S_{t-1}(all) - S_{t-1}(own) + S_t(own)`` (``stale_sums``), the exact statistics of an image
+  whose other bands are last step's;
+* local (``separate_gn``, ``naive_patch``): ``E_t(own)``.
 
-A corrected estimate can have ``E[x^2] - E[x]^2 <= 0`` when this band's activations shrank
-sharply between steps; that group then uses the band's fresh variance instead, which is always a
-variance. The work is a handful of element-wise operations on ``B x G`` numbers, so it stays in
-torch on every device; the tensors stay on the device and no value is read on the host.
+The corrected estimate extrapolates, so ``E[x^2] - E[x]^2`` can come out at or below zero (this
+band's change is not every band's); that group then uses the band's own fresh variance, always a
+variance, and keeps the estimated mean (``mean_rstd(fallback_sums=...)``). The stale estimate is
+the variance of real values and needs no fallback. Variances are biased (divided by the count),
+as ``torch.nn.GroupNorm``'s are; the reference implementation's are unbiased (``N / (N - 1)``).
+
+The work is a handful of element-wise operations on ``B x G`` numbers, the same for every kernel
+backend (the Triton statistics feed it as the reference's do); it stays in torch, on the device,
+and reads no value on the host.
 """
 
 from typing import Optional, Tuple
@@ -20,14 +31,24 @@ import torch
 
 from distripy.errors import InputError
 
-__all__ = ["corrected_sums", "mean_rstd"]
+__all__ = ["corrected_sums", "mean_rstd", "stale_sums"]
 
 
 def corrected_sums(
-    global_prev: torch.Tensor, local_prev: torch.Tensor, local_now: torch.Tensor
+    image_prev: torch.Tensor, own_prev: torch.Tensor, own_now: torch.Tensor, image_per_band: float
 ) -> torch.Tensor:
-    """The corrected estimate of this step's image sums: ``global_prev - local_prev + local_now``."""
-    return global_prev - local_prev + local_now
+    """The paper's corrected estimate of this step's image sums: ``image_prev + image_per_band *
+    (own_now - own_prev)``, where ``image_per_band`` is the image's element count over the band's
+    (so that the image's *means* move by the band's change of means)."""
+    if not image_per_band >= 1:
+        raise InputError(f"corrected_sums: image_per_band must be >= 1, got {image_per_band}")
+    return torch.add(image_prev, own_now - own_prev, alpha=image_per_band)
+
+
+def stale_sums(image_prev: torch.Tensor, own_prev: torch.Tensor, own_now: torch.Tensor) -> torch.Tensor:
+    """The other bands' sums from last step with this band's from this step:
+    ``image_prev - own_prev + own_now``."""
+    return image_prev - own_prev + own_now
 
 
 def _mean_var(sums: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ from distripy.kernels import (
     halo_conv2d,
     halo_rows,
     mean_rstd,
+    stale_sums,
 )
 
 
@@ -74,17 +75,41 @@ def test_sums_of_bands_give_the_image_statistics():
     torch.testing.assert_close(y.double(), F.group_norm(x.double(), groups, eps=eps), rtol=1e-5, atol=2e-5)
 
 
-def test_corrected_sums_replace_this_bands_stale_share():
+def test_stale_sums_replace_this_bands_stale_share():
     groups = 2
     previous = [_random(1, 4, 3, 5, seed=s) for s in (7, 8)]
     now = _random(1, 4, 3, 5, seed=9, scale=3.0)
     image_prev = group_norm_stats(previous[0], groups) + group_norm_stats(previous[1], groups)
-    estimate = corrected_sums(
-        image_prev, group_norm_stats(previous[0], groups), group_norm_stats(now, groups)
-    )
+    estimate = stale_sums(image_prev, group_norm_stats(previous[0], groups), group_norm_stats(now, groups))
     # exactly the statistics of (the other band as it was) + (this band as it is now)
     expected = group_norm_stats(torch.cat([now, previous[1]], dim=2), groups)
     torch.testing.assert_close(estimate, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bands", [2, 3, 8])
+def test_corrected_sums_move_the_image_means_by_the_bands_change(bands):
+    """DistriFusion: E_t(all) ~ E_{t-1}(all) + (E_t(own) - E_{t-1}(own)), for E[x] and E[x^2];
+    the expectation from float64 means of the tensors themselves."""
+    groups, rows = 2, 3
+    image_prev = _random(2, 4, rows * bands, 5, seed=12)
+    own_prev = image_prev[:, :, :rows]
+    own_now = _random(2, 4, rows, 5, seed=13, scale=2.0, shift=0.5)
+    count = elements_per_group(own_now, groups)
+    estimate = corrected_sums(
+        group_norm_stats(image_prev, groups),
+        group_norm_stats(own_prev, groups),
+        group_norm_stats(own_now, groups),
+        image_per_band=bands,
+    )
+
+    def moments(x):
+        grouped = x.double().reshape(2, groups, -1)
+        return torch.stack([grouped.mean(-1), grouped.pow(2).mean(-1)], dim=-1)
+
+    expected = moments(image_prev) + moments(own_now) - moments(own_prev)
+    torch.testing.assert_close(estimate.double() / (count * bands), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="image_per_band must be >= 1, got 0.5"):
+        corrected_sums(estimate, estimate, estimate, 0.5)
 
 
 def test_non_positive_variance_falls_back_to_the_local_variance():

@@ -73,107 +73,108 @@ def _check_conv_results(results, world_size, stale_tolerance=1e-6):
         torch.testing.assert_close(stale_out, expected_stale, rtol=stale_tolerance, atol=stale_tolerance)
 
 
-def _group_norm_of(band, image, groups, weight, bias, eps):
-    """GroupNorm of ``band`` with the mean and variance of ``image`` per (batch, group), in float64:
-    a direct computation, not the kernels' sums."""
-    batch, channels = band.shape[:2]
-    flat = image.double().reshape(batch, groups, -1)
-    mean = flat.mean(-1)[:, :, None]
-    var = flat.var(-1, unbiased=False)[:, :, None]
-    grouped = band.double().reshape(batch, groups, -1)
-    normed = ((grouped - mean) / torch.sqrt(var + eps)).reshape(band.shape)
-    return normed * weight.double()[:, None, None] + bias.double()[:, None, None]
+GROUP_NORM_MODES = ("full_sync", "sync_gn", "corrected_async_gn", "stale_gn", "separate_gn", "naive_patch")
 
 
-def _group_norm_body(rank, world_size, mode, kernel_backend="torch"):
-    from distripy.parallel import PatchGroupNorm
+def _moments(x, groups):
+    """``[E[x], E[x^2]]`` per (batch, group), float64, (2, B, G)."""
+    grouped = x.double().reshape(x.shape[0], groups, -1)
+    return torch.stack([grouped.mean(-1), (grouped * grouped).mean(-1)])
 
-    torch.manual_seed(0)
-    norm = torch.nn.GroupNorm(4, 8)
-    torch.nn.init.normal_(norm.weight)
-    torch.nn.init.normal_(norm.bias)
-    context = _context(mode, world_size, rank, kernel_backend=kernel_backend)
-    patch = PatchGroupNorm.from_group_norm(norm, context, "norm")
-    x0, x1 = _images(2, (2, 8, 3 * world_size, 5), 2)
-    x1 = x1 * 2 + 0.5  # the statistics move between steps
-    sync_out = _step(context, patch, _band(x0, rank, world_size))
-    async_out = _step(context, patch, _band(x1, rank, world_size))
-    context.drain()
-    # The expectation, from the statistics of whole images in float64. corrected_async_gn: last
-    # step's image with this band's rows replaced by this step's (its sums corrected by the band's
-    # change); stale_gn: last step's image as it was.
-    if mode == "corrected_async_gn":
-        statistics_of = x0.clone()
-        rows = x0.shape[2] // world_size
-        statistics_of[:, :, rank * rows : (rank + 1) * rows] = _band(x1, rank, world_size)
+
+def _paper_statistics(mode, x0, x1, rank, world_size, groups):
+    """The mean and variance per (batch, group) that step 1 (the first asynchronous step) of
+    ``mode`` normalises band ``rank`` of ``x1`` with, in float64, from DistriFusion's definitions
+    (E = [E[x], E[x^2]]; all = the whole image, own = this band; 0, 1 = the step):
+
+    * corrected_async_gn: ``E_1(all) ~ E_0(all) + E_1(own) - E_0(own)``; a variance that is not
+      positive is replaced by the band's own at step 1;
+    * stale_gn: the mean over bands of ``E_0(band)`` for the other bands and ``E_1(own)``;
+    * sync_gn, full_sync: ``E_1(all)``; separate_gn, naive_patch: ``E_1(own)``."""
+    bands0 = [_moments(_band(x0, b, world_size), groups) for b in range(world_size)]
+    own1 = _moments(_band(x1, rank, world_size), groups)
+    if mode in ("full_sync", "sync_gn"):
+        estimate = _moments(x1, groups)
+    elif mode == "corrected_async_gn":
+        estimate = _moments(x0, groups) + own1 - bands0[rank]
+    elif mode == "stale_gn":
+        estimate = sum(own1 if b == rank else bands0[b] for b in range(world_size)) / world_size
     else:
-        statistics_of = x0
-    band1 = _band(x1, rank, world_size)
-    expected = _group_norm_of(band1, statistics_of, 4, norm.weight, norm.bias, norm.eps)
-    whole0 = F.group_norm(x0.double(), 4, norm.weight.double(), norm.bias.double(), norm.eps)
-    return sync_out, async_out, expected, _band(whole0, rank, world_size)
+        estimate = own1
+    mean, var = estimate[0], estimate[1] - estimate[0] ** 2
+    if mode == "corrected_async_gn":
+        var = torch.where(var > 0, var, own1[1] - own1[0] ** 2)
+    return mean, var
 
 
-@pytest.mark.parametrize(
-    "mode, kernel_backend",
-    [("corrected_async_gn", "torch"), ("stale_gn", "torch"), ("corrected_async_gn", "triton")],
-)
-def test_patch_group_norm_sync_then_async(run_ranks, mode, kernel_backend):
-    results = run_ranks(_group_norm_body, 2, mode, kernel_backend, timeout=300)
-    for sync_out, async_out, expected, whole in results:
-        torch.testing.assert_close(sync_out.double(), whole, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(async_out.double(), expected, rtol=1e-5, atol=1e-5)
+def _normalise(band, mean, var, norm):
+    batch, groups = band.shape[0], norm.num_groups
+    grouped = band.double().reshape(batch, groups, -1)
+    normed = ((grouped - mean[..., None]) / torch.sqrt(var[..., None] + norm.eps)).reshape(band.shape)
+    return normed * norm.weight.double()[:, None, None] + norm.bias.double()[:, None, None]
 
 
-def _negative_variance_body(rank, world_size):
-    """Step 0: rank 0's band is +-2^14 (exact in fp32, and so are its squares and their sums),
-    rank 1's is ones with a little noise; step 1: rank 0's band is noisy ones too. Rank 0's corrected
-    image sums are last step's minus its huge share plus its new band. In fp32 the noisy ones' sum
-    of squares (about 48 per group) is lost next to the huge share's (48 * 2^28): the corrected sum
-    of squares then holds rank 0's new band only while the sum holds both bands, so the corrected
-    variance is about -0.5 -- negative -- and the group falls back to the band's fresh variance."""
+def _group_norm_modes_body(rank, world_size, kernel_backend, shrink):
+    """Every mode's GroupNorm over a synchronous step 0 and an asynchronous step 1 of fresh random
+    images; with ``shrink`` this band's values shrink sharply at step 1 on rank 0 (its corrected
+    variance comes out negative and falls back)."""
     from distripy.parallel import PatchGroupNorm
 
-    context = _context("corrected_async_gn", world_size, rank)
-    norm = torch.nn.GroupNorm(8, 16)
+    groups = 4
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(groups, 8)
     torch.nn.init.normal_(norm.weight)
     torch.nn.init.normal_(norm.bias)
-    patch = PatchGroupNorm.from_group_norm(norm, context, "norm")
-    generator = torch.Generator().manual_seed(3)
-    shape = (2, 16, 4, 6)
-    signs = torch.tensor([1.0, -1.0]).repeat(3)  # every row of every group: three +, three -
-    huge = (2.0**14 * signs).expand(shape).contiguous()
-    ones = [1 + 0.1 * torch.randn(*shape, generator=generator) for _ in range(2)]
-    step0 = huge if rank == 0 else ones[0]
-    step1 = ones[1] if rank == 0 else ones[0]
-    _step(context, patch, step0)
-    out = _step(context, patch, step1)
-    context.drain()
-    # float64: the mean is the corrected image's (rank 1's step-0 band and rank 0's step-1 band for
-    # rank 0; rank 0's huge band and rank 1's band for rank 1); the variance, where the fp32
-    # corrected one is not positive (rank 0), the band's own.
-    image = torch.cat([ones[1], ones[0]] if rank == 0 else [huge, ones[0]], dim=2).double()
-    batch = shape[0]
-    grouped_image = image.reshape(batch, 8, -1)
-    grouped = step1.double().reshape(batch, 8, -1)
-    mean = grouped_image.mean(-1, keepdim=True)
-    var = (grouped if rank == 0 else grouped_image).var(-1, unbiased=False, keepdim=True)
+    x0, noise = _images(2, (2, 8, 3 * world_size, 5), 2)
+    x1 = x0 * 1.3 + 0.4 + 0.3 * noise  # the statistics move between steps
+    if shrink:
+        rows = x0.shape[2] // world_size
+        x0[:, :, :rows] = 3 * torch.sign(x0[:, :, :rows])
+        x1[:, :, :rows] = 0.1 * noise[:, :, :rows]
+    results = {}
+    for mode in GROUP_NORM_MODES:
+        context = _context(mode, world_size, rank, kernel_backend=kernel_backend)
+        patch = PatchGroupNorm.from_group_norm(norm, context, "norm")
+        outputs = [_step(context, patch, _band(x, rank, world_size)) for x in (x0, x1)]
+        context.drain()
+        band0 = _band(x0, rank, world_size)
+        if mode == "naive_patch":
+            stats0 = _moments(band0, groups)
+        else:
+            stats0 = _moments(x0, groups)
+        expected0 = _normalise(band0, stats0[0], stats0[1] - stats0[0] ** 2, norm)
+        expected1 = _normalise(
+            _band(x1, rank, world_size), *_paper_statistics(mode, x0, x1, rank, world_size, groups), norm
+        )
+        results[mode] = (outputs, (expected0, expected1))
+    # whether the corrected estimate's variance (before the fallback) is not positive somewhere
+    raw = _moments(x0, groups) + _moments(_band(x1, rank, world_size), groups)
+    raw = raw - _moments(_band(x0, rank, world_size), groups)
+    return results, bool((raw[1] - raw[0] ** 2 <= 0).any())
 
-    def affine(normed):
-        return normed.reshape(shape) * norm.weight.double()[:, None, None] + norm.bias.double()[:, None, None]
 
-    expected = affine((grouped - mean) / torch.sqrt(var + norm.eps))
-    clamped = affine((grouped - mean) / torch.sqrt(torch.zeros_like(var) + norm.eps))  # no fallback
-    return out, expected, clamped
+@pytest.mark.parametrize("world_size, kernel_backend", [(2, "torch"), (3, "torch"), (2, "triton")])
+def test_group_norm_of_every_mode_follows_the_papers_formulas(run_ranks, world_size, kernel_backend):
+    for results, _ in run_ranks(_group_norm_modes_body, world_size, kernel_backend, False, timeout=300):
+        for mode, (outputs, expected) in results.items():
+            for step in (0, 1):
+                torch.testing.assert_close(outputs[step].double(), expected[step], rtol=1e-5, atol=1e-5)
+        # the estimates differ from each other at step 1, so each comparison above can fail
+        async_modes = ("sync_gn", "corrected_async_gn", "stale_gn", "separate_gn")
+        for i, a in enumerate(async_modes):
+            for b in async_modes[i + 1 :]:
+                assert not torch.allclose(results[a][0][1], results[b][0][1], rtol=1e-3, atol=1e-3), (a, b)
 
 
-def test_a_negative_corrected_variance_falls_back_and_stays_finite(run_ranks):
-    (out0, expected0, clamped0), (out1, expected1, _) = run_ranks(_negative_variance_body, 2, timeout=120)
-    assert torch.isfinite(out0).all() and torch.isfinite(out1).all()
-    # rank 0 normalised with its band's own variance, not with a clamped (or negative) one
-    torch.testing.assert_close(out0.double(), expected0, rtol=1e-3, atol=1e-3)
-    assert not torch.allclose(out0.double(), clamped0, rtol=0.1, atol=0.1)
-    torch.testing.assert_close(out1.double(), expected1, rtol=1e-3, atol=1e-3)
+def test_a_negative_corrected_variance_falls_back_to_the_bands_own(run_ranks):
+    """Rank 0's band goes from +-3 to about 0.1: the corrected E[x^2] extrapolates below E[x]^2, so
+    its groups take the band's own fresh variance; the other modes keep their formulas."""
+    (results0, negative0), (results1, _) = run_ranks(_group_norm_modes_body, 2, "torch", True, timeout=300)
+    assert negative0, "the scenario must make rank 0's corrected variance negative"
+    for results in (results0, results1):
+        for mode, (outputs, expected) in results.items():
+            assert torch.isfinite(outputs[1]).all(), mode
+            torch.testing.assert_close(outputs[1].double(), expected[1], rtol=1e-5, atol=1e-5)
 
 
 def _processor_body(rank, world_size):

@@ -2,7 +2,7 @@
 other bands through a ``Comm`` (see docs/architecture.md, "Contracts"). They ask their
 ``PatchContext`` what each step does and know no diffusers pipeline."""
 
-from distripy.parallel.attention import PatchSelfAttnProcessor
+from distripy.parallel.attention import PatchCrossAttnProcessor, PatchSelfAttnProcessor
 from distripy.parallel.context import ActivationExchange, Exchange, PatchContext, StatisticsExchange
 from distripy.parallel.conv import PatchConv2d
 from distripy.parallel.group_norm import PatchGroupNorm
@@ -14,6 +14,7 @@ __all__ = [
     "Exchange",
     "PatchContext",
     "PatchConv2d",
+    "PatchCrossAttnProcessor",
     "PatchDecoderForward",
     "PatchGroupNorm",
     "PatchSelfAttnProcessor",

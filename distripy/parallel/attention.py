@@ -1,13 +1,17 @@
-"""``PatchSelfAttnProcessor``: self-attention of one band over the whole image's keys and values.
+"""Attention processors of patch parallelism, installed with diffusers' processor API
+(``Attention.set_processor``), so the projections remain the model's own modules: a LoRA loaded or
+fused into them later still applies. Both mirror diffusers' ``AttnProcessor2_0``
+(scaled-dot-product attention), so a synchronous step equals the single-device result.
 
-Queries are the band's own tokens. Keys and values cover every token of the image: this band's
-fresh ones and the other bands' from an all-gather, waited for in a synchronous step, or from the
-previous step in a stale one (while this step's are gathered for the next). Installed with
-diffusers' processor API (``Attention.set_processor``), so the projections remain the model's own
-modules: a LoRA loaded or fused into them later still applies.
-
-The computation mirrors diffusers' ``AttnProcessor2_0`` (scaled-dot-product attention), so a
-synchronous step equals the single-device result.
+* ``PatchSelfAttnProcessor``: self-attention of one band over the whole image's keys and values.
+  Queries are the band's own tokens. Keys and values cover every token of the image: this band's
+  fresh ones and the other bands' from an all-gather, waited for in a synchronous step, or from
+  the previous step in a stale one (while this step's are gathered for the next).
+* ``PatchCrossAttnProcessor``: cross-attention, local to the band. Its keys and values depend on
+  the prompt embeddings only, which do not change during a generation: they are computed once per
+  generation and reused while the embeddings are the same tensor, unmodified (same storage, shape,
+  strides and version counter; the cache holds the tensor, so its memory cannot be reused by
+  another while cached), and recomputed otherwise.
 """
 
 from typing import Optional, Tuple
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 from distripy.errors import InputError
 from distripy.parallel.context import ActivationExchange, PatchContext, PatchState
 
-__all__ = ["PatchSelfAttnProcessor"]
+__all__ = ["PatchCrossAttnProcessor", "PatchSelfAttnProcessor"]
 
 
 class PatchSelfAttnProcessor(PatchState):
@@ -84,51 +88,134 @@ class PatchSelfAttnProcessor(PatchState):
                     f"{self.patch_path}: an attention_mask on self-attention is not supported under patch "
                     "parallelism (its key tokens would span every band)"
                 )
-
-        residual = hidden_states
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = hidden_states.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
+        tokens = _Tokens(attn, hidden_states)
         if getattr(attn, "fused_projections", False):
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            query, key, value = attn.to_qkv(tokens.hidden).chunk(3, dim=-1)
             key, value = key.contiguous(), value.contiguous()
         else:
-            query = attn.to_q(hidden_states)
-            key = attn.to_k(hidden_states)
-            value = attn.to_v(hidden_states)
+            query = attn.to_q(tokens.hidden)
+            key = attn.to_k(tokens.hidden)
+            value = attn.to_v(tokens.hidden)
+        mask = tokens.mask(attention_mask, key.shape[1])  # only unpatched: patched refuses masks
         if patched:
             key, value = self._image_keys_values(key, value)
+        return tokens.finish(_attend(attn, query, key, value, mask))
 
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
 
-        hidden_states = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+class PatchCrossAttnProcessor:
+    """Cross-attention with its keys and values computed once per generation (module docstring).
+
+    The cache is used inside a patch-parallel step only, not with CUDA graphs (a replayed graph
+    computes them anyway, without launch cost), and not for embeddings made under
+    ``torch.inference_mode`` (they keep no version counter, so a change in place could not be
+    seen; ``torch.no_grad``, which diffusers' pipelines use, is fine)."""
+
+    def __init__(self, context: PatchContext, path: str) -> None:
+        self.patch_context = context
+        self.patch_path = path
+        self._cache: Optional[Tuple[Tuple, torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self.computed = 0  # how many times the keys and values were computed (tests, benchmarks)
+
+    def _fingerprint(self, attn, encoder_hidden_states: torch.Tensor) -> Tuple:
+        t = encoder_hidden_states
+        return (
+            self.patch_context.generation,
+            t.data_ptr(),
+            tuple(t.shape),
+            t.stride(),
+            t.dtype,
+            t.device,
+            t._version,
+            attn.to_k.weight._version,
+            attn.to_v.weight._version,
         )
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+
+    def _keys_values(self, attn, encoder_hidden_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        ctx = self.patch_context
+        # An inference-mode tensor has no version counter: a change in place would go unseen.
+        cacheable = ctx.active and not ctx.static_buffers and not encoder_hidden_states.is_inference()
+        fingerprint = self._fingerprint(attn, encoder_hidden_states) if cacheable else None
+        if fingerprint is not None and self._cache is not None and self._cache[0] == fingerprint:
+            return self._cache[2], self._cache[3]
+        context = encoder_hidden_states
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key, value = attn.to_k(context), attn.to_v(context)
+        self.computed += 1
+        # The embeddings are held with their keys and values: their memory stays theirs.
+        self._cache = None if fingerprint is None else (fingerprint, encoder_hidden_states, key, value)
+        return key, value
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        temb: Optional[torch.Tensor] = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        tokens = _Tokens(attn, hidden_states)
+        query = attn.to_q(tokens.hidden)
+        if encoder_hidden_states is None:  # used as a self-attention: nothing to cache
+            key, value = attn.to_k(tokens.hidden), attn.to_v(tokens.hidden)
+        else:
+            key, value = self._keys_values(attn, encoder_hidden_states)
+        return tokens.finish(_attend(attn, query, key, value, tokens.mask(attention_mask, key.shape[1])))
+
+
+class _Tokens:
+    """An attention's input as ``(B, L, C)`` tokens (a ``(B, C, H, W)`` map flattened, the
+    attention's own group norm applied), and the way back to its output, as ``AttnProcessor2_0``."""
+
+    def __init__(self, attn, hidden_states: torch.Tensor) -> None:
+        self.attn = attn
+        self.residual = hidden_states
+        self.map_shape = hidden_states.shape if hidden_states.ndim == 4 else None
+        if self.map_shape is not None:
+            batch, channels, height, width = self.map_shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        self.hidden = hidden_states
+
+    def mask(self, attention_mask: Optional[torch.Tensor], key_length: int) -> Optional[torch.Tensor]:
+        """``attention_mask`` as scaled-dot-product attention takes it: (B, heads, 1 or L, keys)."""
+        if attention_mask is None:
+            return None
+        batch = self.hidden.shape[0]
+        attention_mask = self.attn.prepare_attention_mask(attention_mask, key_length, batch)
+        return attention_mask.view(batch, self.attn.heads, -1, attention_mask.shape[-1])
+
+    def finish(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        attn = self.attn
+        if self.map_shape is not None:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(self.map_shape)
         if attn.residual_connection:
-            hidden_states = hidden_states + residual
+            hidden_states = hidden_states + self.residual
         return hidden_states / attn.rescale_output_factor
+
+
+def _attend(attn, query, key, value, attention_mask) -> torch.Tensor:
+    """Multi-head scaled-dot-product attention of ``(B, L, inner)`` projections, then the output
+    projection (and its dropout)."""
+    batch_size = query.shape[0]
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    hidden_states = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+    )
+    hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+    hidden_states = hidden_states.to(query.dtype)
+    hidden_states = attn.to_out[0](hidden_states)
+    return attn.to_out[1](hidden_states)
 
 
 def _bands_to_sequence(gathered: torch.Tensor) -> torch.Tensor:

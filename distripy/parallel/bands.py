@@ -1,7 +1,7 @@
 """Cutting a model's inputs into this rank's band and putting the output bands back together.
 
 * ``BandPlan``: how one call's batch and rows are shared among the ranks (CFG split or not);
-* ``take_band`` / ``take_batch_half``: this rank's rows / batch half of a tensor;
+* ``band_rows``, ``take_band`` / ``take_batch_half``: this rank's rows / batch half of a tensor;
 * ``gather_bands``: every rank's output band -> the whole output, on every rank;
 * ``map_tensors``, ``tensors_in``, ``flatten_tensors`` / ``unflatten_tensors``: the tensors inside a
   call's nested arguments (dicts, lists, tuples of tensors and plain values), walked one way, by
@@ -17,6 +17,7 @@ from distripy.errors import InputError
 
 __all__ = [
     "BandPlan",
+    "band_rows",
     "flatten_tensors",
     "gather_bands",
     "map_tensors",
@@ -48,13 +49,20 @@ class BandPlan:
         return (self.split_batch, self.band_count)
 
 
+def band_rows(rows: int, index: int, count: int) -> Tuple[int, int]:
+    """The rows ``[start, stop)`` of band ``index`` of ``count`` equal bands of ``rows`` rows."""
+    if rows % count:
+        raise InputError(f"band_rows: {rows} rows do not split into {count} bands")
+    if not 0 <= index < count:
+        raise InputError(f"band_rows: band {index} is outside [0, {count})")
+    band = rows // count
+    return index * band, (index + 1) * band
+
+
 def take_band(tensor: torch.Tensor, index: int, count: int) -> torch.Tensor:
     """Rows ``[index * h / count, (index + 1) * h / count)`` of a ``(B, C, h, W)`` tensor (a view)."""
-    rows = tensor.shape[2]
-    if rows % count:
-        raise InputError(f"take_band: {rows} rows do not split into {count} bands")
-    band = rows // count
-    return tensor[:, :, index * band : (index + 1) * band]
+    start, stop = band_rows(tensor.shape[2], index, count)
+    return tensor[:, :, start:stop]
 
 
 def take_batch_half(tensor: torch.Tensor, batch: int, half_index: int) -> torch.Tensor:

@@ -12,6 +12,10 @@ checkpoint, as one ``Comm.group()``, at each checkpoint: the end of every block 
 ``add_checkpoints`` and the end of the step (``end_step``, or ``checkpoint`` where a CUDA-graph
 capture must issue them before it closes).
 
+An input every rank holds whole (the UNet's latent, the decoder's) needs no exchange: the band
+wrapper cuts it with ``cut_band``, and the convolution that reads that band takes its halo rows
+from the whole tensor (``whole_input_of``), exact in every step.
+
 What a module keeps for the next step is an ``Exchange`` (the transfers' ``Work`` handles and the
 buffers they fill), held by its ``PatchState``. Buffers come from ``new_buffer`` / ``keep``.
 Normally they are fresh tensors. With ``static_buffers`` (CUDA graphs) each is one of two
@@ -28,8 +32,9 @@ import torch
 
 from distripy.config import KERNEL_BACKENDS, DistriConfig
 from distripy.errors import ConfigError, InputError, StepError
+from distripy.parallel.bands import band_rows
 
-__all__ = ["ActivationExchange", "Exchange", "PatchContext", "PatchState", "StatisticsExchange"]
+__all__ = ["ActivationExchange", "Exchange", "PatchContext", "PatchState", "StatisticsExchange", "WholeInput"]
 
 
 class ActivationExchange(str, enum.Enum):
@@ -43,10 +48,10 @@ class ActivationExchange(str, enum.Enum):
 class StatisticsExchange(str, enum.Enum):
     """How a step gets the whole image's GroupNorm statistics."""
 
-    LOCAL = "local"  # naive_patch: the band's own
+    LOCAL = "local"  # the band's own (naive_patch; separate_gn after the warm-up)
     SYNC = "sync"  # fresh, all-reduced and waited for in this step
-    CORRECTED = "corrected"  # last step's, corrected with this step's local ones
-    STALE = "stale"  # last step's as they are
+    CORRECTED = "corrected"  # last step's image + this band's change since (the paper's)
+    STALE = "stale"  # the other bands' from last step, this band's from this step
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,24 @@ class Exchange:
     def completed(self) -> "Exchange":
         """The same buffers, with no transfer left to wait for."""
         return Exchange((), self.buffers)
+
+
+@dataclass(frozen=True)
+class WholeInput:
+    """A ``(B, C, H, W)`` tensor every rank of the image holds whole (the UNet's or the decoder's
+    input), and ``band``, its rows ``[start, stop)`` that this rank computes on."""
+
+    whole: torch.Tensor
+    band: torch.Tensor
+    start: int
+    stop: int
+
+    def halos(self, above: int, below: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The ``above`` rows over the band and the ``below`` rows under it, read from the whole
+        tensor: the exact halos (``None`` at the image's top and bottom edges)."""
+        top = None if self.start == 0 else self.whole[:, :, self.start - above : self.start]
+        bottom = None if self.stop == self.whole.shape[2] else self.whole[:, :, self.stop : self.stop + below]
+        return top, bottom
 
 
 class PatchState:
@@ -121,6 +144,7 @@ class PatchContext:
         self.shape_key: Hashable = None  # the current generation's input signature
         self._static: Dict[Hashable, Dict[Tuple, torch.Tensor]] = {}
         self.capturing = False  # a CUDA-graph capture is running: no new static buffer may appear
+        self._whole_inputs: List[WholeInput] = []  # this step's bands of inputs held whole
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -168,6 +192,7 @@ class PatchContext:
     def end_step(self, issue_pending: bool) -> None:
         """Close the step: send the transfers still queued (or drop them after an error)."""
         self.active = False
+        self._whole_inputs.clear()
         if issue_pending:
             self.checkpoint()
         else:
@@ -252,7 +277,11 @@ class PatchContext:
             return StatisticsExchange.SYNC
         if mode == "corrected_async_gn":
             return StatisticsExchange.CORRECTED
-        return StatisticsExchange.STALE
+        if mode == "stale_gn":
+            return StatisticsExchange.STALE
+        if mode == "separate_gn":
+            return StatisticsExchange.LOCAL
+        raise AssertionError(f"mode {mode!r} has no statistics exchange")
 
     @property
     def has_neighbours(self) -> bool:
@@ -268,6 +297,24 @@ class PatchContext:
                 "buffers per module and step, so a module may run only once per call"
             )
         self._seen[key] = path
+
+    # -- inputs every rank holds whole ------------------------------------------------------------
+
+    def cut_band(self, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's band of ``whole``, a ``(B, C, H, W)`` tensor every rank of the image holds
+        whole. For the rest of the step, a convolution whose input is exactly this band (the model's
+        first convolution) reads its halo rows from ``whole``: no exchange, exact at every step."""
+        start, stop = band_rows(whole.shape[2], self.band_index, self.band_count)
+        band = whole[:, :, start:stop]
+        self._whole_inputs.append(WholeInput(whole, band, start, stop))
+        return band
+
+    def whole_input_of(self, x: torch.Tensor) -> Optional[WholeInput]:
+        """The ``WholeInput`` whose band ``x`` is (the same tensor object), if any, in this step."""
+        for entry in self._whole_inputs:
+            if entry.band is x:
+                return entry
+        return None
 
     # -- transfers of asynchronous steps ---------------------------------------------------------
 

@@ -4,7 +4,9 @@ Synchronous step: the band's boundary rows are exchanged with the neighbours and
 output equals the full image's convolution on this band. Stale step: the halos received during
 the previous step are used, and this step's boundary rows are sent for the next step. At the
 image's top and bottom the halo is the convolution's zero padding; in ``naive_patch`` every band
-edge is.
+edge is. A convolution whose input is the band of a tensor every rank holds whole (the model's
+first convolution, ``PatchContext.cut_band``) reads its halo rows from that tensor instead: no
+exchange, exact in every step and mode but ``naive_patch``.
 
 ``forward(x, prologue)`` takes the *input of a GroupNorm* and that GroupNorm's ``GroupNormPrologue``
 (from ``PatchGroupNorm.prologue``): the boundary rows sent to the neighbours are normalised (+ SiLU)
@@ -101,7 +103,12 @@ class PatchConv2d(nn.Conv2d, PatchState):
             )
         exchange = ctx.activation_exchange
         top = bottom = None
-        if exchange is ActivationExchange.SYNC:
+        whole = None
+        if prologue is None and exchange is not ActivationExchange.NONE:
+            whole = ctx.whole_input_of(x)
+        if whole is not None:
+            top, bottom = whole.halos(self.halo_top, self.halo_bottom)
+        elif exchange is ActivationExchange.SYNC:
             buffers = self._halo_buffers(x, prologue)
             ctx.comm.halo_exchange(*buffers).wait()
             top, bottom = buffers[2], buffers[3]

@@ -1,10 +1,11 @@
-"""``PatchGroupNorm``: GroupNorm of one band with the whole image's statistics.
+"""``PatchGroupNorm``: GroupNorm of one band with (an estimate of) the whole image's statistics.
 
 The band's sums and sums of squares per (batch, group) are combined across the ranks of its
-image according to the step (see ``PatchContext.statistics_exchange`` and
-``kernels.group_norm_combine``): all-reduced and waited for (sync), last step's all-reduced sums
-corrected with this step's local ones (corrected), last step's as they are (stale), or the band's
-own (local, ``naive_patch``). In the asynchronous cases this step's sums are all-reduced in the
+image as the step asks (``PatchContext.statistics_exchange``; the formulas are in
+``kernels.group_norm_combine``): all-reduced and waited for (sync); last step's image statistics
+moved by this band's own change since (corrected, DistriFusion's); the other bands' from last step
+with this band's from this step (stale); or the band's own (local: ``separate_gn`` after the
+warm-up, ``naive_patch``). In the corrected and stale cases this step's sums are all-reduced in the
 background for the next step.
 
 ``prologue(x)`` stops before the normalisation and returns it as a ``GroupNormPrologue`` for the
@@ -22,6 +23,7 @@ from distripy.kernels import (
     elements_per_group,
     group_norm_stats,
     mean_rstd,
+    stale_sums,
 )
 from distripy.parallel.adopt import adopt
 from distripy.parallel.context import PatchContext, PatchState, StatisticsExchange
@@ -57,10 +59,12 @@ class PatchGroupNorm(nn.GroupNorm, PatchState):
             self.keep_exchange((), image, ctx.keep(self, "local", local))
             return mean_rstd(image, total, self.eps)
         image_prev, local_prev = self.take_stale()
+        fallback = None
         if exchange is StatisticsExchange.CORRECTED:
-            estimate = corrected_sums(image_prev, local_prev, local)
+            estimate = corrected_sums(image_prev, local_prev, local, total / count)
+            fallback = local  # an extrapolated variance can come out negative
         elif exchange is StatisticsExchange.STALE:
-            estimate = image_prev
+            estimate = stale_sums(image_prev, local_prev, local)
         else:
             raise AssertionError(f"unhandled statistics exchange {exchange!r}")
         image = ctx.new_buffer(self, "image", local.shape, local).copy_(local)
@@ -70,7 +74,7 @@ class PatchGroupNorm(nn.GroupNorm, PatchState):
             self.keep_exchange((ctx.comm.all_reduce(image),), image, local)
 
         ctx.defer(issue)
-        return mean_rstd(estimate, total, self.eps, fallback_sums=local, fallback_count=count)
+        return mean_rstd(estimate, total, self.eps, fallback_sums=fallback, fallback_count=count)
 
     def prologue(self, x: torch.Tensor, silu: bool) -> GroupNormPrologue:
         """This step's normalisation of ``x`` (+ SiLU), to be applied by the next convolution."""

@@ -9,9 +9,11 @@ Each call is one denoising step. The wrapper
    timestep that does not decrease) and then, before any work, validates the input and checks
    that every rank was given the same input (shape, timestep, the latent's sum); a problem on
    any rank raises on every rank;
-3. cuts the latent and the spatial conditioning (ControlNet residuals) into this rank's band,
-   runs the model's own forward on it, sends the transfers still collected, and all-gathers the
-   output bands so that every rank returns the full noise prediction.
+3. cuts the latent and the spatial conditioning (ControlNet residuals) into this rank's band
+   (the latent through ``PatchContext.cut_band``: every rank holds it whole, so the first
+   convolution's halos are read from it, exact at every step), runs the model's own forward on
+   it, sends the transfers still collected, and all-gathers the output bands so that every rank
+   returns the full noise prediction.
 """
 
 import inspect
@@ -143,7 +145,8 @@ class PatchUNetForward:
     # -- one step --------------------------------------------------------------------------------
 
     def _localize(self, arguments: Dict[str, Any], plan: BandPlan) -> Dict[str, Any]:
-        """This rank's share of every argument: its batch half, then its band of rows."""
+        """This rank's share of every argument: its batch half, then its band of rows of the spatial
+        conditioning. The latent stays whole: ``_forward_band`` cuts it."""
         local = dict(arguments)
         if plan.split_batch:
             batch = arguments["sample"].shape[0]
@@ -152,13 +155,15 @@ class PatchUNetForward:
         def band(tensor: torch.Tensor) -> torch.Tensor:
             return take_band(tensor, plan.band_index, plan.band_count)
 
-        local["sample"] = band(local["sample"])
         for name in _SPATIAL_ARGUMENTS:
             if local.get(name) is not None:
                 local[name] = map_tensors(local[name], band)
         return local
 
     def _forward_band(self, local: Dict[str, Any]) -> torch.Tensor:
+        """The model's own forward on this rank's band of the latent. Every rank holds the whole
+        latent, so the band is cut through the context: ``conv_in`` reads its halo rows from it."""
+        local = dict(local, sample=self.context.cut_band(local["sample"]))
         return self.original_forward(**local, return_dict=False)[0]
 
     def _run_local(self, local: Dict[str, Any]) -> torch.Tensor:

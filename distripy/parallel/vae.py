@@ -5,7 +5,9 @@ decoding on every rank repeats that work N times and needs it to fit on one GPU.
 convolutions, GroupNorms and mid-block self-attention are the patch-parallel modules, run in a
 context that is always synchronous (``full_sync``: fresh halos, whole-image statistics and keys),
 so the decoded bands are exactly the single-device decode's rows; one all-gather gives every rank
-the whole image.
+the whole image. Every rank holds the whole latent, so the band is cut through the context
+(``PatchContext.cut_band``) and the decoder's first convolution reads its halo rows from it
+instead of exchanging them.
 
 A latent whose height does not split into whole bands (an edge tile of ``enable_vae_tiling``'s
 tiled decode can be one) is decoded whole on every rank: the same result, without the speedup.
@@ -15,7 +17,7 @@ import torch
 
 from distripy.errors import InputError, UnsupportedModuleError
 from distripy.parallel.agreement import agree
-from distripy.parallel.bands import gather_bands, take_band
+from distripy.parallel.bands import gather_bands
 from distripy.parallel.context import PatchContext
 
 __all__ = ["PatchDecoderForward"]
@@ -60,7 +62,7 @@ class PatchDecoderForward:
         context.begin_step()
         completed = False
         try:
-            band = self.original_forward(take_band(sample, rank, world), latent_embeds)
+            band = self.original_forward(context.cut_band(sample), latent_embeds)
             completed = True
         finally:
             context.end_step(issue_pending=completed)

@@ -8,20 +8,22 @@ the paths of what must be swapped are returned:
 * ``Conv2d`` with a kernel taller than one row -> ``PatchConv2d`` (halo rows from the neighbouring
   bands); 1x1 convolutions, linear layers and embeddings stay as they are (local);
 * ``GroupNorm`` -> ``PatchGroupNorm`` (statistics of the whole image);
-* self-attention -> ``PatchSelfAttnProcessor`` through diffusers' processor API; cross-attention
-  stays local.
+* self-attention -> ``PatchSelfAttnProcessor`` through diffusers' processor API;
+* cross-attention (local to the band) with diffusers' standard processor ->
+  ``PatchCrossAttnProcessor``, which computes its keys and values once per generation; any other
+  cross-attention processor (IP-Adapter's, a user's) is left as it is.
 
 ``swap_modules`` then swaps them (sharing the original parameters) and fuses each plain
 ``ResnetBlock2D``'s GroupNorm -> SiLU -> conv (``PatchResnetForward``).
 """
 
 import functools
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch.nn as nn
 
 from distripy.errors import UnsupportedModuleError
-from distripy.parallel.attention import PatchSelfAttnProcessor
+from distripy.parallel.attention import PatchCrossAttnProcessor, PatchSelfAttnProcessor
 from distripy.parallel.context import PatchContext
 from distripy.parallel.conv import PatchConv2d, check_conv, conv_needs_halo
 from distripy.parallel.group_norm import PatchGroupNorm
@@ -85,15 +87,20 @@ def _check_resnet(module: nn.Module, path: str) -> None:
             )
 
 
-def _check_attention(module: nn.Module, path: str) -> bool:
-    """Whether this Attention is a self-attention to patch (cross-attention stays local)."""
+# Cross-attention processors that compute exactly what PatchCrossAttnProcessor does.
+_PLAIN_CROSS_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0")
+
+
+def _check_attention(module: nn.Module, path: str) -> Optional[str]:
+    """``"self"`` for a self-attention to patch, ``"cross"`` for a cross-attention whose processor
+    is a standard one (its keys and values are cached), None for one left as it is."""
     if getattr(module, "added_kv_proj_dim", None) is not None:
         raise UnsupportedModuleError(f"{path}: attention with added key/value projections (joint self/cross)")
     if getattr(module, "spatial_norm", None) is not None:
         raise UnsupportedModuleError(f"{path}: attention with a spatial norm")
-    if module.is_cross_attention:
-        return False
     processor = type(module.processor).__name__
+    if module.is_cross_attention:
+        return "cross" if processor in _PLAIN_CROSS_PROCESSORS else None
     if processor not in (
         "AttnProcessor",
         "AttnProcessor2_0",
@@ -104,14 +111,15 @@ def _check_attention(module: nn.Module, path: str) -> bool:
             f"{path}: self-attention with processor {processor}; patch parallelism replaces the standard "
             "processors only, so this one would be silently dropped"
         )
-    return True
+    return "self"
 
 
 def plan_swaps(model: nn.Module) -> Dict[str, List[str]]:
-    """Check every module; return the paths of the convolutions, norms and self-attentions to swap."""
+    """Check every module; return the paths of the convolutions, norms, self-attentions and
+    cross-attentions to swap."""
     from diffusers.models.attention_processor import Attention
 
-    plan: Dict[str, List[str]] = {"conv": [], "norm": [], "attention": []}
+    plan: Dict[str, List[str]] = {"conv": [], "norm": [], "attention": [], "cross_attention": []}
     for path, module in model.named_modules():
         path = path or type(model).__name__
         kind = type(module).__name__
@@ -132,8 +140,9 @@ def plan_swaps(model: nn.Module) -> Dict[str, List[str]]:
         elif kind in ("ResnetBlock2D",):
             _check_resnet(module, path)
         elif isinstance(module, Attention):
-            if _check_attention(module, path):
-                plan["attention"].append(path)
+            kind = _check_attention(module, path)
+            if kind is not None:
+                plan["attention" if kind == "self" else "cross_attention"].append(path)
         elif kind == "Transformer2DModel" and not getattr(module, "is_input_continuous", True):
             raise UnsupportedModuleError(
                 f"{path}: Transformer2DModel on patches or vectors (absolute positions)"
@@ -149,7 +158,8 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def swap_modules(model: nn.Module, context: PatchContext) -> None:
     """Check every module of ``model``, then swap its convolutions, GroupNorms and self-attention
-    processors for the patch-parallel ones of ``context`` and fuse its ResNet blocks."""
+    and cross-attention processors for the patch-parallel ones of ``context`` and fuse its ResNet
+    blocks."""
     plan = plan_swaps(model)
     for path in plan["conv"]:
         _set_submodule(model, path, PatchConv2d.from_conv(model.get_submodule(path), context, path))
@@ -157,6 +167,8 @@ def swap_modules(model: nn.Module, context: PatchContext) -> None:
         _set_submodule(model, path, PatchGroupNorm.from_group_norm(model.get_submodule(path), context, path))
     for path in plan["attention"]:
         model.get_submodule(path).set_processor(PatchSelfAttnProcessor(context, path))
+    for path in plan["cross_attention"]:
+        model.get_submodule(path).set_processor(PatchCrossAttnProcessor(context, path))
     # ResNet blocks: GroupNorm -> SiLU -> conv fused (the same result, the activation read once).
     for module in model.modules():
         if resnet_fusable(module):
