@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from typing import Dict, List
 
 import torch
 from common import HERE, RESULTS, environment, write_json
+from reference_worker import free_port, load_unet, model_inputs
 
 REFERENCE_REQUIREMENTS = ("distrifuser==0.0.1b1", "diffusers==0.24.0", "huggingface_hub<0.26")
 MODES = ("full_sync", "sync_gn", "corrected_async_gn", "stale_gn", "separate_gn", "naive_patch")
@@ -111,28 +111,10 @@ def write_model_and_inputs(workdir: Path, steps: int, height: int, width: int, s
     torch.save(inputs, workdir / "inputs.pt")
 
 
-def _load_unet(workdir: Path):
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-
-    unet = UNet2DConditionModel(**json.loads((workdir / "unet_config.json").read_text())).eval()
-    unet.load_state_dict(load_file(str(workdir / "unet.safetensors")), strict=True)
-    return unet
-
-
-def _model_inputs(inputs, step: int):
-    return dict(
-        sample=inputs["latents"][step],
-        timestep=inputs["timesteps"][step],
-        encoder_hidden_states=inputs["encoder_hidden_states"],
-        added_cond_kwargs={"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]},
-    )
-
-
 def single_device(workdir: Path) -> List[torch.Tensor]:
-    unet, inputs = _load_unet(workdir), torch.load(workdir / "inputs.pt")
+    unet, inputs = load_unet(workdir), torch.load(workdir / "inputs.pt")
     with torch.no_grad():
-        return [unet(**_model_inputs(inputs, k)).sample for k in range(len(inputs["latents"]))]
+        return [unet(**model_inputs(inputs, k)).sample for k in range(len(inputs["latents"]))]
 
 
 # -- distripy's side ----------------------------------------------------------------------------------
@@ -149,11 +131,11 @@ def _distripy_rank(rank: int, world_size: int, port: int, workdir: Path, modes, 
     try:
         inputs = torch.load(workdir / "inputs.pt")
         for mode in modes:
-            unet = _load_unet(workdir)
+            unet = load_unet(workdir)
             config = distripy.DistriConfig(mode=mode, warmup_steps=warmup_steps, split_batch=False)
             distripy.parallelize(unet, config)
             with torch.no_grad():
-                predictions = [unet(**_model_inputs(inputs, k)).sample for k in range(len(inputs["latents"]))]
+                predictions = [unet(**model_inputs(inputs, k)).sample for k in range(len(inputs["latents"]))]
             distripy.reset(unet)
             if rank == 0:
                 torch.save(predictions, workdir / f"distripy-{mode}.pt")
@@ -161,18 +143,10 @@ def _distripy_rank(rank: int, world_size: int, port: int, workdir: Path, modes, 
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_distripy(workdir: Path, modes, ranks: int, warmup_steps: int) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(
-        _distripy_rank, args=(ranks, _free_port(), workdir, modes, warmup_steps), nprocs=ranks, join=True
-    )
+    mp.spawn(_distripy_rank, args=(ranks, free_port(), workdir, modes, warmup_steps), nprocs=ranks, join=True)
 
 
 def run_reference(python: Path, workdir: Path, mode: str, ranks: int, warmup_steps: int, align: bool) -> Path:

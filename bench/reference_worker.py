@@ -2,7 +2,8 @@
 
 Runs inside the reference's own virtual environment (``distrifuser==0.0.1b1`` with its pinned
 ``diffusers==0.24.0``), which ``reference_compare.py`` builds; it imports nothing of distripy. It
-loads the UNet ``reference_compare.py`` saved (config + safetensors), wraps it in the reference's
+loads the UNet ``reference_compare.py`` saved (config + safetensors; ``load_unet``, which that
+script uses too, in its own environment), wraps it in the reference's
 ``DistriUNetPP`` (or ``NaivePatchUNet`` for ``naive_patch``), prepares the communication buffers
 the way the reference's pipeline does, and feeds it the saved inputs step by step; rank 0 saves the
 noise predictions.
@@ -43,7 +44,8 @@ def _shim_devices() -> None:
     dist.init_process_group = lambda *args, **kwargs: None  # already initialised, with gloo
 
 
-def _load_unet(workdir: Path):
+def load_unet(workdir: Path):
+    """The UNet ``reference_compare.py`` saved, in this environment's diffusers."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
@@ -53,7 +55,8 @@ def _load_unet(workdir: Path):
     return unet
 
 
-def _model_inputs(inputs, step: int):
+def model_inputs(inputs, step: int):
+    """The UNet's keyword arguments at ``step``."""
     return dict(
         sample=inputs["latents"][step],
         timestep=inputs["timesteps"][step],
@@ -85,7 +88,7 @@ def _align_variance(unet, inputs, bands: int):
     norms = [m for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)]
     hooks = [m.register_forward_hook(record) for m in norms]
     with torch.no_grad():
-        unet(**_model_inputs(inputs, 0))
+        unet(**model_inputs(inputs, 0))
     for hook in hooks:
         hook.remove()
     originals = [(norm, norm.eps, norm.weight.detach().clone()) for norm in norms]
@@ -138,7 +141,7 @@ def _run(rank: int, args) -> None:
         parallelism="naive_patch" if naive else "patch",
     )
     config.device = torch.device("cpu")
-    unet = _load_unet(workdir)
+    unet = load_unet(workdir)
     restore = None
     if args.align_variance and not naive:  # naive_patch runs torch's own GroupNorm
         restore = _align_variance(unet, inputs, config.n_device_per_batch)
@@ -146,7 +149,7 @@ def _run(rank: int, args) -> None:
     with torch.no_grad():
         # The reference pipeline's prepare(): a pass that registers the exchanged tensors, the
         # buffers, a pre-run; then its __call__: the counter back to 0, one UNet call per step.
-        first = _model_inputs(inputs, 0)
+        first = model_inputs(inputs, 0)
         comm = PatchParallelismCommManager(config)
         model.set_comm_manager(comm)
         model.set_counter(0)
@@ -160,7 +163,7 @@ def _run(rank: int, args) -> None:
         for step in range(len(inputs["latents"])):
             if restore is not None and args.mode == "separate_gn" and step == args.warmup_steps + 1:
                 restore()  # from here on its GroupNorms are torch's own
-            predictions.append(model(**_model_inputs(inputs, step), return_dict=False)[0].clone())
+            predictions.append(model(**model_inputs(inputs, step), return_dict=False)[0].clone())
         comm.clear()
     if rank == 0:
         partial = Path(args.output).with_suffix(".partial")
@@ -168,7 +171,7 @@ def _run(rank: int, args) -> None:
         partial.replace(args.output)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -184,7 +187,7 @@ def main() -> None:
     parser.add_argument("--align-variance", action="store_true")
     parser.add_argument("--comm-checkpoint", type=int, default=60, help="the reference's default")
     args = parser.parse_args()
-    mp.spawn(_rank, args=(args.ranks, _free_port(), args), nprocs=args.ranks, join=True)
+    mp.spawn(_rank, args=(args.ranks, free_port(), args), nprocs=args.ranks, join=True)
 
 
 if __name__ == "__main__":

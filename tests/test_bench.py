@@ -249,3 +249,51 @@ def test_quality_run_on_two_ranks(run_ranks, tmp_path):
     else:
         assert 0.0 <= full["lpips"] < 1e-3 and naive["lpips"] > full["lpips"]
     assert json.loads((tmp_path / "report.json").read_text())["bands"] == 2
+
+
+# -- reference_compare ------------------------------------------------------------------------------
+
+
+def test_the_reference_alignment_turns_its_unbiased_group_norm_into_torchs():
+    """``reference_worker._align_variance``: the reference's GroupNorm formula (unbiased variance over
+    a band's N elements, written out here in float64) with the aligned parameters equals torch's
+    GroupNorm with the original ones, on every GroupNorm of a UNet, on a band of its real input."""
+    import torch.nn.functional as F
+    from reference_worker import _align_variance
+    from unet_models import sdxl_conditioning, tiny_sdxl_unet
+
+    bands = 2
+    unet = tiny_sdxl_unet(70)
+    norms = [m for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)]
+    originals = {id(m): (m.eps, m.weight.detach().clone(), m.bias.detach().clone()) for m in norms}
+    conditioning = sdxl_conditioning(1, seed=71)
+    inputs = {
+        "latents": [torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(72))],
+        "timesteps": [500],
+        "encoder_hidden_states": conditioning["encoder_hidden_states"],
+        "text_embeds": conditioning["added_cond_kwargs"]["text_embeds"],
+        "time_ids": conditioning["added_cond_kwargs"]["time_ids"],
+    }
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.setdefault(id(m), args[0])) for m in norms]
+    with torch.no_grad():
+        unet(**{"sample": inputs["latents"][0], "timestep": 500, **conditioning})
+    for hook in hooks:
+        hook.remove()
+    restore = _align_variance(unet, inputs, bands)
+    for norm in norms:
+        x = seen[id(norm)]
+        band = x[:, :, : x.shape[2] // bands].double()
+        n, c, h, w = band.shape
+        grouped = band.reshape(n, norm.num_groups, -1)
+        elements = grouped.shape[-1]
+        var = grouped.var(-1, unbiased=False, keepdim=True) * (elements / (elements - 1))
+        normed = ((grouped - grouped.mean(-1, keepdim=True)) / (var + norm.eps).sqrt()).reshape(band.shape)
+        reference = normed * norm.weight.double()[:, None, None] + norm.bias.double()[:, None, None]
+        eps, weight, bias = originals[id(norm)]
+        expected = F.group_norm(band, norm.num_groups, weight.double(), bias.double(), eps)
+        torch.testing.assert_close(reference, expected, rtol=1e-6, atol=1e-6)
+    restore()
+    for norm in norms:
+        eps, weight, _ = originals[id(norm)]
+        assert norm.eps == eps and torch.equal(norm.weight, weight)
