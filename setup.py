@@ -106,6 +106,8 @@ setup(
         "numpy>=1.24",
         "diffusers>=0.30",
         "transformers>=4.40",
+        "safetensors>=0.4",
+        "scipy>=1.10",  # diffusers' LMS scheduler (`distripy generate --scheduler lms`)
         f"nvidia-nccl-cu12>=2.18; {LINUX}",
     ],
     extras_require={

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from distripy.config import DEFAULT_MODE, DEFAULT_WARMUP_STEPS, MODES
+from distripy.config import DEFAULT_MODE, DEFAULT_TIMEOUT_S, DEFAULT_WARMUP_STEPS, MODES
 from distripy.errors import DistripyError
 
 __all__ = ["CommandError", "check_demo", "check_generate", "main"]
@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--nproc", type=int, default=2, help="ranks (processes; one GPU each when present)")
     demo.add_argument("--output-dir", type=Path, default=Path("distripy-demo"))
+    _add_timeout_argument(demo)
     return parser
 
 
@@ -84,6 +85,16 @@ def _add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-split-batch", action="store_true", help="keep CFG's two halves on every rank")
     parser.add_argument("--nproc", type=int, default=None, help="ranks to launch (one GPU each when present)")
+    _add_timeout_argument(parser)
+
+
+def _add_timeout_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds any wait for another rank may take before the command fails (default {DEFAULT_TIMEOUT_S:g})",
+    )
 
 
 # -- checks before launching -----------------------------------------------------------------------
@@ -106,6 +117,7 @@ def _model_geometry(model: Path) -> dict:
     index = _read_json(model / "model_index.json", f"--model {model}")
     if "unet" not in index:
         raise CommandError(f"--model {model}: model_index.json names no 'unet' (a UNet pipeline is needed)")
+    _check_weights(model, index)
     unet = _read_json(model / "unet" / "config.json", f"--model {model}")
     vae = _read_json(model / "vae" / "config.json", f"--model {model}") if "vae" in index else {}
     try:
@@ -116,6 +128,31 @@ def _model_geometry(model: Path) -> dict:
     except (KeyError, TypeError) as error:
         raise CommandError(f"--model {model}: unet/config.json is malformed ({error!r})") from None
     return {"levels": levels, "vae_scale": vae_scale, "default_size": sample_size * vae_scale}
+
+
+def _check_weights(model: Path, index: dict) -> None:
+    """Every model of the pipeline folder (a component folder with a ``config.json``; tokenizers
+    and schedulers have none) has weights, and its safetensors files open (their headers are read,
+    which also finds a truncated file): a missing or broken download fails here, before launch."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in index:
+        folder = model / name
+        if name.startswith("_") or not (folder / "config.json").is_file():
+            continue
+        weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+        if not weights:
+            raise CommandError(
+                f"--model {model}: {name}/ has a config.json but no weights (.safetensors or .bin)"
+            )
+        for path in weights:
+            if path.suffix != ".safetensors":
+                continue
+            try:
+                with safe_open(str(path), "pt"):
+                    pass
+            except (SafetensorError, OSError) as error:
+                raise CommandError(f"--model {model}: {name}/{path.name} is unreadable ({error})") from None
 
 
 def _bands(args, world: int) -> int:
@@ -156,8 +193,14 @@ def _check_output(path: Path) -> None:
         raise CommandError(f"--output {path}: name an image file (.png, .jpg, .webp)")
 
 
+def _check_timeout(args) -> None:
+    if not args.timeout > 0:
+        raise CommandError(f"--timeout {args.timeout:g}: must be a positive number of seconds")
+
+
 def check_generate(args, world: int) -> None:
     """Every check ``generate`` can make before any process starts."""
+    _check_timeout(args)
     if args.scheduler not in SCHEDULERS:
         raise CommandError(f"--scheduler {args.scheduler}: unknown; use one of {', '.join(SCHEDULERS)}")
     for name in ("steps", "warmup_steps"):
@@ -179,6 +222,7 @@ def check_demo(args, world: int) -> None:
 
     if world < 1:
         raise CommandError(f"--nproc {world}: needs at least 1")
+    _check_timeout(args)
     geometry = {"vae_scale": TINY_VAE_SCALE, "levels": TINY_DOWNSAMPLINGS}
     _check_size("height", args.height, geometry, world, world)  # one band per rank (no CFG split)
     _check_size("width", args.width, geometry, 1, world)
@@ -218,6 +262,9 @@ def _launch(world: int, argv: List[str]) -> int:
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "distripy.cli", *argv)
     except ChildFailedError as error:
+        codes = [f.exitcode for f in error.failures.values()]
+        if all(code == 2 for code in codes):  # each said why, in one line
+            return 2
         failures = "; ".join(f"rank {f.local_rank}: exit {f.exitcode}" for f in error.failures.values())
         print(f"distripy: {failures} (see the rank's message above)", file=sys.stderr)
         return 1
@@ -277,6 +324,20 @@ def _step_timer(device):
     return callback, ends
 
 
+def _print_layout(args, world: int) -> None:
+    """How the ranks share the image, and a warning when the mode cannot matter."""
+    bands = _bands(args, world)
+    groups = world // bands
+    split = f"CFG split into {groups} groups of {bands}" if groups > 1 else "no CFG split"
+    print(f"distripy: {world} rank{'s' * (world > 1)}, {split}: {bands} band{'s' * (bands > 1)} per image")
+    if bands == 1 and world > 1 and args.mode != "full_sync":
+        print(
+            f"distripy: warning: with one band per image nothing is exchanged between bands, so "
+            f"--mode {args.mode} makes no difference; use --no-split-batch or more ranks for several bands",
+            file=sys.stderr,
+        )
+
+
 def run_generate(args) -> int:
     import statistics
 
@@ -284,7 +345,7 @@ def run_generate(args) -> int:
 
     import distripy
 
-    rank, world = distripy.init()
+    rank, world = distripy.init(timeout_s=args.timeout)
     device = _device()
     dtype = (
         getattr(torch, args.dtype)
@@ -293,8 +354,13 @@ def run_generate(args) -> int:
     )
     pipe = _load_pipeline(args, device, dtype)
     config = distripy.DistriConfig(
-        mode=args.mode, warmup_steps=args.warmup_steps, split_batch=not args.no_split_batch
+        mode=args.mode,
+        warmup_steps=args.warmup_steps,
+        split_batch=not args.no_split_batch,
+        timeout_s=args.timeout,
     )
+    if rank == 0:
+        _print_layout(args, world)
     pipe = distripy.parallelize(pipe, config)
     callback, ends = _step_timer(device)
     start = time.perf_counter()
@@ -331,7 +397,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     try:
-        world = int(os.environ["WORLD_SIZE"]) if _under_torchrun() else (args.nproc or 1)
+        world = (
+            int(os.environ["WORLD_SIZE"]) if _under_torchrun() else (1 if args.nproc is None else args.nproc)
+        )
         if args.command == "generate":
             check_generate(args, world)
         else:
@@ -345,19 +413,29 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run_rank(args) -> int:
-    """This process's share; distripy's own errors (which name what is wrong) become one line."""
+    """This process's share; distripy's own errors (which name what is wrong) become one line,
+    printed by rank 0 alone when every rank raised it together (``parallel.agreement``). The
+    process group is destroyed on every path (after a failure it waits at most ``--timeout``)."""
     try:
         if args.command == "generate":
             return run_generate(args)
         from distripy.demo import run_demo
 
         return run_demo(args)
-    except CommandError as error:
-        print(f"distripy: error: {error}", file=sys.stderr)
-        return 2
     except DistripyError as error:
-        print(f"distripy: error: {type(error).__name__}: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0" or not getattr(error, "collective", False):
+            text = str(error) if isinstance(error, CommandError) else f"{type(error).__name__}: {error}"
+            print(f"distripy: error: {text}", file=sys.stderr)
         return 2
+    finally:
+        _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

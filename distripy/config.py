@@ -4,11 +4,13 @@ Rank and world size are not configured: they come from torch.distributed (``dist
 sets it up from torchrun's environment), so one script runs unchanged on 1, 2 or 8 GPUs.
 """
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 from distripy.errors import ConfigError
 
 __all__ = [
+    "CHECK_EVERY_STEP_VARIABLE",
     "COMM_BACKENDS",
     "DEFAULT_MODE",
     "DEFAULT_TIMEOUT_S",
@@ -16,7 +18,6 @@ __all__ = [
     "DistriConfig",
     "KERNEL_BACKENDS",
     "MODES",
-    "PROCESS_GROUP_TIMEOUT_S",
 ]
 
 MODES = ("corrected_async_gn", "full_sync", "sync_gn", "stale_gn", "separate_gn", "naive_patch")
@@ -56,12 +57,12 @@ KERNEL_BACKENDS = ("auto", "triton", "torch")
 """``torch``: the references; ``triton``: the Triton kernels (CUDA); ``auto``: per call, by the
 tensors' device (see ``distripy.kernels``)."""
 
+CHECK_EVERY_STEP_VARIABLE = "DISTRIPY_CHECK_EVERY_STEP"
+"""The environment variable that turns ``DistriConfig.check_every_step`` on by default ("1")."""
+
 DEFAULT_TIMEOUT_S = 300.0
 """The longest any wait for a transfer may take before it raises (``DistriConfig.timeout_s`` and
 every ``Comm``'s default)."""
-
-PROCESS_GROUP_TIMEOUT_S = 600.0
-"""torch.distributed's own timeout for the process group ``distripy.init`` creates."""
 
 
 def _check_choice(name: str, value, allowed) -> None:
@@ -93,6 +94,11 @@ class DistriConfig:
     removes the per-step launch cost of the UNet's ~thousand small kernels, which is what limits
     small bands (1024², 8 GPUs); the result equals eager execution.
 
+    ``check_every_step``: the ranks compare every step's latent and timestep, not only each
+    generation's inputs (one copy to the host and one object exchange per step: for debugging a
+    loop that may diverge across ranks). Its default is true when the environment sets
+    ``DISTRIPY_CHECK_EVERY_STEP=1``.
+
     Frozen: a parallelised model reads it on every step; ``dataclasses.replace`` makes a changed
     copy for the next ``parallelize``.
     """
@@ -104,6 +110,7 @@ class DistriConfig:
     kernel_backend: str = "auto"
     timeout_s: float = DEFAULT_TIMEOUT_S
     use_cuda_graph: bool = False
+    check_every_step: bool = field(default_factory=lambda: os.environ.get(CHECK_EVERY_STEP_VARIABLE) == "1")
 
     def __post_init__(self) -> None:
         if (
@@ -117,6 +124,10 @@ class DistriConfig:
             raise ConfigError(f"DistriConfig.split_batch={self.split_batch!r} must be True or False")
         _check_choice("comm_backend", self.comm_backend, COMM_BACKENDS)
         _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        if not isinstance(self.check_every_step, bool):
+            raise ConfigError(
+                f"DistriConfig.check_every_step={self.check_every_step!r} must be True or False"
+            )
         if not isinstance(self.use_cuda_graph, bool):
             raise ConfigError(f"DistriConfig.use_cuda_graph={self.use_cuda_graph!r} must be True or False")
         if (

@@ -5,8 +5,8 @@ tokenizers over a byte vocabulary, so prompts are encoded by the pipeline itself
 same image on one device (rank 0) and on every rank in every mode, one band per rank. Rank 0 writes
 
 * ``grid.png``: single device | corrected_async_gn | naive_patch, side by side;
-* ``report.json`` and a printed table: latency and speedup per mode, PSNR and largest pixel error
-  against the single-device image.
+* ``report.json`` (strict JSON; a PSNR of ``null`` means identical) and a printed table: latency
+  and speedup per mode, PSNR and largest pixel error against the single-device image.
 
 Random weights make abstract images, but the comparison is the real one: ``full_sync`` matches the
 single device to float rounding; the asynchronous modes are close; ``naive_patch`` shows its seams.
@@ -64,7 +64,7 @@ def _compare(image, reference) -> dict:
     difference = image.astype(np.float64) - reference.astype(np.float64)
     mse = float(np.mean(difference**2))
     return {
-        "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse)),
+        "psnr_db": None if mse == 0 else float(10 * np.log10(1.0 / mse)),  # None: identical
         "max_abs_error": float(np.abs(difference).max()),
     }
 
@@ -82,10 +82,14 @@ def _table(report: dict) -> str:
     lines = [f"{'mode':<20} {'seconds':>8} {'speedup':>8} {'PSNR dB':>8} {'max err':>8}"]
     for mode, row in report["modes"].items():
         lines.append(
-            f"{mode:<20} {row['seconds']:>8.2f} {row['speedup']:>8.2f} {row['psnr_db']:>8.1f} "
+            f"{mode:<20} {row['seconds']:>8.2f} {row['speedup']:>8.2f} {_psnr_text(row['psnr_db']):>8} "
             f"{row['max_abs_error']:>8.4f}"
         )
     return "\n".join(lines)
+
+
+def _psnr_text(psnr_db) -> str:
+    return "inf" if psnr_db is None else f"{psnr_db:.1f}"
 
 
 def _uses_gpus(world: int) -> bool:
@@ -105,7 +109,7 @@ def run_demo(args) -> int:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     gpus = _uses_gpus(world)
-    rank, world = distripy.init(backend=None if gpus else "gloo")
+    rank, world = distripy.init(backend=None if gpus else "gloo", timeout_s=args.timeout)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if gpus else torch.device("cpu")
     images, seconds = {}, {}
     if rank == 0:
@@ -116,7 +120,9 @@ def run_demo(args) -> int:
         )
     for mode in MODES:
         # every rank a band of the image (no CFG split), so that the modes differ where bands meet
-        config = distripy.DistriConfig(mode=mode, warmup_steps=args.warmup_steps, split_batch=False)
+        config = distripy.DistriConfig(
+            mode=mode, warmup_steps=args.warmup_steps, split_batch=False, timeout_s=args.timeout
+        )
         pipe = distripy.parallelize(_pipeline(args.seed, device), config)
         images[mode], seconds[mode] = _generate(pipe, args, device)
     if world > 1:
@@ -142,7 +148,9 @@ def run_demo(args) -> int:
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)
     _write_grid(images, args.output_dir / "grid.png")
-    (args.output_dir / "report.json").write_text(json.dumps(report, indent=2))
+    partial = args.output_dir / "report.json.partial"  # whole or not at all
+    partial.write_text(json.dumps(report, indent=2, allow_nan=False))
+    partial.replace(args.output_dir / "report.json")
     print(
         f"distripy demo: {args.width}x{args.height}, {args.steps} steps, {world} ranks ({report['device']})"
     )

@@ -248,3 +248,71 @@ def test_comm_needs_torch_distributed():
 
     with pytest.raises(CommError, match="needs torch.distributed to be initialised"):
         TorchComm()
+
+
+def _fail_fast_body(rank, world_size, flag_dir, first_op):
+    """Rank 1 never joins: rank 0's first operation (an all_reduce or an object exchange) raises at
+    its timeout; after it every operation, wait and object exchange raises at once, naming that
+    first failure. Rank 1 waits for rank 0's verdict file (no wall-clock window)."""
+    import os
+    import time
+
+    from distripy.errors import CommError, CommTimeoutError
+    from distripy.runtime.torch_comm import TorchComm
+
+    flag = os.path.join(flag_dir, "rank0-done")
+    if rank == 1:
+        while not os.path.exists(flag):
+            time.sleep(0.05)
+        return None
+    comm = TorchComm(timeout_s=2.0)
+    start = time.monotonic()
+    try:
+        if first_op == "all_reduce":
+            comm.all_reduce(torch.ones(4)).synchronize()
+        else:
+            comm.all_gather_object({"rank": rank})
+    except CommTimeoutError as error:
+        first = (time.monotonic() - start, str(error))
+    later = []
+    for attempt in (
+        lambda: comm.all_gather(torch.ones(2), torch.empty(2, 2)),
+        lambda: comm.all_gather_object(1),
+        lambda: comm.halo_exchange(None, torch.ones(1, 1, 1, 1), None, torch.empty(1, 1, 1, 1)),
+    ):
+        start = time.monotonic()
+        try:
+            attempt()
+        except CommError as error:
+            later.append((time.monotonic() - start, str(error)))
+    broken = comm.broken
+    with open(flag, "w"):
+        pass
+    return first, later, broken
+
+
+@pytest.mark.parametrize("first_op", ["all_reduce", "all_gather_object"])
+def test_after_a_failure_every_operation_fails_at_once(run_ranks, tmp_path, first_op):
+    result, _ = run_ranks(_fail_fast_body, 2, str(tmp_path), first_op, timeout=120)
+    (waited, message), later, broken = result
+    assert waited >= 1.5 and "did not complete within 2 s" in message, result
+    assert message.startswith(first_op), message
+    assert broken
+    assert len(later) == 3, later
+    for seconds, text in later:
+        assert seconds < 1.0 and "not attempted: an earlier transfer failed" in text and first_op in text, text
+
+
+def _object_body(rank, world_size):
+    from distripy.runtime.torch_comm import TorchComm
+
+    comm = TorchComm(timeout_s=30.0)
+    payload = {"rank": rank, "text": "x" * (rank * 1000 + 1), "tensor": torch.arange(rank + 1)}
+    return comm.all_gather_object(payload)
+
+
+def test_object_exchange_of_unequal_sizes(run_ranks):
+    for gathered in run_ranks(_object_body, 3, timeout=60):
+        assert [g["rank"] for g in gathered] == [0, 1, 2]
+        assert [len(g["text"]) for g in gathered] == [1, 1001, 2001]
+        assert all(torch.equal(g["tensor"], torch.arange(r + 1)) for r, g in enumerate(gathered))

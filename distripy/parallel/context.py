@@ -163,10 +163,12 @@ class PatchContext:
     def drain(self) -> None:
         """Wait (on the host, bounded by the timeout) for the transfers the last step issued for a
         next step, and forget every stale buffer. After this no transfer of this model is in flight,
-        so its process group may be torn down."""
+        so its process group may be torn down. After a failed transfer (a ``broken`` comm) it does
+        not wait: the peers may be gone, and the first failure is the error to report."""
         self._deferred.clear()
-        for work in self.in_flight():
-            work.synchronize(self.config.timeout_s)
+        if not getattr(self.comm, "broken", False):
+            for work in self.in_flight():
+                work.synchronize(self.config.timeout_s)
         for state in self._states:
             state.reset_state()
 

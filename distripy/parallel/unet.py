@@ -7,8 +7,9 @@ Each call is one denoising step. The wrapper
    half) and the second half the rest; otherwise all ranks share the whole batch;
 2. recognises the start of a generation (an explicit ``reset()``, a new input signature, or a
    timestep that does not decrease) and then, before any work, validates the input and checks
-   that every rank was given the same input (shape, timestep, the latent's sum); a problem on
-   any rank raises on every rank;
+   that every rank was given the same input (a digest of every argument, ``parallel.digest``); a
+   problem on any rank raises on every rank. With ``DistriConfig.check_every_step`` every step's
+   latent and timestep are compared too;
 3. cuts the latent and the spatial conditioning (ControlNet residuals) into this rank's band
    (the latent through ``PatchContext.cut_band``: every rank holds it whole, so the first
    convolution's halos are read from it, exact at every step), runs the model's own forward on
@@ -32,6 +33,7 @@ from distripy.parallel.bands import (
     tensors_in,
 )
 from distripy.parallel.context import PatchContext
+from distripy.parallel.digest import digest_arguments
 
 __all__ = ["PatchUNetForward"]
 
@@ -129,13 +131,12 @@ class PatchUNetForward:
                     )
         return None
 
-    def _start_generation(self, sample, arguments, plan: BandPlan, signature: Tuple, timestep: float) -> None:
+    def _start_generation(self, sample, arguments, plan: BandPlan, signature: Tuple) -> None:
         problem = self._input_problem(sample, arguments, plan)
-        # The latent's sum tells ranks given different latents (e.g. unseeded noise) apart before
-        # they silently make a wrong image; one device-to-host copy per generation.
-        # (A meta tensor -- shape propagation, e.g. bench/step_profile.py -- has no values.)
-        checksum = float(sample.double().sum()) if problem is None and not sample.is_meta else None
-        description = f"input {signature}, timestep {timestep}, latent sum {checksum!r}"
+        # Every argument's digest (the latent, the timestep, the prompt embeddings, the added and
+        # ControlNet conditions, LoRA scales in cross_attention_kwargs...): ranks given different
+        # inputs raise here instead of stitching a wrong image. One copy to the host per generation.
+        description = None if problem is not None else dict(digest_arguments(arguments), layout=signature)
         agree(self.world_comm, description, problem)
         self.context.start_generation(
             self.patch_comms[plan.split_batch], plan.band_index, plan.band_count, shape_key=signature
@@ -196,8 +197,11 @@ class PatchUNetForward:
         )
         if new_generation:
             self._signature = None
-            self._start_generation(sample, arguments, plan, signature, timestep)
+            self._start_generation(sample, arguments, plan, signature)
             self._reset_requested = False
+        elif self.context.config.check_every_step:
+            step_input = {"sample": sample, "timestep": arguments["timestep"]}
+            agree(self.world_comm, digest_arguments(step_input), None, what="step input")
         self._last_timestep = timestep
 
         context = self.context

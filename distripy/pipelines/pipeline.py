@@ -4,6 +4,10 @@ The pipeline's UNet is retrofitted (``distripy.parallelize``) and its VAE decode
 (``pipelines.vae``); the pipeline object stays the same object, of a subclass with the same name
 whose ``__call__``
 
+* first checks, with every rank, that all of them were called with the same arguments (a digest
+  of each: prompts or embeddings, guidance, steps, timesteps, size, strength, generator state,
+  latents, images), the same scheduler configuration and the same LoRA adapters and scales; a
+  difference raises ``RankMismatchError`` on every rank, naming the arguments and the ranks;
 * starts a new generation (``distripy.reset``) and, at the end, waits for the last step's
   transfers, so consecutive calls may change height, width, steps, guidance and batch freely;
 * gives every rank the same initial noise: without a ``generator`` or ``latents`` the ranks would
@@ -18,13 +22,17 @@ the whole latent works the same way.
 """
 
 import functools
+import hashlib
 import inspect
 import random
+from typing import Optional
 
 import torch
 
 from distripy.config import DistriConfig
 from distripy.errors import InputError, InputTypeError
+from distripy.parallel.agreement import agree
+from distripy.parallel.digest import digest_arguments
 from distripy.pipelines.unet import parallelize_unet, require_installed_forward, reset_unet
 from distripy.pipelines.vae import parallelize_vae
 
@@ -39,10 +47,36 @@ def shared_seed(comm) -> int:
     return int(comm.all_gather_object(seed)[0])
 
 
+def _lora_state(pipe) -> Optional[str]:
+    """A digest of the LoRA adapters active in the pipeline's models and their scales (PEFT
+    layers keep them per layer), or None without any."""
+    entries = [
+        (component, path, tuple(module.active_adapters), tuple(sorted(module.scaling.items())))
+        for component, model in pipe.components.items()
+        if isinstance(model, torch.nn.Module)
+        for path, module in model.named_modules()
+        if hasattr(module, "scaling") and hasattr(module, "active_adapters")
+    ]
+    return hashlib.sha256(repr(entries).encode()).hexdigest() if entries else None
+
+
+def _call_description(pipe, arguments) -> dict:
+    """What decides the image, per name: every argument of the call (prompts or their embeddings,
+    guidance, steps, timesteps, size, strength, generator state, latents, images, kwargs), the
+    scheduler and its configuration, the active LoRA adapters and scales."""
+    described = {name: value for name, value in arguments.items() if name != "self"}
+    # Private entries are bookkeeping (``_use_default_values`` lists a set, in hash order).
+    settings = {key: value for key, value in pipe.scheduler.config.items() if not key.startswith("_")}
+    described["scheduler"] = (type(pipe.scheduler).__name__, settings)
+    described["lora"] = _lora_state(pipe)
+    return digest_arguments(described)
+
+
 def _parallel_call(pipe, original, args, kwargs):
     bound = inspect.signature(original).bind(pipe, *args, **kwargs)
+    comm = getattr(pipe, _COMM_ATTRIBUTE)
+    agree(comm, _call_description(pipe, bound.arguments), None, what="pipeline call")
     if bound.arguments.get("generator") is None and bound.arguments.get("latents") is None:
-        comm = getattr(pipe, _COMM_ATTRIBUTE)
         bound.arguments["generator"] = torch.Generator().manual_seed(shared_seed(comm))
     reset_unet(pipe.unet)
     try:

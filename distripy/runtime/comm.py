@@ -14,7 +14,7 @@ bands, in band order). Every operation is asynchronous and returns a ``Work``:
   NCCL group launch in the C++ runtime), each straight between its own buffers;
 * ``all_gather_object(obj)``: a host-side exchange of small picklable objects (the input checks
   every rank makes together before a generation, a shared seed); returns one object per rank,
-  blocking;
+  blocking for at most the comm's timeout;
 * ``subgroup(ranks)``: the ``Comm`` of the ranks ``ranks`` (numbered as in this comm, this rank
   among them), its ranks numbered in ascending order. Collective: every rank of this comm calls it,
   each with the group it belongs to, and the groups partition the comm (CFG split's two halves).
@@ -23,6 +23,11 @@ bands, in band order). Every operation is asynchronous and returns a ``Work``:
 stream waits on the GPU (no host block); on CPU the caller blocks, for at most the comm's timeout.
 ``Work.synchronize(timeout_s)`` blocks the host and raises ``CommTimeoutError`` at the timeout.
 Buffers must not be touched between issue and ``wait``.
+
+``broken``: true once a transfer of this comm or of the comm it is a subgroup of failed (see
+``runtime.health``); from then on every operation and wait raises ``CommError`` at once, and
+cleanup does not wait. Every failure of a transfer is a ``CommError`` (``CommTimeoutError`` for a
+timeout).
 
 Implementations: ``TorchComm`` (torch.distributed; gloo on CPU, nccl on GPU), ``NcclComm`` (the
 C++ runtime ``distripy._C``) and ``LoopbackComm`` (one process standing in for one rank of N, for
@@ -58,6 +63,7 @@ class Comm(Protocol):
     rank: int
     world_size: int
     timeout_s: float
+    broken: bool
 
     def all_gather(self, send, recv) -> Work: ...
 

@@ -4,7 +4,7 @@ import os
 from datetime import timedelta
 from typing import Optional, Tuple
 
-from distripy.config import PROCESS_GROUP_TIMEOUT_S
+from distripy.config import DEFAULT_TIMEOUT_S
 from distripy.errors import LaunchError
 
 __all__ = ["init"]
@@ -12,12 +12,17 @@ __all__ = ["init"]
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def init(backend: Optional[str] = None, timeout_s: float = PROCESS_GROUP_TIMEOUT_S) -> Tuple[int, int]:
+def init(backend: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Tuple[int, int]:
     """Initialise torch.distributed from the environment torchrun sets, unless already done.
 
     ``backend`` defaults to ``nccl`` when CUDA is available (and then each process takes the GPU
     ``LOCAL_RANK``), else ``gloo``. Without torchrun's variables this is a single process and
     nothing is initialised. Returns ``(rank, world_size)``.
+
+    ``timeout_s`` is the process group's own timeout: after a transfer failed (a peer died or
+    stopped), tearing the group down at exit waits for the transfers still pending in it for up to
+    this long. Give it ``DistriConfig.timeout_s`` (both default to ``DEFAULT_TIMEOUT_S``), so a
+    process that raised ``CommTimeoutError`` also exits within about that time.
     """
     import torch
     import torch.distributed as dist

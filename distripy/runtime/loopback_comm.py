@@ -99,6 +99,7 @@ class LoopbackComm:
     """The ``Comm`` protocol for one process standing in for rank ``rank`` of ``world_size``."""
 
     supports_cuda_graphs = True
+    broken = False  # no peer, nothing to fail
 
     def __init__(
         self,

@@ -20,8 +20,9 @@ import torch.distributed as dist
 from distripy.config import DEFAULT_TIMEOUT_S
 from distripy.errors import CommError, CommTimeoutError, InputError, InputTypeError
 from distripy.runtime.comm import CompletedWork, check_all_gather, check_all_reduce, check_halo_exchange
+from distripy.runtime.health import CommHealth
 from distripy.runtime.loader import native
-from distripy.runtime.torch_comm import new_process_subgroup
+from distripy.runtime.torch_comm import all_gather_object_within, new_process_subgroup
 
 __all__ = ["NcclComm", "NcclWork", "as_cuda_tensor", "nccl_dtype"]
 
@@ -69,21 +70,23 @@ def as_cuda_tensor(buffer, name: str) -> torch.Tensor:
 class NcclWork:
     """Handle of one operation: ``wait`` makes the caller's current stream wait on the GPU."""
 
-    def __init__(self, work, device: int) -> None:
+    def __init__(self, work, device: int, health: CommHealth) -> None:
         self._work = work
         self._device = device
+        self._health = health
 
     def wait(self) -> None:
         self._work.wait(torch.cuda.current_stream(self._device).cuda_stream)
 
     def synchronize(self, timeout_s: Optional[float] = None) -> None:
         C = native()
+        self._health.check("waiting for an NCCL transfer")
         try:
             self._work.synchronize(-1.0 if timeout_s is None else float(timeout_s))
         except C.CommTimeout as error:
-            raise CommTimeoutError(str(error)) from error
+            raise self._health.record(CommTimeoutError(str(error))) from error
         except C.NcclError as error:
-            raise CommError(str(error)) from error
+            raise self._health.record(CommError(str(error))) from error
 
     def done(self) -> bool:
         return self._work.done()
@@ -102,6 +105,7 @@ class NcclComm:
         *,
         split_from: Optional["NcclComm"] = None,
         color: int = 0,
+        health: Optional[CommHealth] = None,
     ) -> None:
         """A communicator over ``group`` (default: the whole world). With ``split_from`` (used by
         ``subgroup``) it is split from that communicator (``ncclCommSplit``, no new bootstrap):
@@ -115,18 +119,15 @@ class NcclComm:
         self.rank = dist.get_rank(self.process_group)
         self.world_size = dist.get_world_size(self.process_group)
         self.timeout_s = float(timeout_s)
+        self.health = health if health is not None else CommHealth()
         if split_from is not None:
             self.device = split_from.device
             self._native = split_from._native.split(color, self.rank)
         else:
             self.device = torch.cuda.current_device() if device is None else int(device)
-            unique_id = [C.Communicator.new_unique_id() if self.rank == 0 else None]
-            dist.broadcast_object_list(
-                unique_id, src=dist.get_global_rank(self.process_group, 0), group=self.process_group
-            )
-            self._native = C.Communicator(
-                unique_id[0], self.rank, self.world_size, self.device, self.timeout_s
-            )
+            offered = C.Communicator.new_unique_id() if self.rank == 0 else None
+            unique_id = all_gather_object_within(self.process_group, offered, self.timeout_s, self.health)[0]
+            self._native = C.Communicator(unique_id, self.rank, self.world_size, self.device, self.timeout_s)
         if (self._native.rank, self._native.world_size) != (self.rank, self.world_size):
             raise CommError(
                 f"NcclComm: the NCCL communicator is rank {self._native.rank} of {self._native.world_size} "
@@ -134,10 +135,16 @@ class NcclComm:
             )
         self._comm_stream = torch.cuda.ExternalStream(self._native.comm_stream, device=self.device)
 
+    @property
+    def broken(self) -> bool:
+        """Whether a transfer of this comm or of its family failed (``runtime.health``)."""
+        return self.health.broken
+
     def _stream(self) -> int:
         return torch.cuda.current_stream(self.device).cuda_stream
 
     def _tensors(self, **buffers) -> dict:
+        self.health.check(f"an NCCL transfer of {', '.join(buffers)}")
         tensors = {}
         for name, buffer in buffers.items():
             if buffer is None:
@@ -154,7 +161,7 @@ class NcclComm:
         for tensor in tensors:
             if tensor is not None and tensor.numel() > 0:
                 tensor.record_stream(self._comm_stream)
-        return NcclWork(work, self.device)
+        return NcclWork(work, self.device, self.health)
 
     def all_gather(self, send, recv) -> NcclWork:
         t = self._tensors(send=send, recv=recv)
@@ -210,16 +217,15 @@ class NcclComm:
             self._native.group_end()  # NCCL needs a balanced group even when the body raised
 
     def all_gather_object(self, obj):
-        """Every rank's ``obj``, in rank order (host side, blocking; small picklable objects)."""
-        objects = [None] * self.world_size
-        dist.all_gather_object(objects, obj, group=self.process_group)
-        return objects
+        """Every rank's ``obj``, in rank order (host side, blocking, at most ``timeout_s``; small
+        picklable objects), over the torch.distributed group."""
+        return all_gather_object_within(self.process_group, obj, self.timeout_s, self.health)
 
     def subgroup(self, ranks: Sequence[int]) -> "NcclComm":
         """The comm of ``ranks`` (see ``Comm.subgroup``): its NCCL communicator split from this one,
         its host-side exchanges on a new torch.distributed group."""
         group, color = new_process_subgroup(self, ranks)
-        return NcclComm(group, self.timeout_s, split_from=self, color=color)
+        return NcclComm(group, self.timeout_s, split_from=self, color=color, health=self.health)
 
     def join(self) -> None:
         """Make the caller's current stream wait for everything issued so far (before a CUDA-graph

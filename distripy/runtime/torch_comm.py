@@ -5,9 +5,10 @@ group, the baseline the C++ runtime (``NcclComm``) is measured against.
 """
 
 import contextlib
+import pickle
 import time
 from datetime import timedelta
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -21,8 +22,9 @@ from distripy.runtime.comm import (
     check_halo_exchange,
     check_partition,
 )
+from distripy.runtime.health import CommHealth
 
-__all__ = ["TorchComm", "TorchWork", "new_process_subgroup"]
+__all__ = ["TorchComm", "TorchWork", "all_gather_object_within", "new_process_subgroup"]
 # gloo matches point-to-point messages by (peer, tag); a fresh tag per exchange keeps exchanges of
 # different layers apart even when they are in flight together.
 _TAG_SPACE = 1 << 24
@@ -32,13 +34,15 @@ _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 
 
 class TorchWork:
-    """Handle of one protocol operation: the torch.distributed works it was issued as."""
+    """Handle of one protocol operation: the torch.distributed works it was issued as. A failure
+    is recorded in the comm family's ``CommHealth``."""
 
-    def __init__(self, works: List, op: str, on_cuda: bool, timeout_s: float) -> None:
+    def __init__(self, works: List, op: str, on_cuda: bool, timeout_s: float, health: CommHealth) -> None:
         self._works = works
         self._op = op
         self._on_cuda = on_cuda
         self._timeout_s = timeout_s
+        self._health = health
 
     def wait(self) -> None:
         if self._on_cuda:
@@ -51,23 +55,32 @@ class TorchWork:
 
     def synchronize(self, timeout_s: Optional[float] = None) -> None:
         timeout_s = self._timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout_s
-        for work in self._works:
-            remaining = max(deadline - time.monotonic(), 1e-3)
-            try:
-                completed = work.wait(timeout=timedelta(seconds=remaining))
-            except RuntimeError as error:
-                text = str(error)
-                if "timeout" in text.lower() or "timed out" in text.lower():
-                    raise CommTimeoutError(
-                        f"{self._op} did not complete within {timeout_s:g} s: {text}"
-                    ) from error
-                raise CommError(f"{self._op} failed: {text}") from error
-            if completed is False:
-                raise CommTimeoutError(f"{self._op} did not complete within {timeout_s:g} s")
+        _wait_until(self._works, self._op, time.monotonic() + timeout_s, timeout_s, self._health)
 
     def done(self) -> bool:
         return all(work.is_completed() for work in self._works)
+
+
+def _wait_until(works: List, op: str, deadline: float, timeout_s: float, health: CommHealth) -> None:
+    """Wait for torch.distributed ``works`` until ``deadline`` (``time.monotonic()``); a failure
+    or the deadline raises the ``CommError`` (``timeout_s`` names the whole allowance)."""
+    health.check(f"waiting for {op}")
+    for work in works:
+        remaining = max(deadline - time.monotonic(), 1e-3)
+        try:
+            completed = work.wait(timeout=timedelta(seconds=remaining))
+        except RuntimeError as error:
+            raise health.record(_comm_error(op, timeout_s, error)) from error
+        if completed is False:
+            raise health.record(CommTimeoutError(f"{op} did not complete within {timeout_s:g} s"))
+
+
+def _comm_error(op: str, timeout_s: float, error: RuntimeError) -> CommError:
+    """torch.distributed's ``RuntimeError`` as the ``CommError`` it is."""
+    text = str(error)
+    if "timeout" in text.lower() or "timed out" in text.lower():
+        return CommTimeoutError(f"{op} did not complete within {timeout_s:g} s: {text}")
+    return CommError(f"{op} failed: {text}")
 
 
 class _GroupedWork:
@@ -99,8 +112,12 @@ class TorchComm:
     """The ``Comm`` protocol for the ranks of a torch.distributed process group, in group-rank order."""
 
     def __init__(
-        self, group: Optional[dist.ProcessGroup] = None, timeout_s: float = DEFAULT_TIMEOUT_S
+        self,
+        group: Optional[dist.ProcessGroup] = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        health: Optional[CommHealth] = None,
     ) -> None:
+        """``health``: shared with the comm this one is a subgroup of (see ``runtime.health``)."""
         if not dist.is_initialized():
             raise CommError(
                 "TorchComm needs torch.distributed to be initialised (call distripy.init() first)"
@@ -115,15 +132,26 @@ class TorchComm:
                 f"TorchComm: global rank {dist.get_rank()} is not a member of the given process group"
             )
         self.timeout_s = float(timeout_s)
+        self.health = health if health is not None else CommHealth()
         self._global_ranks = [dist.get_global_rank(self.process_group, r) for r in range(self.world_size)]
         self._tag = 0
         self._pending: Optional[List[Callable[[], None]]] = None
 
     # -- issue, immediately or at the end of a group() scope --------------------------------------
 
+    @property
+    def broken(self) -> bool:
+        """Whether a transfer of this comm or of its family failed (``runtime.health``)."""
+        return self.health.broken
+
     def _issue(self, op: str, start: Callable[[], List], on_cuda: bool):
         def make() -> TorchWork:
-            return TorchWork(start(), op, on_cuda, self.timeout_s)
+            self.health.check(op)
+            try:
+                works = start()
+            except RuntimeError as error:  # e.g. a peer whose connection is gone
+                raise self.health.record(_comm_error(op, self.timeout_s, error)) from error
+            return TorchWork(works, op, on_cuda, self.timeout_s, self.health)
 
         if self._pending is None:
             return make()
@@ -195,15 +223,47 @@ class TorchComm:
         )
 
     def all_gather_object(self, obj):
-        """Every rank's ``obj``, in rank order (host side, blocking; small picklable objects)."""
-        objects = [None] * self.world_size
-        dist.all_gather_object(objects, obj, group=self.process_group)
-        return objects
+        """Every rank's ``obj``, in rank order (host side, blocking, at most ``timeout_s``; small
+        picklable objects)."""
+        return all_gather_object_within(self.process_group, obj, self.timeout_s, self.health)
 
     def subgroup(self, ranks: Sequence[int]) -> "TorchComm":
-        """The comm of ``ranks`` (see ``Comm.subgroup``), on a new torch.distributed group."""
+        """The comm of ``ranks`` (see ``Comm.subgroup``), on a new torch.distributed group; it
+        shares this comm's health."""
         group, _ = new_process_subgroup(self, ranks)
-        return TorchComm(group, self.timeout_s)
+        return TorchComm(group, self.timeout_s, self.health)
+
+
+def all_gather_object_within(group, obj: Any, timeout_s: float, health: CommHealth) -> List[Any]:
+    """Every rank's picklable ``obj`` over the torch.distributed ``group``, in rank order: the
+    pickled sizes, then the padded bytes, each an asynchronous all-gather waited for at most until
+    one deadline ``timeout_s`` away (``dist.all_gather_object`` would wait for the process group's
+    own timeout). On an NCCL group the bytes travel through the current CUDA device."""
+    world = dist.get_world_size(group)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    on_cuda = device is not None
+    deadline = time.monotonic() + timeout_s
+    payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device or "cpu")
+    op = f"all_gather_object over {world} ranks"
+
+    def gather(send: torch.Tensor) -> torch.Tensor:
+        health.check(op)
+        recv = send.new_empty(world * send.numel())
+        try:
+            work = _all_gather_flat(recv, send, group=group, async_op=True)
+        except RuntimeError as error:
+            raise health.record(_comm_error(op, timeout_s, error)) from error
+        _wait_until([work], op, deadline, timeout_s, health)
+        if on_cuda:
+            torch.cuda.current_stream().synchronize()
+        return recv.cpu()
+
+    sizes = gather(torch.tensor([payload.numel()], dtype=torch.int64, device=payload.device))
+    longest = int(sizes.max())
+    padded = torch.zeros(longest, dtype=torch.uint8, device=payload.device)
+    padded[: payload.numel()] = payload
+    data = gather(padded).view(world, longest)
+    return [pickle.loads(data[rank, : int(sizes[rank])].numpy().tobytes()) for rank in range(world)]
 
 
 def new_process_subgroup(comm, ranks: Sequence[int]) -> Tuple[dist.ProcessGroup, int]:
