@@ -166,3 +166,32 @@ def test_digests_tell_apart_what_a_sum_alone_would_not():
     assert plain["prompt"] == ("list", ("a", "b")) and plain["scale"] == 5.0
     assert plain["callback"] == ("object", "builtin_function_or_method")
     assert plain["kwargs"] == ("dict", (("scale", 1),))
+
+
+class _LoraLike(torch.nn.Module):
+    """What the agreement reads of a PEFT LoRA layer: its active adapters and their scales."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.active_adapters = ["style"]
+        self.scaling = {"style": scale}
+
+
+def _lora_body(rank, world_size):
+    import distripy
+    from distripy.pipelines.tiny import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(0)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.add_module("lora_probe", _LoraLike(0.8 if rank == 1 else 1.0))
+    distripy.parallelize(pipe, distripy.DistriConfig(mode="full_sync", timeout_s=60))
+    try:
+        pipe("a boat", height=64, width=64, num_inference_steps=2, output_type="np")
+    except Exception as error:  # noqa: BLE001
+        return type(error).__name__, str(error)
+    return ("ok",)
+
+
+def test_different_lora_scales_on_one_rank_raise_on_every_rank(run_ranks):
+    for outcome in run_ranks(_lora_body, 2, timeout=300):
+        assert outcome[0] == "RankMismatchError" and "lora (rank 0 | rank 1)" in outcome[1], outcome

@@ -89,3 +89,107 @@ def test_a_failed_peer_makes_the_survivor_raise_reset_and_exit_in_time(path_kind
     assert report["raised_after_s"] <= TIMEOUT_S + 5, report
     assert report["reset_s"] < 1.0, report
     assert exit_after <= TIMEOUT_S + 10, (exit_after, report)
+
+
+# -- the command ---------------------------------------------------------------------------------------
+
+
+def _children(pid: int):
+    """The direct child processes of ``pid`` (from /proc)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                children.append(int(entry.name))
+    return children
+
+
+def _rank_of(pid: int):
+    try:
+        environment = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [item[5:] for item in environment if item.startswith(b"RANK=")]
+    return int(ranks[0]) if ranks else None
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie awaiting its parent counts as exited)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from distripy.pipelines.tiny import tiny_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    tiny_sdxl_pipeline(seed=3).save_pretrained(folder)
+    return folder
+
+
+def test_a_stopped_rank_under_the_command_makes_rank_0_fail_and_exit_in_time(tiny_model, tmp_path):
+    """``distripy generate --nproc 2 --timeout 3``: once rank 0's progress bar moves, rank 1 is
+    stopped; rank 0 must print its one-line error and its process end within the timeout + 10 s."""
+    import threading
+
+    output = tmp_path / "image.png"
+    command = [
+        sys.executable, "-m", "distripy.cli", "generate", "--model", str(tiny_model), "--prompt", "a boat",
+        "--height", "64", "--width", "64", "--steps", "400", "--nproc", "2", "--no-split-batch",
+        "--timeout", str(TIMEOUT_S), "--output", str(output),
+    ]  # fmt: skip
+    launcher = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
+    errors = bytearray()
+
+    def read_errors() -> None:
+        while chunk := launcher.stderr.read1(4096):
+            errors.extend(chunk)
+
+    reader = threading.Thread(target=read_errors, daemon=True)
+    reader.start()
+    stopped = []
+    try:
+        deadline = time.monotonic() + 180
+        while b"it/s" not in errors and b"s/it" not in errors:  # rank 0's progress bar: generating
+            assert launcher.poll() is None and time.monotonic() < deadline, errors.decode()[-3000:]
+            time.sleep(0.05)
+        ranks = {_rank_of(pid): pid for pid in _children(launcher.pid)}
+        assert {0, 1} <= set(ranks), ranks
+        os.kill(ranks[1], signal.SIGSTOP)
+        stopped.append(ranks[1])
+        stopped_at = time.monotonic()
+        while not _gone(ranks[0]):
+            assert time.monotonic() - stopped_at < TIMEOUT_S + 60, "rank 0 still runs"
+            time.sleep(0.05)
+        rank0_exit = time.monotonic() - stopped_at
+        os.kill(ranks[1], signal.SIGKILL)  # the stopped rank (the launcher would wait 30 s for it)
+        launcher.wait(timeout=120)
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    reader.join(timeout=10)
+    text = errors.decode(errors="replace")
+    print(
+        f"rank 0 exited {rank0_exit:.2f} s after rank 1 stopped; the command returned {launcher.returncode}"
+    )
+    assert rank0_exit <= TIMEOUT_S + 10, rank0_exit
+    assert launcher.returncode != 0 and not output.exists()
+    lines = [line for line in text.splitlines() if line.startswith("distripy: error: ")]
+    assert lines and "CommTimeoutError" in lines[0], text[-3000:]
+    assert "Traceback" not in text, text[-3000:]

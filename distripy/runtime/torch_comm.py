@@ -286,6 +286,11 @@ def new_process_subgroup(comm, ranks: Sequence[int]) -> Tuple[dist.ProcessGroup,
             groups.append(asked)
     check_partition(groups, comm.world_size)
     global_ranks = [dist.get_global_rank(comm.process_group, r) for r in range(comm.world_size)]
-    made = [dist.new_group([global_ranks[r] for r in group]) for group in groups]
+    try:
+        made = [dist.new_group([global_ranks[r] for r in group]) for group in groups]
+    except RuntimeError as error:  # a peer gone while the groups were being made
+        raise comm.health.record(
+            CommError(f"subgroup: making the groups {groups} failed: {error}")
+        ) from error
     index = groups.index(tuple(ranks))
     return made[index], index
