@@ -39,8 +39,7 @@ def _as_tensor(value: Any):
 
 
 def _reductions(tensor: torch.Tensor) -> torch.Tensor:
-    flat = tensor.detach().reshape(-1)
-    flat = flat.double() if flat.is_floating_point() or flat.is_complex() else flat.to(torch.float64)
+    flat = tensor.detach().reshape(-1).to(torch.float64)
     weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64) / max(
         flat.numel(), 1
     )

@@ -241,7 +241,6 @@ def all_gather_object_within(group, obj: Any, timeout_s: float, health: CommHeal
     own timeout). On an NCCL group the bytes travel through the current CUDA device."""
     world = dist.get_world_size(group)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-    on_cuda = device is not None
     deadline = time.monotonic() + timeout_s
     payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device or "cpu")
     op = f"all_gather_object over {world} ranks"
@@ -254,9 +253,7 @@ def all_gather_object_within(group, obj: Any, timeout_s: float, health: CommHeal
         except RuntimeError as error:
             raise health.record(_comm_error(op, timeout_s, error)) from error
         _wait_until([work], op, deadline, timeout_s, health)
-        if on_cuda:
-            torch.cuda.current_stream().synchronize()
-        return recv.cpu()
+        return recv.cpu()  # on CUDA a copy ordered after the gather on the current stream
 
     sizes = gather(torch.tensor([payload.numel()], dtype=torch.int64, device=payload.device))
     longest = int(sizes.max())
