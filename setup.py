@@ -108,9 +108,13 @@ setup(
         "transformers>=4.40",
         "safetensors>=0.4",
         "scipy>=1.10",  # diffusers' LMS scheduler (`distripy generate --scheduler lms`)
-        f"nvidia-nccl-cu12>=2.18; {LINUX}",
+        # NCCL: the nvidia-nccl wheel a CUDA build of torch depends on (cu12 or cu13; both install
+        # nvidia/nccl/lib/libnccl.so.2, so depending on one would overwrite the other's library).
+        # A torch without NCCL (CPU builds) takes an extra below.
     ],
     extras_require={
+        "nccl-cu12": [f"nvidia-nccl-cu12>=2.18; {LINUX}"],
+        "nccl-cu13": [f"nvidia-nccl-cu13; {LINUX}"],
         "test": ["pytest>=8", "pytest-timeout>=2.3", "cmake>=3.18", "wheel", "matplotlib>=3.7"],
         "bench": ["matplotlib>=3.7", f"cupy-cuda12x>=13; {LINUX}", "torchmetrics>=1.3", "clean-fid>=0.1.35"],
     },

@@ -1,33 +1,40 @@
 """What every Triton kernel of ``kernels/`` compiles to on a GPU target, without a GPU.
 
 Triton's compiler runs on a CPU-only machine for an explicit ``GPUTarget`` (``ptxas`` ships in the
-triton wheel). For each kernel x autotune configuration x dtype x target (sm_90a, sm_80) this
-compiles the kernel, runs ``ptxas -v`` (the one Triton uses for the target) on its PTX and records: shared memory per block
-(against the target's per-block limit), registers per thread, spill stores and loads, stack frame,
-and whether the PTX uses warpgroup MMA (``wgmma``, Hopper) or ``mma.sync``. A kernel that does not
-fit, or spills, runs slowly or not at all on the GPU: the autotuner skips configurations that do
-not fit at launch, silently.
+triton wheel). Each kernel is compiled from the launch its op builds (``Launch``, on CPU tensors of
+an SDXL band's shape), specialised the way Triton's JIT specialises a real launch (pointer
+alignment, integers equal to 1 or divisible by 16: they decide vectorisation and whether loads are
+pipelined), for every autotune configuration x dtype x target (sm_90a, sm_80) x layout. For each it
+runs ``ptxas -v`` (the one Triton uses for the target) on the PTX and records: shared memory per
+block (against the target's per-block limit), registers per thread, spill stores and loads, stack
+frame, and whether the PTX uses warpgroup MMA (``wgmma``, Hopper) or ``mma.sync``. A kernel that
+does not fit, or spills, runs slowly or not at all on the GPU: the autotuner skips configurations
+that do not fit at launch, silently. ``tests/test_compile_targets.py`` asserts the same on a subset.
 
-    python bench/compile_report.py                 # every kernel, every configuration, 3 dtypes
+    python bench/compile_report.py                 # the full matrix, written as JSON
     python bench/compile_report.py --dtypes fp16   # fewer
+    python bench/kernels.py --compile-report       # the same
 
 Writes ``bench/results/compile-report-<time>.json``.
 """
 
 import argparse
 import importlib
-import inspect
+import multiprocessing
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
-from typing import Dict, Iterator, List, Optional
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
 
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # bytes of shared memory one block may use
 DTYPES = ("fp16", "bf16", "fp32")
+LAYOUTS = ("nchw", "channels_last")
+VARIANTS = ("prologue", "plain", "no_halo")
 
 
 @dataclass
@@ -37,6 +44,7 @@ class Compiled:
     config: str
     dtype: str
     capability: int
+    layout: str = "nchw"
     shared_bytes: int = 0
     registers: int = 0
     spill_stores: int = 0
@@ -44,6 +52,7 @@ class Compiled:
     stack_bytes: int = 0
     mma: str = "none"
     error: Optional[str] = None
+    seconds: float = 0.0
 
     @property
     def fits(self) -> bool:
@@ -52,6 +61,17 @@ class Compiled:
     @property
     def spills(self) -> bool:
         return self.spill_stores > 0 or self.spill_loads > 0
+
+
+@dataclass
+class Job:
+    """One compile: ``launch`` (a ``distripy.kernels._launch.Launch``) with ``overrides`` (an
+    autotune configuration's meta-parameters, ``num_warps``, ``num_stages``) for ``record``'s
+    target."""
+
+    launch: Any
+    record: Compiled
+    overrides: Dict[str, Any] = field(default_factory=dict)
 
 
 def _ptxas_report(ptx: str, capability: int) -> Dict[str, int]:
@@ -84,129 +104,303 @@ def _ptxas_report(ptx: str, capability: int) -> Dict[str, int]:
     }
 
 
-def compile_kernel(
-    fn, signature, constexprs, num_warps, num_stages, capability, record: Compiled
-) -> Compiled:
-    """Compile ``fn`` (a ``@triton.jit`` function) for ``sm_<capability>`` and fill ``record``."""
+def _compile(launch, kwargs: Dict[str, Any], record: Compiled):
+    """``launch``'s kernel with ``kwargs`` compiled for ``record``'s target through Triton's own
+    binder and argument packing (private Triton API: the only way to get the JIT's specialisation
+    without a GPU)."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
 
-    parameters = list(inspect.signature(fn.fn).parameters)
-    source = ASTSource(
-        fn=fn, signature=signature, constexprs={(parameters.index(k),): v for k, v in constexprs.items()}
+    fn = launch.kernel
+    while not isinstance(fn, JITFunction):  # an Autotuner (or Heuristics) wraps the JITFunction
+        fn = fn.fn
+    target = GPUTarget("cuda", record.capability, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(
+        ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__
     )
+
+
+def compile_job(job: Job) -> Compiled:
+    """Compile ``job`` as Triton's JIT would for a launch with these arguments on
+    ``sm_<capability>`` (its binder and argument packing: the same signature, constexprs and
+    alignment attributes), then ``ptxas -v`` the PTX. A failure is recorded, not raised."""
+    record = job.record
+    started = time.monotonic()
     try:
-        kernel = triton.compile(
-            source,
-            target=GPUTarget("cuda", capability, 32),
-            options={"num_warps": num_warps, "num_stages": num_stages},
-        )
+        kernel = _compile(job.launch, dict(job.launch.kwargs, **job.overrides), record)
         ptx = kernel.asm["ptx"]
         record.shared_bytes = int(kernel.metadata.shared)
         record.mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
-        for key, value in _ptxas_report(ptx, capability).items():
+        for key, value in _ptxas_report(ptx, record.capability).items():
             setattr(record, key, value)
     except Exception as error:  # noqa: BLE001 - a failed compile is a result to report
         record.error = f"{type(error).__name__}: {str(error)[:300]}"
+    record.seconds = round(time.monotonic() - started, 2)
     return record
 
 
-def _signature(fn, dtype: str, fp32_pointers=()) -> Dict[str, str]:
-    """Pointers of ``dtype`` (``fp32_pointers`` fp32), upper-case names constexpr, the rest i32."""
-    signature = {}
-    for name in inspect.signature(fn.fn).parameters:
-        if name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in fp32_pointers else f"*{dtype}"
-        else:
-            signature[name] = "constexpr" if name.isupper() else "i32"
-    return signature
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def halo_conv_jobs(dtypes, capabilities, variants=("prologue", "plain")) -> Iterator[tuple]:
-    """The halo convolution: every autotune configuration x dtype x target x variant."""
-    halo_conv = importlib.import_module("distripy.kernels.halo_conv")
-    fn = halo_conv._halo_conv2d_kernel
-    for config in halo_conv._CONFIGS:
-        for dtype in dtypes:
-            for capability in capabilities:
+def _band(shape, dtype: str, layout: str):
+    """A CPU tensor laid out as a band of an image in ``layout`` (contents irrelevant)."""
+    import torch
+
+    x = torch.empty(shape, dtype=_torch_dtype(dtype))
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def config_name(config) -> str:
+    name = "BM{BLOCK_M}_BN{BLOCK_N}_BK{BLOCK_K}".format(**config.kwargs)
+    return name + f"_w{config.num_warps}_s{config.num_stages}"
+
+
+def halo_conv_launch(dtype: str, layout: str, variant: str, channels: int = 640, width: int = 64):
+    """The launch ``halo_conv2d_triton`` builds for an SDXL band (batch 2, 8 rows) of a 3x3
+    convolution: with its GroupNorm prologue and both halos (a middle rank's ResNet conv), plain
+    with halos and bias, or at an image edge without halos (``no_halo``)."""
+    import torch
+    from distripy.kernels import halo_conv
+
+    x = _band((2, channels, 8, width), dtype, layout)
+    halo = _band((2, channels, 1, width), dtype, layout) if variant != "no_halo" else None
+    weight = torch.empty((channels, channels, 3, 3), dtype=_torch_dtype(dtype))
+    bias = torch.empty(channels, dtype=_torch_dtype(dtype)) if variant != "no_halo" else None
+    prologue = None
+    if variant == "prologue":
+        stats = torch.empty((2, 32))
+        prologue = halo_conv.GroupNormPrologue(stats, stats, bias, bias, 32, True)
+    conv = halo_conv._band_conv(x, halo, halo, weight, 1, 1, 1, prologue)
+    launch, _ = halo_conv._conv_launch(x, halo, halo, weight, bias, conv, prologue)
+    kwargs = {k: v for k, v in launch.kwargs.items() if not k.startswith("BLOCK_")}
+    return launch._replace(kernel=halo_conv._halo_conv2d_kernel, kwargs=kwargs)
+
+
+def halo_conv_jobs(dtypes, capabilities, variants=VARIANTS, layouts=LAYOUTS) -> Iterator[Job]:
+    """The halo convolution: every autotune configuration of a dtype x target x variant x layout."""
+    from distripy.kernels import halo_conv
+
+    for dtype in dtypes:
+        for config in halo_conv.autotune_configs(_torch_dtype(dtype)):
+            for layout in layouts:
                 for variant in variants:
-                    prologue = variant == "prologue"
-                    constexprs = dict(
-                        HAS_TOP=True, HAS_BOTTOM=True, HAS_BIAS=True, PROLOGUE=prologue,
-                        HAS_NORM_WEIGHT=prologue, HAS_NORM_BIAS=prologue, SILU=prologue, KH=3, KW=3,
-                        PRECISION="tf32" if dtype == "fp32" else "ieee", **config.kwargs,
-                    )  # fmt: skip
-                    name = "BM{BLOCK_M}_BN{BLOCK_N}_BK{BLOCK_K}".format(**config.kwargs)
-                    name += f"_w{config.num_warps}_s{config.num_stages}"
-                    signature = _signature(fn, dtype, fp32_pointers=("mean_ptr", "rstd_ptr"))
-                    record = Compiled("halo_conv2d", variant, name, dtype, capability)
-                    yield fn, signature, constexprs, config.num_warps, config.num_stages, capability, record
+                    launch = halo_conv_launch(dtype, layout, variant)
+                    overrides = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+                    for capability in capabilities:
+                        record = Compiled(
+                            "halo_conv2d", variant, config_name(config), dtype, capability, layout
+                        )
+                        yield Job(launch, record, overrides)
 
 
-def group_norm_jobs(dtypes, capabilities) -> Iterator[tuple]:
-    """GroupNorm statistics and apply (+ SiLU, affine) at SDXL's tile sizes (32 groups of 10-40
-    channels: BLOCK_C 16 to 64, BLOCK_S = 4096 / BLOCK_C)."""
+def group_norm_jobs(dtypes, capabilities, layouts=LAYOUTS) -> Iterator[Job]:
+    """GroupNorm statistics, apply (+ affine + SiLU) and apply into the interior rows of a
+    halo-padded buffer, at SDXL's group sizes (32 groups of 10 to 40 channels: tiles of 16 to 64
+    channels, 4096 / tile positions)."""
+    import torch
+
+    # the modules (the package exports functions of the same names)
     group_norm_apply = importlib.import_module("distripy.kernels.group_norm_apply")
-    group_norm_stats = importlib.import_module("distripy.kernels.group_norm_stats")  # modules, not the ops
-    for block_c in (16, 64):
-        block_s = 4096 // block_c
-        for dtype in dtypes:
-            for capability in capabilities:
-                stats = group_norm_stats._group_norm_stats_kernel
-                signature = _signature(stats, dtype, fp32_pointers=("out_ptr",))
-                yield (
-                    stats,
-                    signature,
-                    dict(BLOCK_C=block_c, BLOCK_S=block_s),
-                    4,
-                    1,
-                    capability,
-                    Compiled("group_norm_stats", "", f"BC{block_c}_BS{block_s}", dtype, capability),
+    group_norm_stats = importlib.import_module("distripy.kernels.group_norm_stats")
+    for dtype in dtypes:
+        for channels in (320, 1280):
+            for layout in layouts:
+                x = _band((2, channels, 16, 64), dtype, layout)
+                stats = torch.empty((2, 32))
+                weight = torch.empty(channels, dtype=_torch_dtype(dtype))
+                padded = _band((2, channels, 18, 64), dtype, layout)
+                launches = {
+                    ("group_norm_stats", ""): group_norm_stats._stats_launch(x, 32, chunks=4)[0],
+                    ("group_norm_apply", "silu"): group_norm_apply._apply_launch(
+                        x, stats, stats, weight, weight, 32, True, torch.empty_like(x)
+                    ),
+                    ("group_norm_apply", "into_buffer"): group_norm_apply._apply_launch(
+                        x, stats, stats, None, None, 32, False, padded[:, :, 1:17]
+                    ),
+                }
+                for (kernel, variant), launch in launches.items():
+                    name = "C{}_BC{BLOCK_C}_BS{BLOCK_S}".format(channels, **launch.kwargs)
+                    for capability in capabilities:
+                        yield Job(launch, Compiled(kernel, variant, name, dtype, capability, layout))
+
+
+def ci_jobs() -> List[Job]:
+    """The subset CI compiles (``tests/test_compile_targets.py``, about a minute on 2 cores): every
+    autotune configuration once per target in one representative dtype (fp16 on sm_90a, bf16 on
+    sm_80; fp32 for the fp32 tiles), in the variants that need the most registers (the prologue in
+    both layouts, the plain convolution channels-last), and every GroupNorm kernel."""
+    from distripy.kernels import halo_conv
+
+    jobs = list(group_norm_jobs(["fp16"], [90]))
+    jobs += list(group_norm_jobs(["bf16"], [80], layouts=["channels_last"]))
+    for family in (halo_conv._CONFIGS_16BIT, halo_conv._CONFIGS_FP32):
+        for capability, dtype in ((90, "fp16"), (80, "bf16")):
+            if family is halo_conv._CONFIGS_FP32:
+                dtype = "fp32"
+            for config in family:
+                overrides = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+                for layout, variant in (
+                    ("nchw", "prologue"),
+                    ("channels_last", "prologue"),
+                    ("channels_last", "plain"),
+                ):
+                    record = Compiled("halo_conv2d", variant, config_name(config), dtype, capability, layout)
+                    jobs.append(Job(halo_conv_launch(dtype, layout, variant), record, overrides))
+    return jobs
+
+
+def _past_int32(shape, dtype: str):
+    """A CPU view of ``shape`` whose batch stride puts its last batch past 2^31 elements from its
+    first element (3 batches 1.1e9 elements apart): the storage is reserved, never touched."""
+    import torch
+
+    batch_stride = 1_100_000_000
+    inner = 1
+    for size in shape[1:]:
+        inner *= size
+    storage = torch.empty((shape[0] - 1) * batch_stride + inner, dtype=_torch_dtype(dtype))
+    return storage.as_strided(shape, (batch_stride,) + torch.empty(shape[1:]).stride())
+
+
+def offset_report() -> List[Dict[str, Any]]:
+    """Whether each kernel addresses a tensor past 2^31 elements with 64-bit offsets: compiles each
+    op's launch on such a view (and on an ordinary tensor, for contrast) for sm_90a and counts the
+    pointer arithmetic on fp16 data (the tensors that can be that large; statistics are fp32)
+    done with 32-bit and with 64-bit offsets in the Triton IR. Triton's interpreter computes in
+    64 bits whatever the kernel says, so only the compiled IR shows an overflow."""
+    import torch
+
+    group_norm_apply = importlib.import_module("distripy.kernels.group_norm_apply")
+    group_norm_stats = importlib.import_module("distripy.kernels.group_norm_stats")
+    halo_conv = importlib.import_module("distripy.kernels.halo_conv")
+    shape = (3, 64, 6, 8)
+    stats = torch.empty((3, 32))
+    rows = []
+    for size, x in (("past_int32", _past_int32(shape, "fp16")), ("small", _band(shape, "fp16", "nchw"))):
+        out = torch.empty(shape, dtype=torch.float16)
+        weight = torch.empty((64, 64, 3, 3), dtype=torch.float16)
+        halo = torch.empty((3, 64, 1, 8), dtype=torch.float16)
+        conv = halo_conv._band_conv(x, halo, halo, weight, 1, 1, 1, None)
+        conv_launch = halo_conv._conv_launch(x, halo, halo, weight, None, conv, None)[0]
+        launches = {
+            "group_norm_stats": group_norm_stats._stats_launch(x, 32, chunks=2)[0],
+            "group_norm_apply": group_norm_apply._apply_launch(x, stats, stats, None, None, 32, True, out),
+            "halo_conv2d": conv_launch._replace(
+                kernel=halo_conv._halo_conv2d_kernel,
+                kwargs=dict(conv_launch.kwargs, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+            ),
+        }
+        for kernel, launch in launches.items():
+            ir = _compile_ir(launch, 90)
+            offsets = re.findall(r"tt\.addptr [^:]*: (?:tensor<[^>]*!tt\.ptr<f16>>|!tt\.ptr<f16>), (\S+)", ir)
+            rows.append(
+                dict(
+                    kernel=kernel,
+                    tensor=size,
+                    index_64=bool(launch.kwargs["INDEX_64"]),
+                    offsets_32=sum(1 for o in offsets if o.endswith(("i32", "i32>"))),
+                    offsets_64=sum(1 for o in offsets if o.endswith(("i64", "i64>"))),
                 )
-                apply = group_norm_apply._group_norm_apply_kernel
-                signature = _signature(apply, dtype, fp32_pointers=("mean_ptr", "rstd_ptr"))
-                constexprs = dict(HAS_WEIGHT=True, HAS_BIAS=True, SILU=True, BLOCK_C=block_c, BLOCK_S=block_s)
-                yield (
-                    apply,
-                    signature,
-                    constexprs,
-                    4,
-                    1,
-                    capability,
-                    Compiled("group_norm_apply", "silu", f"BC{block_c}_BS{block_s}", dtype, capability),
-                )
+            )
+    return rows
 
 
-def run(jobs) -> List[Compiled]:
-    return [compile_kernel(*job) for job in jobs]
+def _compile_ir(launch, capability: int) -> str:
+    """The Triton IR of ``launch`` compiled for ``sm_<capability>``."""
+    record = Compiled("", "", "", "fp16", capability)
+    kernel = _compile(launch, launch.kwargs, record)
+    return kernel.asm["ttir"]
 
 
-def main(argv=None) -> None:
+_FORKED_JOBS: List[Job] = []
+
+
+def _compile_forked(index: int) -> Compiled:
+    return compile_job(_FORKED_JOBS[index])
+
+
+def run(jobs: List[Job], workers: int = 1) -> List[Compiled]:
+    """Compile ``jobs`` in ``workers`` forked processes (a launch holds tensors and kernels that do
+    not pickle; forked workers inherit them); results in the jobs' order."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [compile_job(job) for job in jobs]
+    _FORKED_JOBS[:] = jobs
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            return list(pool.map(_compile_forked, range(len(jobs))))
+    finally:
+        _FORKED_JOBS.clear()
+
+
+def problems(record: Compiled) -> List[str]:
+    """What is wrong with one compiled kernel, in words (empty: nothing)."""
+    found = []
+    if record.error:
+        found.append(f"does not compile: {record.error}")
+    elif record.shared_bytes > SHARED_LIMIT[record.capability]:
+        found.append(f"{record.shared_bytes} B of shared memory > {SHARED_LIMIT[record.capability]}")
+    if record.spills:
+        found.append(f"spills {record.spill_stores}/{record.spill_loads} B (stores/loads)")
+    if (
+        record.kernel == "halo_conv2d"
+        and record.capability == 90
+        and record.config.startswith(("BM64", "BM128", "BM256"))
+        and record.mma != "wgmma"
+        and not record.error
+    ):
+        found.append(f"a tile of 64+ rows uses {record.mma}, not wgmma")
+    return found
+
+
+def main(argv=None) -> int:
     from common import environment, results_path, write_json
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--capabilities", nargs="+", type=int, default=[90, 80], choices=[90, 80])
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--ci", action="store_true", help="only the subset CI compiles (ci_jobs)")
+    parser.add_argument("--out", type=Path, help="the JSON file to write (default: bench/results/)")
     args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("TRITON_INTERPRET=1 replaces the kernels by their interpreter; unset it")
     started = time.monotonic()
-    records = run(group_norm_jobs(args.dtypes, args.capabilities))
-    records += run(halo_conv_jobs(args.dtypes, args.capabilities))
-    rows = [dict(asdict(r), fits=r.fits, spills=r.spills) for r in records]
-    path = write_json(results_path("compile-report"), {"environment": environment(), "kernels": rows})
+    if args.ci:
+        jobs = ci_jobs()
+    else:
+        jobs = list(group_norm_jobs(args.dtypes, args.capabilities, args.layouts))
+        jobs += list(halo_conv_jobs(args.dtypes, args.capabilities, layouts=args.layouts))
+    records = run(jobs, args.workers)
+    rows = [dict(asdict(r), fits=r.fits, spills=r.spills, problems=problems(r)) for r in records]
+    report = {"environment": environment(), "kernels": rows, "offsets": offset_report()}
+    path = write_json(args.out or results_path("compile-report"), report)
     for r in rows:
         print(
-            f"{r['kernel']:<17} {r['variant']:<8} {r['config']:<24} {r['dtype']} sm_{r['capability']}: "
-            f"smem {r['shared_bytes'] / 1024:6.1f} KB{'' if r['fits'] else ' (TOO MUCH)'}, "
-            f"{r['registers']} regs, spills {r['spill_stores']}/{r['spill_loads']} B, {r['mma']}"
-            + (f"  ERROR {r['error']}" if r["error"] else "")
+            f"{r['kernel']:<17} {r['variant']:<11} {r['config']:<22} {r['dtype']} {r['layout']:<13} "
+            f"sm_{r['capability']}: smem {r['shared_bytes'] / 1024:6.1f} KB, {r['registers']} regs, "
+            f"spills {r['spill_stores']}/{r['spill_loads']} B, {r['mma']}"
+            + (f"  PROBLEM: {'; '.join(r['problems'])}" if r["problems"] else "")
         )
-    bad = sum(1 for r in rows if not r["fits"] or r["spills"])
-    print(
-        f"{len(rows)} compiled in {time.monotonic() - started:.0f} s; {bad} do not fit or spill; wrote {path}"
-    )
-    sys.exit(0)
+    for r in report["offsets"]:
+        print(
+            f"{r['kernel']:<17} on a {r['tensor']} tensor: INDEX_64={r['index_64']}, pointer offsets "
+            f"{r['offsets_32']} x 32-bit, {r['offsets_64']} x 64-bit"
+        )
+    bad = sum(1 for r in rows if r["problems"])
+    bad += sum(1 for r in report["offsets"] if r["tensor"] == "past_int32" and r["offsets_32"])
+    print(f"{len(rows)} compiled in {time.monotonic() - started:.0f} s; {bad} with problems; wrote {path}")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

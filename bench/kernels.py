@@ -22,6 +22,8 @@ versions and command. ``--write-dispatch`` also writes the per-shape winner of t
 convolution (Triton vs cuDNN path) to ``kernels/halo_conv_paths.json``, the table
 ``kernel_backend='auto'`` dispatches by (``kernels/halo_conv_dispatch.py``).
 Run: ``python bench/kernels.py [--shapes all] [--write-dispatch]`` on a GPU.
+``python bench/kernels.py --compile-report [compile_report options]`` needs no GPU: it runs
+``bench/compile_report.py`` (every kernel x tile x dtype compiled for sm_90a and sm_80).
 """
 
 import argparse
@@ -184,6 +186,12 @@ def write_dispatch_table(rows, device: str, path: Path = TABLE_PATH) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--compile-report" in argv:
+        import compile_report
+
+        argv.remove("--compile-report")
+        return compile_report.main(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--images", type=int, nargs="+", default=sorted(IMAGES))

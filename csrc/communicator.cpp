@@ -1,10 +1,11 @@
 #include "communicator.h"
 
 #include <chrono>
+#include <future>
 #include <sstream>
-#include <thread>
 
 #include "error.h"
+#include "nccl_group.h"
 
 namespace distripy {
 
@@ -12,7 +13,13 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// Polls spin this long (yielding) before sleeping between polls: most enqueues of a non-blocking
+// communicator finish within microseconds, and a 20 us sleep would add its scheduling delay.
+constexpr auto kSpin = std::chrono::microseconds(50);
 constexpr auto kPollInterval = std::chrono::microseconds(20);
+constexpr auto kWatchdogInterval = std::chrono::milliseconds(10);
+// How long abort and destroy may take before the communicator is left to the process's exit.
+constexpr double kAbortWaitS = 10.0;
 
 // Makes `device` current for the scope and restores the previous one.
 class DeviceGuard {
@@ -48,10 +55,13 @@ std::string seconds_text(double seconds) {
   return out.str();
 }
 
-cudaEvent_t new_event() {
-  cudaEvent_t event = nullptr;
-  DISTRIPY_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
-  return event;
+// Spin (yielding) for the first kSpin of a poll loop, then sleep kPollInterval per round.
+void pause_poll(Clock::time_point started) {
+  if (Clock::now() - started < kSpin) {
+    std::this_thread::yield();
+  } else {
+    std::this_thread::sleep_for(kPollInterval);
+  }
 }
 
 ncclRedOp_t reduction(const std::string& op) {
@@ -69,11 +79,115 @@ int runtime_nccl_version() {
   return code;
 }
 
+// Run `call` on its own thread and wait at most `seconds` for it; false when it did not return in
+// time (the thread is left running, detached: NCCL's abort and destroy can block on CUDA graphs
+// that hold the communicator's work, and nothing else may wait on them forever).
+template <typename Call>
+bool bounded(Call call, double seconds) noexcept {
+  try {
+    auto finished = std::make_shared<std::promise<void>>();
+    std::future<void> done = finished->get_future();
+    std::thread([call, finished]() mutable {
+      call();
+      finished->set_value();
+    }).detach();
+    return done.wait_for(std::chrono::duration<double>(seconds)) == std::future_status::ready;
+  } catch (...) {
+    return false;
+  }
+}
+
+void check_capture_status(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw_cuda_error(status, what, __FILE__, __LINE__);
+  }
+}
+
 }  // namespace
+
+// -- Event -------------------------------------------------------------------------------------
+
+Event::Event() { DISTRIPY_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming)); }
+
+Event::~Event() {
+  if (event_ != nullptr) cudaEventDestroy(event_);
+}
+
+// -- Watchdog ----------------------------------------------------------------------------------
+
+Watchdog::Watchdog(CommCore* core) : core_(core) { thread_ = std::thread([this] { run(); }); }
+
+Watchdog::~Watchdog() { stop(); }
+
+void Watchdog::stop() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  if (thread_.joinable()) {
+    if (thread_.get_id() == std::this_thread::get_id()) {
+      thread_.detach();
+    } else {
+      thread_.join();
+    }
+  }
+}
+
+void Watchdog::watch(std::shared_ptr<Event> event, double timeout_s, std::string what) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  entries_.push_back(Entry{std::move(event), deadline_after(timeout_s), std::move(what)});
+}
+
+std::size_t Watchdog::pending() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return entries_.size();
+}
+
+void Watchdog::run() {
+  if (cudaSetDevice(core_->device) != cudaSuccess) return;
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (!stopping_) {
+    wake_.wait_for(lock, kWatchdogInterval);
+    if (stopping_ || core_->aborted.load()) break;
+    // Completed events leave; the first one past its deadline aborts the communicator.
+    std::string expired;
+    std::size_t kept = 0;
+    for (std::size_t i = 0; i < entries_.size(); ++i) {
+      const cudaError_t status = cudaEventQuery(entries_[i].event->get());
+      if (status == cudaSuccess) continue;
+      if (status != cudaErrorNotReady) {
+        expired = entries_[i].what + ": CUDA error " + cudaGetErrorName(status);
+      } else if (expired.empty() && Clock::now() > entries_[i].deadline) {
+        expired = entries_[i].what + " did not complete within " + seconds_text(core_->timeout_s) +
+                  " (seen by the watchdog: a peer is dead or stuck)";
+      }
+      entries_[kept++] = std::move(entries_[i]);
+    }
+    entries_.resize(kept);
+    lock.unlock();
+    // The communicator is polled only when no call holds it: a call in progress polls it itself.
+    std::unique_lock<std::timed_mutex> comm(core_->comm_mutex, std::try_to_lock);
+    if (comm.owns_lock() && !core_->aborted.load() && !core_->closed.load()) {
+      if (expired.empty()) {
+        ncclResult_t state = ncclSuccess;
+        if (ncclCommGetAsyncError(core_->comm, &state) == ncclSuccess && state != ncclSuccess &&
+            state != ncclInProgress) {
+          expired = std::string("asynchronous NCCL error ") + ncclGetErrorString(state) + " (seen by the watchdog)";
+        }
+      }
+      if (!expired.empty()) core_->abort_locked(expired);
+    }
+    comm = std::unique_lock<std::timed_mutex>();
+    lock.lock();
+    if (core_->aborted.load()) entries_.clear();
+  }
+}
 
 // -- CommCore ----------------------------------------------------------------------------------
 
 void CommCore::settle(const char* what) {
+  const auto started = Clock::now();
   const auto deadline = deadline_after(timeout_s);
   while (true) {
     ncclResult_t state = ncclSuccess;
@@ -81,18 +195,19 @@ void CommCore::settle(const char* what) {
     if (state == ncclSuccess) return;
     if (state != ncclInProgress) {
       const std::string detail = ncclGetLastError(comm);
-      abort();
-      throw NcclError(std::string(what) + " failed on rank " + std::to_string(rank) + ": NCCL error " +
-                          std::to_string(static_cast<int>(state)) + ": " + ncclGetErrorString(state) +
-                          (detail.empty() ? "" : " (" + detail + ")") + "; the communicator was aborted",
-                      state);
+      const std::string message = std::string(what) + " failed on rank " + std::to_string(rank) +
+                                  ": NCCL error " + std::to_string(static_cast<int>(state)) + ": " +
+                                  ncclGetErrorString(state) + (detail.empty() ? "" : " (" + detail + ")");
+      abort_locked(message);
+      throw NcclError(message + "; the communicator was aborted", state);
     }
     if (Clock::now() > deadline) {
-      abort();
-      throw CommTimeout(std::string(what) + " on rank " + std::to_string(rank) + " did not complete within " +
-                        seconds_text(timeout_s) + "; the communicator was aborted");
+      const std::string message =
+          std::string(what) + " on rank " + std::to_string(rank) + " did not complete within " + seconds_text(timeout_s);
+      abort_locked(message);
+      throw CommTimeout(message + "; the communicator was aborted");
     }
-    std::this_thread::sleep_for(kPollInterval);
+    pause_poll(started);
   }
 }
 
@@ -101,41 +216,80 @@ void CommCore::check_async(const char* what) {
   DISTRIPY_NCCL_CHECK(ncclCommGetAsyncError(comm, &state));
   if (state != ncclSuccess && state != ncclInProgress) {
     const std::string detail = ncclGetLastError(comm);
-    abort();
-    throw NcclError(std::string(what) + ": asynchronous NCCL error " + std::to_string(static_cast<int>(state)) +
-                        ": " + ncclGetErrorString(state) + (detail.empty() ? "" : " (" + detail + ")") +
-                        "; the communicator was aborted",
-                    state);
+    const std::string message = std::string(what) + ": asynchronous NCCL error " +
+                                std::to_string(static_cast<int>(state)) + ": " + ncclGetErrorString(state) +
+                                (detail.empty() ? "" : " (" + detail + ")");
+    abort_locked(message);
+    throw NcclError(message + "; the communicator was aborted", state);
   }
 }
 
-void CommCore::abort() noexcept {
-  if (comm != nullptr && !aborted) {
-    ncclCommAbort(comm);
-    aborted = true;
+void CommCore::abort_locked(const std::string& reason) noexcept {
+  if (comm == nullptr || aborted.exchange(true)) return;
+  try {
+    std::lock_guard<std::mutex> lock(reason_mutex);
+    abort_reason = reason;
+  } catch (...) {
   }
+  const ncclComm_t doomed = comm;
+  const int on_device = device;
+  bounded(
+      [doomed, on_device] {
+        cudaSetDevice(on_device);
+        ncclCommAbort(doomed);
+      },
+      kAbortWaitS);
+}
+
+void CommCore::close(double seconds) noexcept {
+  if (closed.exchange(true)) return;
+  if (watchdog) watchdog->stop();
+  std::unique_lock<std::timed_mutex> lock(comm_mutex, std::defer_lock);
+  if (!lock.try_lock_for(std::chrono::duration<double>(seconds))) return;  // a call is stuck: leave it
+  if (comm == nullptr || aborted.load()) return;
+  const ncclComm_t comm_to_destroy = comm;
+  const int on_device = device;
+  const cudaStream_t on_stream = stream;
+  const auto deadline = deadline_after(seconds);
+  // Every operation done (bounded), then the communicator destroyed (bounded): NCCL's destroy
+  // blocks on operations in flight and on CUDA graphs that hold the communicator's work.
+  bool idle = false;
+  while (Clock::now() < deadline) {
+    const cudaError_t status = cudaStreamQuery(on_stream);
+    if (status != cudaErrorNotReady) {
+      idle = status == cudaSuccess;
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  if (!idle) {
+    abort_locked("closed while operations were still in flight");
+    return;
+  }
+  const double left = std::chrono::duration<double>(deadline - Clock::now()).count();
+  bounded(
+      [comm_to_destroy, on_device] {
+        cudaSetDevice(on_device);
+        ncclCommDestroy(comm_to_destroy);
+      },
+      left > 0.1 ? left : 0.1);
+}
+
+std::string CommCore::reason() {
+  std::lock_guard<std::mutex> lock(reason_mutex);
+  return abort_reason;
 }
 
 CommCore::~CommCore() {
-  // Destruction may run at interpreter exit, after the CUDA context is gone: errors are ignored.
-  int previous = 0;
-  const bool have_previous = cudaGetDevice(&previous) == cudaSuccess;
-  if (device >= 0) cudaSetDevice(device);
-  if (comm != nullptr && !aborted) {
-    ncclCommDestroy(comm);
-  }
-  if (stream != nullptr) cudaStreamDestroy(stream);
-  if (have_previous) cudaSetDevice(previous);
-}
-
-WorkState::~WorkState() {
-  if (event != nullptr) cudaEventDestroy(event);
+  // May run at interpreter exit, even after the CUDA context is gone: bounded, errors ignored.
+  close(kAbortWaitS);
+  watchdog.reset();
 }
 
 // -- Work --------------------------------------------------------------------------------------
 
 const WorkState& Work::issued(const char* what) const {
-  if (state_->event == nullptr) {
+  if (!state_->event) {
     throw std::logic_error(std::string(what) + ": " + state_->op +
                            " belongs to a group that has not been issued yet (call group_end first)");
   }
@@ -144,34 +298,57 @@ const WorkState& Work::issued(const char* what) const {
 
 void Work::wait(std::uintptr_t stream) const {
   const WorkState& state = issued("Work.wait");
-  DISTRIPY_CUDA_CHECK(cudaStreamWaitEvent(as_stream(stream), state.event, 0));
+  if (state.captured) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    check_capture_status(cudaStreamIsCapturing(as_stream(stream), &status), "cudaStreamIsCapturing");
+    if (status != cudaStreamCaptureStatusActive) {
+      throw std::logic_error("Work.wait: " + state.op +
+                             " was issued inside a CUDA-graph capture; it completes when the graph is "
+                             "replayed and cannot be waited for outside the capture");
+    }
+  }
+  DISTRIPY_CUDA_CHECK(cudaStreamWaitEvent(as_stream(stream), state.event->get(), 0));
 }
 
 void Work::synchronize(double timeout_s) const {
   const WorkState& state = issued("Work.synchronize");
+  if (state.captured) {
+    throw std::logic_error("Work.synchronize: " + state.op +
+                           " was issued inside a CUDA-graph capture; the host cannot wait for it (replay the "
+                           "graph, then synchronize its stream)");
+  }
   CommCore& core = *state.core;
   const double limit = timeout_s < 0 ? core.timeout_s : timeout_s;
+  const auto started = Clock::now();
   const auto deadline = deadline_after(limit);
   while (true) {
-    const cudaError_t status = cudaEventQuery(state.event);
+    const cudaError_t status = cudaEventQuery(state.event->get());
     if (status == cudaSuccess) return;
     if (status != cudaErrorNotReady) DISTRIPY_CUDA_CHECK(status);
-    if (!core.aborted) core.check_async(state.op.c_str());
-    if (core.aborted) {
-      throw NcclError(state.op + " cannot complete: the communicator was aborted", ncclInternalError);
+    if (core.aborted.load()) {
+      throw NcclError(state.op + " cannot complete: the communicator was aborted (" + core.reason() + ")",
+                      ncclInternalError);
     }
-    if (Clock::now() > deadline) {
-      core.abort();
-      throw CommTimeout(state.op + " on rank " + std::to_string(core.rank) + " did not complete within " +
-                        seconds_text(limit) + "; a peer is dead or stuck; the communicator was aborted");
+    {
+      std::unique_lock<std::timed_mutex> lock(core.comm_mutex, std::try_to_lock);
+      if (lock.owns_lock() && !core.aborted.load() && !core.closed.load()) {
+        core.check_async(state.op.c_str());
+        if (Clock::now() > deadline) {
+          const std::string message = state.op + " on rank " + std::to_string(core.rank) + " did not complete within " +
+                                      seconds_text(limit) + "; a peer is dead or stuck";
+          core.abort_locked(message);
+          throw CommTimeout(message + "; the communicator was aborted");
+        }
+      }
     }
-    std::this_thread::sleep_for(kPollInterval);
+    pause_poll(started);
   }
 }
 
 bool Work::done() const {
   const WorkState& state = issued("Work.done");
-  const cudaError_t status = cudaEventQuery(state.event);
+  if (state.captured) return false;
+  const cudaError_t status = cudaEventQuery(state.event->get());
   if (status == cudaSuccess) return true;
   if (status != cudaErrorNotReady) DISTRIPY_CUDA_CHECK(status);
   return false;
@@ -185,7 +362,8 @@ std::string Communicator::new_unique_id() {
   return std::string(id.internal, sizeof(id.internal));
 }
 
-Communicator::Communicator(const std::string& unique_id, int rank, int world, int device, double timeout_s) {
+Communicator::Communicator(const std::string& unique_id, int rank, int world, int device, double timeout_s,
+                           std::uintptr_t stream) {
   if (unique_id.size() != sizeof(ncclUniqueId::internal)) {
     throw std::invalid_argument("Communicator: unique_id has " + std::to_string(unique_id.size()) +
                                 " bytes, expected " + std::to_string(sizeof(ncclUniqueId::internal)) +
@@ -210,30 +388,45 @@ Communicator::Communicator(const std::string& unique_id, int rank, int world, in
     throw std::invalid_argument("Communicator: device " + std::to_string(device) + " is not one of the " +
                                 std::to_string(devices) + " visible GPUs");
   }
+  if (stream == 0) {
+    throw std::invalid_argument("Communicator: stream must be a created CUDA stream of device " +
+                                std::to_string(device) + " (it stays the caller's), not the default stream (0)");
+  }
   auto core = std::make_shared<CommCore>();
   core->device = device;
   core->rank = rank;
   core->world = world;
   core->timeout_s = timeout_s;
+  core->stream = as_stream(stream);
   DeviceGuard guard(device);
-  int least = 0, greatest = 0;
-  DISTRIPY_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-  DISTRIPY_CUDA_CHECK(cudaStreamCreateWithPriority(&core->stream, cudaStreamNonBlocking, greatest));
   ncclUniqueId id;
   std::copy(unique_id.begin(), unique_id.end(), id.internal);
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = 0;  // so that a peer that never joins makes this time out instead of hang
+  std::lock_guard<std::timed_mutex> lock(core->comm_mutex);
   const ncclResult_t started = ncclCommInitRankConfig(&core->comm, world, id, rank, &config);
   if (started != ncclSuccess && started != ncclInProgress) {
     DISTRIPY_NCCL_CHECK(started);
   }
   core->settle("ncclCommInitRankConfig");
+  core->watchdog = std::make_unique<Watchdog>(core.get());
   core_ = std::move(core);
 }
 
+std::unique_lock<std::timed_mutex> Communicator::lock_comm(const char* what) const {
+  std::unique_lock<std::timed_mutex> lock(core_->comm_mutex, std::defer_lock);
+  if (!lock.try_lock_for(std::chrono::duration<double>(core_->timeout_s))) {
+    throw CommTimeout(std::string(what) + ": the communicator stayed busy for " + seconds_text(core_->timeout_s));
+  }
+  return lock;
+}
+
 void Communicator::check_usable(const char* what) const {
-  if (core_->aborted) {
-    throw NcclError(std::string(what) + ": the communicator was aborted (after an error or a timeout)",
+  if (core_->closed.load()) {
+    throw NcclError(std::string(what) + ": the communicator was closed", ncclInvalidUsage);
+  }
+  if (core_->aborted.load()) {
+    throw NcclError(std::string(what) + ": the communicator was aborted (" + core_->reason() + ")",
                     ncclInvalidUsage);
   }
 }
@@ -249,11 +442,29 @@ void Communicator::check_dtype(int dtype, const char* what) const {
 }
 
 void Communicator::order_after(std::uintptr_t stream) {
-  cudaEvent_t ready = new_event();
-  const cudaError_t recorded = cudaEventRecord(ready, as_stream(stream));
-  const cudaError_t waited = recorded == cudaSuccess ? cudaStreamWaitEvent(core_->stream, ready, 0) : recorded;
-  cudaEventDestroy(ready);  // released once the wait has been satisfied
-  DISTRIPY_CUDA_CHECK(waited);
+  // One event reused (the caller holds comm_mutex): a wait takes the event's state when enqueued.
+  if (!core_->ordering) core_->ordering = std::make_unique<Event>();
+  DISTRIPY_CUDA_CHECK(cudaEventRecord(core_->ordering->get(), as_stream(stream)));
+  DISTRIPY_CUDA_CHECK(cudaStreamWaitEvent(core_->stream, core_->ordering->get(), 0));
+}
+
+bool Communicator::comm_stream_capturing() const {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  check_capture_status(cudaStreamIsCapturing(core_->stream, &status), "cudaStreamIsCapturing");
+  return status != cudaStreamCaptureStatusNone;
+}
+
+void Communicator::complete(const std::vector<std::shared_ptr<WorkState>>& states, bool captured) {
+  auto event = std::make_shared<Event>();
+  DISTRIPY_CUDA_CHECK(cudaEventRecord(event->get(), core_->stream));
+  for (const auto& state : states) {
+    state->event = event;
+    state->captured = captured;
+  }
+  // Events inside a capture are graph nodes that cannot be queried; replays are watched instead.
+  if (!captured && !states.empty() && core_->watchdog) {
+    core_->watchdog->watch(event, core_->timeout_s, states.front()->op);
+  }
 }
 
 Work Communicator::finish(const std::string& op) {
@@ -265,8 +476,7 @@ Work Communicator::finish(const std::string& op) {
     return Work(state);
   }
   core_->settle(op.c_str());
-  state->event = new_event();
-  DISTRIPY_CUDA_CHECK(cudaEventRecord(state->event, core_->stream));
+  complete({state}, comm_stream_capturing());
   return Work(state);
 }
 
@@ -275,7 +485,12 @@ Work Communicator::all_gather(std::uintptr_t send, std::uintptr_t recv, std::siz
   check_usable("all_gather");
   check_dtype(dtype, "all_gather");
   DeviceGuard guard(core_->device);
-  if (!group_) order_after(stream);
+  std::unique_lock<std::timed_mutex> lock;
+  if (!group_) {
+    lock = lock_comm("all_gather");
+    check_usable("all_gather");
+    order_after(stream);
+  }
   const ncclResult_t result = ncclAllGather(as_pointer(send), as_pointer(recv), count,
                                             static_cast<ncclDataType_t>(dtype), core_->comm, core_->stream);
   if (result != ncclInProgress) DISTRIPY_NCCL_CHECK(result);
@@ -288,7 +503,12 @@ Work Communicator::all_reduce(std::uintptr_t buf, std::size_t count, int dtype, 
   check_dtype(dtype, "all_reduce");
   const ncclRedOp_t red = reduction(op);
   DeviceGuard guard(core_->device);
-  if (!group_) order_after(stream);
+  std::unique_lock<std::timed_mutex> lock;
+  if (!group_) {
+    lock = lock_comm("all_reduce");
+    check_usable("all_reduce");
+    order_after(stream);
+  }
   const ncclResult_t result = ncclAllReduce(as_pointer(buf), as_pointer(buf), count,
                                             static_cast<ncclDataType_t>(dtype), red, core_->comm, core_->stream);
   if (result != ncclInProgress) DISTRIPY_NCCL_CHECK(result);
@@ -310,19 +530,29 @@ Work Communicator::halo_exchange(std::uintptr_t top_send, std::size_t top_send_c
                                 " is the last; bottom counts must be 0");
   }
   DeviceGuard guard(core_->device);
-  if (!group_) order_after(stream);
+  std::unique_lock<std::timed_mutex> lock;
+  if (!group_) {
+    lock = lock_comm("halo_exchange");
+    check_usable("halo_exchange");
+    order_after(stream);
+  }
   const auto type = static_cast<ncclDataType_t>(dtype);
   auto check = [](ncclResult_t result) {
     if (result != ncclInProgress) DISTRIPY_NCCL_CHECK(result);
   };
-  DISTRIPY_NCCL_CHECK(ncclGroupStart());
-  if (top_send_count) check(ncclSend(as_pointer(top_send), top_send_count, type, rank - 1, core_->comm, core_->stream));
-  if (top_recv_count) check(ncclRecv(as_pointer(top_recv), top_recv_count, type, rank - 1, core_->comm, core_->stream));
-  if (bottom_send_count)
-    check(ncclSend(as_pointer(bottom_send), bottom_send_count, type, rank + 1, core_->comm, core_->stream));
-  if (bottom_recv_count)
-    check(ncclRecv(as_pointer(bottom_recv), bottom_recv_count, type, rank + 1, core_->comm, core_->stream));
-  check(ncclGroupEnd());
+  {
+    NcclGroup group;  // closed on every path: an open group would queue every later NCCL call
+    DISTRIPY_NCCL_CHECK(group.started());
+    if (top_send_count)
+      check(ncclSend(as_pointer(top_send), top_send_count, type, rank - 1, core_->comm, core_->stream));
+    if (top_recv_count)
+      check(ncclRecv(as_pointer(top_recv), top_recv_count, type, rank - 1, core_->comm, core_->stream));
+    if (bottom_send_count)
+      check(ncclSend(as_pointer(bottom_send), bottom_send_count, type, rank + 1, core_->comm, core_->stream));
+    if (bottom_recv_count)
+      check(ncclRecv(as_pointer(bottom_recv), bottom_recv_count, type, rank + 1, core_->comm, core_->stream));
+    check(group.end());
+  }
   return finish("halo_exchange on rank " + std::to_string(rank));
 }
 
@@ -330,52 +560,85 @@ void Communicator::group_start(std::uintptr_t stream) {
   check_usable("group_start");
   if (group_) throw std::logic_error("group_start: a group is already open (groups do not nest)");
   DeviceGuard guard(core_->device);
+  auto group = std::make_unique<Group>();
+  group->lock = lock_comm("group_start");
+  check_usable("group_start");
   order_after(stream);
   DISTRIPY_NCCL_CHECK(ncclGroupStart());
-  group_ = std::make_unique<Group>();
+  group_ = std::move(group);
 }
 
 void Communicator::group_end() {
   if (!group_) throw std::logic_error("group_end: no group is open");
-  std::unique_ptr<Group> group = std::move(group_);
+  std::unique_ptr<Group> group = std::move(group_);  // releases comm_mutex on every path
   DeviceGuard guard(core_->device);
   const ncclResult_t result = ncclGroupEnd();
   if (result != ncclInProgress) DISTRIPY_NCCL_CHECK(result);
   core_->settle("ncclGroupEnd");
-  // One completion event for the whole group; each Work owns its own copy of it.
-  for (auto& state : group->works) {
-    state->event = new_event();
-    DISTRIPY_CUDA_CHECK(cudaEventRecord(state->event, core_->stream));
-  }
+  // One completion event for the whole group, shared by its Works.
+  complete(group->works, comm_stream_capturing());
 }
 
 void Communicator::join(std::uintptr_t stream) {
   DeviceGuard guard(core_->device);
-  cudaEvent_t done = new_event();
-  const cudaError_t recorded = cudaEventRecord(done, core_->stream);
-  const cudaError_t waited = recorded == cudaSuccess ? cudaStreamWaitEvent(as_stream(stream), done, 0) : recorded;
-  cudaEventDestroy(done);
-  DISTRIPY_CUDA_CHECK(waited);
+  cudaStreamCaptureStatus caller = cudaStreamCaptureStatusNone;
+  unsigned long long caller_capture = 0;
+  check_capture_status(cudaStreamGetCaptureInfo(as_stream(stream), &caller, &caller_capture),
+                       "cudaStreamGetCaptureInfo");
+  cudaStreamCaptureStatus own = cudaStreamCaptureStatusNone;
+  unsigned long long own_capture = 0;
+  check_capture_status(cudaStreamGetCaptureInfo(core_->stream, &own, &own_capture), "cudaStreamGetCaptureInfo");
+  if (caller == cudaStreamCaptureStatusActive) {
+    // The comm stream joined this capture only if it did work in it; otherwise nothing to join.
+    if (own != cudaStreamCaptureStatusActive || own_capture != caller_capture) return;
+  } else if (own != cudaStreamCaptureStatusNone) {
+    throw std::logic_error("join: the comm stream is in a CUDA-graph capture that `stream` is not part of");
+  }
+  Event done;
+  DISTRIPY_CUDA_CHECK(cudaEventRecord(done.get(), core_->stream));
+  DISTRIPY_CUDA_CHECK(cudaStreamWaitEvent(as_stream(stream), done.get(), 0));
 }
 
-Communicator Communicator::split(int color, int key) {
+Work Communicator::watch(std::uintptr_t stream, const std::string& what) {
+  check_usable("watch");
+  DeviceGuard guard(core_->device);
+  auto state = std::make_shared<WorkState>();
+  state->core = core_;
+  state->op = what;
+  state->event = std::make_shared<Event>();
+  DISTRIPY_CUDA_CHECK(cudaEventRecord(state->event->get(), as_stream(stream)));
+  if (core_->watchdog) core_->watchdog->watch(state->event, core_->timeout_s, what);
+  return Work(state);
+}
+
+Communicator Communicator::split(int color, int key, std::uintptr_t stream) {
   check_usable("split");
   if (color < 0) throw std::invalid_argument("split: color must be >= 0, got " + std::to_string(color));
+  if (stream == 0) throw std::invalid_argument("split: stream must be a created CUDA stream, not 0");
   DeviceGuard guard(core_->device);
   auto core = std::make_shared<CommCore>();
   core->device = core_->device;
   core->timeout_s = core_->timeout_s;
-  int least = 0, greatest = 0;
-  DISTRIPY_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-  DISTRIPY_CUDA_CHECK(cudaStreamCreateWithPriority(&core->stream, cudaStreamNonBlocking, greatest));
+  core->stream = as_stream(stream);
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = 0;
-  const ncclResult_t started = ncclCommSplit(core_->comm, color, key, &core->comm, &config);
-  if (started != ncclSuccess && started != ncclInProgress) DISTRIPY_NCCL_CHECK(started);
-  core->settle("ncclCommSplit");
-  DISTRIPY_NCCL_CHECK(ncclCommUserRank(core->comm, &core->rank));
-  DISTRIPY_NCCL_CHECK(ncclCommCount(core->comm, &core->world));
+  {
+    std::unique_lock<std::timed_mutex> parent = lock_comm("split");
+    check_usable("split");
+    std::lock_guard<std::timed_mutex> child(core->comm_mutex);
+    const ncclResult_t started = ncclCommSplit(core_->comm, color, key, &core->comm, &config);
+    if (started != ncclSuccess && started != ncclInProgress) DISTRIPY_NCCL_CHECK(started);
+    core->settle("ncclCommSplit");
+    DISTRIPY_NCCL_CHECK(ncclCommUserRank(core->comm, &core->rank));
+    DISTRIPY_NCCL_CHECK(ncclCommCount(core->comm, &core->world));
+  }
+  core->watchdog = std::make_unique<Watchdog>(core.get());
   return Communicator(std::move(core));
+}
+
+void Communicator::close(double timeout_s) {
+  if (group_) throw std::logic_error("close: a group is open (call group_end first)");
+  core_->close(timeout_s < 0 ? core_->timeout_s : timeout_s);
 }
 
 }  // namespace distripy

@@ -5,7 +5,9 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["flat_spatial_strides", "next_power_of_2"]
+__all__ = ["flat_spatial_strides", "needs_64_bit_offsets", "next_power_of_2"]
+
+INT32_LIMIT = 2**31 - 1
 
 
 def flat_spatial_strides(x: torch.Tensor) -> Tuple[torch.Tensor, int, int, int, int]:
@@ -25,3 +27,17 @@ def flat_spatial_strides(x: torch.Tensor) -> Tuple[torch.Tensor, int, int, int, 
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def needs_64_bit_offsets(*tensors: torch.Tensor) -> bool:
+    """Whether an element offset into one of ``tensors`` (from its first element, through its
+    strides) can exceed a signed 32-bit integer, Triton's default index type: the kernels then
+    compute every offset in 64 bits (slower, so only when needed). A VAE decoder band at 8K, or at
+    3840² with batch 2, is past 2^31 elements."""
+    for x in tensors:
+        if x is None:
+            continue
+        extent = sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride()) if size > 0)
+        if extent > INT32_LIMIT or x.numel() > INT32_LIMIT:
+            return True
+    return False

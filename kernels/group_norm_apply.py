@@ -17,7 +17,8 @@ import triton.language as tl
 
 from distripy.errors import InputError
 from distripy.kernels._backend import use_triton
-from distripy.kernels._layout import flat_spatial_strides, next_power_of_2
+from distripy.kernels._launch import Launch
+from distripy.kernels._layout import flat_spatial_strides, needs_64_bit_offsets, next_power_of_2
 
 __all__ = ["group_norm_apply", "group_norm_apply_reference", "group_norm_apply_triton"]
 
@@ -42,6 +43,7 @@ def _group_norm_apply_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SILU: tl.constexpr,
+    INDEX_64: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
@@ -52,6 +54,10 @@ def _group_norm_apply_kernel(
     local = tl.arange(0, BLOCK_C)
     channel_mask = local < channels_per_group
     channels = group * channels_per_group + local
+    if INDEX_64:  # a tensor of 2^31 elements or more: offsets in 64 bits
+        batch = batch.to(tl.int64)
+        positions = positions.to(tl.int64)
+        channels = channels.to(tl.int64)
     mask = channel_mask[:, None] & (positions < spatial)[None, :]
     mean = tl.load(mean_ptr + pid).to(tl.float32)
     rstd = tl.load(rstd_ptr + pid).to(tl.float32)
@@ -73,6 +79,33 @@ def _group_norm_apply_kernel(
     tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _apply_launch(x, mean, rstd, weight, bias, num_groups: int, silu: bool, out: torch.Tensor) -> Launch:
+    """The kernel's launch normalising ``x`` into ``out`` (both already in a flat-spatial layout)."""
+    _, x_stride_b, x_stride_c, x_stride_s, spatial = flat_spatial_strides(x)
+    _, out_stride_b, out_stride_c, out_stride_s, _ = flat_spatial_strides(out)
+    batch, channels = x.shape[:2]
+    per_group = channels // num_groups
+    block_c = next_power_of_2(per_group)
+    block_s = max(16, min(next_power_of_2(spatial), 4096 // block_c))
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    args = (
+        x, out, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean,
+        x_stride_b, x_stride_c, x_stride_s, out_stride_b, out_stride_c, out_stride_s,
+        per_group, spatial, num_groups,
+    )  # fmt: skip
+    flags = dict(
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        SILU=silu,
+        INDEX_64=needs_64_bit_offsets(x, out),
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
+        # 4096-element tiles: 8 warps keep fp32 on sm_80 from spilling (bench/compile_report.py)
+        num_warps=8 if block_c * block_s >= 4096 else 4,
+    )
+    return Launch(_group_norm_apply_kernel, (batch * num_groups, triton.cdiv(spatial, block_s)), args, flags)
+
+
 def group_norm_apply_triton(
     x: torch.Tensor,
     mean: torch.Tensor,
@@ -85,42 +118,14 @@ def group_norm_apply_triton(
 ) -> torch.Tensor:
     """The Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``); writes ``out`` in place when
     given (its spatial dims must flatten to one stride, as a band of rows does)."""
-    x, x_stride_b, x_stride_c, x_stride_s, spatial = flat_spatial_strides(x)
+    x = flat_spatial_strides(x)[0]
     if out is None:
         out = torch.empty_like(x)
-    _, out_stride_b, out_stride_c, out_stride_s, out_spatial = flat_spatial_strides(out)
-    if out_spatial != spatial or flat_spatial_strides(out)[0] is not out:
+    if out.shape != x.shape or flat_spatial_strides(out)[0] is not out:
         raise InputError(
             "group_norm_apply: out must have x's shape with spatial dims that flatten to one stride"
         )
-    batch, channels = x.shape[:2]
-    per_group = channels // num_groups
-    block_c = next_power_of_2(per_group)
-    block_s = max(16, min(next_power_of_2(spatial), 4096 // block_c))
-    grid = (batch * num_groups, triton.cdiv(spatial, block_s))
-    mean, rstd = mean.contiguous(), rstd.contiguous()
-    _group_norm_apply_kernel[grid](
-        x,
-        out,
-        mean,
-        rstd,
-        weight if weight is not None else mean,
-        bias if bias is not None else mean,
-        x_stride_b,
-        x_stride_c,
-        x_stride_s,
-        out_stride_b,
-        out_stride_c,
-        out_stride_s,
-        per_group,
-        spatial,
-        num_groups,
-        HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None,
-        SILU=silu,
-        BLOCK_C=block_c,
-        BLOCK_S=block_s,
-    )
+    _apply_launch(x, mean, rstd, weight, bias, num_groups, silu, out).run()
     return out
 
 

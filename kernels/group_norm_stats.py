@@ -14,7 +14,7 @@ spatial dims flatten to one stride (NCHW, channels-last, a band of either) is re
 
 import functools
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 
 import torch
@@ -23,7 +23,8 @@ import triton.language as tl
 
 from distripy.errors import InputError
 from distripy.kernels._backend import use_triton
-from distripy.kernels._layout import flat_spatial_strides, next_power_of_2
+from distripy.kernels._launch import Launch
+from distripy.kernels._layout import flat_spatial_strides, needs_64_bit_offsets, next_power_of_2
 
 __all__ = ["elements_per_group", "group_norm_stats", "group_norm_stats_reference", "group_norm_stats_triton"]
 
@@ -39,6 +40,7 @@ def _group_norm_stats_kernel(
     spatial,
     chunk,
     groups,
+    INDEX_64: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
@@ -47,12 +49,18 @@ def _group_norm_stats_kernel(
     group = pid % groups
     channels = tl.arange(0, BLOCK_C)
     channel_mask = channels < channels_per_group
+    if INDEX_64:  # a band of 2^31 elements or more: offsets in 64 bits
+        batch = batch.to(tl.int64)
+        group = group.to(tl.int64)
+        channels = channels.to(tl.int64)
     base = x_ptr + batch * stride_b + group * channels_per_group * stride_c
     total = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
     total_sq = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
     first = tl.program_id(1) * chunk
     for start in range(first, tl.minimum(first + chunk, spatial), BLOCK_S):
         positions = start + tl.arange(0, BLOCK_S)
+        if INDEX_64:
+            positions = positions.to(tl.int64)
         mask = channel_mask[:, None] & (positions < spatial)[None, :]
         x = tl.load(base + channels[:, None] * stride_c + positions[None, :] * stride_s, mask=mask, other=0.0)
         x = x.to(tl.float32)
@@ -77,9 +85,10 @@ def _programs_wanted(x: torch.Tensor) -> int:
     return 4 * _multiprocessors(index)
 
 
-def group_norm_stats_triton(x: torch.Tensor, num_groups: int, chunks: Optional[int] = None) -> torch.Tensor:
-    """The Triton kernel's ``(B, G, 2)`` fp32 statistics (CUDA, or CPU under ``TRITON_INTERPRET=1``).
-    ``chunks``: spatial chunks per (batch, group); by default enough to fill the device."""
+def _stats_launch(
+    x: torch.Tensor, num_groups: int, chunks: Optional[int] = None
+) -> Tuple[Launch, torch.Tensor]:
+    """The kernel's launch on ``x`` and the ``(B, G, chunks, 2)`` buffer it writes."""
     x, stride_b, stride_c, stride_s, spatial = flat_spatial_strides(x)
     batch, channels = x.shape[:2]
     per_group = channels // num_groups
@@ -94,11 +103,21 @@ def group_norm_stats_triton(x: torch.Tensor, num_groups: int, chunks: Optional[i
     chunk = -(-per_chunk // block_s) * block_s
     chunks = -(-spatial // chunk)
     partial = torch.empty((batch, num_groups, chunks, 2), dtype=torch.float32, device=x.device)
-    _group_norm_stats_kernel[(batch * num_groups, chunks)](
-        x, partial, stride_b, stride_c, stride_s, per_group, spatial, chunk, num_groups,
-        BLOCK_C=block_c, BLOCK_S=block_s,
-    )  # fmt: skip
-    return partial[:, :, 0] if chunks == 1 else partial.sum(dim=2)
+    launch = Launch(
+        _group_norm_stats_kernel,
+        (batch * num_groups, chunks),
+        (x, partial, stride_b, stride_c, stride_s, per_group, spatial, chunk, num_groups),
+        dict(INDEX_64=needs_64_bit_offsets(x), BLOCK_C=block_c, BLOCK_S=block_s),
+    )
+    return launch, partial
+
+
+def group_norm_stats_triton(x: torch.Tensor, num_groups: int, chunks: Optional[int] = None) -> torch.Tensor:
+    """The Triton kernel's ``(B, G, 2)`` fp32 statistics (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+    ``chunks``: spatial chunks per (batch, group); by default enough to fill the device."""
+    launch, partial = _stats_launch(x, num_groups, chunks)
+    launch.run()
+    return partial[:, :, 0] if partial.shape[2] == 1 else partial.sum(dim=2)
 
 
 def group_norm_stats_reference(x: torch.Tensor, num_groups: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ CUDA paths for the shape (``kernels.halo_conv_dispatch``).
 """
 
 import os
+import weakref
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -41,6 +42,8 @@ import triton.language as tl
 
 from distripy.config import KERNEL_BACKENDS
 from distripy.errors import InputError
+from distripy.kernels._launch import Launch
+from distripy.kernels._layout import needs_64_bit_offsets
 from distripy.kernels.group_norm_apply import group_norm_apply
 
 __all__ = [
@@ -236,6 +239,7 @@ def _halo_conv2d_kernel(
     KH: tl.constexpr,
     KW: tl.constexpr,
     PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -247,6 +251,11 @@ def _halo_conv2d_kernel(
     out_col = pixels % out_width
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     out_mask = outs < out_channels
+    if INDEX_64:  # a tensor of 2^31 elements or more: every offset in 64 bits
+        batch = batch.to(tl.int64)
+        out_row = out_row.to(tl.int64)
+        out_col = out_col.to(tl.int64)
+        outs = outs.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # One flat loop over (tap, channel block), so the compiler pipelines every load of the reduction.
     channel_blocks = tl.cdiv(channels, BLOCK_K)
@@ -255,19 +264,42 @@ def _halo_conv2d_kernel(
         kh = tap // KW
         kw = tap % KW
         ks = (step % channel_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        if INDEX_64:
+            ks = ks.to(tl.int64)
+            kh = kh.to(tl.int64)
+            kw = kw.to(tl.int64)
         k_mask = ks < channels
-        # the input row in the band's coordinates: < 0 in the top halo, >= rows in the bottom halo
+        # The input row in the band's coordinates (< 0: the top halo, >= rows: the bottom halo)
+        # selects, per output pixel, which tensor the row comes from: one load of one pointer tensor.
         row = out_row * stride_h + kh * dil_h - top_rows
         col = out_col * stride_w - pad_w + kw * dil_w
-        col_ok = pixel_mask & (col >= 0) & (col < width)
-        in_band = (col_ok & (row >= 0) & (row < rows))[:, None] & k_mask[None, :]
-        a = tl.load(
-            x_ptr + batch * x_sb + ks[None, :] * x_sc + row[:, None] * x_sh + col[:, None] * x_sw,
-            mask=in_band,
-            other=0.0,
-        )
+        valid = pixel_mask & (col >= 0) & (col < width)
+        in_band = valid & (row >= 0) & (row < rows)
+        row_start = x_ptr + batch * x_sb + row * x_sh + col * x_sw
+        channel_stride = tl.zeros_like(row) + x_sc
+        if HAS_TOP:
+            in_top = row < 0
+            row_start = tl.where(
+                in_top, top_ptr + batch * t_sb + (row + top_rows) * t_sh + col * t_sw, row_start
+            )
+            channel_stride = tl.where(in_top, t_sc, channel_stride)
+            valid_rows = row >= -top_rows
+        else:
+            valid_rows = row >= 0
+        if HAS_BOTTOM:
+            in_bottom = row >= rows
+            row_start = tl.where(
+                in_bottom, bottom_ptr + batch * b_sb + (row - rows) * b_sh + col * b_sw, row_start
+            )
+            channel_stride = tl.where(in_bottom, b_sc, channel_stride)
+            valid_rows = valid_rows & (row < rows + bottom_rows)
+        else:
+            valid_rows = valid_rows & (row < rows)
+        mask = (valid & valid_rows)[:, None] & k_mask[None, :]
+        a = tl.load(row_start[:, None] + channel_stride[:, None] * ks[None, :], mask=mask, other=0.0)
         if PROLOGUE:
-            # GroupNorm apply (+ SiLU) of the band's rows; the halos arrive already activated.
+            # GroupNorm apply (+ SiLU) of the band's rows; the halos arrive already activated, and
+            # the padding is the activated image's zero, not the prologue of a zero.
             stat = batch * groups + ks // channels_per_group
             mean = tl.load(mean_ptr + stat, mask=k_mask, other=0.0)
             rstd = tl.load(rstd_ptr + stat, mask=k_mask, other=0.0)
@@ -278,30 +310,7 @@ def _halo_conv2d_kernel(
                 y = y + tl.load(norm_b_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             if SILU:
                 y = y * tl.sigmoid(y)
-            # padding is the activated image's zero, not the prologue of a zero
-            a = tl.where(in_band, y, 0.0).to(x_ptr.dtype.element_ty)
-        if HAS_TOP:
-            in_top = (col_ok & (row < 0) & (row >= -top_rows))[:, None] & k_mask[None, :]
-            a += tl.load(
-                top_ptr
-                + batch * t_sb
-                + ks[None, :] * t_sc
-                + (row + top_rows)[:, None] * t_sh
-                + col[:, None] * t_sw,
-                mask=in_top,
-                other=0.0,
-            )
-        if HAS_BOTTOM:
-            in_bottom = (col_ok & (row >= rows) & (row < rows + bottom_rows))[:, None] & k_mask[None, :]
-            a += tl.load(
-                bottom_ptr
-                + batch * b_sb
-                + ks[None, :] * b_sc
-                + (row - rows)[:, None] * b_sh
-                + col[:, None] * b_sw,
-                mask=in_bottom,
-                other=0.0,
-            )
+            a = tl.where(in_band[:, None], y.to(x_ptr.dtype.element_ty), a)
         w = tl.load(
             w_ptr + outs[None, :] * w_so + ks[:, None] * w_sc + kh * w_sh + kw * w_sw,
             mask=k_mask[:, None] & out_mask[None, :],
@@ -316,27 +325,48 @@ def _halo_conv2d_kernel(
 
 # Tiles (output pixels x output channels x input channels) tried per shape on CUDA. SDXL's bands
 # range from 4 rows x 32 columns (deepest level, 1024², 8 ranks: 128 pixels) to 480 x 480 (230k
-# pixels), with 320 to 2560 input and 320 to 1280 output channels.
-_CONFIGS = [
-    triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
-    for m, n, k, warps, stages in (
-        (128, 128, 64, 8, 3),
-        (128, 128, 32, 8, 4),
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (64, 64, 32, 4, 5),
-        (32, 64, 64, 4, 4),
-        (32, 128, 64, 4, 4),
-    )
-]
+# pixels), with 320 to 2560 input and 320 to 1280 output channels. Each tile compiles for sm_90a
+# and sm_80 without register spills and within shared memory, and tiles of 64+ rows use wgmma on
+# Hopper, for both layouts, with and without the prologue (tests/test_compile_targets.py;
+# bench/compile_report.py for the full table). Larger tiles (128x256, 256x128, 128x128x64) spill.
+def _tiles(*tiles) -> List[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+        for m, n, k, warps, stages in tiles
+    ]
+
+
+_CONFIGS_16BIT = _tiles(
+    (128, 128, 32, 8, 4),
+    (128, 64, 64, 4, 4),
+    (128, 64, 32, 4, 4),
+    (64, 128, 32, 4, 4),
+    (64, 64, 64, 4, 4),
+    (64, 64, 32, 4, 5),
+    (32, 64, 64, 4, 4),
+    (32, 128, 64, 4, 4),
+)
+# fp32 operands take twice the registers and shared memory: shallower reductions.
+_CONFIGS_FP32 = _tiles(
+    (128, 128, 16, 8, 4),
+    (64, 64, 32, 4, 4),
+    (32, 64, 32, 4, 4),
+    (32, 128, 32, 4, 3),
+)
+_CONFIGS = _CONFIGS_16BIT + _CONFIGS_FP32
+
+
+def autotune_configs(dtype: torch.dtype) -> List[triton.Config]:
+    """The tiles the autotuner tries for inputs of ``dtype``."""
+    return _CONFIGS_FP32 if dtype == torch.float32 else _CONFIGS_16BIT
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles much taller than the band's output (a 128-pixel band does not need 256-pixel
-    tiles) or wider than the output channels; keep at least the smallest."""
+    """Keep the tiles of the input's dtype; drop tiles much taller than the band's output (a
+    128-pixel band does not need 256-pixel tiles) or wider than the output channels; keep at least
+    the smallest."""
+    own = {id(c) for c in autotune_configs(named_args["x_ptr"].dtype)}
+    configs = [c for c in configs if id(c) in own]
     pixels = named_args["out_rows"] * named_args["out_width"]
     out_channels = named_args["out_channels"]
     kept = [
@@ -371,24 +401,31 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def halo_conv2d_triton(
-    x: torch.Tensor,
-    top: Optional[torch.Tensor],
-    bottom: Optional[torch.Tensor],
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    stride=1,
-    padding=0,
-    dilation=1,
-    groups: int = 1,
-    prologue: Optional[GroupNormPrologue] = None,
-) -> torch.Tensor:
-    """The Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``); ``groups`` must be 1. The
-    output has ``x``'s memory format (channels-last in, channels-last out). fp32 inputs multiply in
-    TF32 when ``torch.backends.cudnn.allow_tf32`` is set (torch's default for cuDNN convolutions)."""
-    if groups != 1:
-        raise InputError(f"halo_conv2d_triton: groups={groups}; the kernel handles groups=1 only")
-    conv = _band_conv(x, top, bottom, weight, stride, padding, dilation, prologue)
+_PACKED_WEIGHTS: "weakref.WeakKeyDictionary[torch.Tensor, Tuple[int, int, torch.dtype, torch.Tensor]]"
+_PACKED_WEIGHTS = weakref.WeakKeyDictionary()
+
+
+def _packed_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight as the kernel reads it well: ``dtype`` and channels-last memory, so that each
+    tap's input channels (the reduction) are contiguous and their loads are vectorised and
+    pipelined (an OIHW weight gathers 2-byte elements 9 apart). Cached per weight tensor and
+    checked against its storage and version, so a UNet's weights are packed once and re-packed
+    after a change (a LoRA fused in place or through ``.data``)."""
+    if weight.dtype == dtype and weight.is_contiguous(memory_format=torch.channels_last):
+        return weight
+    stamp = (weight.data_ptr(), weight._version, dtype)
+    cached = _PACKED_WEIGHTS.get(weight)
+    if cached is not None and cached[:3] == stamp:
+        return cached[3]
+    packed = weight.detach().to(dtype).contiguous(memory_format=torch.channels_last)
+    _PACKED_WEIGHTS[weight] = (*stamp, packed)
+    return packed
+
+
+def _conv_launch(x, top, bottom, weight, bias, conv: _BandConv, prologue) -> Tuple[Launch, torch.Tensor]:
+    """The kernel's launch computing the band's convolution, and the output it writes. On CUDA
+    the kernel is the autotuned one (the grid a function of the tile); under the interpreter one
+    small tile."""
     (stride_h, stride_w), pad_w, (dil_h, dil_w) = conv.stride, conv.pad_w, conv.dilation
     top_rows, bottom_rows = conv.top_rows, conv.bottom_rows
     kernel_h, kernel_w = weight.shape[2:]
@@ -406,7 +443,7 @@ def halo_conv2d_triton(
     has_bottom = bottom is not None and bottom_rows > 0
     top_arg = top if has_top else x
     bottom_arg = bottom if has_bottom else x
-    weight = weight.to(x.dtype)
+    weight = _packed_weight(weight, x.dtype)
     if prologue is not None:
         mean, rstd = prologue.mean.float().contiguous(), prologue.rstd.float().contiguous()
         norm_w, norm_b, norm_groups = prologue.weight, prologue.bias, prologue.num_groups
@@ -435,18 +472,40 @@ def halo_conv2d_triton(
         KH=kernel_h,
         KW=kernel_w,
         PRECISION="tf32" if tf32 else "ieee",
+        INDEX_64=needs_64_bit_offsets(x, top_arg, bottom_arg, weight, out),
     )
     pixels = out_rows * out_width
     if _interpreted(x):
         tile = _INTERPRETER_TILE
         grid = (triton.cdiv(pixels, tile["BLOCK_M"]), triton.cdiv(out_channels, tile["BLOCK_N"]), batch)
-        _halo_conv2d_kernel[grid](*args, **flags, **tile)
-    else:
+        return Launch(_halo_conv2d_kernel, grid, args, dict(flags, **tile)), out
 
-        def grid(meta):
-            return (triton.cdiv(pixels, meta["BLOCK_M"]), triton.cdiv(out_channels, meta["BLOCK_N"]), batch)
+    def grid(meta):
+        return (triton.cdiv(pixels, meta["BLOCK_M"]), triton.cdiv(out_channels, meta["BLOCK_N"]), batch)
 
-        _halo_conv2d_tuned[grid](*args, **flags)
+    return Launch(_halo_conv2d_tuned, grid, args, flags), out
+
+
+def halo_conv2d_triton(
+    x: torch.Tensor,
+    top: Optional[torch.Tensor],
+    bottom: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    prologue: Optional[GroupNormPrologue] = None,
+) -> torch.Tensor:
+    """The Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``); ``groups`` must be 1. The
+    output has ``x``'s memory format (channels-last in, channels-last out). fp32 inputs multiply in
+    TF32 when ``torch.backends.cudnn.allow_tf32`` is set (torch's default for cuDNN convolutions)."""
+    if groups != 1:
+        raise InputError(f"halo_conv2d_triton: groups={groups}; the kernel handles groups=1 only")
+    conv = _band_conv(x, top, bottom, weight, stride, padding, dilation, prologue)
+    launch, out = _conv_launch(x, top, bottom, weight, bias, conv, prologue)
+    launch.run()
     return out
 
 

@@ -116,4 +116,6 @@ def test_errors_are_python_runtime_errors():
 @pytest.mark.cuda
 def test_device_count_on_a_gpu_machine():
     assert C.device_count() >= 1
-    assert C.cuda_driver_version() >= C.cuda_runtime_version()
+    # CUDA's minor-version compatibility: a driver of the runtime's major version runs it even when
+    # its minor version is older (12.2 driver, 12.8 runtime); only the major version must be reached.
+    assert C.cuda_driver_version()[0] >= C.cuda_runtime_version()[0]

@@ -176,7 +176,68 @@ def test_cupy_arrays_as_buffers(run_ranks):
 
 @pytest.mark.cuda
 def test_a_peer_that_never_joins_times_out():
+    stream = torch.cuda.Stream()
     start = time.monotonic()
     with pytest.raises(C.CommTimeout, match="did not complete within 2 s"):
-        C.Communicator(C.Communicator.new_unique_id(), 0, 2, 0, 2.0)
+        C.Communicator(C.Communicator.new_unique_id(), 0, 2, 0, 2.0, stream.cuda_stream)
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.cuda
+def test_the_comm_stream_must_be_a_created_stream():
+    with pytest.raises(ValueError, match="stream must be a created CUDA stream"):
+        C.Communicator(C.Communicator.new_unique_id(), 0, 1, 0, 5.0, 0)
+
+
+def _capture_rules_body(rank, world_size):
+    from distripy.errors import StepError
+    from distripy.runtime.nccl_comm import NcclComm
+
+    comm = NcclComm(timeout_s=60)
+    idle = comm.subgroup([0])  # does no work in the capture: joining it must not touch the graph
+    assert comm._native.watched >= 0
+    send = torch.ones(8, device="cuda")
+    recv = torch.zeros(1, 8, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        comm.all_gather(send, recv).wait()  # warm-up
+        with torch.cuda.graph(graph, stream=stream):
+            captured = comm.all_gather(send * 2, recv)
+            captured.wait()  # inside the capture: allowed
+            comm.join()
+            idle.join()
+    torch.cuda.current_stream().wait_stream(stream)
+    assert captured.captured
+    with pytest.raises(StepError, match="inside a CUDA-graph capture"):
+        captured.wait()
+    with pytest.raises(StepError, match="inside a CUDA-graph capture"):
+        captured.synchronize(5)
+    graph.replay()
+    comm.watch("a replay").synchronize(30)
+    assert torch.equal(recv[0], send * 2)
+
+    class Holder:
+        released = False
+
+        def release(self):
+            Holder.released = True
+
+    holder = Holder()
+    comm.track_graphs(holder)
+    start = time.monotonic()
+    del graph  # what Holder.release does for StepGraphs
+    comm.close(10)
+    idle.close(10)
+    assert Holder.released and time.monotonic() - start < 10
+    from distripy.errors import CommError
+
+    with pytest.raises(CommError, match="closed"):
+        comm.all_gather(send, recv)
+    return True
+
+
+@pytest.mark.cuda
+def test_capture_rules_join_watch_and_close(run_ranks):
+    assert run_ranks(_capture_rules_body, 1, timeout=120) == [True]

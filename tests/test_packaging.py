@@ -124,3 +124,16 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     ci_command = ci_lines[ci_lines.index("# The README's test command:") + 1]
     assert ci_command.startswith(readme_command + " 2>&1 | tee"), (readme_command, ci_command)
+
+
+def test_nccl_comes_from_torch_or_an_extra_never_a_hard_dependency():
+    """nvidia-nccl-cu12 and -cu13 both install nvidia/nccl/lib/libnccl.so.2: a hard dependency on
+    one would overwrite the library a CUDA-13 torch runs with."""
+    from importlib.metadata import requires
+
+    requirements = requires("distripy") or []
+    nccl = [r for r in requirements if r.startswith("nvidia-nccl")]
+    assert nccl, requirements
+    assert all("extra ==" in r for r in nccl), nccl
+    assert any("nccl-cu12" in r and "nvidia-nccl-cu12" in r for r in nccl)
+    assert any("nccl-cu13" in r and "nvidia-nccl-cu13" in r for r in nccl)

@@ -17,7 +17,11 @@ buffers); the second time the key is met it is captured and replayed; after that
 Graphs are kept for the last ``max_shapes`` input signatures. Inside a graph the transfers are
 joined back into the step's stream before the capture ends, so a replayed step's transfers are
 complete when the next step starts; transfers of an eager step are waited for before a replay, and
-synchronised before a capture.
+synchronised before a capture. The Works a capture records are nodes of its graph: right after the
+capture the exchanges are kept without them (nothing outside the graph may wait on them), and a
+failed capture forgets its key and every exchange (the UNet then starts a new generation). A
+replay is bounded by the comm's watchdog (a mark after it), and ``release()`` drops the graphs
+before the comm is destroyed (``NcclComm.close``).
 """
 
 from collections import OrderedDict
@@ -56,6 +60,19 @@ class StepGraphs:
         self._stream: Optional[torch.cuda.Stream] = None
         self.captures = 0
         self.replays = 0
+        for comm in self.comms:
+            track = getattr(comm, "track_graphs", None)  # NcclComm: closing it drops the graphs first
+            if track is not None:
+                track(self)
+
+    def release(self) -> None:
+        """Drop every captured graph: a comm whose work a graph holds cannot be destroyed while the
+        graph exists. The next step of each key runs eagerly again."""
+        for entry in self._entries.values():
+            if entry.graph is not None:
+                entry.graph.reset()
+        self._entries.clear()
+        self._shapes.clear()
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
@@ -96,7 +113,16 @@ class StepGraphs:
         if entry.seen == 1:
             return self._eager(forward, arguments)
         if entry.graph is None:
-            self._capture(entry, forward, structure, tensors)
+            try:
+                self._capture(entry, forward, structure, tensors)
+            except BaseException:
+                # The capture failed: nothing of it ran, its Works belong to no graph, and modules
+                # may have consumed their stale buffers. Forget the key and every exchange; the step
+                # fails and the UNet starts a new generation on its next call.
+                del self._entries[key]
+                for state in self.context.states:
+                    state.reset_state()
+                raise
             self.captures += 1
         self._replay(entry, tensors)
         return entry.output
@@ -127,12 +153,16 @@ class StepGraphs:
                 entry.output = forward(static_arguments)
                 ctx.checkpoint()
                 for comm in self.comms:
-                    comm.join()
+                    comm.join()  # a comm that did no work in this capture joins nothing
         finally:
             ctx.capturing = False
         if self._pool is None:
             self._pool = graph.pool()
+        # The Works of the capture are events inside the graph: outside it they cannot be waited
+        # for. After each replay the transfers are complete (joined before the capture ended), so
+        # the exchanges the step leaves are kept without handles, from now on.
         entry.after = ctx.exchanges()
+        ctx.restore_exchanges(entry.after)
         entry.graph = graph
 
     def _replay(self, entry: _Entry, tensors: Sequence[torch.Tensor]) -> None:
@@ -145,3 +175,10 @@ class StepGraphs:
         entry.graph.replay()
         self.replays += 1
         ctx.restore_exchanges(entry.after)
+        # The replay's transfers are graph nodes, not watched one by one: one mark after the
+        # replay lets the comm's watchdog bound it (a dead peer would block the stream forever).
+        for comm in self.comms:
+            watch = getattr(comm, "watch", None)
+            if watch is not None:
+                watch(f"the CUDA-graph replay of step {ctx.step}")
+                break

@@ -10,13 +10,20 @@ import ctypes
 import importlib
 import importlib.util
 import threading
+import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from distripy.errors import NativeRuntimeUnavailable
 
-__all__ = ["NativeRuntimeUnavailable", "native", "native_available", "native_unavailable_reason"]
+__all__ = [
+    "NativeRuntimeUnavailable",
+    "nccl_version_mismatch",
+    "native",
+    "native_available",
+    "native_unavailable_reason",
+]
 
 _lock = threading.Lock()
 _module: Optional[ModuleType] = None
@@ -63,6 +70,35 @@ def _load() -> ModuleType:
         return importlib.import_module("distripy._C")
 
 
+def _torch_nccl_version() -> Optional[Sequence[int]]:
+    """The NCCL version torch runs with, or None (a CPU build has none)."""
+    try:
+        import torch
+
+        version = torch.cuda.nccl.version()
+    except Exception:  # noqa: BLE001 - no NCCL in this torch
+        return None
+    if isinstance(version, int):  # older torch: 2.21.5 as 22105
+        return (version // 10000, version // 100 % 100, version % 100)
+    return tuple(version)
+
+
+def nccl_version_mismatch(ours: Sequence[int], torchs: Optional[Sequence[int]]) -> Optional[str]:
+    """Why the NCCL distripy._C loaded and torch's differ (major.minor), or None. Both should be
+    the one ``libnccl.so.2`` of the NVIDIA wheel torch depends on; two different ones mean a second
+    NCCL wheel overwrote the first (``nvidia-nccl-cu12`` and ``nvidia-nccl-cu13`` install the same
+    file) or a library path points elsewhere."""
+    if torchs is None or tuple(ours[:2]) == tuple(torchs[:2]):
+        return None
+    mine = ".".join(str(v) for v in ours)
+    theirs = ".".join(str(v) for v in torchs)
+    return (
+        f"distripy._C runs with NCCL {mine} but torch with NCCL {theirs}: two NCCL libraries in one "
+        "process. Install only the nvidia-nccl wheel torch depends on (pip check; not both "
+        "nvidia-nccl-cu12 and nvidia-nccl-cu13) and leave LD_LIBRARY_PATH without another libnccl."
+    )
+
+
 def _ensure_loaded() -> None:
     global _module, _reason
     with _lock:
@@ -72,6 +108,11 @@ def _ensure_loaded() -> None:
             _module = _load()
         except ImportError as error:
             _reason = _explain(error)
+            return
+    version = getattr(_module, "nccl_version", None)
+    mismatch = nccl_version_mismatch(version(), _torch_nccl_version()) if version is not None else None
+    if mismatch:
+        warnings.warn(mismatch, RuntimeWarning, stacklevel=3)
 
 
 def native() -> ModuleType:

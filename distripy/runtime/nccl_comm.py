@@ -11,20 +11,23 @@ viewed as torch tensors without a copy. The NCCL unique id is made by the group'
 shared through torch.distributed, so multi-node torchrun works unchanged.
 """
 
+import atexit
 import contextlib
+import os
+import weakref
 from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from distripy.config import DEFAULT_TIMEOUT_S
-from distripy.errors import CommError, CommTimeoutError, InputError, InputTypeError
+from distripy.errors import CommError, CommTimeoutError, InputError, InputTypeError, StepError
 from distripy.runtime.comm import CompletedWork, check_all_gather, check_all_reduce, check_halo_exchange
 from distripy.runtime.health import CommHealth
 from distripy.runtime.loader import native
 from distripy.runtime.torch_comm import all_gather_object_within, new_process_subgroup
 
-__all__ = ["NcclComm", "NcclWork", "as_cuda_tensor", "nccl_dtype"]
+__all__ = ["NcclComm", "NcclWork", "as_cuda_tensor", "choose_device", "close_all", "nccl_dtype"]
 
 # torch dtype -> ncclDataType_t
 _NCCL_DTYPES = {
@@ -67,19 +70,55 @@ def as_cuda_tensor(buffer, name: str) -> torch.Tensor:
     return tensor
 
 
+def choose_device(device: Optional[int] = None) -> int:
+    """The GPU a rank's communicator uses: ``device`` when given, else the current device, which
+    must be the rank's ``LOCAL_RANK`` when several GPUs are visible (without ``distripy.init()`` or
+    ``torch.cuda.set_device`` every rank would pick GPU 0 and NCCL would fail or serialise)."""
+    if device is not None:
+        return int(device)
+    current = torch.cuda.current_device()
+    local_rank = os.environ.get("LOCAL_RANK")
+    visible = torch.cuda.device_count()
+    if local_rank is not None and local_rank.isdigit() and visible > 1 and int(local_rank) != current:
+        raise CommError(
+            f"NcclComm: this rank has LOCAL_RANK={local_rank} but its current CUDA device is {current} "
+            f"of {visible} visible: call distripy.init() (which sets the device) or "
+            f"torch.cuda.set_device({local_rank}) first, or pass device="
+        )
+    return current
+
+
 class NcclWork:
-    """Handle of one operation: ``wait`` makes the caller's current stream wait on the GPU."""
+    """Handle of one operation: ``wait`` makes the caller's current stream wait on the GPU.
+
+    A Work issued inside a CUDA-graph capture is a node of that graph: it completes when the graph
+    is replayed, so it can be waited for only inside the same capture, never synchronised."""
 
     def __init__(self, work, device: int, health: CommHealth) -> None:
         self._work = work
         self._device = device
         self._health = health
 
+    @property
+    def captured(self) -> bool:
+        return bool(self._work.captured)
+
+    def _refuse_outside_capture(self, what: str, capturing: bool) -> None:
+        if self.captured and not capturing:
+            raise StepError(
+                f"{what}: {self._work.op} was issued inside a CUDA-graph capture; it completes when the "
+                "graph is replayed and cannot be waited for outside that capture"
+            )
+
     def wait(self) -> None:
-        self._work.wait(torch.cuda.current_stream(self._device).cuda_stream)
+        stream = torch.cuda.current_stream(self._device)
+        if self.captured:
+            self._refuse_outside_capture("NcclWork.wait", torch.cuda.is_current_stream_capturing())
+        self._work.wait(stream.cuda_stream)
 
     def synchronize(self, timeout_s: Optional[float] = None) -> None:
         C = native()
+        self._refuse_outside_capture("NcclWork.synchronize", capturing=False)
         self._health.check("waiting for an NCCL transfer")
         try:
             self._work.synchronize(-1.0 if timeout_s is None else float(timeout_s))
@@ -92,8 +131,15 @@ class NcclWork:
         return self._work.done()
 
 
+_LIVE: "weakref.WeakSet[NcclComm]" = weakref.WeakSet()
+
+
 class NcclComm:
-    """The ``Comm`` protocol for the ranks of a torch.distributed process group, on the C++ runtime."""
+    """The ``Comm`` protocol for the ranks of a torch.distributed process group, on the C++ runtime.
+
+    Closing (``close()``, and at interpreter exit for every comm still open) goes in the one order
+    that cannot hang: the CUDA graphs holding the comm's work are dropped, the comm's work is
+    waited for (bounded), then the NCCL communicator is destroyed (bounded)."""
 
     supports_cuda_graphs = True
 
@@ -120,31 +166,50 @@ class NcclComm:
         self.world_size = dist.get_world_size(self.process_group)
         self.timeout_s = float(timeout_s)
         self.health = health if health is not None else CommHealth()
+        self.device = split_from.device if split_from is not None else choose_device(device)
+        # The comm stream is torch's (high priority): the caching allocator keeps record_stream
+        # handles to it, so it must outlive every tensor recorded on it; C++ never destroys it.
+        self._comm_stream = torch.cuda.Stream(device=self.device, priority=-1)
+        self._graph_holders: "weakref.WeakSet" = weakref.WeakSet()
         if split_from is not None:
-            self.device = split_from.device
-            self._native = split_from._native.split(color, self.rank)
+            self._native = split_from._native.split(color, self.rank, self._comm_stream.cuda_stream)
         else:
-            self.device = torch.cuda.current_device() if device is None else int(device)
             offered = C.Communicator.new_unique_id() if self.rank == 0 else None
             unique_id = all_gather_object_within(self.process_group, offered, self.timeout_s, self.health)[0]
-            self._native = C.Communicator(unique_id, self.rank, self.world_size, self.device, self.timeout_s)
+            self._native = C.Communicator(
+                unique_id,
+                self.rank,
+                self.world_size,
+                self.device,
+                self.timeout_s,
+                self._comm_stream.cuda_stream,
+            )
         if (self._native.rank, self._native.world_size) != (self.rank, self.world_size):
             raise CommError(
                 f"NcclComm: the NCCL communicator is rank {self._native.rank} of {self._native.world_size} "
                 f"but its process group rank {self.rank} of {self.world_size}"
             )
-        self._comm_stream = torch.cuda.ExternalStream(self._native.comm_stream, device=self.device)
+        _LIVE.add(self)
 
     @property
     def broken(self) -> bool:
-        """Whether a transfer of this comm or of its family failed (``runtime.health``)."""
-        return self.health.broken
+        """Whether a transfer of this comm or of its family failed (``runtime.health``), or its
+        watchdog aborted it."""
+        return self.health.broken or self._native.aborted
 
     def _stream(self) -> int:
         return torch.cuda.current_stream(self.device).cuda_stream
 
+    def _check_usable(self, what: str) -> None:
+        if self._native.closed:
+            raise CommError(f"{what}: this NcclComm was closed")
+        if self._native.aborted and not self.health.broken:
+            # the watchdog aborted it (a deadline passed, or NCCL reported an error)
+            self.health.record(CommError(f"the NCCL communicator was aborted: {self._native.abort_reason}"))
+        self.health.check(what)
+
     def _tensors(self, **buffers) -> dict:
-        self.health.check(f"an NCCL transfer of {', '.join(buffers)}")
+        self._check_usable(f"an NCCL transfer of {', '.join(buffers)}")
         tensors = {}
         for name, buffer in buffers.items():
             if buffer is None:
@@ -229,5 +294,42 @@ class NcclComm:
 
     def join(self) -> None:
         """Make the caller's current stream wait for everything issued so far (before a CUDA-graph
-        capture ends, every stream it pulled in must be joined back)."""
+        capture ends, every stream it pulled in must be joined back; a comm that did no work in the
+        capture joins nothing)."""
         self._native.join(self._stream())
+
+    def watch(self, what: str) -> NcclWork:
+        """A mark on the caller's current stream that the watchdog bounds by the timeout: after a
+        CUDA-graph replay, whose transfers are nodes of the graph and not watched one by one."""
+        self._check_usable(what)
+        return NcclWork(self._native.watch(self._stream(), what), self.device, self.health)
+
+    def track_graphs(self, holder) -> None:
+        """``holder.release()`` drops CUDA graphs that hold this comm's work; ``close`` calls it
+        first (NCCL's destroy blocks while such a graph exists)."""
+        self._graph_holders.add(holder)
+
+    def close(self, timeout_s: Optional[float] = None) -> None:
+        """Drop the CUDA graphs holding this comm's work, wait for its work and destroy the NCCL
+        communicator, all bounded by ``timeout_s`` (default: the comm's timeout). Idempotent."""
+        if self._native.closed:
+            return
+        for holder in list(self._graph_holders):
+            holder.release()
+        self._graph_holders.clear()
+        self._native.close(self.timeout_s if timeout_s is None else float(timeout_s))
+        _LIVE.discard(self)
+
+
+def close_all(timeout_s: float = 10.0) -> None:
+    """Close every NcclComm still open (registered to run at interpreter exit, while torch and the
+    CUDA context are still alive: a communicator destroyed later, by the garbage collector, could
+    block on CUDA graphs the exit never frees)."""
+    for comm in list(_LIVE):
+        try:
+            comm.close(timeout_s)
+        except Exception:  # noqa: BLE001 - at exit, one comm's failure must not keep others open
+            pass
+
+
+atexit.register(close_all)
