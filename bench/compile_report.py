@@ -203,14 +203,15 @@ def halo_conv_jobs(dtypes, capabilities, variants=VARIANTS, layouts=LAYOUTS) -> 
 
 
 def group_norm_jobs(dtypes, capabilities, layouts=LAYOUTS) -> Iterator[Job]:
-    """GroupNorm statistics, apply (+ affine + SiLU) and apply into the interior rows of a
-    halo-padded buffer, at SDXL's group sizes (32 groups of 10 to 40 channels: tiles of 16 to 64
+    """GroupNorm statistics, apply (+ affine + SiLU), apply into the interior rows of a
+    halo-padded buffer and the combination of statistics into mean and rstd, at SDXL's group sizes (32 groups of 10 to 40 channels: tiles of 16 to 64
     channels, 4096 / tile positions)."""
     import torch
 
     # the modules (the package exports functions of the same names)
     group_norm_apply = importlib.import_module("distripy.kernels.group_norm_apply")
     group_norm_stats = importlib.import_module("distripy.kernels.group_norm_stats")
+    group_norm_mean_rstd = importlib.import_module("distripy.kernels.group_norm_mean_rstd")
     for dtype in dtypes:
         for channels in (320, 1280):
             for layout in layouts:
@@ -231,6 +232,13 @@ def group_norm_jobs(dtypes, capabilities, layouts=LAYOUTS) -> Iterator[Job]:
                     name = "C{}_BC{BLOCK_C}_BS{BLOCK_S}".format(channels, **launch.kwargs)
                     for capability in capabilities:
                         yield Job(launch, Compiled(kernel, variant, name, dtype, capability, layout))
+    # The combination of statistics: fp32 sums of (B, G) groups whatever the activations' dtype.
+    sums = torch.empty((2, 32, 2))
+    for mode in group_norm_mean_rstd.Combine:
+        launch = group_norm_mean_rstd._mean_rstd_launch(sums, sums, sums, mode, 640, 8.0, 1e-5)[0]
+        for capability in capabilities:
+            record = Compiled("group_norm_mean_rstd", mode.name.lower(), "B2_G32", "fp32", capability, "-")
+            yield Job(launch, record)
 
 
 def ci_jobs() -> List[Job]:

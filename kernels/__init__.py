@@ -6,6 +6,7 @@ CUDA live beside their reference and are tested against it (on CPU under ``TRITO
 
 * ``group_norm_stats``: per (batch, group) sum and sum of squares of a band (+ Triton kernel);
 * ``group_norm_combine``: the sync / corrected / stale / local combination and mean, rstd;
+* ``group_norm_mean_rstd``: those formulas as one op, to mean and rstd (+ Triton kernel);
 * ``group_norm_apply``: normalise + affine (+ SiLU), optionally into a view (+ Triton kernel);
 * ``halo_conv``: a band's convolution from the band and its halo rows held apart, optionally
   with the GroupNorm (+ SiLU) of its input fused in as a prologue (+ Triton kernel, groups=1);
@@ -17,6 +18,11 @@ Triton kernels, the convolution's path chosen per shape; on CPU the references).
 
 from distripy.kernels.group_norm_apply import group_norm_apply, group_norm_apply_reference
 from distripy.kernels.group_norm_combine import corrected_sums, mean_rstd, stale_sums
+from distripy.kernels.group_norm_mean_rstd import (
+    Combine,
+    group_norm_mean_rstd,
+    group_norm_mean_rstd_reference,
+)
 from distripy.kernels.group_norm_stats import elements_per_group, group_norm_stats, group_norm_stats_reference
 from distripy.kernels.halo_conv import (
     GroupNormPrologue,
@@ -27,12 +33,15 @@ from distripy.kernels.halo_conv import (
 )
 
 __all__ = [
+    "Combine",
     "GroupNormPrologue",
     "band_compatible",
     "corrected_sums",
     "elements_per_group",
     "group_norm_apply",
     "group_norm_apply_reference",
+    "group_norm_mean_rstd",
+    "group_norm_mean_rstd_reference",
     "group_norm_stats",
     "group_norm_stats_reference",
     "halo_conv2d",

@@ -33,7 +33,7 @@ CUDA paths for the shape (``kernels.halo_conv_dispatch``).
 
 import os
 import weakref
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -401,8 +401,9 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-_PACKED_WEIGHTS: "weakref.WeakKeyDictionary[torch.Tensor, Tuple[int, int, torch.dtype, torch.Tensor]]"
-_PACKED_WEIGHTS = weakref.WeakKeyDictionary()
+# id(weight) -> (weak reference to it, data_ptr, version, dtype, packed copy); an entry leaves with
+# its weight (tensors compare element-wise, so a WeakKeyDictionary cannot hold them).
+_PACKED_WEIGHTS: Dict[int, Tuple[weakref.ref, int, int, torch.dtype, torch.Tensor]] = {}
 
 
 def _packed_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -413,12 +414,14 @@ def _packed_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     after a change (a LoRA fused in place or through ``.data``)."""
     if weight.dtype == dtype and weight.is_contiguous(memory_format=torch.channels_last):
         return weight
+    key = id(weight)
     stamp = (weight.data_ptr(), weight._version, dtype)
-    cached = _PACKED_WEIGHTS.get(weight)
-    if cached is not None and cached[:3] == stamp:
-        return cached[3]
+    cached = _PACKED_WEIGHTS.get(key)
+    if cached is not None and cached[0]() is weight and cached[1:4] == stamp:
+        return cached[4]
     packed = weight.detach().to(dtype).contiguous(memory_format=torch.channels_last)
-    _PACKED_WEIGHTS[weight] = (*stamp, packed)
+    reference = weakref.ref(weight, lambda _, key=key: _PACKED_WEIGHTS.pop(key, None))
+    _PACKED_WEIGHTS[key] = (reference, *stamp, packed)
     return packed
 
 

@@ -297,3 +297,50 @@ def test_the_reference_alignment_turns_its_unbiased_group_norm_into_torchs():
     for norm in norms:
         eps, weight, _ = originals[id(norm)]
         assert norm.eps == eps and torch.equal(norm.weight, weight)
+
+
+# -- gpu_acceptance, host_overhead -----------------------------------------------------------------
+
+
+def test_the_gpu_acceptance_plan_dry_runs_on_cpu(tmp_path):
+    """The one command a lent GPU runs, as a CPU machine runs it: every stage that needs CUDA is
+    skipped and says so, the others pass on tiny shapes, and exactly three files come back."""
+    import subprocess
+    import tarfile
+
+    out = tmp_path / "acceptance"
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_acceptance.py"), "--dry-run", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["artifacts.tar.gz", "summary.json", "summary.txt"]
+    summary = json.loads((out / "summary.json").read_text())
+    status = {s["stage"]: s for s in summary["stages"]}
+    assert list(status) == [
+        "cuda_tests",
+        "sanitizer",
+        "kernels",
+        "e2e",
+        "comm",
+        "host_overhead",
+        "demo",
+        "generate",
+    ]
+    for stage in ("sanitizer", "kernels", "comm"):
+        assert status[stage]["status"] == "skipped" and "needs a CUDA GPU" in status[stage]["why"]
+    for stage in ("cuda_tests", "e2e", "host_overhead", "demo", "generate"):
+        assert status[stage]["status"] == "passed", status[stage]
+    # the figures next to their targets; what a CPU cannot measure says so
+    targets = {row["figure"]: row for row in summary["targets"]}
+    assert targets["async_ops_vs_plain"]["value"] > 0 and targets["async_ops_vs_plain"]["target"] == "<= 1.1"
+    assert targets["host_us_per_grouped_op"]["met"] is None
+    assert summary["figures"]["cuda_tests"]["skipped"] == summary["figures"]["cuda_tests"]["tests"] > 0
+    text = (out / "summary.txt").read_text()
+    assert "host_overhead" in text and "not measured" in text
+    with tarfile.open(out / "artifacts.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"logs/e2e.log", "logs/demo.log", "e2e.json", "host_overhead.json", "generate.png"} <= names
+    assert any(name.startswith("demo/") for name in names)

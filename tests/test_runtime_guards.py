@@ -169,3 +169,38 @@ def test_nccl_versions_are_compared_by_major_and_minor():
     assert nccl_version_mismatch((2, 27, 3), None) is None  # torch without NCCL (a CPU build)
     message = nccl_version_mismatch((2, 21, 5), (2, 27, 3))
     assert "NCCL 2.21.5" in message and "NCCL 2.27.3" in message and "nvidia-nccl-cu13" in message
+
+
+def test_a_work_holds_its_tensors_until_waited_for_and_records_them_if_dropped(monkeypatch):
+    """No record_stream per transfer: the Work keeps the buffers alive until a stream waits for it;
+    one dropped in flight records them on the comm stream, so the allocator waits for the transfer."""
+    import gc
+    import weakref
+
+    from distripy.runtime import nccl_comm
+    from distripy.runtime.health import CommHealth
+
+    class Stream:
+        cuda_stream = 1
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    recorded = []
+
+    class Buffer:
+        def record_stream(self, stream):
+            recorded.append(stream)
+
+    comm_stream = object()
+    waited = nccl_comm.NcclWork(_NativeWork(captured=False), 0, CommHealth(), [Buffer()], comm_stream)
+    buffer = weakref.ref(waited._tensors[0])
+    assert buffer() is not None
+    waited.wait()
+    gc.collect()
+    assert buffer() is None and recorded == []  # released once waited for, nothing recorded
+    dropped = nccl_comm.NcclWork(
+        _NativeWork(captured=False), 0, CommHealth(), [Buffer(), Buffer()], comm_stream
+    )
+    dropped._work.done = lambda: False  # still in flight
+    del dropped
+    gc.collect()
+    assert recorded == [comm_stream, comm_stream]

@@ -270,3 +270,32 @@ def test_the_benchmark_writes_a_dispatch_table_that_the_dispatcher_reads(monkeyp
     x, weight = torch.empty(1, 640, 16, 128, dtype=torch.float16), torch.empty(320, 640, 3, 3)
     key = halo_conv_dispatch.dispatch_key("Some GPU", x, weight, 1)
     assert halo_conv_dispatch.load_table.__wrapped__(str(table)) == {key: "triton"}
+
+
+def test_the_packed_weight_follows_changes_to_the_weight():
+    """The kernel reads a channels-last copy of an OIHW weight, cached per weight: reused while the
+    weight is unchanged, re-packed after an in-place change or a new ``.data``, dropped with it."""
+    from distripy.kernels import halo_conv as module
+
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 8, 4, 6, generator=generator)
+    top, bottom = torch.randn(1, 8, 1, 6, generator=generator), torch.randn(1, 8, 1, 6, generator=generator)
+    weight = torch.nn.Parameter(torch.randn(5, 8, 3, 3, generator=generator), requires_grad=False)
+
+    def check(weight):
+        padded = torch.cat((top, x, bottom), dim=2).double()
+        expected = F.conv2d(padded, weight.double(), padding=(0, 1))
+        got = halo_conv2d_triton(x, top, bottom, weight, None, 1, 1).double()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+    check(weight)
+    packed = module._PACKED_WEIGHTS[id(weight)][4]
+    check(weight)
+    assert module._PACKED_WEIGHTS[id(weight)][4] is packed  # reused
+    weight.mul_(-2.0)  # a LoRA fused in place
+    check(weight)
+    weight.data = torch.randn(5, 8, 3, 3, generator=generator)  # diffusers' way of fusing
+    check(weight)
+    key = id(weight)
+    del weight
+    assert key not in module._PACKED_WEIGHTS

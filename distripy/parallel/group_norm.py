@@ -18,12 +18,11 @@ import torch
 import torch.nn as nn
 
 from distripy.kernels import (
+    Combine,
     GroupNormPrologue,
-    corrected_sums,
     elements_per_group,
+    group_norm_mean_rstd,
     group_norm_stats,
-    mean_rstd,
-    stale_sums,
 )
 from distripy.parallel.adopt import adopt
 from distripy.parallel.context import PatchContext, PatchState, StatisticsExchange
@@ -51,22 +50,24 @@ class PatchGroupNorm(nn.GroupNorm, PatchState):
         count = elements_per_group(x, groups)
         total = count * ctx.band_count  # every band has the same number of elements
         exchange = ctx.statistics_exchange
+        backend = ctx.kernel_backend
         if exchange is StatisticsExchange.LOCAL:
-            return mean_rstd(local, count, self.eps)
+            return group_norm_mean_rstd(local, count=count, eps=self.eps, backend=backend)
         if exchange is StatisticsExchange.SYNC:
             image = ctx.new_buffer(self, "image", local.shape, local).copy_(local)
             ctx.comm.all_reduce(image).wait()
             self.keep_exchange((), image, ctx.keep(self, "local", local))
-            return mean_rstd(image, total, self.eps)
+            return group_norm_mean_rstd(image, count=total, eps=self.eps, backend=backend)
         image_prev, local_prev = self.take_stale()
-        fallback = None
         if exchange is StatisticsExchange.CORRECTED:
-            estimate = corrected_sums(image_prev, local_prev, local, total / count)
-            fallback = local  # an extrapolated variance can come out negative
+            combine = Combine.CORRECTED  # an extrapolated variance can come out negative: fallback
         elif exchange is StatisticsExchange.STALE:
-            estimate = stale_sums(image_prev, local_prev, local)
+            combine = Combine.STALE
         else:
             raise AssertionError(f"unhandled statistics exchange {exchange!r}")
+        mean, rstd = group_norm_mean_rstd(
+            local, image_prev, local_prev, combine, count, total / count, self.eps, backend=backend
+        )
         image = ctx.new_buffer(self, "image", local.shape, local).copy_(local)
         local = ctx.keep(self, "local", local)
 
@@ -74,7 +75,7 @@ class PatchGroupNorm(nn.GroupNorm, PatchState):
             self.keep_exchange((ctx.comm.all_reduce(image),), image, local)
 
         ctx.defer(issue)
-        return mean_rstd(estimate, total, self.eps, fallback_sums=fallback, fallback_count=count)
+        return mean, rstd
 
     def prologue(self, x: torch.Tensor, silu: bool) -> GroupNormPrologue:
         """This step's normalisation of ``x`` (+ SiLU), to be applied by the next convolution."""

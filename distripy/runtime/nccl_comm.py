@@ -92,12 +92,30 @@ class NcclWork:
     """Handle of one operation: ``wait`` makes the caller's current stream wait on the GPU.
 
     A Work issued inside a CUDA-graph capture is a node of that graph: it completes when the graph
-    is replayed, so it can be waited for only inside the same capture, never synchronised."""
+    is replayed, so it can be waited for only inside the same capture, never synchronised.
 
-    def __init__(self, work, device: int, health: CommHealth) -> None:
+    It holds the operation's tensors until it is waited for (then the waiting stream is ordered
+    after the transfer, and the caching allocator may hand their memory out again on it), instead
+    of ``record_stream`` on each: no dispatcher call per transfer. A Work dropped before that
+    records its tensors on the comm stream as it goes, so their memory waits for the transfer."""
+
+    def __init__(self, work, device: int, health: CommHealth, tensors=(), comm_stream=None) -> None:
         self._work = work
         self._device = device
         self._health = health
+        self._tensors = tuple(tensors)
+        self._comm_stream = comm_stream
+
+    def __del__(self) -> None:
+        tensors, self._tensors = getattr(self, "_tensors", ()), ()
+        if not tensors or self._comm_stream is None:
+            return
+        try:
+            if not self._work.done():
+                for tensor in tensors:
+                    tensor.record_stream(self._comm_stream)
+        except Exception:  # noqa: BLE001 - at interpreter exit torch may be half gone
+            pass
 
     @property
     def captured(self) -> bool:
@@ -115,6 +133,7 @@ class NcclWork:
         if self.captured:
             self._refuse_outside_capture("NcclWork.wait", torch.cuda.is_current_stream_capturing())
         self._work.wait(stream.cuda_stream)
+        self._tensors = ()
 
     def synchronize(self, timeout_s: Optional[float] = None) -> None:
         C = native()
@@ -126,9 +145,13 @@ class NcclWork:
             raise self._health.record(CommTimeoutError(str(error))) from error
         except C.NcclError as error:
             raise self._health.record(CommError(str(error))) from error
+        self._tensors = ()
 
     def done(self) -> bool:
-        return self._work.done()
+        finished = self._work.done()
+        if finished:
+            self._tensors = ()
+        return finished
 
 
 _LIVE: "weakref.WeakSet[NcclComm]" = weakref.WeakSet()
@@ -167,8 +190,8 @@ class NcclComm:
         self.timeout_s = float(timeout_s)
         self.health = health if health is not None else CommHealth()
         self.device = split_from.device if split_from is not None else choose_device(device)
-        # The comm stream is torch's (high priority): the caching allocator keeps record_stream
-        # handles to it, so it must outlive every tensor recorded on it; C++ never destroys it.
+        # The comm stream is torch's (high priority): tensors may be recorded on it (a Work dropped
+        # in flight), so it must outlive them; C++ never destroys it.
         self._comm_stream = torch.cuda.Stream(device=self.device, priority=-1)
         self._graph_holders: "weakref.WeakSet" = weakref.WeakSet()
         if split_from is not None:
@@ -222,11 +245,10 @@ class NcclComm:
         return tensors
 
     def _issued(self, work, *tensors: Optional[torch.Tensor]) -> NcclWork:
-        # The caching allocator must not hand these buffers out again before the comm stream is done.
-        for tensor in tensors:
-            if tensor is not None and tensor.numel() > 0:
-                tensor.record_stream(self._comm_stream)
-        return NcclWork(work, self.device, self.health)
+        # The Work holds the buffers until it is waited for: their memory is not handed out again
+        # before the comm stream is done with them (NcclWork's docstring).
+        kept = [tensor for tensor in tensors if tensor is not None and tensor.numel() > 0]
+        return NcclWork(work, self.device, self.health, kept, self._comm_stream)
 
     def all_gather(self, send, recv) -> NcclWork:
         t = self._tensors(send=send, recv=recv)
