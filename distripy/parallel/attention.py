@@ -106,7 +106,7 @@ class PatchCrossAttnProcessor:
     """Cross-attention with its keys and values computed once per generation (module docstring).
 
     The cache is used inside a patch-parallel step only, not with CUDA graphs (a replayed graph
-    computes them anyway, without launch cost), and not for embeddings made under
+    computes them anyway, without launch cost) or under torch.compile, and not for embeddings made under
     ``torch.inference_mode`` (they keep no version counter, so a change in place could not be
     seen; ``torch.no_grad``, which diffusers' pipelines use, is fine)."""
 
@@ -133,7 +133,12 @@ class PatchCrossAttnProcessor:
     def _keys_values(self, attn, encoder_hidden_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         ctx = self.patch_context
         # An inference-mode tensor has no version counter: a change in place would go unseen.
-        cacheable = ctx.active and not ctx.static_buffers and not encoder_hidden_states.is_inference()
+        cacheable = (
+            ctx.active
+            and not ctx.static_buffers
+            and not torch.compiler.is_compiling()  # a compiled step computes them, as a graph does
+            and not encoder_hidden_states.is_inference()
+        )
         fingerprint = self._fingerprint(attn, encoder_hidden_states) if cacheable else None
         if fingerprint is not None and self._cache is not None and self._cache[0] == fingerprint:
             return self._cache[2], self._cache[3]
@@ -141,6 +146,8 @@ class PatchCrossAttnProcessor:
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         key, value = attn.to_k(context), attn.to_v(context)
+        if torch.compiler.is_compiling():  # a counter read in the trace would guard each step on it
+            return key, value
         self.computed += 1
         # The embeddings are held with their keys and values: their memory stays theirs.
         self._cache = None if fingerprint is None else (fingerprint, encoder_hidden_states, key, value)

@@ -137,6 +137,7 @@ class PatchContext:
         self.generation = 0
         self.step = -1
         self.active = False
+        self._synchronous = True
         self._states: List[PatchState] = []
         self._deferred: List[Callable[[], None]] = []
         self._seen: dict = {}
@@ -190,6 +191,9 @@ class PatchContext:
         self.step += 1
         self._seen.clear()
         self.active = True
+        # Read by every module: a stored bool, not a comparison with the step number, so that
+        # torch.compile specialises a step on sync vs async only (not on each step's number).
+        self._synchronous = self.config.mode == "full_sync" or self.step < max(1, self.config.warmup_steps)
 
     def end_step(self, issue_pending: bool) -> None:
         """Close the step: send the transfers still queued (or drop them after an error)."""
@@ -262,7 +266,7 @@ class PatchContext:
     def synchronous_step(self) -> bool:
         """Fresh exchanges this step: ``full_sync``, or a warm-up step (the first step always is:
         there is nothing stale to use yet)."""
-        return self.config.mode == "full_sync" or self.step < max(1, self.config.warmup_steps)
+        return self._synchronous
 
     @property
     def activation_exchange(self) -> ActivationExchange:
@@ -291,7 +295,10 @@ class PatchContext:
 
     def enter(self, module: object, path: str) -> None:
         """Record that ``module`` runs in this step; a second call in the same step would consume
-        its stale buffers twice, so it is refused."""
+        its stale buffers twice, so it is refused. (Not checked inside torch.compile's trace: a
+        compiled step is the eager step's code, which was checked when it first ran eagerly.)"""
+        if torch.compiler.is_compiling():
+            return
         key = id(module)
         if key in self._seen:
             raise StepError(
@@ -324,8 +331,10 @@ class PatchContext:
         """Queue a transfer for the next checkpoint."""
         self._deferred.append(issue)
 
+    @torch.compiler.disable
     def checkpoint(self) -> None:
-        """Issue the queued transfers as one group."""
+        """Issue the queued transfers as one group. Under torch.compile this is where the compiled
+        step breaks: the transfers run eagerly, one break per checkpoint."""
         if not self._deferred:
             return
         pending, self._deferred = self._deferred, []

@@ -17,6 +17,7 @@ Each call is one denoising step. The wrapper
    returns the full noise prediction.
 """
 
+import functools
 import inspect
 from typing import Any, Dict, Optional, Tuple
 
@@ -173,7 +174,29 @@ class PatchUNetForward:
             return self._forward_band(local)
         return self.graphs.run(self._forward_band, local)
 
+    # Under torch.compile (``torch.compile(unet)``) the host-side logic runs eagerly (generations,
+    # digests, the timestep read, the output gather: ``_begin`` and ``_finish``, never traced) and
+    # the band's forward between them (``_run_local``) is compiled, breaking at each checkpoint.
+    @functools.partial(torch.compiler.disable, recursive=False)
     def __call__(self, *args, **kwargs):
+        arguments, plan, return_dict = self._begin(args, kwargs)
+        completed = False
+        band = None
+        try:
+            band = self._run_local(self._localize(arguments, plan))
+            completed = True
+        finally:
+            prediction = self._finish(band, plan, completed)
+        if not return_dict:
+            return (prediction,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=prediction)
+
+    @torch.compiler.disable
+    def _begin(self, args, kwargs) -> Tuple[Dict[str, Any], BandPlan, bool]:
+        """Bind the call's arguments, plan the split, recognise a new generation (and check the
+        ranks agree on its input), and open the step."""
         arguments = self.__signature__.bind(*args, **kwargs).arguments
         sample = arguments["sample"]
         return_dict = arguments.pop("return_dict", True)
@@ -203,22 +226,18 @@ class PatchUNetForward:
             step_input = {"sample": sample, "timestep": arguments["timestep"]}
             agree(self.world_comm, digest_arguments(step_input), None, what="step input")
         self._last_timestep = timestep
+        self.context.begin_step()
+        return arguments, plan, return_dict
 
-        context = self.context
-        context.begin_step()
-        completed = False
-        try:
-            band = self._run_local(self._localize(arguments, plan))
-            completed = True
-        finally:
-            context.end_step(issue_pending=completed)
-            if not completed:
-                # Some modules consumed their stale buffers and issued nothing for the next step:
-                # the next call starts a new generation.
-                self._reset_requested = True
-        prediction = gather_bands(self.world_comm, band, plan.halves)
-        if not return_dict:
-            return (prediction,)
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        return UNet2DConditionOutput(sample=prediction)
+    @torch.compiler.disable
+    def _finish(
+        self, band: Optional[torch.Tensor], plan: BandPlan, completed: bool
+    ) -> Optional[torch.Tensor]:
+        """Close the step (send what is still queued) and gather the whole prediction."""
+        self.context.end_step(issue_pending=completed)
+        if not completed:
+            # Some modules consumed their stale buffers and issued nothing for the next step:
+            # the next call starts a new generation.
+            self._reset_requested = True
+            return None
+        return gather_bands(self.world_comm, band, plan.halves)
