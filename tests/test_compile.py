@@ -14,7 +14,6 @@ where it breaks, what guards a step) is dynamo's part; inductor's C++ code gener
 graphs takes minutes on a 2-core CI machine and is run by ``bench/host_overhead.py --compile``.
 """
 
-import pytest
 import torch
 from unet_models import sdxl_conditioning, tiny_sdxl_unet
 
