@@ -146,6 +146,10 @@ std::size_t Watchdog::pending() const {
 
 void Watchdog::run() {
   if (cudaSetDevice(core_->device) != cudaSuccess) return;
+  // Relaxed: this thread's event queries must not invalidate a CUDA-graph capture that another
+  // thread runs in the global mode (torch.cuda.graph's default), nor be refused by it.
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  cudaThreadExchangeStreamCaptureMode(&mode);
   std::unique_lock<std::mutex> lock(mutex_);
   while (!stopping_) {
     wake_.wait_for(lock, kWatchdogInterval);
@@ -607,7 +611,11 @@ Work Communicator::watch(std::uintptr_t stream, const std::string& what) {
   state->op = what;
   state->event = std::make_shared<Event>();
   DISTRIPY_CUDA_CHECK(cudaEventRecord(state->event->get(), as_stream(stream)));
-  if (core_->watchdog) core_->watchdog->watch(state->event, core_->timeout_s, what);
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  check_capture_status(cudaStreamIsCapturing(as_stream(stream), &status), "cudaStreamIsCapturing");
+  state->captured = status != cudaStreamCaptureStatusNone;
+  // A mark inside a capture is a graph node: nothing to watch until it is replayed.
+  if (!state->captured && core_->watchdog) core_->watchdog->watch(state->event, core_->timeout_s, what);
   return Work(state);
 }
 
