@@ -96,12 +96,12 @@ def plan(out: Path, dry_run: bool) -> List[Stage]:
         ]  # fmt: skip
     sanitized = ["tests/test_nccl_comm.py::test_every_operation_on_one_gpu", "tests/test_triton_ops.py"]
     return [
-        Stage("cuda_tests", [pytest + ["-m", "cuda", "--junitxml", str(out / "cuda-tests.xml")]], 300, needs_cuda=True, results=["cuda-tests.xml"]),
-        Stage("sanitizer", [["compute-sanitizer", "--tool", tool, "--error-exitcode", "99", "--log-file", str(out / f"sanitizer-{tool}.log")] + pytest + ["-m", "cuda"] + sanitized for tool in ("memcheck", "racecheck")], 180, needs_cuda=True, needs=_sanitizer, results=["sanitizer-memcheck.log", "sanitizer-racecheck.log"]),
+        Stage("cuda_tests", [pytest + ["-m", "cuda", "--junitxml", str(out / "cuda-tests.xml")]], 270, needs_cuda=True, results=["cuda-tests.xml"]),
+        Stage("sanitizer", [["compute-sanitizer", "--tool", tool, "--target-processes", "all", "--error-exitcode", "99", "--log-file", str(out / f"sanitizer-{tool}.log")] + pytest + ["-m", "cuda"] + sanitized for tool in ("memcheck", "racecheck")], 180, needs_cuda=True, needs=_sanitizer, results=["sanitizer-memcheck.log", "sanitizer-racecheck.log"]),
         Stage("kernels", [[PYTHON, str(bench / "kernels.py"), "--shapes", "all", "--write-dispatch", "--output", str(out / "kernels.json")]], 240, needs_cuda=True, results=["kernels.json"]),
-        Stage("e2e", [[PYTHON, str(bench / "e2e.py"), "--resolutions", "1024", "2048", "3840", "--gpus", "2", "4", "8", "--variants", "eager", "graphs", "--output", str(out / "e2e.json")]], 360, needs_cuda=True, results=["e2e.json"]),
+        Stage("e2e", [[PYTHON, str(bench / "e2e.py"), "--resolutions", "1024", "2048", "3840", "--gpus", "2", "4", "8", "--variants", "eager", "graphs", "--output", str(out / "e2e.json")]], 340, needs_cuda=True, results=["e2e.json"]),
         Stage("comm", [[PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "1", str(bench / "comm.py"), "--max-bytes", str(1 << 26), "--output", str(out / "comm.json")]], 90, needs_cuda=True, results=["comm.json"]),
-        Stage("host_overhead", [[PYTHON, str(bench / "host_overhead.py"), "--compile", "--output", str(out / "host_overhead.json")]], 150, results=["host_overhead.json"]),
+        Stage("host_overhead", [[PYTHON, str(bench / "host_overhead.py"), "--ranks", "8", "--repeats", "1", "--compile", "--output", str(out / "host_overhead.json")]], 200, results=["host_overhead.json"]),
         Stage("demo", [[PYTHON, "-m", "distripy.cli", "demo", "--nproc", "1", "--output-dir", str(out / "demo")]], 90, needs_cuda=True),
         Stage("generate", [save_tiny, [PYTHON, "-m", "distripy.cli", "generate", "--model", str(tiny_model), "--prompt", "a red boat", "--height", "256", "--width", "256", "--nproc", "1", "--output", str(out / "generate.png")]], 90, needs_cuda=True),
     ]  # fmt: skip

@@ -344,3 +344,23 @@ def test_the_gpu_acceptance_plan_dry_runs_on_cpu(tmp_path):
         names = set(tar.getnames())
     assert {"logs/e2e.log", "logs/demo.log", "e2e.json", "host_overhead.json", "generate.png"} <= names
     assert any(name.startswith("demo/") for name in names)
+
+
+def test_the_gpu_acceptance_plan_fits_25_minutes_and_names_every_stage(tmp_path):
+    from gpu_acceptance import TARGETS, plan
+
+    stages = plan(tmp_path, dry_run=False)
+    assert [s.name for s in stages] == [s.name for s in plan(tmp_path, dry_run=True)]
+    assert sum(s.limit_s for s in stages) <= 25 * 60
+    commands = " ".join(" ".join(c) for s in stages for c in s.commands)
+    for needed in (
+        "-m cuda",
+        "memcheck",
+        "racecheck",
+        "--write-dispatch",
+        "3840",
+        "comm.py",
+        "host_overhead.py",
+    ):
+        assert needed in commands, needed
+    assert set(TARGETS) >= {"efficiency_n8_1024", "halo_conv_vs_cudnn_band", "host_us_per_grouped_op"}
