@@ -560,6 +560,37 @@ Work Communicator::halo_exchange(std::uintptr_t top_send, std::size_t top_send_c
   return finish("halo_exchange on rank " + std::to_string(rank));
 }
 
+Work Communicator::shift(std::uintptr_t send, std::uintptr_t recv, std::size_t count, int distance, int dtype,
+                         std::uintptr_t stream) {
+  check_usable("shift");
+  check_dtype(dtype, "shift");
+  const int rank = core_->rank;
+  const int world = core_->world;
+  if (distance <= 0 || distance >= world) {
+    throw std::invalid_argument("shift: distance " + std::to_string(distance) + " is outside [1, " +
+                                std::to_string(world - 1) + "]");
+  }
+  DeviceGuard guard(core_->device);
+  std::unique_lock<std::timed_mutex> lock;
+  if (!group_) {
+    lock = lock_comm("shift");
+    check_usable("shift");
+    order_after(stream);
+  }
+  const auto type = static_cast<ncclDataType_t>(dtype);
+  auto check = [](ncclResult_t result) {
+    if (result != ncclInProgress) DISTRIPY_NCCL_CHECK(result);
+  };
+  if (count) {
+    NcclGroup group;  // closed on every path: an open group would queue every later NCCL call
+    DISTRIPY_NCCL_CHECK(group.started());
+    check(ncclSend(as_pointer(send), count, type, (rank + distance) % world, core_->comm, core_->stream));
+    check(ncclRecv(as_pointer(recv), count, type, (rank - distance + world) % world, core_->comm, core_->stream));
+    check(group.end());
+  }
+  return finish("shift by " + std::to_string(distance) + " on rank " + std::to_string(rank));
+}
+
 void Communicator::group_start(std::uintptr_t stream) {
   check_usable("group_start");
   if (group_) throw std::logic_error("group_start: a group is already open (groups do not nest)");

@@ -162,6 +162,11 @@ class Communicator {
                      std::size_t bottom_send_count, std::uintptr_t top_recv, std::size_t top_recv_count,
                      std::uintptr_t bottom_recv, std::size_t bottom_recv_count, int dtype, std::uintptr_t stream);
 
+  // The ring shift: send goes to rank (rank + distance) % world, recv receives from rank
+  // (rank - distance) % world; 0 < distance < world, the same on every rank.
+  Work shift(std::uintptr_t send, std::uintptr_t recv, std::size_t count, int distance, int dtype,
+             std::uintptr_t stream);
+
   // Operations between group_start and group_end go out as one NCCL group launch; their Works
   // complete together. Groups do not nest.
   void group_start(std::uintptr_t stream);

@@ -74,6 +74,9 @@ PYBIND11_MODULE(_C, m) {
       .def("halo_exchange", &Communicator::halo_exchange, py::arg("top_send"), py::arg("top_send_count"),
            py::arg("bottom_send"), py::arg("bottom_send_count"), py::arg("top_recv"), py::arg("top_recv_count"),
            py::arg("bottom_recv"), py::arg("bottom_recv_count"), py::arg("dtype"), py::arg("stream"), release)
+      .def("shift", &Communicator::shift, py::arg("send"), py::arg("recv"), py::arg("count"), py::arg("distance"),
+           py::arg("dtype"), py::arg("stream"), release,
+           "send to rank (rank + distance) % world, recv from rank (rank - distance) % world.")
       .def("group_start", &Communicator::group_start, py::arg("stream"), release)
       .def("group_end", &Communicator::group_end, release)
       .def("join", &Communicator::join, py::arg("stream"), release)

@@ -20,10 +20,22 @@ __all__ = [
     "MODES",
 ]
 
-MODES = ("corrected_async_gn", "full_sync", "sync_gn", "stale_gn", "separate_gn", "naive_patch")
+MODES = ("corrected_async_gn", "exact", "full_sync", "sync_gn", "stale_gn", "separate_gn", "naive_patch")
 """
-The modes of displaced patch parallelism, DistriFusion's (arXiv 2402.19481) and its reference
-implementation's names. Every mode but ``naive_patch`` makes the first ``warmup_steps`` steps of a
+The modes of patch parallelism. ``exact`` computes every step as one device does, hiding each
+exchange behind the compute that does not need it: the mode for few-step (distilled) models, whose
+adjacent steps are too unlike for stale activations, and for whenever the image must equal one
+GPU's. Its step, on every rank:
+
+* a convolution issues its halo exchange, computes the output rows that read no halo row from the
+  band alone, waits, then computes the boundary rows (into the same output);
+* self-attention sends its keys and values to every other rank, one ring shift per distance,
+  attends over its own at once and over each other band's as it arrives, merging the partial
+  results by their log-sum-exp (``kernels.attention_merge``);
+* GroupNorm all-reduces the band's statistics and waits (a few hundred bytes; nothing to overlap).
+
+The others are displaced patch parallelism, DistriFusion's (arXiv 2402.19481) modes under its
+reference implementation's names. Every one of them but ``naive_patch`` makes the first ``warmup_steps`` steps of a
 generation synchronous: fresh halos, keys/values and statistics, exact. After the warm-up, with
 ``E(all)`` the whole image's per-(batch, group) ``[E[x], E[x^2]]``, ``E(own)`` this band's, ``t``
 this step and ``t-1`` the previous one:
@@ -32,7 +44,8 @@ this step and ``t-1`` the previous one:
   self-attention keys/values of the other bands from step ``t-1``;
   ``E_t(all) ~ E_{t-1}(all) + (E_t(own) - E_{t-1}(own))``, and where the variance that gives is not
   positive, the band's own fresh variance (the mean is kept);
-* ``full_sync``: every exchange fresh every step: equals the single-device result;
+* ``full_sync``: every exchange fresh every step, waited for where it is issued: equals the
+  single-device result (``exact`` computes the same with the exchanges overlapped);
 * ``sync_gn``: stale halos and keys/values; ``E_t(all)`` exchanged fresh (synchronously);
 * ``stale_gn``: stale halos and keys/values; the other bands' statistics from ``t-1``, this band's
   from ``t``: ``E_t(all) ~ sum over bands b != own of w_b E_{t-1}(b) + w_own E_t(own)`` (``w_b``:

@@ -9,13 +9,21 @@ CUDA live beside their reference and are tested against it (on CPU under ``TRITO
 * ``group_norm_mean_rstd``: those formulas as one op, to mean and rstd (+ Triton kernel);
 * ``group_norm_apply``: normalise + affine (+ SiLU), optionally into a view (+ Triton kernel);
 * ``halo_conv``: a band's convolution from the band and its halo rows held apart, optionally
-  with the GroupNorm (+ SiLU) of its input fused in as a prologue (+ Triton kernel, groups=1);
+  with the GroupNorm (+ SiLU) of its input fused in as a prologue (+ Triton kernel, groups=1),
+  whole or by output-row range (the interior rows before the halos arrive, the boundary rows after);
+* ``attention_merge``: attention over key/value blocks as they arrive, merged by log-sum-exp;
 * ``halo_conv_dispatch``: per shape, which CUDA path of the halo convolution is faster.
 
 Every function takes ``backend``: ``torch`` (the reference), ``triton`` or ``auto`` (on CUDA the
 Triton kernels, the convolution's path chosen per shape; on CPU the references).
 """
 
+from distripy.kernels.attention_merge import (
+    attention_with_lse,
+    attention_with_lse_reference,
+    merge_partial,
+    merge_partials,
+)
 from distripy.kernels.group_norm_apply import group_norm_apply, group_norm_apply_reference
 from distripy.kernels.group_norm_combine import corrected_sums, mean_rstd, stale_sums
 from distripy.kernels.group_norm_mean_rstd import (
@@ -30,10 +38,13 @@ from distripy.kernels.halo_conv import (
     halo_conv2d,
     halo_conv2d_reference,
     halo_rows,
+    interior_rows,
 )
 
 __all__ = [
     "Combine",
+    "attention_with_lse",
+    "attention_with_lse_reference",
     "GroupNormPrologue",
     "band_compatible",
     "corrected_sums",
@@ -47,6 +58,9 @@ __all__ = [
     "halo_conv2d",
     "halo_conv2d_reference",
     "halo_rows",
+    "interior_rows",
     "mean_rstd",
+    "merge_partial",
+    "merge_partials",
     "stale_sums",
 ]

@@ -24,6 +24,11 @@ neighbours' rows *after* the prologue (what they send is their activated boundar
 zero padding is the padding of the activated image, so the result equals the unfused
 ``GroupNorm -> SiLU -> conv`` of the whole image.
 
+Output-row ranges (``rows``, ``interior_rows``): a band's output rows that read no halo row can be
+computed before the halos arrive, and the boundary rows after, into the same output tensor (the
+``exact`` mode's convolution: the halo exchange hides behind the interior rows). The kernel takes
+the range's first row and row count; the references convolve the rows the range reads.
+
 Three ways to compute a band (``backend``): ``torch`` (the reference: prologue, ``torch.cat``,
 convolution), ``triton`` (the fused kernel, autotuned per shape on CUDA), ``cudnn`` (the prologue
 writes straight into the interior rows of a halo-padded buffer, the halo rows are copied in, one
@@ -54,6 +59,7 @@ __all__ = [
     "halo_conv2d_reference",
     "halo_conv2d_triton",
     "halo_rows",
+    "interior_rows",
 ]
 
 BACKENDS = KERNEL_BACKENDS + ("cudnn",)  # cudnn: the halo-padded buffer + cuDNN path
@@ -170,6 +176,72 @@ def _zeros_if_none(halo: Optional[torch.Tensor], x: torch.Tensor, rows: int) -> 
     return x.new_zeros((x.shape[0], x.shape[1], rows, x.shape[3])) if halo is None else halo
 
 
+def interior_rows(height: int, kernel: int, padding: int, stride: int, dilation: int = 1) -> Tuple[int, int]:
+    """Output rows ``[begin, end)`` of a band of ``height`` input rows that read no halo row: what
+    can be computed before the halo arrives. The rows before ``begin`` read the top halo, the rows
+    from ``end`` the bottom halo; for a band thinner than the kernel the range is empty (and
+    ``[0, begin)`` and ``[end, height / stride)`` still cover every output row)."""
+    top, _ = halo_rows(kernel, padding, stride, dilation)
+    extent = dilation * (kernel - 1) + 1
+    out_rows = height // stride
+    begin = min(-(-top // stride), out_rows)
+    end = max(begin, min((height - extent + top) // stride + 1, out_rows))
+    return begin, end
+
+
+def _check_range(x, weight, conv: _BandConv, out, rows) -> Tuple[int, int]:
+    """``rows`` as ``(begin, end)`` (every output row when ``None``), after checking it and ``out``."""
+    out_rows = x.shape[2] // conv.stride[0]
+    if out is not None:
+        out_width = _out_width(x.shape[3], weight.shape[3], conv.pad_w, conv.stride[1], conv.dilation[1])
+        expected = (x.shape[0], weight.shape[0], out_rows, out_width)
+        if tuple(out.shape) != expected or out.dtype != x.dtype or out.device != x.device:
+            raise InputError(
+                f"halo_conv2d: out is {tuple(out.shape)} {out.dtype} on {out.device}; expected {expected} "
+                f"{x.dtype} on {x.device}"
+            )
+    if rows is None:
+        return 0, out_rows
+    begin, end = int(rows[0]), int(rows[1])
+    if not 0 <= begin <= end <= out_rows:
+        raise InputError(f"halo_conv2d: rows={tuple(rows)} is not a range within [0, {out_rows}]")
+    return begin, end
+
+
+def _window_conv(x, top, bottom, weight, bias, conv: _BandConv, groups, begin, end, activate):
+    """The convolution of output rows ``[begin, end)`` from the input rows they read, taken from
+    the top halo, the band (through ``activate``, the prologue or nothing) and the bottom halo, a
+    missing halo reading as zeros; concatenated only when the window spans more than one."""
+    kernel_h, stride_h = weight.shape[2], conv.stride[0]
+    extent = conv.dilation[0] * (kernel_h - 1) + 1
+    height = x.shape[2]
+    low = stride_h * begin - conv.top_rows  # the window's first row, in the band's coordinates
+    high = stride_h * (end - 1) - conv.top_rows + extent  # one past its last
+    pieces = []
+    if low < 0:
+        halo = _zeros_if_none(top, x, conv.top_rows)
+        pieces.append(halo[:, :, conv.top_rows + low : conv.top_rows + min(high, 0)])
+    if min(high, height) > max(low, 0):
+        pieces.append(activate(x[:, :, max(low, 0) : min(high, height)]))
+    if high > height:
+        halo = _zeros_if_none(bottom, x, conv.bottom_rows)
+        pieces.append(halo[:, :, max(low - height, 0) : high - height])
+    window = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+    return F.conv2d(window, weight, bias, conv.stride, (0, conv.pad_w), conv.dilation, groups)
+
+
+def _place(result: torch.Tensor, x, weight, conv: _BandConv, out, begin: int, end: int) -> torch.Tensor:
+    """``result`` (the rows ``[begin, end)``) as the band's output: itself when it is every row and
+    no ``out`` was given, else copied into those rows of ``out`` (a new tensor when ``None``)."""
+    out_rows = x.shape[2] // conv.stride[0]
+    if out is None and (begin, end) == (0, out_rows):
+        return result
+    if out is None:
+        out = _new_output(x, weight.shape[0], out_rows, result.shape[3])
+    out[:, :, begin:end].copy_(result)
+    return out
+
+
 def halo_conv2d_reference(
     x: torch.Tensor,
     top: Optional[torch.Tensor],
@@ -181,20 +253,22 @@ def halo_conv2d_reference(
     dilation=1,
     groups: int = 1,
     prologue: Optional[GroupNormPrologue] = None,
+    out: Optional[torch.Tensor] = None,
+    rows: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
-    """Plain torch: apply the prologue to the band, concatenate ``[top or zeros, band, bottom or
-    zeros]`` along the height and convolve with the height padding removed (it is the halo) and the
-    width padding kept."""
+    """Plain torch: the input rows the output rows read, ``[top or zeros, band, bottom or zeros]``
+    along the height (the prologue applied to the band's), convolved with the height padding
+    removed (it is the halo) and the width padding kept."""
     conv = _band_conv(x, top, bottom, weight, stride, padding, dilation, prologue)
-    if prologue is not None:
-        x = prologue.apply(x)
-    padded = torch.cat(
-        (_zeros_if_none(top, x, conv.top_rows), x, _zeros_if_none(bottom, x, conv.bottom_rows)), dim=2
-    )
-    out = F.conv2d(padded, weight, bias, conv.stride, (0, conv.pad_w), conv.dilation, groups)
-    # With a bottom halo longer than the last output row reads (never for band-compatible
-    # convolutions), trailing rows would be extra; the band's output is its first h / s rows.
-    return out[:, :, : x.shape[2] // conv.stride[0]]
+    begin, end = _check_range(x, weight, conv, out, rows)
+    if begin == end:
+        return _empty_output(x, weight, conv) if out is None else out
+
+    def activate(band_rows: torch.Tensor) -> torch.Tensor:
+        return band_rows if prologue is None else prologue.apply(band_rows)
+
+    result = _window_conv(x, top, bottom, weight, bias, conv, groups, begin, end, activate)
+    return _place(result, x, weight, conv, out, begin, end)
 
 
 @triton.jit
@@ -214,6 +288,7 @@ def _halo_conv2d_kernel(
     width,
     out_channels,
     out_rows,
+    out_row_begin,
     out_width,
     x_sb, x_sc, x_sh, x_sw,
     t_sb, t_sc, t_sh, t_sw,
@@ -246,8 +321,8 @@ def _halo_conv2d_kernel(
 ):  # fmt: skip
     batch = tl.program_id(2)
     pixels = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pixel_mask = pixels < out_rows * out_width
-    out_row = pixels // out_width
+    pixel_mask = pixels < out_rows * out_width  # out_rows: the rows of this launch's range
+    out_row = out_row_begin + pixels // out_width
     out_col = pixels % out_width
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     out_mask = outs < out_channels
@@ -425,23 +500,36 @@ def _packed_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return packed
 
 
-def _conv_launch(x, top, bottom, weight, bias, conv: _BandConv, prologue) -> Tuple[Launch, torch.Tensor]:
-    """The kernel's launch computing the band's convolution, and the output it writes. On CUDA
-    the kernel is the autotuned one (the grid a function of the tile); under the interpreter one
-    small tile."""
-    (stride_h, stride_w), pad_w, (dil_h, dil_w) = conv.stride, conv.pad_w, conv.dilation
-    top_rows, bottom_rows = conv.top_rows, conv.bottom_rows
-    kernel_h, kernel_w = weight.shape[2:]
-    batch, channels, rows, width = x.shape
-    out_rows = rows // stride_h
-    out_width = _out_width(width, kernel_w, pad_w, stride_w, dil_w)
-    out_channels = weight.shape[0]
-    out = torch.empty(
-        (batch, out_channels, out_rows, out_width),
+def _new_output(x: torch.Tensor, out_channels: int, out_rows: int, out_width: int) -> torch.Tensor:
+    return torch.empty(
+        (x.shape[0], out_channels, out_rows, out_width),
         device=x.device,
         dtype=x.dtype,
         memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format,
     )
+
+
+def _empty_output(x: torch.Tensor, weight: torch.Tensor, conv: _BandConv) -> torch.Tensor:
+    """An uninitialised output of the band's convolution."""
+    out_width = _out_width(x.shape[3], weight.shape[3], conv.pad_w, conv.stride[1], conv.dilation[1])
+    return _new_output(x, weight.shape[0], x.shape[2] // conv.stride[0], out_width)
+
+
+def _conv_launch(
+    x, top, bottom, weight, bias, conv: _BandConv, prologue, out=None, rows=None
+) -> Tuple[Launch, torch.Tensor]:
+    """The kernel's launch computing the band's output rows ``rows`` (``[begin, end)``; all when
+    ``None``) into ``out`` (a new tensor when ``None``), and that output. On CUDA the kernel is the
+    autotuned one (the grid a function of the tile); under the interpreter one small tile."""
+    (stride_h, stride_w), pad_w, (dil_h, dil_w) = conv.stride, conv.pad_w, conv.dilation
+    top_rows, bottom_rows = conv.top_rows, conv.bottom_rows
+    kernel_h, kernel_w = weight.shape[2:]
+    batch, channels, height, width = x.shape
+    out_width = _out_width(width, kernel_w, pad_w, stride_w, dil_w)
+    out_channels = weight.shape[0]
+    if out is None:
+        out = _new_output(x, out_channels, height // stride_h, out_width)
+    row_begin, row_end = (0, height // stride_h) if rows is None else rows
     has_top = top is not None and top_rows > 0
     has_bottom = bottom is not None and bottom_rows > 0
     top_arg = top if has_top else x
@@ -459,7 +547,7 @@ def _conv_launch(x, top, bottom, weight, bias, conv: _BandConv, prologue) -> Tup
         mean if mean is not None else x, rstd if rstd is not None else x,
         norm_w if norm_w is not None else x, norm_b if norm_b is not None else x,
         out,
-        channels, rows, width, out_channels, out_rows, out_width,
+        channels, height, width, out_channels, row_end - row_begin, row_begin, out_width,
         *x.stride(), *top_arg.stride(), *bottom_arg.stride(), *weight.stride(), *out.stride(),
         top_rows, bottom_rows, stride_h, stride_w, pad_w, dil_h, dil_w,
         norm_groups, channels // norm_groups,
@@ -477,7 +565,7 @@ def _conv_launch(x, top, bottom, weight, bias, conv: _BandConv, prologue) -> Tup
         PRECISION="tf32" if tf32 else "ieee",
         INDEX_64=needs_64_bit_offsets(x, top_arg, bottom_arg, weight, out),
     )
-    pixels = out_rows * out_width
+    pixels = (row_end - row_begin) * out_width
     if _interpreted(x):
         tile = _INTERPRETER_TILE
         grid = (triton.cdiv(pixels, tile["BLOCK_M"]), triton.cdiv(out_channels, tile["BLOCK_N"]), batch)
@@ -500,15 +588,20 @@ def halo_conv2d_triton(
     dilation=1,
     groups: int = 1,
     prologue: Optional[GroupNormPrologue] = None,
+    out: Optional[torch.Tensor] = None,
+    rows: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
-    """The Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``); ``groups`` must be 1. The
+    """The Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``); ``groups`` must be 1. A new
     output has ``x``'s memory format (channels-last in, channels-last out). fp32 inputs multiply in
-    TF32 when ``torch.backends.cudnn.allow_tf32`` is set (torch's default for cuDNN convolutions)."""
+    TF32 when ``torch.backends.cudnn.allow_tf32`` is set (torch's default for cuDNN convolutions).
+    ``out`` / ``rows``: as ``halo_conv2d``'s; the kernel writes the range's rows in place."""
     if groups != 1:
         raise InputError(f"halo_conv2d_triton: groups={groups}; the kernel handles groups=1 only")
     conv = _band_conv(x, top, bottom, weight, stride, padding, dilation, prologue)
-    launch, out = _conv_launch(x, top, bottom, weight, bias, conv, prologue)
-    launch.run()
+    rows = _check_range(x, weight, conv, out, rows)
+    launch, out = _conv_launch(x, top, bottom, weight, bias, conv, prologue, out, rows)
+    if rows[1] > rows[0]:
+        launch.run()
     return out
 
 
@@ -523,34 +616,57 @@ def halo_conv2d_cudnn(
     dilation=1,
     groups: int = 1,
     prologue: Optional[GroupNormPrologue] = None,
+    out: Optional[torch.Tensor] = None,
+    rows: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
-    """One halo-padded buffer in ``x``'s memory format: the prologue (the Triton GroupNorm apply
-    kernel on CUDA) writes the band straight into its interior rows, the halo rows (or zeros) are
-    copied into its first and last rows, then one ``F.conv2d`` (cuDNN on CUDA) without height
-    padding. Without a prologue this is ``torch.cat`` + cuDNN."""
+    """``F.conv2d`` (cuDNN on CUDA), the prologue by the Triton GroupNorm apply kernel on CUDA.
+
+    Every row: one halo-padded buffer in ``x``'s memory format; the prologue writes the band
+    straight into its interior rows, the halo rows (or zeros) are copied into its first and last
+    rows, then one convolution without height padding (without a prologue: ``torch.cat`` + cuDNN).
+    The interior rows (``interior_rows``) into a new output: one convolution of the band with the
+    layer's own zero padding, no halo and no copy; the other rows of that output read zeros in
+    place of the halos (they are the boundary rows, computed next). Any other range: the rows it
+    reads, convolved, copied into ``out``."""
     conv = _band_conv(x, top, bottom, weight, stride, padding, dilation, prologue)
-    batch, channels, rows, width = x.shape
-    top_rows, bottom_rows = conv.top_rows, conv.bottom_rows
-    padded = torch.empty(
-        (batch, channels, top_rows + rows + bottom_rows, width),
-        device=x.device,
-        dtype=x.dtype,
-        memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format,
+    begin, end = _check_range(x, weight, conv, out, rows)
+    height = x.shape[2]
+    out_rows = height // conv.stride[0]
+    prologue_backend = "triton" if x.is_cuda else "torch"
+
+    def activate(band_rows: torch.Tensor, into: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if prologue is None:
+            return band_rows if into is None else into.copy_(band_rows)
+        return prologue.apply(band_rows, out=into, backend=prologue_backend)
+
+    if begin == end:
+        return _empty_output(x, weight, conv) if out is None else out
+    if (begin, end) == (0, out_rows):
+        top_rows, bottom_rows = conv.top_rows, conv.bottom_rows
+        padded = torch.empty(
+            (x.shape[0], x.shape[1], top_rows + height + bottom_rows, x.shape[3]),
+            device=x.device,
+            dtype=x.dtype,
+            memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format,
+        )
+        activate(x, padded[:, :, top_rows : top_rows + height])
+        for halo, view in ((top, padded[:, :, :top_rows]), (bottom, padded[:, :, top_rows + height :])):
+            if view.shape[2] == 0:
+                continue
+            if halo is None:
+                view.zero_()
+            else:
+                view.copy_(halo)
+        result = F.conv2d(padded, weight, bias, conv.stride, (0, conv.pad_w), conv.dilation, groups)
+        return _place(result[:, :, :out_rows], x, weight, conv, out, begin, end)
+    inner_begin, inner_end = interior_rows(
+        height, weight.shape[2], conv.top_rows, conv.stride[0], conv.dilation[0]
     )
-    interior = padded[:, :, top_rows : top_rows + rows]
-    if prologue is None:
-        interior.copy_(x)
-    else:
-        prologue.apply(x, out=interior, backend="triton" if x.is_cuda else "torch")
-    for halo, view in ((top, padded[:, :, :top_rows]), (bottom, padded[:, :, top_rows + rows :])):
-        if view.shape[2] == 0:
-            continue
-        if halo is None:
-            view.zero_()
-        else:
-            view.copy_(halo)
-    out = F.conv2d(padded, weight, bias, conv.stride, (0, conv.pad_w), conv.dilation, groups)
-    return out[:, :, : rows // conv.stride[0]]
+    if out is None and inner_begin <= begin and end <= inner_end:
+        padding_hw = (conv.top_rows, conv.pad_w)
+        return F.conv2d(activate(x), weight, bias, conv.stride, padding_hw, conv.dilation, groups)
+    result = _window_conv(x, top, bottom, weight, bias, conv, groups, begin, end, activate)
+    return _place(result, x, weight, conv, out, begin, end)
 
 
 def _prologue_args(prologue: Optional[GroupNormPrologue]):
@@ -597,6 +713,33 @@ def _(x, top, bottom, weight, bias, stride, padding, dilation, *prologue):
     )
 
 
+@torch.library.custom_op("distripy::halo_conv2d_rows_", mutates_args=("out",))
+def _halo_conv2d_rows_op(
+    x: torch.Tensor,
+    top: Optional[torch.Tensor],
+    bottom: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    norm_mean: Optional[torch.Tensor],
+    norm_rstd: Optional[torch.Tensor],
+    norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
+    num_groups: int,
+    silu: bool,
+    out: torch.Tensor,
+    row_begin: int,
+    row_end: int,
+) -> None:
+    """The Triton kernel writing the output rows ``[row_begin, row_end)`` into ``out`` in place."""
+    prologue = _prologue_from_args(norm_mean, norm_rstd, norm_weight, norm_bias, num_groups, silu)
+    halo_conv2d_triton(
+        x, top, bottom, weight, bias, stride, padding, dilation, 1, prologue, out, (row_begin, row_end)
+    )
+
+
 def halo_conv2d(
     x: torch.Tensor,
     top: Optional[torch.Tensor],
@@ -609,14 +752,23 @@ def halo_conv2d(
     groups: int = 1,
     prologue: Optional[GroupNormPrologue] = None,
     backend: str = "torch",
+    out: Optional[torch.Tensor] = None,
+    rows: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
     """A band's convolution output from the band ``x`` (B, C, h, W) and its halos: ``top``
     (B, C, top_rows, W) from the band above, ``bottom`` (B, C, bottom_rows, W) from the band below,
     ``None`` at the image's edge (zero padding). See ``halo_rows`` for the row counts. With a
     ``prologue`` the band is first normalised (+ SiLU); the halos must already be.
-    ``backend``: ``torch`` (the reference), ``triton`` (the op ``distripy::halo_conv2d``; grouped
-    convolutions take the ``cudnn`` path), ``cudnn`` (halo-padded buffer + ``F.conv2d``) or ``auto``
-    (``torch`` on CPU; on CUDA the path ``kernels.halo_conv_dispatch`` picks for the shape)."""
+
+    ``rows``: compute only the output rows ``[begin, end)`` (every row when ``None``), written into
+    ``out`` (the band's whole output tensor, its other rows untouched) or into a new output whose
+    other rows are unspecified. A range that reads no halo (``interior_rows``) can be computed
+    before the halos arrive (pass ``None`` for them), the boundary rows into the same ``out`` after.
+
+    ``backend``: ``torch`` (the reference), ``triton`` (the ops ``distripy::halo_conv2d`` and
+    ``distripy::halo_conv2d_rows_``; grouped convolutions take the ``cudnn`` path), ``cudnn``
+    (``F.conv2d``, see ``halo_conv2d_cudnn``) or ``auto`` (``torch`` on CPU; on CUDA the path
+    ``kernels.halo_conv_dispatch`` picks for the shape)."""
     if x.dim() != 4:
         raise InputError(f"halo_conv2d: x must be (B, C, h, W), got shape {tuple(x.shape)}")
     if backend not in BACKENDS:
@@ -625,18 +777,20 @@ def halo_conv2d(
         from distripy.kernels.halo_conv_dispatch import choose_halo_conv_path
 
         backend = choose_halo_conv_path(x, weight, stride, groups) if x.is_cuda else "torch"
+    arguments = (x, top, bottom, weight, bias, stride, padding, dilation, groups, prologue)
     if backend == "triton" and groups == 1:
-        return torch.ops.distripy.halo_conv2d(
-            x,
-            top,
-            bottom,
-            weight,
-            bias,
-            list(_pair(stride)),
-            list(_pair(padding)),
-            list(_pair(dilation)),
-            *_prologue_args(prologue),
+        ints = (list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)))
+        if out is None and rows is None:
+            return torch.ops.distripy.halo_conv2d(
+                x, top, bottom, weight, bias, *ints, *_prologue_args(prologue)
+            )
+        conv = _band_conv(x, top, bottom, weight, stride, padding, dilation, prologue)
+        begin, end = _check_range(x, weight, conv, out, rows)
+        out = _empty_output(x, weight, conv) if out is None else out
+        torch.ops.distripy.halo_conv2d_rows_(
+            x, top, bottom, weight, bias, *ints, *_prologue_args(prologue), out, begin, end
         )
+        return out
     if backend in ("triton", "cudnn"):
-        return halo_conv2d_cudnn(x, top, bottom, weight, bias, stride, padding, dilation, groups, prologue)
-    return halo_conv2d_reference(x, top, bottom, weight, bias, stride, padding, dilation, groups, prologue)
+        return halo_conv2d_cudnn(*arguments, out=out, rows=rows)
+    return halo_conv2d_reference(*arguments, out=out, rows=rows)

@@ -6,7 +6,12 @@ fused into them later still applies. Both mirror diffusers' ``AttnProcessor2_0``
 * ``PatchSelfAttnProcessor``: self-attention of one band over the whole image's keys and values.
   Queries are the band's own tokens. Keys and values cover every token of the image: this band's
   fresh ones and the other bands' from an all-gather, waited for in a synchronous step, or from
-  the previous step in a stale one (while this step's are gathered for the next).
+  the previous step in a stale one (while this step's are gathered for the next). In an
+  overlapped step (``exact``) the band's keys and values go to every other rank by ring shifts
+  (distance 1, 2, ...: one other band's block each), issued first; the band attends over its own
+  block at once and over each other band's as it arrives, and the partial results merge by their
+  log-sum-exp (``kernels.attention_merge``): the whole-image attention, with the transfers hidden
+  behind the blocks already received.
 * ``PatchCrossAttnProcessor``: cross-attention, local to the band. Its keys and values depend on
   the prompt embeddings only, which do not change during a generation: they are computed once per
   generation and reused while the embeddings are the same tensor, unmodified (same storage, shape,
@@ -20,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from distripy.errors import InputError
+from distripy.kernels import attention_with_lse, merge_partial
 from distripy.parallel.context import ActivationExchange, PatchContext, PatchState
 
 __all__ = ["PatchCrossAttnProcessor", "PatchSelfAttnProcessor"]
@@ -97,9 +103,33 @@ class PatchSelfAttnProcessor(PatchState):
             key = attn.to_k(tokens.hidden)
             value = attn.to_v(tokens.hidden)
         mask = tokens.mask(attention_mask, key.shape[1])  # only unpatched: patched refuses masks
+        if patched and ctx.activation_exchange is ActivationExchange.OVERLAPPED:
+            return tokens.finish(self._blockwise(attn, query, key, value))
         if patched:
             key, value = self._image_keys_values(key, value)
         return tokens.finish(_attend(attn, query, key, value, mask))
+
+    def _blockwise(self, attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """The overlapped step's attention (module docstring): one shift per other band, issued
+        before any block is computed; block ``d`` (band ``index - d``'s) merged once it is in."""
+        ctx = self.patch_context
+        backend = ctx.kernel_backend
+        inner = key.shape[-1]
+        block = torch.cat((key, value), dim=-1)  # one transfer per band for both
+        received = [ctx.new_buffer(self, f"block{d}", block.shape, block) for d in range(1, ctx.band_count)]
+        works = [ctx.comm.shift(block, buffer, d) for d, buffer in enumerate(received, 1)]
+        heads = _Heads(attn, query.shape[0], inner)
+        q = heads.query(query)
+        out, lse = attention_with_lse(q, heads.key(key), heads.value(value), backend=backend)
+        out = out.float()  # merged in fp32, rounded once
+        for work, buffer in zip(works, received):
+            work.wait()
+            block_key, block_value = buffer.split(inner, dim=-1)
+            block_out, block_lse = attention_with_lse(
+                q, heads.key(block_key), heads.value(block_value), backend=backend
+            )
+            out, lse = merge_partial(out, lse, block_out, block_lse)
+        return heads.project_out(out.to(query.dtype))
 
 
 class PatchCrossAttnProcessor:
@@ -204,25 +234,50 @@ class _Tokens:
         return hidden_states / attn.rescale_output_factor
 
 
+class _Heads:
+    """``(B, L, inner)`` projections as ``(B, heads, L, d)`` (the attention's query/key norms
+    applied), and the way back through the output projection, as ``AttnProcessor2_0``."""
+
+    def __init__(self, attn, batch: int, inner: int) -> None:
+        self.attn = attn
+        self.batch = batch
+        self.head_dim = inner // attn.heads
+
+    def _split(self, projection: torch.Tensor) -> torch.Tensor:
+        return projection.reshape(self.batch, -1, self.attn.heads, self.head_dim).transpose(1, 2)
+
+    def query(self, query: torch.Tensor) -> torch.Tensor:
+        query = self._split(query)
+        return query if self.attn.norm_q is None else self.attn.norm_q(query)
+
+    def key(self, key: torch.Tensor) -> torch.Tensor:
+        key = self._split(key)
+        return key if self.attn.norm_k is None else self.attn.norm_k(key)
+
+    def value(self, value: torch.Tensor) -> torch.Tensor:
+        return self._split(value)
+
+    def project_out(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``(B, heads, L, d)`` -> ``(B, L, inner)`` -> the output projection (and its dropout)."""
+        attn = self.attn
+        hidden_states = hidden_states.transpose(1, 2).reshape(self.batch, -1, attn.heads * self.head_dim)
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
+
+
 def _attend(attn, query, key, value, attention_mask) -> torch.Tensor:
     """Multi-head scaled-dot-product attention of ``(B, L, inner)`` projections, then the output
     projection (and its dropout)."""
-    batch_size = query.shape[0]
-    head_dim = key.shape[-1] // attn.heads
-    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    heads = _Heads(attn, query.shape[0], key.shape[-1])
     hidden_states = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        heads.query(query),
+        heads.key(key),
+        heads.value(value),
+        attn_mask=attention_mask,
+        dropout_p=0.0,
+        is_causal=False,
     )
-    hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-    hidden_states = hidden_states.to(query.dtype)
-    hidden_states = attn.to_out[0](hidden_states)
-    return attn.to_out[1](hidden_states)
+    return heads.project_out(hidden_states.to(query.dtype))
 
 
 def _bands_to_sequence(gathered: torch.Tensor) -> torch.Tensor:

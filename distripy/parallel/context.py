@@ -42,6 +42,7 @@ class ActivationExchange(str, enum.Enum):
 
     NONE = "none"  # naive_patch: every band alone
     SYNC = "sync"  # fresh, exchanged and waited for in this step
+    OVERLAPPED = "overlapped"  # exact: fresh, issued first, waited for by the compute that needs it
     STALE = "stale"  # the previous step's; this step's leave for the next
 
 
@@ -193,7 +194,9 @@ class PatchContext:
         self.active = True
         # Read by every module: a stored bool, not a comparison with the step number, so that
         # torch.compile specialises a step on sync vs async only (not on each step's number).
-        self._synchronous = self.config.mode == "full_sync" or self.step < max(1, self.config.warmup_steps)
+        self._synchronous = self.config.mode in ("full_sync", "exact") or self.step < max(
+            1, self.config.warmup_steps
+        )
 
     def end_step(self, issue_pending: bool) -> None:
         """Close the step: send the transfers still queued (or drop them after an error)."""
@@ -264,14 +267,16 @@ class PatchContext:
 
     @property
     def synchronous_step(self) -> bool:
-        """Fresh exchanges this step: ``full_sync``, or a warm-up step (the first step always is:
-        there is nothing stale to use yet)."""
+        """Fresh exchanges this step: ``full_sync``, ``exact``, or a warm-up step (the first step
+        always is: there is nothing stale to use yet)."""
         return self._synchronous
 
     @property
     def activation_exchange(self) -> ActivationExchange:
         if self.config.mode == "naive_patch":
             return ActivationExchange.NONE
+        if self.config.mode == "exact":
+            return ActivationExchange.OVERLAPPED
         return ActivationExchange.SYNC if self.synchronous_step else ActivationExchange.STALE
 
     @property

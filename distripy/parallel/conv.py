@@ -1,7 +1,9 @@
 """``PatchConv2d``: a convolution (kernel > 1) over one band, with its neighbours' halo rows.
 
 Synchronous step: the band's boundary rows are exchanged with the neighbours and waited for; the
-output equals the full image's convolution on this band. Stale step: the halos received during
+output equals the full image's convolution on this band. Overlapped step (``exact``): the same
+exchange is issued first; the output rows that read no halo row are computed while it is in
+flight, then, once it has arrived, the boundary rows, into the same output tensor. Stale step: the halos received during
 the previous step are used, and this step's boundary rows are sent for the next step. At the
 image's top and bottom the halo is the convolution's zero padding; in ``naive_patch`` every band
 edge is. A convolution whose input is the band of a tensor every rank holds whole (the model's
@@ -21,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from distripy.errors import BandGeometryError, UnsupportedModuleError
-from distripy.kernels import GroupNormPrologue, halo_conv2d, halo_rows
+from distripy.kernels import GroupNormPrologue, halo_conv2d, halo_rows, interior_rows
 from distripy.parallel.adopt import adopt
 from distripy.parallel.context import ActivationExchange, PatchContext, PatchState
 
@@ -104,6 +106,10 @@ class PatchConv2d(nn.Conv2d, PatchState):
         exchange = ctx.activation_exchange
         top = bottom = None
         whole = None
+        if exchange is ActivationExchange.OVERLAPPED and (
+            prologue is not None or ctx.whole_input_of(x) is None
+        ):
+            return self._overlapped(x, prologue)
         if prologue is None and exchange is not ActivationExchange.NONE:
             whole = ctx.whole_input_of(x)
         if whole is not None:
@@ -124,6 +130,10 @@ class PatchConv2d(nn.Conv2d, PatchState):
             ctx.defer(issue)
         elif exchange is not ActivationExchange.NONE:  # NONE: every band edge is zero padding
             raise AssertionError(f"unhandled activation exchange {exchange!r}")
+        return self._conv(x, top, bottom, prologue)
+
+    def _conv(self, x, top, bottom, prologue, out=None, rows=None) -> torch.Tensor:
+        """The band's convolution (output rows ``rows`` into ``out``, see ``kernels.halo_conv2d``)."""
         return halo_conv2d(
             x,
             top,
@@ -135,5 +145,24 @@ class PatchConv2d(nn.Conv2d, PatchState):
             self.dilation,
             self.groups,
             prologue=prologue,
-            backend=ctx.kernel_backend,
+            backend=self.patch_context.kernel_backend,
+            out=out,
+            rows=rows,
         )
+
+    def _overlapped(self, x: torch.Tensor, prologue: Optional[GroupNormPrologue]) -> torch.Tensor:
+        """Interior first: issue the exchange, compute the rows that need no halo, wait, compute
+        the boundary rows into the same output."""
+        ctx = self.patch_context
+        buffers = self._halo_buffers(x, prologue)
+        work = ctx.comm.halo_exchange(*buffers)
+        begin, end = interior_rows(
+            x.shape[2], self.kernel_size[0], self.padding[0], self.stride[0], self.dilation[0]
+        )
+        out = self._conv(x, None, None, prologue, rows=(begin, end))
+        work.wait()
+        top, bottom = buffers[2], buffers[3]
+        # A band thinner than the kernel has no interior: its rows may read both halos.
+        self._conv(x, top, bottom, prologue, out=out, rows=(0, begin))
+        self._conv(x, top, bottom, prologue, out=out, rows=(end, out.shape[2]))
+        return out

@@ -10,6 +10,11 @@ bands, in band order). Every operation is asynchronous and returns a ``Work``:
   above (``rank - 1``), which receives it into its ``bottom_recv``; ``bottom_send`` goes to the rank
   below, into its ``top_recv``. The first rank passes ``None`` for both ``top_*``, the last rank for
   both ``bottom_*``; a rank may also pass ``None`` for a side with nothing to send (zero rows);
+* ``shift(send, recv, distance)``: the ring shift: ``send`` goes to rank ``(rank + distance) %
+  world_size``, and ``recv`` receives the send of rank ``(rank - distance) % world_size``; every
+  rank calls it with the same ``distance`` (``0 < distance < world_size``) and the same shapes.
+  ``world_size - 1`` shifts, issued one after the other and each waited for on its own, bring a
+  rank every other rank's block in turn (the ``exact`` mode's self-attention);
 * ``group()``: a scope; the operations called inside it are issued together when it closes (one
   NCCL group launch in the C++ runtime), each straight between its own buffers;
 * ``all_gather_object(obj)``: a host-side exchange of small picklable objects (the input checks
@@ -46,6 +51,7 @@ __all__ = [
     "check_all_reduce",
     "check_halo_exchange",
     "check_partition",
+    "check_shift",
 ]
 
 
@@ -70,6 +76,8 @@ class Comm(Protocol):
     def all_reduce(self, buf) -> Work: ...
 
     def halo_exchange(self, top_send, bottom_send, top_recv, bottom_recv) -> Work: ...
+
+    def shift(self, send, recv, distance: int) -> Work: ...
 
     def group(self) -> ContextManager[None]: ...
 
@@ -145,6 +153,17 @@ def check_halo_exchange(rank: int, world_size: int, top_send, bottom_send, top_r
             ("bottom_recv", bottom_recv),
         ),
     )
+
+
+def check_shift(send, recv, distance, world_size: int) -> None:
+    """Validate a ring shift: a distance to another rank, buffers of one shape and kind."""
+    if isinstance(distance, bool) or not isinstance(distance, int) or not 0 < distance < world_size:
+        raise InputError(f"shift: distance={distance!r} must be an integer in [1, {world_size - 1}]")
+    if tuple(send.shape) != tuple(recv.shape):
+        raise InputError(
+            f"shift: send is {tuple(send.shape)} but recv is {tuple(recv.shape)}; they must agree"
+        )
+    _check_same_kind("shift", (("send", send), ("recv", recv)))
 
 
 def check_partition(groups: Sequence[Sequence[int]], world_size: int) -> None:

@@ -9,7 +9,8 @@ complete at once, on the caller's stream, as if every other rank held a copy of 
 * ``all_reduce``: ``buf`` times ``world_size`` (the sum over identical ranks);
 * ``halo_exchange``: the rank above holds this band too, so its last rows (this rank's
   ``bottom_send``) arrive in ``top_recv``, and the rank below's first rows (``top_send``) in
-  ``bottom_recv``; a first or last rank, which has no copy of that side to send, receives zeros.
+  ``bottom_recv``; a first or last rank, which has no copy of that side to send, receives zeros;
+* ``shift``: ``recv`` receives ``send``.
 
 The copies are local memory traffic, as a real transfer's receive would be, and are legal inside
 CUDA-graph capture. A ``TrafficLog`` passed as ``log`` records every transfer (operation, shapes,
@@ -22,14 +23,15 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 from distripy.config import DEFAULT_TIMEOUT_S
 from distripy.errors import ConfigError, InputError
-from distripy.runtime.comm import check_all_gather, check_all_reduce, check_halo_exchange
+from distripy.runtime.comm import check_all_gather, check_all_reduce, check_halo_exchange, check_shift
 
 __all__ = ["LoopbackComm", "LoopbackWork", "TrafficLog", "Transfer"]
 
 
 @dataclass
 class Transfer:
-    """One transfer a rank issued. ``op``: ``all_gather``, ``all_reduce`` or ``halo_exchange``;
+    """One transfer a rank issued. ``op``: ``all_gather``, ``all_reduce``, ``halo_exchange`` or
+    ``shift``;
     ``sent`` / ``received``: bytes this rank puts on / takes off the link (an all-reduce is counted
     as its payload both ways; the algorithm's factor is the fabric model's business);
     ``issued_at`` / ``waited_at``: the log's clock when it was issued and first waited for
@@ -175,6 +177,11 @@ class LoopbackComm:
             _nbytes(top_send) + _nbytes(bottom_send),
             _nbytes(top_recv) + _nbytes(bottom_recv),
         )
+
+    def shift(self, send, recv, distance: int) -> LoopbackWork:
+        check_shift(send, recv, distance, self.world_size)
+        recv.copy_(send)
+        return self._record("shift", send.shape, send.dtype, _nbytes(send), _nbytes(recv))
 
     @contextlib.contextmanager
     def group(self) -> Iterator[None]:

@@ -22,7 +22,13 @@ import torch.distributed as dist
 
 from distripy.config import DEFAULT_TIMEOUT_S
 from distripy.errors import CommError, CommTimeoutError, InputError, InputTypeError, StepError
-from distripy.runtime.comm import CompletedWork, check_all_gather, check_all_reduce, check_halo_exchange
+from distripy.runtime.comm import (
+    CompletedWork,
+    check_all_gather,
+    check_all_reduce,
+    check_halo_exchange,
+    check_shift,
+)
 from distripy.runtime.health import CommHealth
 from distripy.runtime.loader import native
 from distripy.runtime.torch_comm import all_gather_object_within, new_process_subgroup
@@ -291,6 +297,21 @@ class NcclComm:
             self._stream(),
         )
         return self._issued(work, *present)
+
+    def shift(self, send, recv, distance: int) -> NcclWork:
+        t = self._tensors(send=send, recv=recv)
+        check_shift(t["send"], t["recv"], distance, self.world_size)
+        if t["send"].numel() == 0:
+            return CompletedWork()
+        work = self._native.shift(
+            t["send"].data_ptr(),
+            t["recv"].data_ptr(),
+            t["send"].numel(),
+            distance,
+            nccl_dtype(t["send"].dtype),
+            self._stream(),
+        )
+        return self._issued(work, t["send"], t["recv"])
 
     @contextlib.contextmanager
     def group(self) -> Iterator[None]:

@@ -21,6 +21,7 @@ from distripy.runtime.comm import (
     check_all_reduce,
     check_halo_exchange,
     check_partition,
+    check_shift,
 )
 from distripy.runtime.health import CommHealth
 
@@ -220,6 +221,24 @@ class TorchComm:
             f"halo_exchange on rank {self.rank} of {self.world_size}",
             lambda: dist.batch_isend_irecv(ops),
             on_cuda,
+        )
+
+    def shift(self, send: torch.Tensor, recv: torch.Tensor, distance: int):
+        check_shift(send, recv, distance, self.world_size)
+        tag = self._tag
+        self._tag = (self._tag + 1) % _TAG_SPACE
+        if send.numel() == 0:
+            return CompletedWork()
+        to = self._global_ranks[(self.rank + distance) % self.world_size]
+        source = self._global_ranks[(self.rank - distance) % self.world_size]
+        ops = [
+            dist.P2POp(dist.isend, send, to, self.process_group, tag),
+            dist.P2POp(dist.irecv, recv, source, self.process_group, tag),
+        ]
+        return self._issue(
+            f"shift by {distance} on rank {self.rank} of {self.world_size}",
+            lambda: dist.batch_isend_irecv(ops),
+            send.is_cuda,
         )
 
     def all_gather_object(self, obj):
