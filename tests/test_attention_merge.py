@@ -17,15 +17,16 @@ def _whole(q, k, v):
 
 @pytest.mark.parametrize("lengths", [[7, 5, 9], [1, 1, 1, 1], [13], [3, 1, 6, 2, 11]])
 @pytest.mark.parametrize("order", ["arrival", "reversed"])
-def test_blocks_merged_equal_whole_sequence_attention(lengths, order):
-    generator = torch.Generator().manual_seed(sum(lengths) * 31 + len(order))
+@pytest.mark.parametrize("backend", ["torch", "auto"])  # auto on CPU: torch's flash attention for CPU
+def test_blocks_merged_equal_whole_sequence_attention(lengths, order, backend):
+    generator = torch.Generator().manual_seed(sum(lengths) * 31 + len(order) + len(backend))
     q = torch.randn(2, 3, 5, 8, generator=generator)
     k = torch.randn(2, 3, sum(lengths), 8, generator=generator) * 2
     v = torch.randn(2, 3, sum(lengths), 8, generator=generator)
     blocks = list(zip(k.split(lengths, dim=2), v.split(lengths, dim=2)))
     if order == "reversed":
         blocks = blocks[::-1]
-    out, lse = merge_partials([attention_with_lse(q, kb, vb) for kb, vb in blocks])
+    out, lse = merge_partials([attention_with_lse(q, kb, vb, backend=backend) for kb, vb in blocks])
     expected_out, expected_lse = _whole(q, k, v)
     torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lse.double(), expected_lse, rtol=1e-5, atol=1e-5)
@@ -51,3 +52,45 @@ def test_shapes_are_checked():
         merge_partial(q, q[..., 0], q[:, :, :2], q[:, :, :2, 0])
     with pytest.raises(InputError, match="no blocks"):
         merge_partials([])
+
+
+def test_float64_blocks_are_computed_in_float64():
+    generator = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 2, 6, 4, generator=generator, dtype=torch.float64) for _ in range(3))
+    out, lse = merge_partials(
+        [attention_with_lse(q, k[:, :, :2], v[:, :, :2]), attention_with_lse(q, k[:, :, 2:], v[:, :, 2:])]
+    )
+    expected_out, expected_lse = _whole(q, k, v)
+    assert out.dtype == torch.float64 and lse.dtype == torch.float64
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+
+
+def test_an_unknown_backend_is_refused():
+    q = torch.randn(1, 1, 2, 4)
+    with pytest.raises(InputError, match="backend='cudnn'"):
+        attention_with_lse(q, q, q, backend="cudnn")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 40])  # 40: flash attention's multiple of 8, not of 16
+def test_fused_cuda_blocks_merged_equal_whole_sequence_attention(dtype, head_dim):
+    """Flash attention (16-bit) or memory-efficient attention (fp32) with their log-sum-exps, a
+    query count that is not a multiple of 32 (the efficient kernel pads its log-sum-exp)."""
+    generator = torch.Generator().manual_seed(head_dim)
+    lengths = [100, 37, 1, 64]
+    q = torch.randn(2, 5, 77, head_dim, generator=generator).cuda().to(dtype)
+    k = (torch.randn(2, 5, sum(lengths), head_dim, generator=generator) * 2).cuda().to(dtype)
+    v = torch.randn(2, 5, sum(lengths), head_dim, generator=generator).cuda().to(dtype)
+    out = lse = None
+    for kb, vb in zip(k.split(lengths, dim=2), v.split(lengths, dim=2)):
+        block_out, block_lse = attention_with_lse(q, kb, vb, backend="auto")
+        assert block_lse.shape == (2, 5, 77)
+        if out is None:
+            out, lse = block_out.float(), block_lse
+        else:
+            out, lse = merge_partial(out, lse, block_out, block_lse)
+    expected_out, expected_lse = _whole(q, k, v)
+    tolerance = 2e-2 if dtype != torch.float32 else 1e-4
+    torch.testing.assert_close(out.double().cpu(), expected_out.cpu(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(lse.double().cpu(), expected_lse.cpu(), rtol=tolerance, atol=tolerance)

@@ -72,6 +72,14 @@ def _ops_body(rank, world_size, kind):
             bottom_recv.cpu(), _rank_data(rank + 1, (1, 3, 6, 4), seed=3)[:, :, :1], rtol=0, atol=0
         )
     assert work.done()
+    # ring shifts, every distance issued before any is waited for: block d comes from rank - d
+    block = _rank_data(rank, (2, 5, 3), seed=4, device=device)
+    received = [torch.full((2, 5, 3), float("nan"), device=device) for _ in range(1, world_size)]
+    works = [comm.shift(block, recv, d) for d, recv in enumerate(received, 1)]
+    for distance, (shift_work, recv) in enumerate(zip(works, received), 1):
+        shift_work.synchronize(30)
+        source = (rank - distance) % world_size
+        torch.testing.assert_close(recv.cpu(), _rank_data(source, (2, 5, 3), seed=4), rtol=0, atol=0)
     return True
 
 
@@ -179,8 +187,10 @@ def _validation_body(rank, world_size, kind):
         lambda: comm.all_gather(zeros(2, 3), zeros(world_size, 3, 2)),
         lambda: comm.all_gather(zeros(2, 3), zeros(world_size, 2, 3, dtype=torch.float64)),
         lambda: comm.all_gather(zeros(4, 3)[:, :2], zeros(world_size, 4, 2)),
+        lambda: comm.shift(zeros(2), zeros(2), world_size),
+        lambda: comm.shift(zeros(2), zeros(3), 1),
     ]
-    if rank == 0:  # nothing above the first rank
+    if rank == 0:  # nothing above the first rank (after the shared cases)
         cases.append(lambda: comm.halo_exchange(zeros(1), None, zeros(1), None))
     else:  # nothing below the last
         cases.append(lambda: comm.halo_exchange(None, None, None, zeros(1)))
@@ -200,8 +210,10 @@ def test_invalid_arguments_raise_before_anything_is_issued(run_ranks, kind):
         assert "recv has shape (2, 3, 2), expected (2, 2, 3)" in messages[0]
         assert f"recv is (2, 2, 3) torch.float64 on {device} but send is (2, 3) torch.float32" in messages[1]
         assert f"send ((4, 2) torch.float32 on {device}) must be contiguous" in messages[2]
-    assert "rank 0 has no rank above it; top_send and top_recv must be None" in first[3]
-    assert "rank 1 is the last of 2; bottom_send and bottom_recv must be None" in last[3]
+        assert "shift: distance=2 must be an integer in [1, 1]" in messages[3]
+        assert "shift: send is (2,) but recv is (3,)" in messages[4]
+    assert "rank 0 has no rank above it; top_send and top_recv must be None" in first[5]
+    assert "rank 1 is the last of 2; bottom_send and bottom_recv must be None" in last[5]
 
 
 def _timeout_body(rank, world_size, kind, flag_dir):

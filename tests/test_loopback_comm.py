@@ -48,9 +48,20 @@ def test_halo_exchange_receives_the_rows_of_neighbours_holding_the_same_band():
     assert torch.equal(last_top, torch.zeros_like(last_top))
 
 
+def test_shift_receives_the_block_a_peer_holding_the_same_data_sends():
+    block = _random(2, 3, 4)
+    recv = torch.full_like(block, float("nan"))
+    log = TrafficLog()
+    LoopbackComm(1, 3, log=log).shift(block, recv, 2).wait()
+    assert torch.equal(recv, block)
+    (transfer,) = log.transfers
+    assert (transfer.op, transfer.sent, transfer.received) == ("shift", block.numel() * 8, block.numel() * 8)
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
+        (lambda c: c.shift(torch.ones(2), torch.ones(2), 4), r"distance=4 must be an integer in \[1, 3\]"),
         (lambda c: c.all_gather(torch.ones(2, 3), torch.ones(3, 2, 3)), r"expected \(4, 2, 3\)"),
         (lambda c: c.halo_exchange(None, torch.ones(1, 1, 1, 2), None, torch.ones(1, 1, 1, 2)), "last of 4"),
         (lambda c: c.all_reduce(torch.ones(4, 4).t()), "must be contiguous"),
@@ -145,7 +156,7 @@ def _count(unet, kind):
     return sum(isinstance(m, {"conv": PatchConv2d, "norm": PatchGroupNorm}[kind]) for m in unet.modules())
 
 
-@pytest.mark.parametrize("mode", ["corrected_async_gn", "full_sync", "naive_patch"])
+@pytest.mark.parametrize("mode", ["corrected_async_gn", "full_sync", "exact", "naive_patch"])
 @pytest.mark.parametrize("rank, world_size, split_batch", [(1, 4, False), (3, 4, True), (0, 2, False)])
 def test_a_unet_runs_one_ranks_share_and_logs_its_transfers(mode, rank, world_size, split_batch):
     import distripy
@@ -172,9 +183,14 @@ def test_a_unet_runs_one_ranks_share_and_logs_its_transfers(mode, rank, world_si
     if mode == "naive_patch":
         assert all(transfers == ["all_gather"] for transfers in ops)
         return
+    bands = world_size // 2 if split_batch else world_size  # the batch of 2 splits in two groups
     for transfers in ops:
         assert transfers.count("all_reduce") == _count(unet, "norm")
-        assert transfers.count("all_gather") - 1 == 2 * _count(unet, "attention")  # K and V
+        if mode == "exact":  # K and V in one block, one shift to every other band
+            assert transfers.count("shift") == (bands - 1) * _count(unet, "attention")
+            assert transfers.count("all_gather") == 1
+        else:
+            assert transfers.count("all_gather") - 1 == 2 * _count(unet, "attention")  # K and V
         # every conv but conv_in, whose halo rows come from the latent every rank holds
         assert transfers.count("halo_exchange") == _count(unet, "conv") - 1
     # (A stride-2 conv's band below the first sends nothing up: no output row needs it.)

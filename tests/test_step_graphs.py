@@ -153,7 +153,7 @@ def _graphed_and_eager(mode, rank, world_size, split_batch, warmup_steps=2):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("mode", ["corrected_async_gn", "full_sync", "sync_gn", "naive_patch"])
+@pytest.mark.parametrize("mode", ["corrected_async_gn", "full_sync", "exact", "sync_gn", "naive_patch"])
 @pytest.mark.parametrize("rank, world_size, split_batch", [(1, 4, False), (2, 4, True)])
 def test_graph_replays_equal_eager_steps(mode, rank, world_size, split_batch):
     import distripy
@@ -170,7 +170,7 @@ def test_graph_replays_equal_eager_steps(mode, rank, world_size, split_batch):
         distripy.reset(eager)
         distripy.reset(graphed)
     graphs = require_installed_forward(graphed).graphs
-    kinds = {"full_sync": 2, "naive_patch": 2}.get(mode, 4)  # (sync, async) x parity
+    kinds = {"full_sync": 2, "exact": 2, "naive_patch": 2}.get(mode, 4)  # (sync, async) x parity
     assert graphs.captures == 2 * kinds  # two shapes
     assert graphs.replays > graphs.captures
 

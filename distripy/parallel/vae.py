@@ -3,7 +3,8 @@
 At 4K the VAE decoder's last blocks hold 128-channel activations of 3840 x 3840 pixels per image:
 decoding on every rank repeats that work N times and needs it to fit on one GPU. Here the decoder's
 convolutions, GroupNorms and mid-block self-attention are the patch-parallel modules, run in a
-context that is always synchronous (``full_sync``: fresh halos, whole-image statistics and keys),
+context that is always ``exact`` (fresh halos, each hidden behind its convolution's interior rows;
+whole-image statistics; the mid-block attention over every band's keys, merged block by block),
 so the decoded bands are exactly the single-device decode's rows; one all-gather gives every rank
 the whole image. Every rank holds the whole latent, so the band is cut through the context
 (``PatchContext.cut_band``) and the decoder's first convolution reads its halo rows from it

@@ -1,7 +1,8 @@
 """Making a diffusers ``AutoencoderKL``'s decoder decode bands (``parallel.vae.PatchDecoderForward``).
 
 Its decoder's modules are swapped for the patch-parallel ones in a context that is always
-synchronous (``full_sync``, no CFG split), so the decoded image is exactly the single-device one.
+``exact`` (no CFG split): the decoded image is exactly the single-device one, and each halo
+exchange hides behind its convolution's interior rows.
 The encoder is left as it is.
 """
 
@@ -28,7 +29,7 @@ def parallelize_vae(vae, config: DistriConfig, comm=None):
     check_backends(config)
     if config.world_size == 1:
         return vae
-    decode_config = dataclasses.replace(config, mode="full_sync", split_batch=False)
+    decode_config = dataclasses.replace(config, mode="exact", split_batch=False)
     context = PatchContext(decode_config)
     swap_modules(vae.decoder, context)
     if comm is None:
