@@ -7,13 +7,18 @@ For each resolution, the full SDXL UNet (its architecture, random fp16 weights) 
   CFG split), alone, through ``LoopbackComm`` -- the transfers complete locally, so this is the
   rank's compute, the DistriFusion paper's "no communication" latency;
 
-eagerly and as CUDA graphs (``use_cuda_graph``), side by side in one run, as medians over steps.
+eagerly and as CUDA graphs (``use_cuda_graph``), side by side in one run, as medians over steps,
+in each mode of ``--modes`` (default ``corrected_async_gn``; ``exact`` and ``full_sync`` step the
+same way every step: with ``LoopbackComm``, which completes every transfer at once, their times are
+the compute cost of each mode's step -- the split convolutions, the blockwise attention and its
+merges of ``exact`` -- not the cost of waiting for a link).
 It prints the per-rank compute efficiency ``T1 / (N * T_N)`` next to the paper's (42% / 72% / 82%
 at 1024² / 2048² / 3840², N = 8), the bytes each rank sends per step by kind (halo, K/V, GroupNorm
 statistics, output), writes JSON (device, versions, command, rows, and measured step profiles for
 ``bench/scaling.py``) and a plot under ``bench/results/``.
 
     python bench/e2e.py                          # on a GPU: 1024², 2048², 3840²; N = 2, 4, 8
+    python bench/e2e.py --modes exact full_sync corrected_async_gn --variants graphs
     python bench/e2e.py --smoke --device cpu     # the test suite's scaled-down run
 """
 
@@ -30,7 +35,7 @@ from common import environment, results_path, write_json
 from sdxl import VAE_SCALE, build_unet, inputs
 from step_profile import KINDS, kind_of, middle_rank, profiles_from_log
 
-from distripy.config import KERNEL_BACKENDS
+from distripy.config import KERNEL_BACKENDS, MODES
 
 PAPER_EFFICIENCY_8 = {1024: 0.42, 2048: 0.72, 3840: 0.82}  # T1 / (8 * T_8, no communication)
 TARGET_EFFICIENCY_8 = {1024: 0.60, 2048: 0.85, 3840: 0.92}  # the performance targets, H100, graphs + Triton
@@ -114,44 +119,54 @@ def measure_resolution(base, latent: int, args, device, dtype, clock: Clock) -> 
                     bands = n // 2 if split else n
                     if latent % (4 * bands) or (split and n % 2):
                         continue
-                    unet = copy.deepcopy(base)
-                    log = TrafficLog()
-                    config = distripy.DistriConfig(
-                        warmup_steps=1,
-                        split_batch=split,
-                        use_cuda_graph=variant == "graphs",
-                        kernel_backend=args.kernel_backend,
-                    )
-                    rank = middle_rank(n, split)
-                    distripy.parallelize(unet, config, comm=LoopbackComm(rank, n, log=log))
-
-                    def rank_step(t, unet=unet, log=log):
-                        log.step += 1
-                        return unet(latents, t, **conditioning, return_dict=False)
-
-                    seconds = _time_steps(rank_step, args.skip, args.repeats, clock)
-                    last = log.step
-                    sent = {kind: 0 for kind in KINDS}
-                    for transfer in log.transfers:
-                        if transfer.step == last:
-                            sent[kind_of(transfer.op, transfer.shape)] += transfer.sent
-                    distripy.reset(unet)
-                    if variant == "eager":
-                        profiles[f"{resolution}-n{n}{'-split' if split else ''}"] = _measured_profiles(
-                            unet, latents, conditioning, log, clock
-                        )
-                    rows.append(
-                        _row(
-                            resolution, n, split, variant, seconds, sent if any(sent.values()) else None, rank
-                        )
-                    )
-                    del unet
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    for mode in args.modes:
+                        row, profile = _measure_rank(base, latents, conditioning, n, split, variant, mode, args, clock)
+                        rows.append(dict(row, resolution=resolution))
+                        if profile is not None:
+                            profiles[f"{resolution}-n{n}{'-split' if split else ''}"] = profile
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
     single = {r["variant"]: r["step_ms"] for r in rows if r["gpus"] == 1}
     for r in rows:
         r["efficiency"] = single[r["variant"]] / (r["gpus"] * r["step_ms"])
     return {"rows": rows, "profiles": profiles}
+
+
+def _measure_rank(base, latents, conditioning, n, split, variant, mode, args, clock: Clock):
+    """One rank's median step of an N-way split in ``mode``, its bytes by kind, and (eager
+    ``corrected_async_gn``) its measured step profiles for the scaling model."""
+    import distripy
+    from distripy.runtime import LoopbackComm, TrafficLog
+
+    unet = copy.deepcopy(base)
+    log = TrafficLog()
+    config = distripy.DistriConfig(
+        mode=mode,
+        warmup_steps=1,
+        split_batch=split,
+        use_cuda_graph=variant == "graphs",
+        kernel_backend=args.kernel_backend,
+    )
+    rank = middle_rank(n, split)
+    distripy.parallelize(unet, config, comm=LoopbackComm(rank, n, log=log))
+
+    def rank_step(t):
+        log.step += 1
+        return unet(latents, t, **conditioning, return_dict=False)
+
+    with torch.no_grad():
+        seconds = _time_steps(rank_step, args.skip, args.repeats, clock)
+        last = log.step
+        sent = {kind: 0 for kind in KINDS}
+        for transfer in log.transfers:
+            if transfer.step == last:
+                sent[kind_of(transfer.op, transfer.shape)] += transfer.sent
+        distripy.reset(unet)
+        profile = None
+        if variant == "eager" and mode == "corrected_async_gn":
+            profile = _measured_profiles(unet, latents, conditioning, log, clock)
+    row = _row(None, n, split, variant, seconds, sent if any(sent.values()) else None, rank)
+    return dict(row, mode=mode), profile
 
 
 def _measured_profiles(unet, latents, conditioning, log, clock: Clock) -> Dict:
@@ -177,6 +192,7 @@ def _measured_profiles(unet, latents, conditioning, log, clock: Clock) -> Dict:
 def _row(resolution, gpus, split, variant, seconds, sent, rank) -> Dict:
     return {
         "resolution": resolution,
+        "mode": None,  # one device: no mode
         "gpus": gpus,
         "split_batch": split,
         "variant": variant,
@@ -188,14 +204,14 @@ def _row(resolution, gpus, split, variant, seconds, sent, rank) -> Dict:
 
 def print_rows(rows: List[Dict]) -> None:
     print(
-        f"{'size':>6} {'GPUs':>4} {'split':>5} {'variant':>7} {'step ms':>9} {'efficiency':>10} {'paper':>6}"
-        f" {'halo MB':>8} {'K/V MB':>8} {'GN kB':>7}"
+        f"{'size':>6} {'GPUs':>4} {'split':>5} {'mode':>18} {'variant':>7} {'step ms':>9} {'efficiency':>10}"
+        f" {'paper':>6} {'halo MB':>8} {'K/V MB':>8} {'GN kB':>7}"
     )
     for r in rows:
         paper = PAPER_EFFICIENCY_8.get(r["resolution"]) if r["gpus"] == 8 and not r["split_batch"] else None
         sent = r["sent_bytes"] or {}
         print(
-            f"{r['resolution']:>6} {r['gpus']:>4} {str(r['split_batch']):>5} {r['variant']:>7} "
+            f"{r['resolution']:>6} {r['gpus']:>4} {str(r['split_batch']):>5} {r['mode'] or '-':>18} {r['variant']:>7} "
             f"{r['step_ms']:>9.2f} {r['efficiency'] * 100:>9.1f}% "
             f"{'' if paper is None else f'{paper * 100:.0f}%':>6} "
             f"{sent.get('halo', 0) / 1e6:>8.2f} {sent.get('kv', 0) / 1e6:>8.2f} "
@@ -219,7 +235,10 @@ def plot(rows: List[Dict], path: Path) -> Optional[Path]:
             points = sorted(
                 (r["gpus"], r["efficiency"])
                 for r in rows
-                if r["resolution"] == resolution and r["variant"] == variant and not r["split_batch"]
+                if r["resolution"] == resolution
+                and r["variant"] == variant
+                and not r["split_batch"]
+                and r["mode"] in (None, "corrected_async_gn")
             )
             if points:
                 axis.plot(*zip(*points), marker="o", label=f"{resolution}² {variant}")
@@ -248,6 +267,9 @@ def main(argv=None) -> int:
         default=[False, True],
         metavar="yes|no",
         help="CFG split settings to measure",
+    )
+    parser.add_argument(
+        "--modes", nargs="+", default=["corrected_async_gn"], choices=MODES, help="the N-way steps' modes"
     )
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--kernel-backend", default="auto", choices=KERNEL_BACKENDS)

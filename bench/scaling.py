@@ -16,12 +16,22 @@ The runtime's overlap rules, as simulated here step by step:
 * with CUDA graphs, a step's transfers are joined at the end of that step (the graph boundary);
 * while the link is busy, compute runs on the SMs NCCL leaves free.
 
+``exact`` (``--modes``): every step is one ``exact`` step: each halo exchange is issued before its
+convolution's interior rows and waited for before the boundary rows, each attention's shifts
+before its own block and each waited for after the blocks received before it, each GroupNorm's
+all-reduce waited for at once; so a transfer overlaps only the compute that does not need it.
+The table prints it beside ``full_sync`` (every step synchronous) and ``corrected_async_gn``, per
+GPU and fabric (A100 NVLink3 / PCIe Gen4, H100 NVLink4 / PCIe Gen5), N = 2/4/8, 1024² to 3840²,
+with and without CFG split, every step's compute from the roofline of its own profile (the
+``exact`` step computes more: split convolutions, one attention kernel per band, the merges).
+
 Check: fed the DistriFusion paper's A100 latencies (single GPU, and "no communication" = one
 rank's compute), the model must reproduce the paper's measured DistriFusion latencies (target:
 within 15% per cell). Then it predicts our table for H100 NVLink and PCIe.
 
     python bench/scaling.py                      # the check, then the predictions
     python bench/scaling.py --measured bench/results/e2e-<device>.json   # predictions from T_N
+    python bench/scaling.py --modes              # exact vs full_sync vs corrected_async_gn
 """
 
 import argparse
@@ -191,16 +201,17 @@ def simulate(
 # -- profiles ----------------------------------------------------------------------------------------
 
 
-def profiles_for(latent: int, world_size: int, split_batch: bool, gpu: str) -> Dict[str, StepProfile]:
-    """Roofline step profiles of a middle rank, cached as JSON under ``bench/results/profiles``."""
-    path = (
-        PROFILE_CACHE
-        / f"roofline-{gpu}-{latent}x{latent}-n{world_size}{'-split' if split_batch else ''}.json"
-    )
+def profiles_for(
+    latent: int, world_size: int, split_batch: bool, gpu: str, mode: str = "corrected_async_gn"
+) -> Dict[str, StepProfile]:
+    """Roofline step profiles of a middle rank, cached as JSON under ``bench/results/profiles``:
+    ``sync`` and ``async`` (``corrected_async_gn``), or ``exact``."""
+    suffix = ("-split" if split_batch else "") + ("-exact" if mode == "exact" else "")
+    path = PROFILE_CACHE / f"roofline-{gpu}-{latent}x{latent}-n{world_size}{suffix}.json"
     if path.exists():
         data = json.loads(path.read_text())
         return {phase: StepProfile.from_dict(p) for phase, p in data.items()}
-    profiles = roofline_profiles((latent, latent), world_size, split_batch, gpu)
+    profiles = roofline_profiles((latent, latent), world_size, split_batch, gpu, mode=mode)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {phase: p.to_dict() for phase, p in profiles.items()})
     return profiles
@@ -268,6 +279,8 @@ def _measured_compute(measured: Optional[Dict], resolution: int, n: int, split: 
     for row in measured["rows"]:
         if row["resolution"] != resolution or row["variant"] != variant:
             continue
+        if row.get("mode") not in (None, "corrected_async_gn"):
+            continue
         if row["gpus"] == 1:
             single = row["step_ms"] / 1e3
         elif row["gpus"] == n and row["split_batch"] == split:
@@ -329,6 +342,67 @@ def print_predictions(rows: List[Dict]) -> None:
                 print(f"{r['resolution']:>6} {r['gpus']:>4} {r['speedup']:>7.2f}x {split['speedup']:>9.2f}x")
 
 
+# The GPUs and fabrics of the modes table: each GPU's roofline with its NVLink and its PCIe.
+MODE_MACHINES = (
+    ("a100", "a100-nvlink3"),
+    ("a100", "pcie-gen4"),
+    ("h100", "h100-nvlink4"),
+    ("h100", "pcie-gen5"),
+)
+TABLE_MODES = ("full_sync", "exact", "corrected_async_gn")
+
+
+def mode_seconds(mode: str, latent: int, n: int, split: bool, gpu: str, fabric: Fabric) -> float:
+    """Seconds of a ``STEPS``-step generation in ``mode`` (see the module docstring)."""
+    if mode == "exact":
+        exact = profiles_for(latent, n, split, gpu, "exact")["exact"]
+        return sum(simulate({"sync": exact, "async": exact}, fabric))
+    profiles = profiles_for(latent, n, split, gpu)
+    if mode == "full_sync":
+        return sum(simulate({"sync": profiles["sync"], "async": profiles["sync"]}, fabric))
+    return sum(simulate(profiles, fabric))
+
+
+def mode_comparison(machines=MODE_MACHINES) -> List[Dict]:
+    """Speedup over one GPU of each mode, per GPU and fabric, resolution, N and CFG split; and
+    whether ``exact`` is within 10% of ``corrected_async_gn``'s time."""
+    rows = []
+    for gpu, fabric_name in machines:
+        fabric = FABRICS[fabric_name]
+        for resolution in RESOLUTIONS:
+            latent = resolution // 8
+            single = profiles_for(latent, 1, False, gpu)["async"].compute_s * STEPS
+            for n in WORLD_SIZES:
+                for split in (False, True):
+                    seconds = {mode: mode_seconds(mode, latent, n, split, gpu, fabric) for mode in TABLE_MODES}
+                    rows.append(
+                        {
+                            "gpu": gpu,
+                            "fabric": fabric_name,
+                            "resolution": resolution,
+                            "gpus": n,
+                            "split_batch": split,
+                            "single_s": single,
+                            "seconds": seconds,
+                            "speedup": {mode: single / t for mode, t in seconds.items()},
+                            "exact_over_corrected": seconds["exact"] / seconds["corrected_async_gn"],
+                        }
+                    )
+    return rows
+
+
+def print_mode_comparison(rows: List[Dict]) -> None:
+    print("\npredicted speedup over one GPU by mode (roofline compute, 50 steps, 5 warm-up steps)")
+    header = f"{'GPU':>5} {'fabric':>13} {'size':>5} {'N':>2} {'CFG':>5}"
+    header += "".join(f" {mode:>18}" for mode in TABLE_MODES) + f" {'exact/corrected':>16}"
+    print(header)
+    for r in rows:
+        line = f"{r['gpu']:>5} {r['fabric']:>13} {r['resolution']:>5} {r['gpus']:>2} {'split' if r['split_batch'] else '-':>5}"
+        line += "".join(f" {r['speedup'][mode]:>17.2f}x" for mode in TABLE_MODES)
+        flag = "" if r["exact_over_corrected"] <= 1.10 else "  > 10%"
+        print(line + f" {r['exact_over_corrected']:>15.3f}{flag}")
+
+
 def _load_fabric(path: Path) -> Fabric:
     """A fabric from bench/comm.py's JSON: the largest all-gather's busbw, the smallest's time."""
     data = json.loads(path.read_text())
@@ -348,9 +422,28 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu", default="h100", choices=["a100", "h100"], help="roofline of the predictions")
     parser.add_argument("--graphs", action="store_true", help="steps run as CUDA graphs")
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument(
+        "--modes", action="store_true", help="only the table of exact vs full_sync vs corrected_async_gn"
+    )
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
 
+    if args.modes:
+        rows = mode_comparison()
+        print_mode_comparison(rows)
+        path = args.output or results_path("scaling-modes")
+        write_json(
+            path,
+            {
+                "environment": environment(),
+                "steps": STEPS,
+                "warmup_steps": WARMUP_STEPS,
+                "fabrics": {name: asdict(FABRICS[name]) for _, name in MODE_MACHINES},
+                "modes": rows,
+            },
+        )
+        print(f"\nwrote {path}")
+        return 0
     check = [] if args.skip_check else paper_check()
     if check:
         print_paper_check(check)

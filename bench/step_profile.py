@@ -40,12 +40,15 @@ ACHIEVED_BANDWIDTH = 0.8
 
 def kind_of(op: str, shape: Sequence[int]) -> str:
     """The UNet's transfers by operation: halos are exchanged only by convolutions, all-reduces
-    only carry GroupNorm sums, and all-gathers carry attention keys/values (B, L, C) or, once per
-    step, the output bands (B, C, H, W)."""
+    only carry GroupNorm sums, shifts carry one band's attention keys/values (``exact``), and
+    all-gathers carry attention keys/values (B, L, C) or, once per step, the output bands
+    (B, C, H, W)."""
     if op == "halo_exchange":
         return "halo"
     if op == "all_reduce":
         return "gn_stats"
+    if op == "shift":
+        return "kv"
     return "kv" if len(shape) == 3 else "output"
 
 
@@ -136,6 +139,14 @@ def _halo_conv_flops(x_shape, top_shape, bottom_shape, weight_shape, *args, out_
     return 2 * math.prod(out_shape) * math.prod(weight_shape[1:])
 
 
+def _halo_conv_rows_flops(x_shape, top_shape, bottom_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """The same for the output rows ``[row_begin, row_end)`` it writes into ``out`` (its last three
+    arguments: out, row_begin, row_end)."""
+    out, row_begin, row_end = args[-3:]
+    batch, _, _, width = out
+    return 2 * batch * weight_shape[0] * (row_end - row_begin) * width * math.prod(weight_shape[1:])
+
+
 @functools.lru_cache(maxsize=None)
 def _register_flop_formulas() -> None:
     from torch.utils.flop_counter import register_flop_formula
@@ -143,6 +154,19 @@ def _register_flop_formulas() -> None:
     import distripy.kernels  # noqa: F401  (registers the ops)
 
     register_flop_formula(torch.ops.distripy.halo_conv2d, get_raw=False)(_halo_conv_flops)
+    register_flop_formula(torch.ops.distripy.halo_conv2d_rows_, get_raw=False)(_halo_conv_rows_flops)
+
+
+def _rows_bytes(args) -> int:
+    """Bytes an output-row range of a halo convolution moves: the input rows it reads (with its
+    halo), the weight, and the output rows it writes -- not the whole band it is given."""
+    x, weight, stride = args[0], args[3], args[5]
+    out, row_begin, row_end = args[-3:]
+    rows = row_end - row_begin
+    batch, channels, height, width = x.shape
+    read = min(height, rows * stride[0] + weight.shape[2] - 1) * batch * channels * width
+    written = rows * out.shape[0] * out.shape[1] * out.shape[3]
+    return (read + written) * x.element_size() + weight.numel() * weight.element_size()
 
 
 def _is_view(func) -> bool:
@@ -196,7 +220,10 @@ class RooflineClock:
 
         packet = func._overloadpacket
         flops = flop_registry[packet](*args, **kwargs, out_val=out) if packet in flop_registry else 0
-        moved = _tensor_bytes((args, kwargs)) + _tensor_bytes(out)
+        if packet is torch.ops.distripy.halo_conv2d_rows_:
+            moved = _rows_bytes(args)
+        else:
+            moved = _tensor_bytes((args, kwargs)) + _tensor_bytes(out)
         self.seconds += max(flops / self.peak_flops, moved / self.bandwidth)
 
     def now(self) -> float:
@@ -226,9 +253,11 @@ def roofline_profiles(
     gpu: str = "a100",
     batch: int = 2,
     tiny: bool = False,
+    mode: str = "corrected_async_gn",
 ) -> Dict[str, StepProfile]:
     """The ``sync`` and ``async`` steps of a middle rank of ``world_size`` (``corrected_async_gn``,
-    fp16), estimated on the meta device with ``gpu``'s roofline."""
+    fp16), estimated on the meta device with ``gpu``'s roofline; with ``mode='exact'`` the
+    ``exact`` step (every step is one)."""
     import distripy
     from distripy.runtime import LoopbackComm, TrafficLog
 
@@ -240,7 +269,8 @@ def roofline_profiles(
     log = TrafficLog(clock=clock.now)
     unet = build_unet("meta", torch.float16, tiny=tiny)
     comm = LoopbackComm(middle_rank(world_size, split_batch), world_size, log=log)
-    distripy.parallelize(unet, distripy.DistriConfig(warmup_steps=1, split_batch=split_batch), comm=comm)
+    config = distripy.DistriConfig(mode=mode, warmup_steps=1, split_batch=split_batch)
+    distripy.parallelize(unet, config, comm=comm)
     if world_size > 1:
         # The GPU's kernels (their fake implementations on meta), not the references' many ops.
         distripy.api.patch_context(unet).kernel_backend = "triton"
@@ -253,7 +283,11 @@ def roofline_profiles(
             unet(latents, timestep, **conditioning)
             marks.append((start, clock.now()))
     distripy.reset(unet)
-    sync, asynchronous = profiles_from_log(log, marks, lambda a, b: b - a, ("sync", "async", "async"))
     source = f"roofline on meta ({gpu}: {peaks['source']})"
+    if mode == "exact":
+        first, second = profiles_from_log(log, marks, lambda a, b: b - a, ("exact", "exact", "exact"))
+        second.source = source
+        return {"exact": second}
+    sync, asynchronous = profiles_from_log(log, marks, lambda a, b: b - a, ("sync", "async", "async"))
     sync.source = asynchronous.source = source
     return {"sync": sync, "async": asynchronous}

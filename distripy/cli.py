@@ -76,7 +76,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", choices=MODES, default=DEFAULT_MODE)
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default=DEFAULT_MODE,
+        help="exact: every step equals one GPU's, exchanges overlapped (few-step models); "
+        f"{DEFAULT_MODE} (default): DistriFusion's asynchronous mode",
+    )
     parser.add_argument(
         "--warmup-steps",
         type=int,
@@ -330,7 +336,7 @@ def _print_layout(args, world: int) -> None:
     groups = world // bands
     split = f"CFG split into {groups} groups of {bands}" if groups > 1 else "no CFG split"
     print(f"distripy: {world} rank{'s' * (world > 1)}, {split}: {bands} band{'s' * (bands > 1)} per image")
-    if bands == 1 and world > 1 and args.mode != "full_sync":
+    if bands == 1 and world > 1 and args.mode not in ("full_sync", "exact"):
         print(
             f"distripy: warning: with one band per image nothing is exchanged between bands, so "
             f"--mode {args.mode} makes no difference; use --no-split-batch or more ranks for several bands",

@@ -8,8 +8,8 @@ same image on one device (rank 0) and on every rank in every mode, one band per 
 * ``report.json`` (strict JSON; a PSNR of ``null`` means identical) and a printed table: latency
   and speedup per mode, PSNR and largest pixel error against the single-device image.
 
-Random weights make abstract images, but the comparison is the real one: ``full_sync`` matches the
-single device to float rounding; the asynchronous modes are close; ``naive_patch`` shows its seams.
+Random weights make abstract images, but the comparison is the real one: ``full_sync`` and
+``exact`` match the single device to float rounding; the asynchronous modes are close; ``naive_patch`` shows its seams.
 With a GPU per rank each rank uses its own; otherwise the ranks are CPU processes, each with an
 equal share of the cores, and the single-device run gets one share too, so speedups compare like
 with like (per-rank compute against the same compute plus communication).

@@ -22,6 +22,7 @@ from distripy.kernels.attention_merge import (
     attention_with_lse,
     attention_with_lse_reference,
     merge_partial,
+    merge_partial_,
     merge_partials,
 )
 from distripy.kernels.group_norm_apply import group_norm_apply, group_norm_apply_reference
@@ -61,6 +62,7 @@ __all__ = [
     "interior_rows",
     "mean_rstd",
     "merge_partial",
+    "merge_partial_",
     "merge_partials",
     "stale_sums",
 ]

@@ -26,7 +26,7 @@ import torch
 
 from distripy.errors import InputError
 
-__all__ = ["attention_with_lse", "attention_with_lse_reference", "merge_partial", "merge_partials"]
+__all__ = ["attention_with_lse", "attention_with_lse_reference", "merge_partial", "merge_partial_", "merge_partials"]
 
 BACKENDS = ("auto", "triton", "torch")  # auto, triton: torch's fused kernels; torch: the reference
 
@@ -62,7 +62,7 @@ def attention_with_lse_reference(
 def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]):
     """torch's fused attention that returns the log-sum-exp (B, H, Lq)."""
     length = q.shape[2]
-    if q.device.type == "cpu":
+    if q.device.type == "cpu":  # (meta: the CUDA kernels' shapes, for estimates without a GPU)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, scale=scale
         )
@@ -94,7 +94,7 @@ def attention_with_lse(
     if backend == "torch":
         return attention_with_lse_reference(q, k, v, scale)
     _check_blocks(q, k, v)
-    if q.device.type not in ("cpu", "cuda"):
+    if q.device.type not in ("cpu", "cuda", "meta"):
         return attention_with_lse_reference(q, k, v, scale)
     return _fused(q, k, v, scale)
 
@@ -117,6 +117,27 @@ def merge_partial(
         torch.exp(block_lse - total)[..., None] * block_out.to(compute)
     )
     return merged.to(out.dtype), total
+
+
+def merge_partial_(
+    out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
+) -> None:
+    """``merge_partial`` in place, into a running fp32 (or fp64) ``out`` and ``lse``: two passes over
+    the output (scale it, add the scaled block) instead of a new tensor per step."""
+    if out.dtype not in (torch.float32, torch.float64) or lse.dtype != out.dtype:
+        raise InputError(
+            f"merge_partial_: the running out and lse must be fp32 or fp64 of one dtype, got {out.dtype} "
+            f"and {lse.dtype}"
+        )
+    if out.shape != block_out.shape or lse.shape != block_lse.shape or out.shape[:-1] != lse.shape:
+        raise InputError(
+            f"merge_partial_: outputs {tuple(out.shape)} / {tuple(block_out.shape)} and log-sum-exps "
+            f"{tuple(lse.shape)} / {tuple(block_lse.shape)} do not match"
+        )
+    total = torch.logaddexp(lse, block_lse.to(lse.dtype))
+    out.mul_(torch.exp(lse - total).unsqueeze(-1))
+    out.addcmul_(block_out, torch.exp(block_lse.to(lse.dtype) - total).unsqueeze(-1))
+    lse.copy_(total)
 
 
 def merge_partials(

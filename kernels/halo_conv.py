@@ -624,10 +624,11 @@ def halo_conv2d_cudnn(
     Every row: one halo-padded buffer in ``x``'s memory format; the prologue writes the band
     straight into its interior rows, the halo rows (or zeros) are copied into its first and last
     rows, then one convolution without height padding (without a prologue: ``torch.cat`` + cuDNN).
-    The interior rows (``interior_rows``) into a new output: one convolution of the band with the
-    layer's own zero padding, no halo and no copy; the other rows of that output read zeros in
-    place of the halos (they are the boundary rows, computed next). Any other range: the rows it
-    reads, convolved, copied into ``out``."""
+    The interior rows (``interior_rows``) of a band with at most 1/8 boundary rows into a new
+    output: one convolution of the band with the layer's own zero padding, no halo and no copy;
+    the other rows of that output read zeros in place of the halos (they are the boundary rows,
+    computed again next). Any other range (and the interior of a thin band, where that would
+    compute up to twice the rows): the rows it reads, convolved, copied into ``out``."""
     conv = _band_conv(x, top, bottom, weight, stride, padding, dilation, prologue)
     begin, end = _check_range(x, weight, conv, out, rows)
     height = x.shape[2]
@@ -662,7 +663,9 @@ def halo_conv2d_cudnn(
     inner_begin, inner_end = interior_rows(
         height, weight.shape[2], conv.top_rows, conv.stride[0], conv.dilation[0]
     )
-    if out is None and inner_begin <= begin and end <= inner_end:
+    boundary = out_rows - (inner_end - inner_begin)
+    if out is None and (begin, end) == (inner_begin, inner_end) and 8 * boundary <= out_rows:
+        # Recomputing the few boundary rows costs less than copying the interior into an output.
         padding_hw = (conv.top_rows, conv.pad_w)
         return F.conv2d(activate(x), weight, bias, conv.stride, padding_hw, conv.dilation, groups)
     result = _window_conv(x, top, bottom, weight, bias, conv, groups, begin, end, activate)
@@ -738,6 +741,11 @@ def _halo_conv2d_rows_op(
     halo_conv2d_triton(
         x, top, bottom, weight, bias, stride, padding, dilation, 1, prologue, out, (row_begin, row_end)
     )
+
+
+@_halo_conv2d_rows_op.register_fake
+def _(x, top, bottom, weight, bias, stride, padding, dilation, *rest):
+    return None
 
 
 def halo_conv2d(

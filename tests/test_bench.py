@@ -155,12 +155,20 @@ def test_the_end_to_end_benchmark_runs_scaled_down(tmp_path):
         "1",
         "--skip",
         "2",
+        "--modes",
+        "corrected_async_gn",
+        "exact",
     ]
     assert e2e.main(argv + ["--output", str(output)]) == 0
     results = json.loads(output.read_text())
     assert results["environment"]["command"]
-    rows = {(r["gpus"], r["split_batch"]): r for r in results["rows"]}
+    rows = {(r["gpus"], r["split_batch"]): r for r in results["rows"] if r["mode"] != "exact"}
     assert set(rows) == {(1, False), (2, False), (2, True), (4, False), (4, True)}
+    exact = {(r["gpus"], r["split_batch"]): r for r in results["rows"] if r["mode"] == "exact"}
+    assert set(exact) == set(rows) - {(1, False)}
+    # exact sends its K/V to each of the 3 other bands by a shift (an all-gather is logged once)
+    assert exact[(4, False)]["sent_bytes"]["kv"] == 3 * rows[(4, False)]["sent_bytes"]["kv"]
+    assert exact[(4, False)]["sent_bytes"]["halo"] == rows[(4, False)]["sent_bytes"]["halo"]
     for row in rows.values():
         assert row["step_ms"] > 0 and math.isfinite(row["efficiency"]) and row["variant"] == "eager"
     assert rows[(1, False)]["efficiency"] == 1.0

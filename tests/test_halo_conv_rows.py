@@ -23,13 +23,15 @@ GEOMETRIES = [
     (3, 2, 2, 6, 4, 8),
     (3, 2, 6, 5, 8, 4),
     (1, 1, 3, 4, 6, 5),
+    (3, 1, 16, 5, 4, 6),  # the cuDNN path's interior of a tall band: the whole band, then overwritten
+    (3, 2, 16, 3, 4, 4),
 ]
 BACKENDS = ["torch", "cudnn", "triton"]
 POSITIONS = ["first", "middle", "last"]
 CASES = [  # a one-row band in the middle reads both halos in each boundary range
     (geometry, backend, "middle" if geometry[2] == 1 else POSITIONS[i % 3], i % 2 == 0, i % 4 < 2)
     for i, (geometry, backend) in enumerate(itertools.product(GEOMETRIES, BACKENDS))
-]
+] + [((3, 1, 16, 5, 4, 6), "cudnn", "middle", False, True)]  # a new output, the whole-band interior
 
 
 def _image_and_band(geometry, position, seed, prologue: bool):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from distripy.errors import InputError
-from distripy.kernels import attention_with_lse, merge_partial
+from distripy.kernels import attention_with_lse, merge_partial_
 from distripy.parallel.context import ActivationExchange, PatchContext, PatchState
 
 __all__ = ["PatchCrossAttnProcessor", "PatchSelfAttnProcessor"]
@@ -121,14 +121,15 @@ class PatchSelfAttnProcessor(PatchState):
         heads = _Heads(attn, query.shape[0], inner)
         q = heads.query(query)
         out, lse = attention_with_lse(q, heads.key(key), heads.value(value), backend=backend)
-        out = out.float()  # merged in fp32, rounded once
+        accumulate = torch.float64 if query.dtype == torch.float64 else torch.float32
+        out, lse = out.to(accumulate), lse.to(accumulate)  # merged in fp32, rounded once at the end
         for work, buffer in zip(works, received):
             work.wait()
             block_key, block_value = buffer.split(inner, dim=-1)
             block_out, block_lse = attention_with_lse(
                 q, heads.key(block_key), heads.value(block_value), backend=backend
             )
-            out, lse = merge_partial(out, lse, block_out, block_lse)
+            merge_partial_(out, lse, block_out, block_lse)
         return heads.project_out(out.to(query.dtype))
 
 
