@@ -120,7 +120,9 @@ def measure_resolution(base, latent: int, args, device, dtype, clock: Clock) -> 
                     if latent % (4 * bands) or (split and n % 2):
                         continue
                     for mode in args.modes:
-                        row, profile = _measure_rank(base, latents, conditioning, n, split, variant, mode, args, clock)
+                        row, profile = _measure_rank(
+                            base, latents, conditioning, n, split, variant, mode, args, clock
+                        )
                         rows.append(dict(row, resolution=resolution))
                         if profile is not None:
                             profiles[f"{resolution}-n{n}{'-split' if split else ''}"] = profile

@@ -13,6 +13,8 @@ stop the others; a stage that needs what the machine lacks is skipped, saying wh
 3. ``kernels``: ``bench/kernels.py --shapes all --write-dispatch`` (Triton vs cuDNN, fused
    GroupNorm; the dispatch table ``kernel_backend='auto'`` uses);
 4. ``e2e``: ``bench/e2e.py`` at 1024², 2048², 3840² for N = 1, 2, 4, 8, eager and CUDA graphs;
+   then one rank's step of 8 in ``exact``, ``full_sync`` and ``corrected_async_gn`` at 1024² and
+   2048² (CUDA graphs; ``modes.json``: the compute cost of each mode's step);
 5. ``comm``: ``bench/comm.py`` on one rank (host cost per op, single and grouped);
 6. ``host_overhead``: ``bench/host_overhead.py`` (dispatcher ops per step, torch.compile);
 7. ``demo``: ``distripy demo`` on one GPU;
@@ -97,11 +99,11 @@ def plan(out: Path, dry_run: bool) -> List[Stage]:
     sanitized = ["tests/test_nccl_comm.py::test_every_operation_on_one_gpu", "tests/test_triton_ops.py"]
     return [
         Stage("cuda_tests", [pytest + ["-m", "cuda", "--junitxml", str(out / "cuda-tests.xml")]], 270, needs_cuda=True, results=["cuda-tests.xml"]),
-        Stage("sanitizer", [["compute-sanitizer", "--tool", tool, "--target-processes", "all", "--error-exitcode", "99", "--log-file", str(out / f"sanitizer-{tool}.log")] + pytest + ["-m", "cuda"] + sanitized for tool in ("memcheck", "racecheck")], 180, needs_cuda=True, needs=_sanitizer, results=["sanitizer-memcheck.log", "sanitizer-racecheck.log"]),
+        Stage("sanitizer", [["compute-sanitizer", "--tool", tool, "--target-processes", "all", "--error-exitcode", "99", "--log-file", str(out / f"sanitizer-{tool}.log")] + pytest + ["-m", "cuda"] + sanitized for tool in ("memcheck", "racecheck")], 140, needs_cuda=True, needs=_sanitizer, results=["sanitizer-memcheck.log", "sanitizer-racecheck.log"]),
         Stage("kernels", [[PYTHON, str(bench / "kernels.py"), "--shapes", "all", "--write-dispatch", "--output", str(out / "kernels.json")]], 240, needs_cuda=True, results=["kernels.json"]),
-        Stage("e2e", [[PYTHON, str(bench / "e2e.py"), "--resolutions", "1024", "2048", "3840", "--gpus", "2", "4", "8", "--variants", "eager", "graphs", "--output", str(out / "e2e.json")]], 340, needs_cuda=True, results=["e2e.json"]),
+        Stage("e2e", [[PYTHON, str(bench / "e2e.py"), "--resolutions", "1024", "2048", "3840", "--gpus", "2", "4", "8", "--variants", "eager", "graphs", "--output", str(out / "e2e.json")], [PYTHON, str(bench / "e2e.py"), "--resolutions", "1024", "2048", "--gpus", "8", "--split", "no", "--variants", "graphs", "--modes", "exact", "full_sync", "corrected_async_gn", "--skip", "3", "--repeats", "7", "--output", str(out / "modes.json")]], 420, needs_cuda=True, results=["e2e.json", "modes.json"]),
         Stage("comm", [[PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "1", str(bench / "comm.py"), "--max-bytes", str(1 << 26), "--output", str(out / "comm.json")]], 90, needs_cuda=True, results=["comm.json"]),
-        Stage("host_overhead", [[PYTHON, str(bench / "host_overhead.py"), "--ranks", "8", "--repeats", "1", "--compile", "--output", str(out / "host_overhead.json")]], 200, results=["host_overhead.json"]),
+        Stage("host_overhead", [[PYTHON, str(bench / "host_overhead.py"), "--ranks", "8", "--repeats", "1", "--compile", "--output", str(out / "host_overhead.json")]], 160, results=["host_overhead.json"]),
         Stage("demo", [[PYTHON, "-m", "distripy.cli", "demo", "--nproc", "1", "--output-dir", str(out / "demo")]], 90, needs_cuda=True),
         Stage("generate", [save_tiny, [PYTHON, "-m", "distripy.cli", "generate", "--model", str(tiny_model), "--prompt", "a red boat", "--height", "256", "--width", "256", "--nproc", "1", "--output", str(out / "generate.png")]], 90, needs_cuda=True),
     ]  # fmt: skip
@@ -160,6 +162,13 @@ def figures(out: Path) -> Dict[str, Any]:
         for row in e2e.get("rows", []):
             if row.get("gpus") == 8 and not row.get("split_batch") and row.get("variant") == "graphs":
                 found[f"efficiency_n8_{row['resolution']}"] = row.get("efficiency")
+    modes = _load(out / "modes.json")
+    if modes:  # exact's step over corrected_async_gn's, one rank of 8 (compute only: LoopbackComm)
+        steps = {(r["resolution"], r.get("mode")): r["step_ms"] for r in modes.get("rows", [])}
+        for resolution in (1024, 2048):
+            exact, corrected = steps.get((resolution, "exact")), steps.get((resolution, "corrected_async_gn"))
+            if exact and corrected:
+                found[f"exact_over_corrected_n8_{resolution}"] = exact / corrected
     kernels = _load(out / "kernels.json")
     if kernels and kernels.get("rows"):
         rows = kernels["rows"]

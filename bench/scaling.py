@@ -374,7 +374,9 @@ def mode_comparison(machines=MODE_MACHINES) -> List[Dict]:
             single = profiles_for(latent, 1, False, gpu)["async"].compute_s * STEPS
             for n in WORLD_SIZES:
                 for split in (False, True):
-                    seconds = {mode: mode_seconds(mode, latent, n, split, gpu, fabric) for mode in TABLE_MODES}
+                    seconds = {
+                        mode: mode_seconds(mode, latent, n, split, gpu, fabric) for mode in TABLE_MODES
+                    }
                     rows.append(
                         {
                             "gpu": gpu,

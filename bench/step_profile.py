@@ -139,7 +139,9 @@ def _halo_conv_flops(x_shape, top_shape, bottom_shape, weight_shape, *args, out_
     return 2 * math.prod(out_shape) * math.prod(weight_shape[1:])
 
 
-def _halo_conv_rows_flops(x_shape, top_shape, bottom_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+def _halo_conv_rows_flops(
+    x_shape, top_shape, bottom_shape, weight_shape, *args, out_shape=None, **kwargs
+) -> int:
     """The same for the output rows ``[row_begin, row_end)`` it writes into ``out`` (its last three
     arguments: out, row_begin, row_end)."""
     out, row_begin, row_end = args[-3:]

@@ -51,9 +51,13 @@ def _predictions(unet, name, batch, height, seed):
 
 def _exact_body(rank, world_size, runs):
     import distripy
+    import distripy.parallel.attention as attention
 
     results = []
     for config, (name, batch, height, seed) in runs:
+        config = dict(config)
+        # one shift per launch instead of the small blocks' one launch for every band
+        attention.SHIFT_LAUNCH_BYTES = config.pop("shift_launch_bytes", 8 << 20)
         unet = _model(name, seed)
         distripy.parallelize(unet, distripy.DistriConfig(mode="exact", **config))
         results.append(_predictions(unet, name, batch, height, seed))
@@ -74,7 +78,7 @@ RUNS = {
     ],
     4: [
         ({}, ("sdxl", 2, 32, 5)),  # CFG split: 2 groups of 2 bands
-        ({"split_batch": False}, ("sdxl", 2, 32, 6)),  # 4 bands
+        ({"split_batch": False, "shift_launch_bytes": 1}, ("sdxl", 2, 32, 6)),  # 4 bands, 3 launches
         ({}, ("sd15", 2, 32, 7)),  # CFG split, SD 1.x
         ({"split_batch": False}, ("sd15", 1, 32, 8)),  # 4 one-row bands at the deepest level
     ],
@@ -123,11 +127,19 @@ class _ComputeLog:
         return len(self.events)
 
 
-@pytest.mark.parametrize("rank, world_size, split_batch", [(1, 4, False), (0, 2, False), (3, 4, True)])
-def test_each_transfer_is_issued_before_the_compute_it_overlaps(monkeypatch, rank, world_size, split_batch):
+@pytest.mark.parametrize(
+    "rank, world_size, split_batch, launch_bytes",
+    [(1, 4, False, None), (0, 2, False, None), (3, 4, True, None), (2, 4, False, 1)],
+)
+def test_each_transfer_is_issued_before_the_compute_it_overlaps(
+    monkeypatch, rank, world_size, split_batch, launch_bytes
+):
     import distripy
+    import distripy.parallel.attention as attention
     from distripy.parallel import PatchGroupNorm
 
+    if launch_bytes is not None:  # one shift per launch
+        monkeypatch.setattr(attention, "SHIFT_LAUNCH_BYTES", launch_bytes)
     compute = _ComputeLog(monkeypatch)
     log = TrafficLog(clock=compute.clock)
     unet = tiny_sdxl_unet(0)
@@ -160,6 +172,8 @@ def test_each_transfer_is_issued_before_the_compute_it_overlaps(monkeypatch, ran
         by_issue.setdefault(transfer.issued_at, []).append(transfer)
     for issued_at, group in by_issue.items():
         assert len(group) == bands - 1
+        # small blocks: one launch; with SHIFT_LAUNCH_BYTES of 1, one launch per shift
+        assert len({t.group for t in group}) == (1 if launch_bytes is None else bands - 1)
         assert events[issued_at][0] == "attention"
         assert [t.waited_at - issued_at for t in group] == list(range(1, bands))
         assert all(kind == "attention" for kind, *_ in events[issued_at : issued_at + bands])
