@@ -3,12 +3,12 @@
 Synchronous step: the band's boundary rows are exchanged with the neighbours and waited for; the
 output equals the full image's convolution on this band. Overlapped step (``exact``): the same
 exchange is issued first; the output rows that read no halo row are computed while it is in
-flight, then, once it has arrived, the boundary rows, into the same output tensor. Stale step: the halos received during
-the previous step are used, and this step's boundary rows are sent for the next step. At the
-image's top and bottom the halo is the convolution's zero padding; in ``naive_patch`` every band
-edge is. A convolution whose input is the band of a tensor every rank holds whole (the model's
-first convolution, ``PatchContext.cut_band``) reads its halo rows from that tensor instead: no
-exchange, exact in every step and mode but ``naive_patch``.
+flight, then, once it has arrived, the boundary rows, into the same output tensor. Stale step:
+the halos received during the previous step are used, and this step's boundary rows are sent for
+the next step. At the image's top and bottom the halo is the convolution's zero padding; in
+``naive_patch`` every band edge is. A convolution whose input is the band of a tensor every rank
+holds whole (the model's first convolution, ``PatchContext.cut_band``) reads its halo rows from
+that tensor instead: no exchange, exact in every step and mode but ``naive_patch``.
 
 ``forward(x, prologue)`` takes the *input of a GroupNorm* and that GroupNorm's ``GroupNormPrologue``
 (from ``PatchGroupNorm.prologue``): the boundary rows sent to the neighbours are normalised (+ SiLU)
