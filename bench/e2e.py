@@ -102,9 +102,6 @@ def _single_step(unet, latents, conditioning, graphs: bool) -> Callable[[int], o
 
 def measure_resolution(base, latent: int, args, device, dtype, clock: Clock) -> Dict:
     """T1 and every T_N of one resolution, with bytes per step and measured profiles."""
-    import distripy
-    from distripy.runtime import LoopbackComm, TrafficLog
-
     rows, profiles = [], {}
     latents, conditioning = inputs(base, 2, (latent, latent), device, dtype)
     resolution = latent * VAE_SCALE

@@ -26,7 +26,13 @@ import torch
 
 from distripy.errors import InputError
 
-__all__ = ["attention_with_lse", "attention_with_lse_reference", "merge_partial", "merge_partial_", "merge_partials"]
+__all__ = [
+    "attention_with_lse",
+    "attention_with_lse_reference",
+    "merge_partial",
+    "merge_partial_",
+    "merge_partials",
+]
 
 BACKENDS = ("auto", "triton", "torch")  # auto, triton: torch's fused kernels; torch: the reference
 
