@@ -97,7 +97,16 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["distripy", "distripy.*"]) + ["distripy.kernels"],
     package_dir={"distripy.kernels": "kernels"},
-    package_data={"distripy.kernels": ["*.json"]},
+    package_data={
+        "distripy.kernels": ["*.json"],
+        # the trained tiny pipeline (bench/train_tiny.py): configs, tokenizers, safetensors
+        "distripy.pipelines": [
+            "models/*/*.json",
+            "models/*/*/*.json",
+            "models/*/*/*.txt",
+            "models/*/*/*.safetensors",
+        ],
+    },
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[

@@ -184,6 +184,29 @@ def test_the_end_to_end_benchmark_runs_scaled_down(tmp_path):
     assert output.with_suffix(".png").stat().st_size > 0
 
 
+# -- train_tiny -----------------------------------------------------------------------------------
+
+
+def test_training_the_tiny_model_writes_a_loadable_pipeline_and_its_loss_curve(tmp_path):
+    import train_tiny
+    from diffusers import StableDiffusionXLPipeline
+
+    image, prompt = train_tiny.scene(np.random.default_rng(0))
+    assert image.shape == (3, 128, 128) and -1.0 <= image.min() and image.max() <= 1.0
+    words = prompt.split()
+    assert words[1] in train_tiny.COLORS and words[2] in train_tiny.SHAPES and prompt.endswith("background")
+    argv = ["--vae-steps", "2", "--unet-steps", "2", "--scenes", "16", "--batch", "4", "--sample-steps", "2"]
+    argv += ["--out", str(tmp_path / "model"), "--results", str(tmp_path)]
+    assert train_tiny.main(argv) == 0
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "model"), local_files_only=True)
+    assert pipe.vae.config.scaling_factor > 0
+    (record,) = tmp_path.glob("train-tiny-*.json")
+    data = json.loads(record.read_text())
+    assert [r["stage"] for r in data["loss"]] == ["vae", "vae", "unet", "unet"]
+    assert all(math.isfinite(r["loss"]) for r in data["loss"]) and data["model_bytes"] > 0
+    assert record.with_suffix(".png").exists() and record.with_name(record.stem + "-samples.png").exists()
+
+
 # -- quality --------------------------------------------------------------------------------------
 
 

@@ -1,9 +1,15 @@
-"""Small Stable Diffusion pipelines with seeded random weights, built from configs (no download).
+"""Small Stable Diffusion pipelines: seeded random weights built from configs, and the one the
+project trained (no download either way).
 
 For the demo and the tests: SDXL's and SD 1.x's architectures (two CLIP text encoders with a
 projection / one; a UNet2DConditionModel; an AutoencoderKL) at sizes that run in seconds on a
 CPU. The tokenizers are real ``CLIPTokenizer``s over a byte-level vocabulary written on the spot
 (every byte a token, no merges), so prompts go through the pipeline's own text encoding.
+
+``trained_sdxl_pipeline``: the tiny SDXL pipeline trained by ``bench/train_tiny.py`` on scenes of
+one coloured shape on a two-colour gradient ("a red circle on a blue and yellow background"),
+shipped with the package (``models/tiny-shapes``): a model whose activations change smoothly from
+step to step, as a real one's do, for judging the asynchronous modes.
 """
 
 import json
@@ -12,9 +18,13 @@ from pathlib import Path
 
 import torch
 
+from distripy.errors import InputError
+
 __all__ = [
     "TINY_DOWNSAMPLINGS",
     "TINY_VAE_SCALE",
+    "TRAINED_MODEL",
+    "trained_sdxl_pipeline",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
     "tiny_sdxl_unet_config",
@@ -26,6 +36,8 @@ TIME_EMBED_DIM = 8
 TINY_DOWNSAMPLINGS = 2
 # The VAE below has three blocks, two of them upsampling: 4 pixels per latent row.
 TINY_VAE_SCALE = 4
+TRAINED_MODEL = Path(__file__).resolve().parent / "models" / "tiny-shapes"
+"""The trained pipeline's folder (``StableDiffusionXLPipeline.from_pretrained`` loads it)."""
 
 
 def _bytes_to_unicode():
@@ -165,3 +177,19 @@ def tiny_sd_pipeline(seed: int = 0, torch_dtype: torch.dtype = torch.float32):
         requires_safety_checker=False,
     )
     return pipe.to(torch_dtype=torch_dtype)
+
+
+def trained_sdxl_pipeline(torch_dtype: torch.dtype = torch.float32):
+    """The trained tiny ``StableDiffusionXLPipeline`` (128 x 128 pixels, a 32 x 32 latent), loaded
+    offline from ``TRAINED_MODEL``."""
+    from diffusers import StableDiffusionXLPipeline
+
+    if not (TRAINED_MODEL / "model_index.json").is_file():
+        raise InputError(
+            f"the trained tiny model is missing from {TRAINED_MODEL}; `python bench/train_tiny.py` makes it"
+        )
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        str(TRAINED_MODEL), torch_dtype=torch_dtype, local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
