@@ -105,17 +105,21 @@ def attention_with_lse(
     return _fused(q, k, v, scale)
 
 
+def _check_partials(op: str, out, lse, block_out, block_lse) -> None:
+    if out.shape != block_out.shape or lse.shape != block_lse.shape or out.shape[:-1] != lse.shape:
+        raise InputError(
+            f"{op}: outputs {tuple(out.shape)} / {tuple(block_out.shape)} and log-sum-exps "
+            f"{tuple(lse.shape)} / {tuple(block_lse.shape)} do not match"
+        )
+
+
 def merge_partial(
     out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fold one block's ``(block_out, block_lse)`` into the running ``(out, lse)``; the result in
     ``out``'s dtype (keep the running output in fp32 to merge 16-bit blocks without rounding each
     step)."""
-    if out.shape != block_out.shape or lse.shape != block_lse.shape or out.shape[:-1] != lse.shape:
-        raise InputError(
-            f"merge_partial: outputs {tuple(out.shape)} / {tuple(block_out.shape)} and log-sum-exps "
-            f"{tuple(lse.shape)} / {tuple(block_lse.shape)} do not match"
-        )
+    _check_partials("merge_partial", out, lse, block_out, block_lse)
     compute = torch.float64 if torch.float64 in (out.dtype, lse.dtype) else torch.float32
     lse, block_lse = lse.to(compute), block_lse.to(compute)
     total = torch.logaddexp(lse, block_lse)
@@ -135,14 +139,11 @@ def merge_partial_(
             f"merge_partial_: the running out and lse must be fp32 or fp64 of one dtype, got {out.dtype} "
             f"and {lse.dtype}"
         )
-    if out.shape != block_out.shape or lse.shape != block_lse.shape or out.shape[:-1] != lse.shape:
-        raise InputError(
-            f"merge_partial_: outputs {tuple(out.shape)} / {tuple(block_out.shape)} and log-sum-exps "
-            f"{tuple(lse.shape)} / {tuple(block_lse.shape)} do not match"
-        )
-    total = torch.logaddexp(lse, block_lse.to(lse.dtype))
+    _check_partials("merge_partial_", out, lse, block_out, block_lse)
+    block_lse = block_lse.to(lse.dtype)
+    total = torch.logaddexp(lse, block_lse)
     out.mul_(torch.exp(lse - total).unsqueeze(-1))
-    out.addcmul_(block_out, torch.exp(block_lse.to(lse.dtype) - total).unsqueeze(-1))
+    out.addcmul_(block_out, torch.exp(block_lse - total).unsqueeze(-1))
     lse.copy_(total)
 
 

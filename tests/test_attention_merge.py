@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distripy.errors import InputError
-from distripy.kernels.attention_merge import attention_with_lse, merge_partial, merge_partials
+from distripy.kernels.attention_merge import attention_with_lse, merge_partial, merge_partial_, merge_partials
 
 
 def _whole(q, k, v):
@@ -52,6 +52,23 @@ def test_shapes_are_checked():
         merge_partial(q, q[..., 0], q[:, :, :2], q[:, :, :2, 0])
     with pytest.raises(InputError, match="no blocks"):
         merge_partials([])
+
+
+def test_the_in_place_merge_of_half_precision_blocks_equals_whole_sequence_attention():
+    generator = torch.Generator().manual_seed(12)
+    q = torch.randn(1, 3, 7, 16, generator=generator).to(torch.bfloat16)
+    k = (torch.randn(1, 3, 11, 16, generator=generator) * 2).to(torch.bfloat16)
+    v = torch.randn(1, 3, 11, 16, generator=generator).to(torch.bfloat16)
+    blocks = list(zip(k.split([4, 1, 6], dim=2), v.split([4, 1, 6], dim=2)))
+    out, lse = attention_with_lse(q, *blocks[0])
+    out, lse = out.float(), lse.float()
+    for kb, vb in blocks[1:]:
+        merge_partial_(out, lse, *attention_with_lse(q, kb, vb))
+    expected_out, expected_lse = _whole(q, k, v)
+    torch.testing.assert_close(out.double(), expected_out, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse.double(), expected_lse, rtol=1e-3, atol=1e-3)
+    with pytest.raises(InputError, match="must be fp32 or fp64"):
+        merge_partial_(out.bfloat16(), lse, *attention_with_lse(q, kb, vb))
 
 
 def test_float64_blocks_are_computed_in_float64():

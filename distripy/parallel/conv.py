@@ -106,12 +106,10 @@ class PatchConv2d(nn.Conv2d, PatchState):
         exchange = ctx.activation_exchange
         top = bottom = None
         whole = None
-        if exchange is ActivationExchange.OVERLAPPED and (
-            prologue is not None or ctx.whole_input_of(x) is None
-        ):
-            return self._overlapped(x, prologue)
         if prologue is None and exchange is not ActivationExchange.NONE:
             whole = ctx.whole_input_of(x)
+        if exchange is ActivationExchange.OVERLAPPED and whole is None:
+            return self._overlapped(x, prologue)
         if whole is not None:
             top, bottom = whole.halos(self.halo_top, self.halo_bottom)
         elif exchange is ActivationExchange.SYNC:
