@@ -102,6 +102,7 @@ setup(
         # the trained tiny pipeline (bench/train_tiny.py): configs, tokenizers, safetensors
         "distripy.pipelines": [
             "models/*/*.json",
+            "models/*/*.md",
             "models/*/*/*.json",
             "models/*/*/*.txt",
             "models/*/*/*.safetensors",

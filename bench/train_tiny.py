@@ -125,7 +125,7 @@ def train_vae(vae, steps: int, seed: int, log: List[Dict]) -> None:
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        log.append({"stage": "vae", "step": step, "loss": float(loss)})
+        log.append({"stage": "vae", "step": step, "loss": float(loss.detach())})
         if step % 100 == 0 or step == steps - 1:
             print(f"vae step {step}/{steps}: loss {float(loss):.4f}", flush=True)
     vae.eval()
@@ -206,7 +206,7 @@ def train_unet(pipe, latents, prompts, steps: int, batch: int, seed: int, log: L
         with torch.no_grad():
             for kept, live in zip(ema.parameters(), models.parameters()):
                 kept.lerp_(live, 1 - decay)
-        log.append({"stage": "unet", "step": step, "loss": float(loss)})
+        log.append({"stage": "unet", "step": step, "loss": float(loss.detach())})
         if step % 50 == 0 or step == steps - 1:
             print(f"unet step {step}/{steps}: loss {float(loss):.4f}", flush=True)
     return ema
@@ -263,6 +263,29 @@ def sample_grid(pipe, path: Path, seed: int, steps: int = 20) -> List[str]:
     return prompts
 
 
+def model_card(record: Dict) -> str:
+    """The trained folder's README: what it is, and the command, seed and versions that made it."""
+    env, settings = record["environment"], record["settings"]
+    versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
+    return (
+        "# tiny-shapes: distripy's own small text-to-image model\n\n"
+        "An SDXL-architecture pipeline (`StableDiffusionXLPipeline`: two CLIP text encoders, a UNet "
+        "with ResNet blocks, GroupNorm, self- and cross-attention, an AutoencoderKL) trained by "
+        "`bench/train_tiny.py` on 128 x 128 scenes it draws itself: one coloured shape (circle, "
+        "square, triangle) on a two-colour gradient, prompted as "
+        '"a red circle on a blue and yellow background". Colours: '
+        f"{', '.join(COLORS)}. It is what distripy's demo, quality study and tests judge the "
+        "asynchronous modes on; it is not a general image model.\n\n"
+        "Made with (the same torch and thread count make the same weights):\n\n"
+        f"    python bench/train_tiny.py --seed {settings['seed']} --vae-steps {settings['vae_steps']} "
+        f"--unet-steps {settings['unet_steps']} --batch {settings['batch']} --scenes {settings['scenes']} "
+        f"--threads {settings['threads']}\n\n"
+        f"{record['minutes']:.1f} minutes on {env.get('device', 'a CPU')} ({versions}); the loss curve, "
+        "its JSON and sample grid are `bench/results/train-tiny-*`.\n\n"
+        "Load it offline with `distripy.pipelines.tiny.trained_sdxl_pipeline()`.\n"
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the pipeline folder to write")
@@ -314,7 +337,7 @@ def main(argv=None) -> int:
     plot_losses(log, stem.with_suffix(".png"))
     samples = stem.with_name(stem.stem + "-samples.png")
     sample_prompts = sample_grid(pipe, samples, args.seed, args.sample_steps)
-    write_json(
+    record = write_json(
         stem,
         {
             "environment": environment(threads=args.threads),
@@ -328,6 +351,7 @@ def main(argv=None) -> int:
             "loss": log,
         },
     )
+    (args.out / "README.md").write_text(model_card(__import__("json").loads(record.read_text())))
     print(f"wrote {args.out} ({size / 1e6:.1f} MB), {stem}, {stem.with_suffix('.png')}, {samples}")
     return 0
 

@@ -1,4 +1,5 @@
-"""What users call: ``parallelize`` (dispatch on the model's type), ``reset`` and ``patch_context``.
+"""What users call: ``parallelize`` (dispatch on the model's type), ``reset``, ``patch_context``
+and ``choose_mode`` (what ``mode="auto"`` runs for a number of steps).
 
 ``parallelize`` makes a diffusers model patch-parallel by swapping its modules in place (their
 weights are shared, not copied); ``distripy.pipelines`` holds how, for each kind of model.
@@ -11,10 +12,11 @@ import torch.nn as nn
 from distripy.config import DistriConfig
 from distripy.errors import InputTypeError
 from distripy.parallel.context import PatchContext
+from distripy.parallel.policy import ModeChoice, choose_mode
 from distripy.pipelines import parallelize_pipeline, parallelize_unet, parallelize_vae
 from distripy.pipelines.unet import require_installed_forward, reset_unet
 
-__all__ = ["parallelize", "patch_context", "reset"]
+__all__ = ["ModeChoice", "choose_mode", "parallelize", "patch_context", "reset"]
 
 
 def parallelize(model, config: Optional[DistriConfig] = None, *, comm=None):
@@ -54,16 +56,21 @@ def parallelize(model, config: Optional[DistriConfig] = None, *, comm=None):
     )
 
 
-def reset(model) -> None:
+def reset(model, steps: Optional[int] = None) -> None:
     """End the current generation: wait for the transfers its last step issued and forget every
     stale buffer, so that the next call starts a new generation. Call it between images (a new
     generation is also recognised by itself; a parallelised pipeline does it at every call) and
     before tearing down torch.distributed. A single-rank model (returned untouched by
-    ``parallelize``) has nothing to reset; a pipeline resets its UNet."""
+    ``parallelize``) has nothing to reset; a pipeline resets its UNet.
+
+    ``steps``: the number of denoising steps of the next generations, kept until the next reset,
+    from which ``mode="auto"`` picks the mode and warm-up (``choose_mode``). A parallelised
+    pipeline passes it itself; a bare UNet's loop should (without it, ``auto`` runs
+    ``corrected_async_gn`` with ``DistriConfig.warmup_steps``)."""
     unet = getattr(model, "unet", None)
     if unet is not None and not isinstance(model, nn.Module):
         model = unet
-    reset_unet(model)
+    reset_unet(model, steps)
 
 
 def patch_context(model) -> PatchContext:

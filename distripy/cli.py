@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from distripy.config import DEFAULT_MODE, DEFAULT_TIMEOUT_S, DEFAULT_WARMUP_STEPS, MODES
+from distripy.config import AUTO_MODE, DEFAULT_MODE, DEFAULT_TIMEOUT_S, DEFAULT_WARMUP_STEPS, MODE_CHOICES
 from distripy.errors import DistripyError
 
 __all__ = ["CommandError", "check_demo", "check_generate", "main"]
@@ -33,6 +33,8 @@ SCHEDULERS = {
     "pndm": "PNDMScheduler",
     "lms": "LMSDiscreteScheduler",
 }
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+DEMO_STEPS = 20
 DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -57,20 +59,41 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance", type=float, default=5.0)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--scheduler", default="default", help=f"one of {', '.join(SCHEDULERS)}")
+    generate.add_argument(
+        "--timestep-spacing",
+        choices=TIMESTEP_SPACINGS,
+        default=None,
+        help="the scheduler's timesteps (default: its own); trailing: what few-step models such as "
+        "SDXL-Lightning sample with (--steps 4 --scheduler euler --timestep-spacing trailing)",
+    )
     _add_parallel_arguments(generate)
     generate.add_argument(
         "--dtype", choices=DTYPES, default=None, help="default: float16 on GPUs, else float32"
     )
     generate.add_argument("--output", type=Path, default=Path("distripy.png"))
 
-    demo = commands.add_parser("demo", help="a small SDXL-architecture pipeline (random weights), every mode")
+    demo = commands.add_parser(
+        "demo",
+        help="the project's trained model: single device | auto | corrected_async_gn | naive_patch at 2 and 4 bands",
+    )
     demo.add_argument("--height", type=int, default=128)
     demo.add_argument("--width", type=int, default=128)
-    demo.add_argument("--steps", type=int, default=8)
-    demo.add_argument("--warmup-steps", type=int, default=2)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--nproc", type=int, default=2, help="ranks (processes; one GPU each when present)")
+    demo.add_argument("--steps", type=int, default=DEMO_STEPS)
+    demo.add_argument(
+        "--warmup-steps", type=int, default=1, help="the warm-up of the modes other than auto (default 1)"
+    )
+    demo.add_argument("--seed", type=int, default=None, help="default: the demo's own (see distripy.demo)")
+    demo.add_argument("--all-modes", action="store_true", help="every mode, not only the grid's and exact")
+    demo.add_argument(
+        "--bands",
+        type=int,
+        nargs="+",
+        default=[2, 4],
+        help="band counts, one world of ranks each (default 2 4)",
+    )
+    demo.add_argument("--nproc", type=int, default=None, help="one world of this many ranks (--bands N)")
     demo.add_argument("--output-dir", type=Path, default=Path("distripy-demo"))
+    demo.add_argument("--no-compose", action="store_true", help=argparse.SUPPRESS)  # set for its worlds
     _add_timeout_argument(demo)
     return parser
 
@@ -78,16 +101,18 @@ def _parser() -> argparse.ArgumentParser:
 def _add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
-        choices=MODES,
+        choices=MODE_CHOICES,
         default=DEFAULT_MODE,
-        help="exact: every step equals one GPU's, exchanges overlapped (few-step models); "
-        f"{DEFAULT_MODE} (default): DistriFusion's asynchronous mode",
+        help=f"{AUTO_MODE} (default): the mode and warm-up measured best for --steps (printed); "
+        "exact: every step equals one GPU's, exchanges overlapped (few-step models); "
+        "corrected_async_gn: DistriFusion's asynchronous mode",
     )
     parser.add_argument(
         "--warmup-steps",
         type=int,
-        default=DEFAULT_WARMUP_STEPS,
-        help=f"synchronous steps at the start (default {DEFAULT_WARMUP_STEPS}; the reference's W is W + 1 here)",
+        default=None,
+        help=f"synchronous steps at the start, for a --mode other than {AUTO_MODE} (default "
+        f"{DEFAULT_WARMUP_STEPS}; the reference's W is W + 1 here)",
     )
     parser.add_argument("--no-split-batch", action="store_true", help="keep CFG's two halves on every rank")
     parser.add_argument("--nproc", type=int, default=None, help="ranks to launch (one GPU each when present)")
@@ -209,6 +234,13 @@ def check_generate(args, world: int) -> None:
     _check_timeout(args)
     if args.scheduler not in SCHEDULERS:
         raise CommandError(f"--scheduler {args.scheduler}: unknown; use one of {', '.join(SCHEDULERS)}")
+    if args.mode == AUTO_MODE and args.warmup_steps is not None:
+        raise CommandError(
+            f"--warmup-steps {args.warmup_steps}: --mode {AUTO_MODE} picks the warm-up from --steps; "
+            "name a mode to set it (--mode corrected_async_gn --warmup-steps N)"
+        )
+    if args.warmup_steps is None:
+        args.warmup_steps = DEFAULT_WARMUP_STEPS
     for name in ("steps", "warmup_steps"):
         if getattr(args, name) < (1 if name == "steps" else 0):
             raise CommandError(f"--{name.replace('_', '-')} {getattr(args, name)}: too small")
@@ -223,11 +255,15 @@ def check_generate(args, world: int) -> None:
 
 
 def check_demo(args, world: int) -> None:
-    """Every check ``demo`` can make before any process starts."""
-    from distripy.pipelines.tiny import TINY_DOWNSAMPLINGS, TINY_VAE_SCALE
+    """Every check ``demo`` can make before any process starts, for a world of ``world`` ranks."""
+    from distripy.pipelines.tiny import TINY_DOWNSAMPLINGS, TINY_VAE_SCALE, TRAINED_MODEL
 
     if world < 1:
-        raise CommandError(f"--nproc {world}: needs at least 1")
+        raise CommandError(f"--bands {world}: needs at least 1")
+    if not (TRAINED_MODEL / "model_index.json").is_file():
+        raise CommandError(
+            f"the trained model is missing from {TRAINED_MODEL}; `python bench/train_tiny.py` makes it"
+        )
     _check_timeout(args)
     geometry = {"vae_scale": TINY_VAE_SCALE, "levels": TINY_DOWNSAMPLINGS}
     _check_size("height", args.height, geometry, world, world)  # one band per rank (no CFG split)
@@ -254,6 +290,7 @@ def _launch(world: int, argv: List[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    environment_before = dict(os.environ)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
     config = LaunchConfig(
         min_nodes=1,
@@ -274,6 +311,9 @@ def _launch(world: int, argv: List[str]) -> int:
         failures = "; ".join(f"rank {f.local_rank}: exit {f.exitcode}" for f in error.failures.values())
         print(f"distripy: {failures} (see the rank's message above)", file=sys.stderr)
         return 1
+    finally:
+        os.environ.clear()
+        os.environ.update(environment_before)
     return 0
 
 
@@ -309,9 +349,14 @@ def _load_pipeline(args, device, dtype):
         raise CommandError(
             f"--model {args.model}: cannot load the pipeline ({type(error).__name__}: {error})"
         ) from None
-    if SCHEDULERS[args.scheduler] is not None:
-        scheduler_class = getattr(diffusers, SCHEDULERS[args.scheduler])
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    scheduler_class = (
+        type(pipe.scheduler)
+        if SCHEDULERS[args.scheduler] is None
+        else getattr(diffusers, SCHEDULERS[args.scheduler])
+    )
+    overrides = {} if args.timestep_spacing is None else {"timestep_spacing": args.timestep_spacing}
+    if SCHEDULERS[args.scheduler] is not None or overrides:
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **overrides)
     return pipe.to(device)
 
 
@@ -330,13 +375,22 @@ def _step_timer(device):
     return callback, ends
 
 
-def _print_layout(args, world: int) -> None:
-    """How the ranks share the image, and a warning when the mode cannot matter."""
+def _print_layout(args, world: int, choice) -> None:
+    """How the ranks share the image, the mode and warm-up the generation runs (``choice``, a
+    ``ModeChoice``), and a warning when the mode cannot matter."""
     bands = _bands(args, world)
     groups = world // bands
     split = f"CFG split into {groups} groups of {bands}" if groups > 1 else "no CFG split"
     print(f"distripy: {world} rank{'s' * (world > 1)}, {split}: {bands} band{'s' * (bands > 1)} per image")
-    if bands == 1 and world > 1 and args.mode not in ("full_sync", "exact"):
+    synchronous = (
+        "every step synchronous"
+        if choice.mode in ("exact", "full_sync")
+        else "no exchange"
+        if choice.mode == "naive_patch"
+        else f"warm-up {choice.warmup_steps} synchronous step{'s' * (choice.warmup_steps != 1)}"
+    )
+    print(f"distripy: mode {choice.mode}, {synchronous} ({choice.reason})")
+    if bands == 1 and world > 1 and choice.mode not in ("full_sync", "exact"):
         print(
             f"distripy: warning: with one band per image nothing is exchanged between bands, so "
             f"--mode {args.mode} makes no difference; use --no-split-batch or more ranks for several bands",
@@ -366,7 +420,7 @@ def run_generate(args) -> int:
         timeout_s=args.timeout,
     )
     if rank == 0:
-        _print_layout(args, world)
+        _print_layout(args, world, distripy.choose_mode(config, args.steps))
     pipe = distripy.parallelize(pipe, config)
     callback, ends = _step_timer(device)
     start = time.perf_counter()
@@ -402,20 +456,40 @@ def run_generate(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if args.command == "demo" and args.nproc is not None:
+        args.bands = [args.nproc]
     try:
-        world = (
-            int(os.environ["WORLD_SIZE"]) if _under_torchrun() else (1 if args.nproc is None else args.nproc)
-        )
-        if args.command == "generate":
-            check_generate(args, world)
+        if _under_torchrun():
+            worlds = [int(os.environ["WORLD_SIZE"])]
+        elif args.command == "demo":
+            worlds = list(args.bands)
         else:
-            check_demo(args, world)
+            worlds = [1 if args.nproc is None else args.nproc]
+        for world in worlds:
+            (check_generate if args.command == "generate" else check_demo)(args, world)
     except CommandError as error:
         print(f"distripy: error: {error}", file=sys.stderr)
         return 2
-    if world > 1 and not _under_torchrun():
-        return _launch(world, argv)
-    return _run_rank(args)
+    if _under_torchrun():
+        return _run_rank(args)
+    if args.command == "generate":
+        return _launch(worlds[0], argv) if worlds[0] > 1 else _run_rank(args)
+    return _demo(args, argv, worlds)
+
+
+def _demo(args, argv: List[str], worlds: List[int]) -> int:
+    """One world per band count, then the grid and the report of all of them."""
+    for world in worlds:
+        if world > 1:
+            status = _launch(world, argv + ["--bands", str(world), "--nproc", str(world), "--no-compose"])
+        else:
+            args.bands, args.no_compose = [1], True
+            status = _run_rank(args)
+        if status != 0:
+            return status
+    from distripy.demo import compose_demo
+
+    return compose_demo(args, worlds)
 
 
 def _run_rank(args) -> int:

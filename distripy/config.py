@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from distripy.errors import ConfigError
 
 __all__ = [
+    "AUTO_MODE",
     "CHECK_EVERY_STEP_VARIABLE",
     "COMM_BACKENDS",
     "DEFAULT_MODE",
@@ -17,6 +18,7 @@ __all__ = [
     "DEFAULT_WARMUP_STEPS",
     "DistriConfig",
     "KERNEL_BACKENDS",
+    "MODE_CHOICES",
     "MODES",
 ]
 
@@ -40,7 +42,8 @@ generation synchronous: fresh halos, keys/values and statistics, exact. After th
 ``E(all)`` the whole image's per-(batch, group) ``[E[x], E[x^2]]``, ``E(own)`` this band's, ``t``
 this step and ``t-1`` the previous one:
 
-* ``corrected_async_gn`` (default; the paper's corrected asynchronous GroupNorm): halos and
+* ``corrected_async_gn`` (the paper's corrected asynchronous GroupNorm; what ``"auto"`` runs for
+  many steps): halos and
   self-attention keys/values of the other bands from step ``t-1``;
   ``E_t(all) ~ E_{t-1}(all) + (E_t(own) - E_{t-1}(own))``, and where the variance that gives is not
   positive, the band's own fresh variance (the mean is kept);
@@ -56,7 +59,15 @@ this step and ``t-1`` the previous one:
   baseline that shows seams).
 """
 
-DEFAULT_MODE = "corrected_async_gn"
+AUTO_MODE = "auto"
+"""Not a mode of its own: each generation runs the mode and warm-up that ``parallel.policy`` picks
+from its number of steps (``exact`` for few steps, ``corrected_async_gn`` with a warm-up that is a
+fraction of the steps otherwise), as measured on a trained model by ``bench/quality.py``."""
+
+MODE_CHOICES = (AUTO_MODE,) + MODES
+"""What ``DistriConfig.mode`` accepts."""
+
+DEFAULT_MODE = AUTO_MODE
 
 DEFAULT_WARMUP_STEPS = 5
 """Synchronous steps at the start of a generation: the reference implementation's default (its
@@ -87,8 +98,12 @@ def _check_choice(name: str, value, allowed) -> None:
 class DistriConfig:
     """Settings of displaced patch parallelism.
 
+    ``mode``: one of ``MODES``, or ``"auto"`` (the default): per generation, the mode and warm-up
+    that ``distripy.parallel.policy.choose_mode`` picks from the number of steps, which a
+    parallelised pipeline knows and a bare UNet is told with ``distripy.reset(unet, steps=n)``.
     ``warmup_steps``: how many steps at the start of every generation are synchronous (fresh,
-    exact exchanges); the asynchronous steps follow. The first step is synchronous even with 0:
+    exact exchanges); the asynchronous steps follow. With ``mode="auto"`` it applies only to a
+    generation whose number of steps is unknown (set a mode to choose the warm-up yourself). The first step is synchronous even with 0:
     there is nothing stale to use yet. DistriFusion's reference implementation
     (``distrifuser.DistriConfig``) counts differently: its ``warmup_steps=W`` makes steps ``0..W``
     synchronous, ``W + 1`` steps; its default 4 is this default 5. So distripy's ``W + 1`` is its
@@ -132,7 +147,7 @@ class DistriConfig:
             or self.warmup_steps < 0
         ):
             raise ConfigError(f"DistriConfig.warmup_steps={self.warmup_steps!r} must be an integer >= 0")
-        _check_choice("mode", self.mode, MODES)
+        _check_choice("mode", self.mode, MODE_CHOICES)
         if not isinstance(self.split_batch, bool):
             raise ConfigError(f"DistriConfig.split_batch={self.split_batch!r} must be True or False")
         _check_choice("comm_backend", self.comm_backend, COMM_BACKENDS)

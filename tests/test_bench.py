@@ -205,6 +205,9 @@ def test_training_the_tiny_model_writes_a_loadable_pipeline_and_its_loss_curve(t
     assert [r["stage"] for r in data["loss"]] == ["vae", "vae", "unet", "unet"]
     assert all(math.isfinite(r["loss"]) for r in data["loss"]) and data["model_bytes"] > 0
     assert record.with_suffix(".png").exists() and record.with_name(record.stem + "-samples.png").exists()
+    # the model card: the command and seed that reproduce the weights
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "python bench/train_tiny.py --seed 0 --vae-steps 2 --unet-steps 2 --batch 4 --scenes 16" in card
 
 
 # -- quality --------------------------------------------------------------------------------------
@@ -236,50 +239,79 @@ def _quality_body(rank, world_size, output_dir):
 
     args = quality.parser().parse_args(
         [
-            "--height",
-            "256",
-            "--width",
-            "64",
-            "--steps",
-            "6",
-            "--warmup-steps",
-            "1",
-            "--dtype",
-            "float32",
-            "--modes",
-            "full_sync",
-            "corrected_async_gn",
-            "naive_patch",
-            "--max-prompts",
-            "1",
-            "--output-dir",
-            str(output_dir),
+            "--height", "256", "--width", "64", "--steps", "3", "6", "--warmups", "1", "50%",
+            "--samplers", "euler-trailing", "--modes", "full_sync", "corrected_async_gn", "naive_patch",
+            "--max-prompts", "1", "--output-dir", str(output_dir),
         ]
-    )
+    )  # fmt: skip
     return quality.run(args)
 
 
 def test_quality_run_on_two_ranks(run_ranks, tmp_path):
     report = run_ranks(_quality_body, 2, tmp_path, timeout=300)[0]
-    settings = report["settings"]
-    full, corrected, naive = (
-        settings[f"{m}/warmup=1"] for m in ("full_sync", "corrected_async_gn", "naive_patch")
-    )
-    assert full["psnr_image_db"] > 80 and full["psnr_latent_db"] > 80
+    rows = {(r["steps"], r["mode"], r["warmup_steps"]): r for r in report["rows"]}
+    # warm-ups: 1 step, and half the steps rounded up (2 of 3: one asynchronous step; 3 of 6)
+    assert set(rows) == {
+        (3, "full_sync", 0), (3, "naive_patch", 0), (3, "corrected_async_gn", 1), (3, "corrected_async_gn", 2),
+        (6, "full_sync", 0), (6, "naive_patch", 0), (6, "corrected_async_gn", 1), (6, "corrected_async_gn", 3),
+    }  # fmt: skip
+    assert rows[3, "corrected_async_gn", 2]["warmup_specs"] == ["50%"]
+    full, corrected, naive = rows[6, "full_sync", 0], rows[6, "corrected_async_gn", 1], rows[6, "naive_patch", 0]
+    for row in (full,):
+        assert row["psnr_image_db"] is None or row["psnr_image_db"] > 80
+        assert max(row["step_errors"]) < 1e-5 and len(row["step_errors"]) == 6
     assert corrected["psnr_latent_db"] > naive["psnr_latent_db"]
+    # the error after each step: none in the synchronous first step, then stale values' error
+    assert corrected["step_errors"][0] < 1e-5 < corrected["step_errors"][1]
+    # growth: the last step's error over the error halfway through the asynchronous steps (1..5)
+    assert corrected["growth"] == pytest.approx(corrected["step_errors"][-1] / corrected["step_errors"][3])
     for where in ("seam_visibility_latent", "seam_visibility_image"):
         assert naive[where] > 3 * corrected[where], where
         assert full[where] < 1e-8, where
-    assert full["seam_image"] == pytest.approx(settings["reference"]["seam_image"], rel=1e-4)
-    # LPIPS: a score where its weights are at hand (full_sync's images equal the reference's, so
-    # it is ~0 and below naive_patch's), otherwise a reason -- exactly one of the two.
-    for row in (full, naive):
-        assert (row["lpips"] is None) == ("lpips" in row["missing"]), row
-    if full["lpips"] is None:
-        assert full["missing"]["lpips"].strip(), "a missing LPIPS needs its reason"
-    else:
-        assert 0.0 <= full["lpips"] < 1e-3 and naive["lpips"] > full["lpips"]
-    assert json.loads((tmp_path / "report.json").read_text())["bands"] == 2
+    reference = {(r["sampler"], r["steps"]): r for r in report["reference"]}
+    assert full["seam_image"] == pytest.approx(reference["euler-trailing", 6]["seam_image"], rel=1e-4)
+    assert json.loads((tmp_path / "bands-2.json").read_text())["bands"] == 2
+
+
+def test_quality_warmups_and_the_policy_from_rows():
+    from quality import derive_policy, settings, warmup_steps
+
+    assert [warmup_steps(s, 50) for s in ("1", "10%", "25%")] == [1, 5, 13]
+    assert [warmup_steps(s, 4) for s in ("10%", "25%", "50%")] == [1, 1, 2]
+    # every warm-up once; none that covers every step; the warm-up is moot for the other modes
+    assert settings(["exact", "stale_gn"], ["1", "2", "10%", "50%"], 2) == [("exact", 0, []), ("stale_gn", 1, ["1", "10%", "50%"])]
+
+    def row(steps, mode, db, specs=(), latent=None, sampler="ddim"):
+        return dict(steps=steps, mode=mode, psnr_image_db=db, psnr_latent_db=latent, warmup_specs=list(specs),
+                    sampler=sampler, bands=2)  # fmt: skip
+
+    rows = [
+        row(4, "corrected_async_gn", 22.0, ["10%"]), row(4, "corrected_async_gn", 28.0, ["25%"]),
+        row(8, "corrected_async_gn", 27.0, ["10%"]), row(8, "corrected_async_gn", 33.0, ["25%"]),
+        row(16, "corrected_async_gn", 31.0, ["10%"], latent=30.0),
+        row(16, "corrected_async_gn", 35.0, ["25%"]),
+        row(50, "corrected_async_gn", 34.0, ["10%"], latent=36.0),
+        row(50, "corrected_async_gn", 40.0, ["25%"]),
+        # no better with more steps: an error that builds up step by step
+        row(16, "naive_patch", 15.0, latent=15.5), row(50, "naive_patch", 15.0, latent=15.2),
+        row(16, "separate_gn", 25.0, ["10%"], latent=25.0), row(50, "separate_gn", 25.5, ["10%"], latent=25.5),
+        row(16, "exact", None, latent=None), row(50, "exact", None, latent=None),
+    ]  # fmt: skip
+    # 10% passes 30 dB at 50 steps (the fewest synchronous steps there), and from 16 steps on
+    policy = derive_policy(rows, 30.0, ["10%", "25%"])
+    assert policy == {"target_psnr_image_db": 30.0, "exact_below_steps": 16, "warmup_fraction": 0.1,
+                      "error_grows": ["naive_patch", "separate_gn"]}  # fmt: skip
+    # 34.5 dB: only 25% passes at 50 steps; it does from 16 on (33 dB at 8)
+    tighter = derive_policy(rows, 34.5, ["25%", "10%"])
+    assert (tighter["exact_below_steps"], tighter["warmup_fraction"]) == (16, 0.25)
+    looser = derive_policy(rows, 26.5, ["10%", "25%"])
+    assert (looser["exact_below_steps"], looser["warmup_fraction"]) == (8, 0.1)
+    unreachable = derive_policy(rows, 50.0, ["10%", "25%"])
+    assert unreachable["exact_below_steps"] is None and unreachable["warmup_fraction"] is None
+    # one run of two says it grows: not most of them
+    rows.append(row(16, "naive_patch", 15.0, latent=15.0, sampler="euler-trailing"))
+    rows.append(row(50, "naive_patch", 15.0, latent=20.0, sampler="euler-trailing"))
+    assert "naive_patch" not in derive_policy(rows, 30.0, ["10%", "25%"])["error_grows"]
 
 
 # -- reference_compare ------------------------------------------------------------------------------

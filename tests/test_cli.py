@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import distripy
 from distripy import cli
 
 
@@ -33,28 +34,42 @@ def tiny_model(tmp_path_factory) -> Path:
     return folder
 
 
-def test_demo_writes_the_grid_and_the_report(tmp_path):
+def test_demo_writes_the_labelled_grid_and_the_report(tmp_path):
+    """Two worlds (2 and 4 bands) of the trained model: the modes that must equal one device do,
+    naive_patch's seams show where corrected_async_gn's do not, and auto ran what it chose."""
+    from distripy.demo import DEMO_MODES
+
     out = tmp_path / "demo"
-    result = _command("demo", "--steps", "4", "--height", "64", "--width", "64", "--output-dir", str(out))
+    result = _command("demo", "--steps", "12", "--bands", "2", "4", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    modes = report["modes"]
-    assert report["ranks"] == 2 and set(modes) == {"single_device", *cli.MODES}
-    # equals the single device (null: identical)
-    assert modes["full_sync"]["psnr_db"] is None or modes["full_sync"]["psnr_db"] > 100
-    assert modes["single_device"]["psnr_db"] is None  # strict JSON: no Infinity
-    assert modes["naive_patch"]["psnr_db"] < modes["corrected_async_gn"]["psnr_db"] < 100
+    worlds = {world["bands"]: world for world in report["worlds"]}
+    assert set(worlds) == {2, 4}
+    choice = distripy.choose_mode(distripy.DistriConfig(), 12)
+    for bands, world in worlds.items():
+        modes = world["modes"]
+        assert set(modes) == {"single_device", *DEMO_MODES}
+        assert modes["single_device"]["psnr_db"] is None  # strict JSON: no Infinity
+        # exact equals the single device (null: identical)
+        assert modes["exact"]["psnr_db"] is None or modes["exact"]["psnr_db"] > 60, bands
+        assert modes["auto"]["runs"] == {"mode": choice.mode, "warmup_steps": choice.warmup_steps}
+        corrected, naive = modes["corrected_async_gn"], modes["naive_patch"]
+        assert naive["psnr_db"] < corrected["psnr_db"], bands
+        assert naive["seam_visibility"] > 5 * corrected["seam_visibility"], bands
     from PIL import Image
 
-    assert Image.open(out / "grid.png").size == (3 * 64 + 2 * 4, 64)
-    assert "corrected_async_gn" in result.stdout and "speedup" in result.stdout
+    width, height = Image.open(out / "grid.png").size
+    assert width > 4 * 2 * 128 and height > 2 * 2 * 128  # two rows of four panels at twice the size
+    assert "not GPU speedups" in result.stdout.replace("\n", " ") or "nothing of GPU" in result.stdout
+    assert "corrected_async_gn" in result.stdout and "seam" in result.stdout
 
 
 def test_generate_writes_the_image_on_two_processes(tiny_model, tmp_path):
     output = tmp_path / "image.png"
     result = _command(
         "generate", "--model", str(tiny_model), "--prompt", "a red boat", "--height", "64", "--width", "96",
-        "--steps", "3", "--nproc", "2", "--scheduler", "ddim", "--output", str(output),
+        "--steps", "3", "--nproc", "2", "--scheduler", "ddim", "--mode", "corrected_async_gn",
+        "--output", str(output),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     from PIL import Image
@@ -65,6 +80,37 @@ def test_generate_writes_the_image_on_two_processes(tiny_model, tmp_path):
     # the layout, and a warning that the mode cannot matter with one band per image
     assert "distripy: 2 ranks, CFG split into 2 groups of 1: 1 band per image" in result.stdout
     assert "distripy: warning: with one band per image" in result.stderr
+    assert "distripy: mode corrected_async_gn, warm-up 5 synchronous steps (set by DistriConfig.mode)" in (
+        result.stdout
+    )
+
+
+def test_generate_prints_what_auto_chose(capsys):
+    import argparse
+
+    args = argparse.Namespace(no_split_batch=True, mode="auto")
+    cli._print_layout(args, 2, distripy.choose_mode(distripy.DistriConfig(), 4))
+    assert "distripy: mode exact, every step synchronous (auto: 4 steps" in capsys.readouterr().out
+    cli._print_layout(args, 2, distripy.choose_mode(distripy.DistriConfig(), 40))
+    out = capsys.readouterr().out
+    assert "distripy: mode corrected_async_gn, warm-up" in out and "(auto: 40 steps" in out
+
+
+def test_generate_takes_lightnings_scheduler_setting(tiny_model):
+    """``--scheduler euler --timestep-spacing trailing``: the model's scheduler configuration as an
+    Euler scheduler with trailing timesteps (4 steps start at the last training timestep)."""
+    import argparse
+
+    import torch
+
+    args = argparse.Namespace(model=tiny_model, scheduler="euler", timestep_spacing="trailing")
+    pipe = cli._load_pipeline(args, torch.device("cpu"), torch.float32)
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.timesteps.tolist() == [999.0, 749.0, 499.0, 249.0]
+    args = argparse.Namespace(model=tiny_model, scheduler="default", timestep_spacing="leading")
+    pipe = cli._load_pipeline(args, torch.device("cpu"), torch.float32)
+    assert pipe.scheduler.config.timestep_spacing == "leading"
 
 
 def _broken_copy(tiny_model, tmp_path, name, damage):
@@ -100,6 +146,8 @@ def _bad(tiny_model, tmp_path):
                          "--height 72 is not supported on 2 ranks: it must be a multiple of 32"),
         "unknown scheduler": (["--model", str(tiny_model), "--scheduler", "warp"],
                               "--scheduler warp: unknown"),
+        "warm-up with auto": (["--model", str(tiny_model), "--warmup-steps", "3"],
+                              "--warmup-steps 3: --mode auto picks the warm-up from --steps"),
     }  # fmt: skip
 
 
@@ -110,6 +158,7 @@ def _bad(tiny_model, tmp_path):
         "malformed model",
         "height for N",
         "unknown scheduler",
+        "warm-up with auto",
         "missing weights",
         "truncated weights",
         "no ranks",

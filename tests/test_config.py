@@ -11,7 +11,7 @@ from distripy.config import COMM_BACKENDS, KERNEL_BACKENDS, MODES
 
 def test_defaults():
     config = distripy.DistriConfig()
-    assert (config.warmup_steps, config.mode, config.split_batch) == (5, "corrected_async_gn", True)
+    assert (config.warmup_steps, config.mode, config.split_batch) == (5, "auto", True)
     assert (config.comm_backend, config.kernel_backend) == ("auto", "auto")
     assert (config.rank, config.world_size) == (0, 1)  # torch.distributed not initialised
 

@@ -38,6 +38,11 @@ def test_skip_ext_builds_a_pure_python_wheel_with_every_package(pure_python_whee
     assert {"distripy/__init__.py", "distripy/kernels/__init__.py", "distripy/runtime/__init__.py"} <= names
     assert {"distripy/pipelines/__init__.py", "distripy/cli.py", "distripy/demo.py"} <= names
     assert not [name for name in names if "/_C" in name]
+    # the trained tiny pipeline the demo loads, whole (configs, tokenizers, weights, its card)
+    model = Path(ROOT / "distripy" / "pipelines" / "models" / "tiny-shapes")
+    shipped = {f"distripy/pipelines/models/tiny-shapes/{p.relative_to(model).as_posix()}" for p in model.rglob("*") if p.is_file()}
+    assert "distripy/pipelines/models/tiny-shapes/unet/diffusion_pytorch_model.safetensors" in shipped
+    assert shipped <= names, sorted(shipped - names)
     (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
     text = zipfile.ZipFile(pure_python_wheel).read(entry_points).decode()
     assert "distripy = distripy.cli:main" in text  # the `distripy` command

@@ -33,6 +33,7 @@ import torch
 from distripy.config import KERNEL_BACKENDS, DistriConfig
 from distripy.errors import ConfigError, InputError, StepError
 from distripy.parallel.bands import band_rows
+from distripy.parallel.policy import ModeChoice, choose_mode
 
 __all__ = ["ActivationExchange", "Exchange", "PatchContext", "PatchState", "StatisticsExchange", "WholeInput"]
 
@@ -132,6 +133,7 @@ class PatchContext:
             raise ConfigError(f"kernel_backend {kernel_backend!r} is not one of {KERNEL_BACKENDS}")
         self.config = config
         self.kernel_backend = kernel_backend
+        self.choice: ModeChoice = choose_mode(config, None)  # the current generation's
         self.comm = None
         self.band_index = 0
         self.band_count = 1
@@ -174,12 +176,22 @@ class PatchContext:
         for state in self._states:
             state.reset_state()
 
-    def start_generation(self, comm, band_index: int, band_count: int, shape_key: Hashable = None) -> None:
+    def start_generation(
+        self,
+        comm,
+        band_index: int,
+        band_count: int,
+        shape_key: Hashable = None,
+        steps: Optional[int] = None,
+    ) -> None:
         """Forget every stale buffer: the next step is the first of a new generation. ``shape_key``
-        names the generation's input signature (it selects the persistent buffers)."""
+        names the generation's input signature (it selects the persistent buffers); ``steps``, its
+        number of denoising steps when known, picks the mode and warm-up of ``mode="auto"``."""
         if not 0 <= band_index < band_count:
             raise InputError(f"band_index {band_index} is outside [0, {band_count})")
+        choice = choose_mode(self.config, steps)
         self.drain()
+        self.choice = choice
         self.comm = comm
         self.band_index = band_index
         self.band_count = band_count
@@ -194,8 +206,8 @@ class PatchContext:
         self.active = True
         # Read by every module: a stored bool, not a comparison with the step number, so that
         # torch.compile specialises a step on sync vs async only (not on each step's number).
-        self._synchronous = self.config.mode in ("full_sync", "exact") or self.step < max(
-            1, self.config.warmup_steps
+        self._synchronous = self.mode in ("full_sync", "exact") or self.step < max(
+            1, self.choice.warmup_steps
         )
 
     def end_step(self, issue_pending: bool) -> None:
@@ -266,6 +278,16 @@ class PatchContext:
     # -- what this step does ---------------------------------------------------------------------
 
     @property
+    def mode(self) -> str:
+        """The current generation's mode (``DistriConfig.mode``, or what ``"auto"`` chose)."""
+        return self.choice.mode
+
+    @property
+    def warmup_steps(self) -> int:
+        """The current generation's synchronous steps at its start."""
+        return self.choice.warmup_steps
+
+    @property
     def synchronous_step(self) -> bool:
         """Fresh exchanges this step: ``full_sync``, ``exact``, or a warm-up step (the first step
         always is: there is nothing stale to use yet)."""
@@ -273,15 +295,15 @@ class PatchContext:
 
     @property
     def activation_exchange(self) -> ActivationExchange:
-        if self.config.mode == "naive_patch":
+        if self.mode == "naive_patch":
             return ActivationExchange.NONE
-        if self.config.mode == "exact":
+        if self.mode == "exact":
             return ActivationExchange.OVERLAPPED
         return ActivationExchange.SYNC if self.synchronous_step else ActivationExchange.STALE
 
     @property
     def statistics_exchange(self) -> StatisticsExchange:
-        mode = self.config.mode
+        mode = self.mode
         if mode == "naive_patch":
             return StatisticsExchange.LOCAL
         if self.synchronous_step or mode == "sync_gn":

@@ -35,6 +35,7 @@ from distripy.parallel.bands import (
 )
 from distripy.parallel.context import PatchContext
 from distripy.parallel.digest import digest_arguments
+from distripy.parallel.policy import check_steps
 
 __all__ = ["PatchUNetForward"]
 
@@ -76,13 +77,16 @@ class PatchUNetForward:
         self._signature: Optional[Tuple] = None
         self._last_timestep: Optional[float] = None
         self._reset_requested = True
+        self.steps: Optional[int] = None  # the generations' number of steps, when told (reset)
         self.graphs = None  # a StepGraphs with use_cuda_graph
 
     # -- generations -----------------------------------------------------------------------------
 
-    def reset(self) -> None:
+    def reset(self, steps: Optional[int] = None) -> None:
         """End the current generation: wait for its last transfers, forget its stale buffers; the
-        next call starts a new generation."""
+        next call starts a new generation. ``steps``: how many denoising steps the next generations
+        take (what ``mode="auto"`` decides by), until the next reset; None: unknown."""
+        self.steps = check_steps(steps)
         self.context.drain()
         self._reset_requested = True
 
@@ -140,7 +144,11 @@ class PatchUNetForward:
         description = None if problem is not None else dict(digest_arguments(arguments), layout=signature)
         agree(self.world_comm, description, problem)
         self.context.start_generation(
-            self.patch_comms[plan.split_batch], plan.band_index, plan.band_count, shape_key=signature
+            self.patch_comms[plan.split_batch],
+            plan.band_index,
+            plan.band_count,
+            shape_key=signature,
+            steps=self.steps,
         )
         self._signature = signature
 

@@ -8,8 +8,10 @@ whose ``__call__``
   of each: prompts or embeddings, guidance, steps, timesteps, size, strength, generator state,
   latents, images), the same scheduler configuration and the same LoRA adapters and scales; a
   difference raises ``RankMismatchError`` on every rank, naming the arguments and the ranks;
-* starts a new generation (``distripy.reset``) and, at the end, waits for the last step's
-  transfers, so consecutive calls may change height, width, steps, guidance and batch freely;
+* starts a new generation (``distripy.reset``) told its number of steps (``num_inference_steps``,
+  or the length of ``timesteps`` / ``sigmas``), from which ``mode="auto"`` picks the mode and
+  warm-up, and, at the end, waits for the last step's transfers, so consecutive calls may change
+  height, width, steps, guidance and batch freely;
 * gives every rank the same initial noise: without a ``generator`` or ``latents`` the ranks would
   each draw their own and make a wrong image, so rank 0 draws a seed and sends it to all (through
   the ``Comm``'s ``all_gather_object``);
@@ -36,7 +38,7 @@ from distripy.parallel.digest import digest_arguments
 from distripy.pipelines.unet import parallelize_unet, require_installed_forward, reset_unet
 from distripy.pipelines.vae import parallelize_vae
 
-__all__ = ["parallelize_pipeline", "shared_seed"]
+__all__ = ["denoising_steps", "parallelize_pipeline", "shared_seed"]
 
 _COMM_ATTRIBUTE = "_distripy_comm"
 
@@ -72,13 +74,27 @@ def _call_description(pipe, arguments) -> dict:
     return digest_arguments(described)
 
 
+def denoising_steps(signature: inspect.Signature, arguments: dict) -> Optional[int]:
+    """The number of denoising steps a pipeline call asks for: its ``timesteps`` or ``sigmas``
+    when given, else its ``num_inference_steps`` (or that parameter's default); None when the
+    call names none (what ``mode="auto"`` decides by)."""
+    for name in ("timesteps", "sigmas"):
+        if arguments.get(name) is not None:
+            return len(arguments[name]) or None
+    steps = arguments.get("num_inference_steps")
+    if steps is None and "num_inference_steps" in signature.parameters:
+        steps = signature.parameters["num_inference_steps"].default
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
+
+
 def _parallel_call(pipe, original, args, kwargs):
-    bound = inspect.signature(original).bind(pipe, *args, **kwargs)
+    signature = inspect.signature(original)
+    bound = signature.bind(pipe, *args, **kwargs)
     comm = getattr(pipe, _COMM_ATTRIBUTE)
     agree(comm, _call_description(pipe, bound.arguments), None, what="pipeline call")
     if bound.arguments.get("generator") is None and bound.arguments.get("latents") is None:
         bound.arguments["generator"] = torch.Generator().manual_seed(shared_seed(comm))
-    reset_unet(pipe.unet)
+    reset_unet(pipe.unet, denoising_steps(signature, bound.arguments))
     try:
         return original(*bound.args, **bound.kwargs)
     finally:

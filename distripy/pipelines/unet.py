@@ -13,6 +13,7 @@ import torch.nn as nn
 from distripy.config import DistriConfig
 from distripy.errors import InputError, UnsupportedModuleError
 from distripy.parallel.context import PatchContext
+from distripy.parallel.policy import check_steps, warn_if_error_grows
 from distripy.parallel.unet import PatchUNetForward
 from distripy.pipelines.swap import plan_swaps, swap_modules
 from distripy.runtime.factory import check_backends, make_comms
@@ -41,6 +42,7 @@ def parallelize_unet(unet, config: DistriConfig, comm=None):
     if world_size == 1:
         return unet
     plan_swaps(unet)  # refuse before creating communicators
+    warn_if_error_grows(config.mode)
 
     world_comm, patch_comms = make_comms(config, comm)
     context = PatchContext(config)
@@ -74,8 +76,11 @@ def require_installed_forward(unet) -> PatchUNetForward:
     return forward
 
 
-def reset_unet(unet) -> None:
-    """End a parallelised UNet's generation (see ``distripy.reset``); nothing for any other model."""
+def reset_unet(unet, steps: Optional[int] = None) -> None:
+    """End a parallelised UNet's generation (see ``distripy.reset``); nothing for any other model
+    (``steps`` is still checked)."""
     forward = installed_forward(unet)
     if forward is not None:
-        forward.reset()
+        forward.reset(steps)
+    else:
+        check_steps(steps)
