@@ -404,11 +404,13 @@ def _psnr_value(row: Dict, key: str) -> float:
 def derive_policy(rows: Sequence[Dict], target_db: float, fractions: Sequence[str]) -> Dict:
     """The ``auto`` policy the measurements support.
 
-    * ``warmup_fraction``: the smallest measured share of the steps whose warm-up keeps
-      ``corrected_async_gn``'s image PSNR >= ``target_db`` at the most steps measured (a base
-      model's usual count), for every sampler and band count: the fewest synchronous steps there;
-    * ``exact_below_steps``: the fewest measured steps from which that share keeps the target at
-      every measured count at or above it (below it: ``exact``);
+    * for each measured share of the steps as warm-up that keeps ``corrected_async_gn``'s image
+      PSNR >= ``target_db`` at the most steps measured, for every sampler and band count: the
+      fewest measured steps from which it keeps the target at every measured count at or above
+      it (below it: ``exact``);
+    * ``warmup_fraction`` and ``exact_below_steps``: the share, and its threshold, that make the
+      fewest steps with full exchanges (warm-up steps, and every step of an ``exact`` generation)
+      summed over the measured step counts (ties: the smaller share);
     * ``error_grows``: the modes whose error grows step over step: with more steps each
       asynchronous step is staler by less, so a mode whose error is one step's staleness gets
       closer to the single device; one whose latent PSNR gains less than ``SHRINK_DB`` from the
@@ -422,14 +424,14 @@ def derive_policy(rows: Sequence[Dict], target_db: float, fractions: Sequence[st
         measured = [r for r in corrected if r["steps"] == steps and spec in r["warmup_specs"]]
         return bool(measured) and all(_psnr_value(r, "psnr_image_db") >= target_db for r in measured)
 
-    share, threshold = None, None
+    share, threshold, fewest = None, None, None
     for spec in sorted(fractions, key=lambda s: float(s.rstrip("%"))):
-        if all_steps and passes(spec, all_steps[-1]):
-            share = spec
-            threshold = next(
-                s for i, s in enumerate(all_steps) if all(passes(spec, t) for t in all_steps[i:])
-            )
-            break
+        if not all_steps or not passes(spec, all_steps[-1]):
+            continue
+        start = next(s for i, s in enumerate(all_steps) if all(passes(spec, t) for t in all_steps[i:]))
+        full = sum(steps if steps < start else warmup_steps(spec, steps) for steps in all_steps)
+        if fewest is None or full < fewest:
+            share, threshold, fewest = spec, start, full
     grows = []
     smallest = min(fractions, key=lambda s: float(s.rstrip("%")), default=None)
     if len(all_steps) >= 2:
@@ -481,6 +483,7 @@ def plot_study(rows: Sequence[Dict], stem: Path, spec: str) -> List[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     samplers = sorted({r["sampler"] for r in rows})
     bands = sorted({r["bands"] for r in rows})
@@ -500,6 +503,7 @@ def plot_study(rows: Sequence[Dict], stem: Path, spec: str) -> List[Path]:
                     values = [cap if r["psnr_image_db"] is None else r["psnr_image_db"] for r in line]
                     axis.plot([r["steps"] for r in line], values, marker="o", label=mode)
             axis.set_xscale("log")
+            axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             axis.set_xticks(sorted({r["steps"] for r in rows}))
             axis.set_xticklabels([str(s) for s in sorted({r["steps"] for r in rows})])
             axis.set_title(f"{sampler}, {n} bands", fontsize=9)
@@ -523,7 +527,7 @@ def plot_study(rows: Sequence[Dict], stem: Path, spec: str) -> List[Path]:
         axis.set_yscale("log")
         axis.set_title(f"{sampler}, {most} steps, {max(bands)} bands, warm-up {spec}", fontsize=9)
         axis.set_xlabel("step")
-        axis.set_ylabel("latent error vs 1 device (relative RMS)")
+        axis.set_ylabel("latent error vs 1 device (RMS / final RMS)")
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     figure.tight_layout()
@@ -589,9 +593,10 @@ def summary_markdown(
         f"- `exact` below **{policy['exact_below_steps']}** steps: below it `corrected_async_gn` with that "
         "warm-up misses the target at some measured setting;",
         f"- `corrected_async_gn` from {policy['exact_below_steps']} steps on, with a warm-up of "
-        f"**{policy['warmup_fraction']:.0%}** of the steps (rounded up): the smallest share measured "
-        f"that meets the target at {steps_all[-1]} steps (the fewest synchronous steps there), and from "
-        f"{policy['exact_below_steps']} steps on;",
+        f"**{policy['warmup_fraction']:.0%}** of the steps (rounded up): of the shares measured that meet "
+        f"the target at {steps_all[-1]} steps, the one whose threshold and warm-ups make the fewest "
+        "steps with full exchanges (warm-up steps, and every step of an `exact` generation) over the "
+        f"measured step counts ({', '.join(map(str, steps_all))});",
         "- the error grows step over step (the latent PSNR gains less than "
         f"{SHRINK_DB:g} dB from {steps_all[-2] if len(steps_all) > 1 else '-'} to {steps_all[-1]} steps, "
         "though each asynchronous step is then less stale, in most runs) for: "
@@ -647,6 +652,7 @@ def study(args, argv: Sequence[str]) -> Dict:
     worlds = [__import__("json").loads((folder / f"bands-{n}.json").read_text()) for n in args.bands]
     rows = [dict(row, bands=world["bands"]) for world in worlds for row in world["rows"]]
     policy = derive_policy(rows, args.target_db, [s for s in args.warmups if s.endswith("%")])
+    args.results_dir.mkdir(parents=True, exist_ok=True)
     stem = args.results_dir / "quality-study"
     plots = plot_study(rows, stem, args.plot_warmup)
     record = write_json(
@@ -656,7 +662,7 @@ def study(args, argv: Sequence[str]) -> Dict:
             "model": worlds[0]["model"],
             "size": worlds[0]["size"],
             "guidance": worlds[0]["guidance"],
-            "prompts": worlds[0]["prompts"],
+            "prompts": {w["bands"]: w["prompts"] for w in worlds},
             "bands": list(args.bands),
             "policy": policy,
             "reference": {w["bands"]: w["reference"] for w in worlds},

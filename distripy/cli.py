@@ -354,7 +354,8 @@ def _load_pipeline(args, device, dtype):
         if SCHEDULERS[args.scheduler] is None
         else getattr(diffusers, SCHEDULERS[args.scheduler])
     )
-    overrides = {} if args.timestep_spacing is None else {"timestep_spacing": args.timestep_spacing}
+    spacing = getattr(args, "timestep_spacing", None)
+    overrides = {} if spacing is None else {"timestep_spacing": spacing}
     if SCHEDULERS[args.scheduler] is not None or overrides:
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **overrides)
     return pipe.to(device)

@@ -40,12 +40,12 @@ def test_demo_writes_the_labelled_grid_and_the_report(tmp_path):
     from distripy.demo import DEMO_MODES
 
     out = tmp_path / "demo"
-    result = _command("demo", "--steps", "12", "--bands", "2", "4", "--output-dir", str(out))
+    result = _command("demo", "--steps", "8", "--bands", "2", "4", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     worlds = {world["bands"]: world for world in report["worlds"]}
     assert set(worlds) == {2, 4}
-    choice = distripy.choose_mode(distripy.DistriConfig(), 12)
+    choice = distripy.choose_mode(distripy.DistriConfig(), 8)
     for bands, world in worlds.items():
         modes = world["modes"]
         assert set(modes) == {"single_device", *DEMO_MODES}

@@ -1,5 +1,9 @@
-"""The loader of the model the project trains (``bench/train_tiny.py``, shipped under
-``distripy/pipelines/models/tiny-shapes``): without the model it says which command makes it."""
+"""The model the project trains (``bench/train_tiny.py``, shipped under
+``distripy/pipelines/models/tiny-shapes``): without it the loader says which command makes it;
+with it, the asynchronous modes keep DistriFusion's ordering on a real denoising trajectory (a
+random-weight UNet's activations change too much between steps to show it)."""
+
+import contextlib
 
 import pytest
 
@@ -38,29 +42,20 @@ def _trajectory_body(rank, world_size, modes, steps, warmup):
     results = {"single_device": generate(trained_sdxl_pipeline())}
     for mode in modes:
         config = distripy.DistriConfig(mode=mode, warmup_steps=warmup, split_batch=False)
-        with pytest.warns(QualityWarning) if mode == "naive_patch" else _nothing():
+        with pytest.warns(QualityWarning) if mode == "naive_patch" else contextlib.nullcontext():
             pipe = distripy.parallelize(trained_sdxl_pipeline(), config)
         results[mode] = generate(pipe)
     return results
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-@pytest.mark.parametrize("bands", [2, 4])
-def test_on_a_real_trajectory_corrected_beats_stale_beats_naive(run_ranks, bands):
+def test_on_a_real_trajectory_corrected_beats_stale_beats_naive(run_ranks):
     """DistriFusion's ordering where it means something: the trained model's activations change
     smoothly between steps, so the corrected GroupNorm statistics are closer to the whole image's
     than stale ones, and both far closer than no exchange at all."""
     import numpy as np
 
     modes = ("corrected_async_gn", "stale_gn", "naive_patch")
-    results = run_ranks(_trajectory_body, bands, modes, 20, 2, timeout=300)[0]
+    results = run_ranks(_trajectory_body, 2, modes, 20, 2, timeout=300)[0]
     reference = results["single_device"]
 
     def error(mode):

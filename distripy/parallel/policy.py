@@ -33,8 +33,8 @@ __all__ = [
     "warn_if_error_grows",
 ]
 
-EXACT_BELOW_STEPS = 10
-WARMUP_FRACTION = 0.1
+EXACT_BELOW_STEPS = 8
+WARMUP_FRACTION = 0.25
 ERROR_GROWS = frozenset({"naive_patch", "separate_gn"})
 
 
