@@ -370,31 +370,10 @@ def _db(value: Optional[float]) -> str:
 
 
 def launch_world(bands: int, argv: Sequence[str], folder: Path) -> None:
-    """Run this script on ``bands`` local processes (what ``torchrun --nproc-per-node`` does), each
-    with an equal share of the CPU cores unless ``OMP_NUM_THREADS`` says otherwise."""
-    import uuid
+    """Run this script on ``bands`` local processes (what ``torchrun --nproc-per-node`` does)."""
+    from distripy.runtime.distributed import launch_local
 
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    environment_before = dict(os.environ)
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // bands)))
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=bands,
-        run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
-        max_restarts=0,
-        monitor_interval=0.1,
-    )
-    try:
-        elastic_launch(config, entrypoint=sys.executable)(
-            str(Path(__file__).resolve()), *argv, "--output-dir", str(folder)
-        )
-    finally:
-        os.environ.clear()
-        os.environ.update(environment_before)
+    launch_local(bands, [str(Path(__file__).resolve()), *argv, "--output-dir", str(folder)])
 
 
 def _psnr_value(row: Dict, key: str) -> float:
@@ -511,10 +490,7 @@ def plot_study(rows: Sequence[Dict], stem: Path, spec: str) -> List[Path]:
             axis.set_ylabel("image PSNR vs 1 device (dB)")
             axis.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, title=f"warm-up {spec}; top: identical", title_fontsize=7)
-    figure.tight_layout()
-    paths.append(stem.with_name(stem.name + "-psnr.png"))
-    figure.savefig(paths[-1], dpi=100)
-    plt.close(figure)
+    paths.append(_save(figure, stem, "psnr"))
 
     most = max(r["steps"] for r in rows)
     figure, axes = plt.subplots(1, len(samplers), figsize=(5.5 * len(samplers), 3.6), squeeze=False)
@@ -530,10 +506,7 @@ def plot_study(rows: Sequence[Dict], stem: Path, spec: str) -> List[Path]:
         axis.set_ylabel("latent error vs 1 device (RMS / final RMS)")
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
-    paths.append(stem.with_name(stem.name + "-trajectory.png"))
-    figure.savefig(paths[-1], dpi=100)
-    plt.close(figure)
+    paths.append(_save(figure, stem, "trajectory"))
 
     figure, axes = plt.subplots(1, len(samplers), figsize=(5.5 * len(samplers), 3.6), squeeze=False)
     for i, sampler in enumerate(samplers):
@@ -562,11 +535,18 @@ def plot_study(rows: Sequence[Dict], stem: Path, spec: str) -> List[Path]:
         axis.set_ylabel("image PSNR vs 1 device (dB)")
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
-    paths.append(stem.with_name(stem.name + "-warmup.png"))
-    figure.savefig(paths[-1], dpi=100)
-    plt.close(figure)
+    paths.append(_save(figure, stem, "warmup"))
     return paths
+
+
+def _save(figure, stem: Path, name: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = stem.with_name(f"{stem.name}-{name}.png")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
 
 
 def summary_markdown(

@@ -26,6 +26,7 @@ from distripy._version import __version__  # noqa: E402
 _LAZY = {
     "DistriConfig": "distripy.config",
     "DistripyError": "distripy.errors",
+    "QualityWarning": "distripy.api",
     "choose_mode": "distripy.api",
     "init": "distripy.runtime.distributed",
     "parallelize": "distripy.api",
@@ -36,6 +37,7 @@ _LAZY = {
 __all__ = [
     "DistriConfig",
     "DistripyError",
+    "QualityWarning",
     "__version__",
     "choose_mode",
     "init",

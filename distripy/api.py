@@ -12,11 +12,11 @@ import torch.nn as nn
 from distripy.config import DistriConfig
 from distripy.errors import InputTypeError
 from distripy.parallel.context import PatchContext
-from distripy.parallel.policy import ModeChoice, choose_mode
+from distripy.parallel.policy import ModeChoice, QualityWarning, choose_mode
 from distripy.pipelines import parallelize_pipeline, parallelize_unet, parallelize_vae
 from distripy.pipelines.unet import require_installed_forward, reset_unet
 
-__all__ = ["ModeChoice", "choose_mode", "parallelize", "patch_context", "reset"]
+__all__ = ["ModeChoice", "QualityWarning", "choose_mode", "parallelize", "patch_context", "reset"]
 
 
 def parallelize(model, config: Optional[DistriConfig] = None, *, comm=None):

@@ -282,28 +282,13 @@ def _under_torchrun() -> bool:
 
 
 def _launch(world: int, argv: List[str]) -> int:
-    """Run this command on ``world`` local processes with torch's elastic launcher (what
-    ``torchrun --standalone --nproc-per-node world`` does). Each process gets an equal share of
-    the CPU cores for its threads unless ``OMP_NUM_THREADS`` says otherwise."""
-    import uuid
-
+    """Run this command on ``world`` local processes (``runtime.distributed.launch_local``)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    environment_before = dict(os.environ)
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=world,
-        run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
-        max_restarts=0,
-        monitor_interval=0.1,
-    )
+    from distripy.runtime.distributed import launch_local
+
     try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "distripy.cli", *argv)
+        launch_local(world, ["-m", "distripy.cli", *argv])
     except ChildFailedError as error:
         codes = [f.exitcode for f in error.failures.values()]
         if all(code == 2 for code in codes):  # each said why, in one line
@@ -311,9 +296,6 @@ def _launch(world: int, argv: List[str]) -> int:
         failures = "; ".join(f"rank {f.local_rank}: exit {f.exitcode}" for f in error.failures.values())
         print(f"distripy: {failures} (see the rank's message above)", file=sys.stderr)
         return 1
-    finally:
-        os.environ.clear()
-        os.environ.update(environment_before)
     return 0
 
 

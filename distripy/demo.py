@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from distripy.config import AUTO_MODE, MODES
-from distripy.errors import QualityWarning
+from distripy.errors import InputError
+from distripy.parallel.policy import QualityWarning
 
 __all__ = [
     "GRID_MODES",
@@ -73,7 +74,7 @@ def psnr(value, reference, peak: Optional[float] = None) -> float:
 def boundary_rows(height: int, bands: int) -> List[int]:
     """Rows ``r`` (0 < r < height) where band ``r // (height / bands)`` starts."""
     if bands < 1 or height % bands:
-        raise ValueError(f"{height} rows do not split into {bands} bands")
+        raise InputError(f"{height} rows do not split into {bands} bands")
     return [b * height // bands for b in range(1, bands)]
 
 

@@ -17,7 +17,6 @@ __all__ = [
     "InputTypeError",
     "LaunchError",
     "NativeRuntimeUnavailable",
-    "QualityWarning",
     "RankMismatchError",
     "StepError",
     "UnsupportedModuleError",
@@ -26,11 +25,6 @@ __all__ = [
 
 class DistripyError(Exception):
     """The root of every error distripy raises."""
-
-
-class QualityWarning(UserWarning):
-    """A setting that runs but is measured to lose image quality (a mode whose error against one
-    device grows step over step): warned once, not refused."""
 
 
 class ConfigError(DistripyError, ValueError):

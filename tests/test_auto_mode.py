@@ -16,7 +16,8 @@ import torch
 
 import distripy
 from distripy import DistriConfig
-from distripy.errors import InputError, QualityWarning
+from distripy import QualityWarning
+from distripy.errors import InputError
 from distripy.parallel import ActivationExchange, PatchContext, StatisticsExchange
 from distripy.parallel.policy import ERROR_GROWS, EXACT_BELOW_STEPS, WARMUP_FRACTION
 from unet_models import sdxl_conditioning, tiny_sdxl_unet

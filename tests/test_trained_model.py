@@ -23,7 +23,7 @@ def _trajectory_body(rank, world_size, modes, steps, warmup):
     import torch
 
     import distripy
-    from distripy.errors import QualityWarning
+    from distripy import QualityWarning
     from distripy.pipelines.tiny import trained_sdxl_pipeline
 
     def generate(pipe):

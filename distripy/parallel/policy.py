@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 from distripy.config import AUTO_MODE, DistriConfig
-from distripy.errors import InputError, QualityWarning
+from distripy.errors import InputError
 
 __all__ = [
     "ERROR_GROWS",
     "EXACT_BELOW_STEPS",
     "WARMUP_FRACTION",
     "ModeChoice",
+    "QualityWarning",
     "choose_mode",
     "warn_if_error_grows",
 ]
@@ -36,6 +37,11 @@ __all__ = [
 EXACT_BELOW_STEPS = 8
 WARMUP_FRACTION = 0.25
 ERROR_GROWS = frozenset({"naive_patch", "separate_gn"})
+
+
+class QualityWarning(UserWarning):
+    """A setting that runs but was measured to lose image quality (a mode whose error against one
+    device grows step over step): warned, not refused (so not a ``DistripyError``)."""
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,14 @@
-"""``distripy.init()``: torch.distributed from torchrun's environment, once."""
+"""``distripy.init()``: torch.distributed from torchrun's environment, once; ``launch_local``:
+start that environment's processes on this machine (what ``torchrun --standalone`` does)."""
 
 import os
 from datetime import timedelta
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 from distripy.config import DEFAULT_TIMEOUT_S
 from distripy.errors import LaunchError
 
-__all__ = ["init"]
+__all__ = ["init", "launch_local"]
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -52,3 +53,32 @@ def init(backend: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S) ->
         device_id = torch.device("cuda", local_rank)
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), device_id=device_id)
     return dist.get_rank(), dist.get_world_size()
+
+
+def launch_local(world: int, arguments: Sequence[str]) -> None:
+    """Run ``python *arguments`` as ``world`` local ranks with torch's elastic launcher (what
+    ``torchrun --standalone --nproc-per-node world`` does) and wait for them. Each process gets an
+    equal share of the CPU cores for its threads unless ``OMP_NUM_THREADS`` says otherwise; this
+    process's environment is left as it was. A failed rank raises torch's ``ChildFailedError``."""
+    import sys
+    import uuid
+
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    before = dict(os.environ)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=world,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
+    try:
+        elastic_launch(config, entrypoint=sys.executable)(*arguments)
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
