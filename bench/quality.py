@@ -13,9 +13,11 @@ Rank 0 scores, per setting and mean over the prompts:
   on all other rows, of the image alone (about 1 without seams; the reference's own alongside);
   ``seam vis`` (images and latents): the squared step of the *error* across the boundaries over
   the reference's mean squared step between rows (near 0 when a seam is invisible);
-* the error step by step: the relative RMS difference of the latents after every step from the
-  reference's, and whether it grows: ``growth`` is the error after the last step over the error
-  after the first asynchronous one;
+* the error step by step: the RMS difference of the latents after every step from the
+  reference's, over the RMS of the reference's final latents (one scale for the whole
+  trajectory), and ``growth``: the error after the last step over the error halfway through the
+  asynchronous steps (about 1 once it has stopped growing). Which modes' errors grow step over
+  step is decided across step counts (``derive_policy``);
 * LPIPS (torchmetrics, AlexNet) and FID (clean-fid) with ``--perceptual``, where their weights are
   at hand (otherwise the reason each is missing).
 
