@@ -117,6 +117,7 @@ setup(
         "diffusers>=0.30",
         "transformers>=4.40",
         "safetensors>=0.4",
+        "peft>=0.14",  # LoRA adapters (diffusers loads them through PEFT)
         "scipy>=1.10",  # diffusers' LMS scheduler (`distripy generate --scheduler lms`)
         # NCCL: the nvidia-nccl wheel a CUDA build of torch depends on (cu12 or cu13; both install
         # nvidia/nccl/lib/libnccl.so.2, so depending on one would overwrite the other's library).

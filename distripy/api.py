@@ -13,7 +13,7 @@ from distripy.config import DistriConfig
 from distripy.errors import InputTypeError
 from distripy.parallel.context import PatchContext
 from distripy.parallel.policy import ModeChoice, QualityWarning, choose_mode
-from distripy.pipelines import parallelize_pipeline, parallelize_unet, parallelize_vae
+from distripy.pipelines import parallelize_controlnet, parallelize_pipeline, parallelize_unet, parallelize_vae
 from distripy.pipelines.unet import require_installed_forward, reset_unet
 
 __all__ = ["ModeChoice", "QualityWarning", "choose_mode", "parallelize", "patch_context", "reset"]
@@ -23,10 +23,14 @@ def parallelize(model, config: Optional[DistriConfig] = None, *, comm=None):
     """Make ``model`` patch-parallel over the ranks of torch.distributed, in place, and return it.
     Every rank must call this, in the same order. On a single rank the model is returned untouched.
 
-    ``model``: a diffusers ``UNet2DConditionModel`` (SD 1.x, 2.x, SDXL configurations); an
-    ``AutoencoderKL`` (its decoder decodes bands, exactly); or a pipeline holding them
-    (``StableDiffusionXLPipeline``, ``StableDiffusionPipeline`` and their img2img variants), whose
-    calls then give every rank the same images (see ``distripy.pipelines``).
+    ``model``: a diffusers ``UNet2DConditionModel`` (SD 1.x, 2.x, SDXL configurations, the SDXL
+    refiner's); a ``ControlNetModel`` or ``MultiControlNetModel`` (each rank computes its band of
+    the residuals, which its UNet band takes as they are); an ``AutoencoderKL`` (its decoder
+    decodes bands, exactly); or a pipeline holding them (``pipelines.pipeline.SUPPORTED_PIPELINES``:
+    SD and SDXL text-to-image, img2img, inpainting, ControlNet, and what ``AutoPipelineFor*``
+    make of them), whose calls then give every rank the same images (see ``distripy.pipelines``).
+    LoRA adapters (PEFT) and IP-Adapters may be loaded, switched, fused and unloaded before or after
+    this: each generation starts by swapping in what was loaded since.
 
     ``comm``: for a UNet, a ``Comm`` of all ranks to use instead of torch.distributed's, e.g.
     ``LoopbackComm(rank, world_size)`` to run one rank's share of an N-way split in this process
@@ -35,7 +39,8 @@ def parallelize(model, config: Optional[DistriConfig] = None, *, comm=None):
     Before anything is changed the whole model is checked; a spatial module whose band-wise result
     would not be exact is refused (``UnsupportedModuleError``) with its module path.
     """
-    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, UNet2DConditionModel
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
     config = DistriConfig() if config is None else config
     if not isinstance(config, DistriConfig):
@@ -50,9 +55,11 @@ def parallelize(model, config: Optional[DistriConfig] = None, *, comm=None):
         return parallelize_vae(model, config)
     if isinstance(model, UNet2DConditionModel):
         return parallelize_unet(model, config, comm)
+    if isinstance(model, (ControlNetModel, MultiControlNetModel)):
+        return parallelize_controlnet(model, config)
     raise InputTypeError(
-        "parallelize: expected a diffusers UNet2DConditionModel, AutoencoderKL or pipeline, "
-        f"got {type(model).__name__}"
+        "parallelize: expected a diffusers UNet2DConditionModel, AutoencoderKL or pipeline, got "
+        f"{type(model).__name__} (a ControlNetModel or MultiControlNetModel is accepted too)"
     )
 
 

@@ -36,6 +36,8 @@ SCHEDULERS = {
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 DEMO_STEPS = 20
 DTYPES = ("float16", "bfloat16", "float32")
+REFINER_START = 0.8
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 class CommandError(DistripyError):
@@ -67,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         "SDXL-Lightning sample with (--steps 4 --scheduler euler --timestep-spacing trailing)",
     )
     _add_parallel_arguments(generate)
+    _add_pipeline_arguments(generate)
     generate.add_argument(
         "--dtype", choices=DTYPES, default=None, help="default: float16 on GPUs, else float32"
     )
@@ -119,6 +122,55 @@ def _add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     _add_timeout_argument(parser)
 
 
+def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """ControlNet, img2img, inpainting, LoRA and the SDXL refiner."""
+    parser.add_argument(
+        "--controlnet",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a ControlNetModel folder; repeat for several, with one --control-image each",
+    )
+    parser.add_argument(
+        "--control-image",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a ControlNet's condition",
+    )
+    parser.add_argument(
+        "--init-image", type=Path, default=None, metavar="FILE", help="img2img / inpainting start"
+    )
+    parser.add_argument(
+        "--mask-image",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="inpaint where white (needs --init-image)",
+    )
+    parser.add_argument(
+        "--strength", type=float, default=None, help="how much of --init-image to repaint, in (0, 1]"
+    )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a LoRA (.safetensors or its folder), scale 1 unless given; repeat for several",
+    )
+    parser.add_argument(
+        "--refiner", type=Path, default=None, metavar="PATH", help="an SDXL refiner pipeline folder"
+    )
+    parser.add_argument(
+        "--refiner-start",
+        type=float,
+        default=REFINER_START,
+        help=f"the fraction of the steps after which the refiner takes over (default {REFINER_START})",
+    )
+
+
 def _add_timeout_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout",
@@ -140,28 +192,33 @@ def _read_json(path: Path, what: str) -> dict:
         raise CommandError(f"{what}: {path} is not valid JSON ({error})") from None
 
 
-def _model_geometry(model: Path) -> dict:
+def _model_geometry(model: Path, flag: str = "--model") -> dict:
     """What the size check needs from a diffusers pipeline folder: pixels per latent row, the
-    UNet's downsamplings, its default latent size."""
+    UNet's downsamplings, its default latent size (and the pipeline's class name)."""
     if not model.is_dir():
-        raise CommandError(f"--model {model}: no such folder (a local diffusers pipeline folder is needed)")
-    index = _read_json(model / "model_index.json", f"--model {model}")
+        raise CommandError(f"{flag} {model}: no such folder (a local diffusers pipeline folder is needed)")
+    index = _read_json(model / "model_index.json", f"{flag} {model}")
     if "unet" not in index:
-        raise CommandError(f"--model {model}: model_index.json names no 'unet' (a UNet pipeline is needed)")
-    _check_weights(model, index)
-    unet = _read_json(model / "unet" / "config.json", f"--model {model}")
-    vae = _read_json(model / "vae" / "config.json", f"--model {model}") if "vae" in index else {}
+        raise CommandError(f"{flag} {model}: model_index.json names no 'unet' (a UNet pipeline is needed)")
+    _check_weights(model, index, flag=flag)
+    unet = _read_json(model / "unet" / "config.json", f"{flag} {model}")
+    vae = _read_json(model / "vae" / "config.json", f"{flag} {model}") if "vae" in index else {}
     try:
         levels = len(unet["down_block_types"]) - 1
         vae_scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
         sample_size = unet.get("sample_size", 64)
         sample_size = sample_size if isinstance(sample_size, int) else sample_size[0]
     except (KeyError, TypeError) as error:
-        raise CommandError(f"--model {model}: unet/config.json is malformed ({error!r})") from None
-    return {"levels": levels, "vae_scale": vae_scale, "default_size": sample_size * vae_scale}
+        raise CommandError(f"{flag} {model}: unet/config.json is malformed ({error!r})") from None
+    return {
+        "levels": levels,
+        "vae_scale": vae_scale,
+        "default_size": sample_size * vae_scale,
+        "class_name": str(index.get("_class_name", "")),
+    }
 
 
-def _check_weights(model: Path, index: dict) -> None:
+def _check_weights(model: Path, index: dict, flag: str = "--model") -> None:
     """Every model of the pipeline folder (a component folder with a ``config.json``; tokenizers
     and schedulers have none) has weights, and its safetensors files open (their headers are read,
     which also finds a truncated file): a missing or broken download fails here, before launch."""
@@ -174,7 +231,7 @@ def _check_weights(model: Path, index: dict) -> None:
         weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
         if not weights:
             raise CommandError(
-                f"--model {model}: {name}/ has a config.json but no weights (.safetensors or .bin)"
+                f"{flag} {model}: {name}/ has a config.json but no weights (.safetensors or .bin)"
             )
         for path in weights:
             if path.suffix != ".safetensors":
@@ -183,7 +240,7 @@ def _check_weights(model: Path, index: dict) -> None:
                 with safe_open(str(path), "pt"):
                     pass
             except (SafetensorError, OSError) as error:
-                raise CommandError(f"--model {model}: {name}/{path.name} is unreadable ({error})") from None
+                raise CommandError(f"{flag} {model}: {name}/{path.name} is unreadable ({error})") from None
 
 
 def _bands(args, world: int) -> int:
@@ -229,6 +286,97 @@ def _check_timeout(args) -> None:
         raise CommandError(f"--timeout {args.timeout:g}: must be a positive number of seconds")
 
 
+def _image_size(flag: str, path: Path):
+    """(width, height) of an image file, read from its header."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise CommandError(f"{flag} {path}: no such file")
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError) as error:
+        raise CommandError(f"{flag} {path}: not an image ({error})") from None
+
+
+def _check_component(flag: str, folder: Path) -> None:
+    """A model folder (``config.json`` and readable weights), as ``ControlNetModel`` saves one."""
+    if not folder.is_dir():
+        raise CommandError(f"{flag} {folder}: no such folder")
+    _read_json(folder / "config.json", f"{flag} {folder}")
+    _check_weights(folder.parent, {folder.name: None}, flag=flag)
+
+
+def parse_lora(value: str):
+    """``PATH[:SCALE]`` -> (path, scale): the scale is what follows the last colon when it is a
+    number (a path may hold colons), else 1."""
+    path, _, scale = value.rpartition(":")
+    try:
+        return (Path(path), float(scale)) if path else (Path(value), 1.0)
+    except ValueError:
+        return Path(value), 1.0
+
+
+def _lora_file(path: Path) -> Path:
+    """The ``.safetensors`` a ``--lora`` names: itself, or the one file in its folder."""
+    if path.is_file() and path.suffix == ".safetensors":
+        return path
+    found = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if len(found) != 1:
+        what = "no such file or folder" if not path.exists() else f"{len(found)} .safetensors files in it"
+        raise CommandError(f"--lora {path}: {what} (a LoRA .safetensors, or a folder with one)")
+    return found[0]
+
+
+def _check_pipeline_arguments(args, geometry: dict, world: int) -> None:
+    """ControlNets and their images, the init and mask images, strength, LoRAs, the refiner."""
+    if len(args.controlnet) != len(args.control_image):
+        raise CommandError(
+            f"--controlnet given {len(args.controlnet)} times and --control-image {len(args.control_image)}: "
+            "one condition image per ControlNet"
+        )
+    for folder in args.controlnet:
+        _check_component("--controlnet", folder)
+    if args.mask_image is not None and args.init_image is None:
+        raise CommandError(f"--mask-image {args.mask_image}: inpainting needs --init-image too")
+    if args.strength is not None:
+        if args.init_image is None:
+            raise CommandError(f"--strength {args.strength:g}: only with --init-image")
+        if not 0 < args.strength <= 1:
+            raise CommandError(f"--strength {args.strength:g}: must be in (0, 1]")
+    images = [("--control-image", path) for path in args.control_image]
+    images += [
+        (flag, path)
+        for flag, path in (("--init-image", args.init_image), ("--mask-image", args.mask_image))
+        if path
+    ]
+    for flag, path in images:
+        size = _image_size(flag, path)
+        if size != (args.width, args.height):
+            raise CommandError(
+                f"{flag} {path}: {size[0]}x{size[1]} pixels, but the image is {args.width}x{args.height} "
+                "(--width x --height); resize it or set those"
+            )
+    args.lora = [(str(_lora_file(path)), scale) for path, scale in map(parse_lora, args.lora)]
+    if args.refiner is not None:
+        if not args.model_class.startswith("StableDiffusionXL"):
+            raise CommandError(
+                f"--refiner {args.refiner}: refines an SDXL model; --model is a {args.model_class}"
+            )
+        if args.mask_image is not None or (args.controlnet and args.init_image is not None):
+            raise CommandError(
+                f"--refiner {args.refiner}: refines text-to-image, img2img or ControlNet text-to-image "
+                "generations (not inpainting, not ControlNet img2img)"
+            )
+        if not 0 < args.refiner_start < 1:
+            raise CommandError(f"--refiner-start {args.refiner_start:g}: must be in (0, 1)")
+        refiner = _model_geometry(args.refiner, flag="--refiner")
+        for name in ("height", "width"):
+            _check_size(
+                name, getattr(args, name), refiner, _bands(args, world) if name == "height" else 1, world
+            )
+
+
 def check_generate(args, world: int) -> None:
     """Every check ``generate`` can make before any process starts."""
     _check_timeout(args)
@@ -246,11 +394,18 @@ def check_generate(args, world: int) -> None:
             raise CommandError(f"--{name.replace('_', '-')} {getattr(args, name)}: too small")
     _check_world(world)
     geometry = _model_geometry(args.model)
-    for name in ("height", "width"):
-        pixels = getattr(args, name) or geometry["default_size"]
+    args.model_class = geometry["class_name"]
+    # img2img and inpainting keep the start image's size unless told otherwise
+    start = _image_size("--init-image", args.init_image) if args.init_image is not None else None
+    for index, name in enumerate(("width", "height")):
+        pixels = getattr(args, name) or (start[index] if start else geometry["default_size"])
         setattr(args, name, pixels)
+    for name in ("height", "width"):
         # only the height is cut into bands; the width needs whole latent rows at every level
-        _check_size(name, pixels, geometry, _bands(args, world) if name == "height" else 1, world)
+        _check_size(
+            name, getattr(args, name), geometry, _bands(args, world) if name == "height" else 1, world
+        )
+    _check_pipeline_arguments(args, geometry, world)
     _check_output(args.output)
 
 
@@ -320,17 +475,67 @@ def _save_image(image, path: Path) -> None:
 # -- generate --------------------------------------------------------------------------------------
 
 
+def _loaded(flag: str, path, load):
+    """``load()``, any failure reported as one line naming ``flag`` and ``path``."""
+    try:
+        return load()
+    except Exception as error:  # noqa: BLE001 - any loading failure is reported as one line
+        raise CommandError(f"{flag} {path}: cannot load it ({type(error).__name__}: {error})") from None
+
+
+def _task_pipeline(args, pipe, dtype):
+    """``pipe`` as the pipeline of the task the arguments ask for: ControlNet (its models loaded
+    here), img2img, inpainting, or as it is (``AutoPipelineFor*.from_pipe``: the same models)."""
+    import diffusers
+
+    extra = {}
+    controlnets = getattr(args, "controlnet", None) or []
+    if controlnets:
+        nets = [
+            _loaded("--controlnet", path, lambda p=path: diffusers.ControlNetModel.from_pretrained(p, torch_dtype=dtype, local_files_only=True))
+            for path in controlnets
+        ]  # fmt: skip
+        extra["controlnet"] = nets[0] if len(nets) == 1 else nets
+    if getattr(args, "mask_image", None) is not None:
+        task = diffusers.AutoPipelineForInpainting
+    elif getattr(args, "init_image", None) is not None:
+        task = diffusers.AutoPipelineForImage2Image
+    elif extra:
+        task = diffusers.AutoPipelineForText2Image
+    else:
+        return pipe
+    return _loaded("--model", args.model, lambda: task.from_pipe(pipe, **extra))
+
+
+def _load_loras(args, pipe) -> None:
+    """Each ``--lora`` as adapter ``lora<i>``, all active with their scales."""
+    names = []
+    loras = getattr(args, "lora", None) or []
+    for index, (path, scale) in enumerate(loras):
+        path = Path(path)
+        name = f"lora{index}"
+        _loaded(
+            "--lora",
+            path,
+            lambda: pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name),
+        )
+        names.append(name)
+    if names:
+        pipe.set_adapters(names, [scale for _, scale in loras])
+
+
 def _load_pipeline(args, device, dtype):
     import diffusers
 
-    try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(
+    pipe = _loaded(
+        "--model",
+        args.model,
+        lambda: diffusers.DiffusionPipeline.from_pretrained(
             args.model, torch_dtype=dtype, local_files_only=True
-        )
-    except Exception as error:  # noqa: BLE001 - any loading failure is reported as one line
-        raise CommandError(
-            f"--model {args.model}: cannot load the pipeline ({type(error).__name__}: {error})"
-        ) from None
+        ),
+    )
+    pipe = _task_pipeline(args, pipe, dtype)
+    _load_loras(args, pipe)
     scheduler_class = (
         type(pipe.scheduler)
         if SCHEDULERS[args.scheduler] is None
@@ -381,9 +586,50 @@ def _print_layout(args, world: int, choice) -> None:
         )
 
 
+def _image_arguments(args) -> dict:
+    """The call's images, size and strength, as the task's pipeline names them."""
+    from PIL import Image
+
+    def load(path: Path, mode: str = "RGB"):
+        with Image.open(path) as image:
+            return image.convert(mode)
+
+    arguments = dict(height=args.height, width=args.width)
+    controls = [load(path) for path in args.control_image]
+    control = None if not controls else controls[0] if len(controls) == 1 else controls
+    if args.init_image is not None:
+        arguments["image"] = load(args.init_image)
+        if args.mask_image is not None:
+            arguments["mask_image"] = load(args.mask_image, "L")
+        if control is not None:
+            arguments["control_image"] = control
+        if args.strength is not None:
+            arguments["strength"] = args.strength
+    elif control is not None:
+        arguments["image"] = control
+    if args.refiner is not None:
+        arguments.update(denoising_end=args.refiner_start, output_type="latent")
+    return arguments
+
+
+def _call(pipe, arguments: dict):
+    """Call ``pipe`` with the arguments its ``__call__`` takes (img2img pipelines have no height
+    and width: the image's size is kept); its images."""
+    import inspect
+
+    accepted = inspect.signature(pipe.__call__).parameters
+    missing = [
+        name for name in ("denoising_end", "denoising_start") if name in arguments and name not in accepted
+    ]
+    if missing:
+        raise CommandError(f"{type(pipe).__name__} takes no {missing[0]} (--refiner cannot follow it)")
+    return pipe(**{name: value for name, value in arguments.items() if name in accepted}).images
+
+
 def run_generate(args) -> int:
     import statistics
 
+    import diffusers
     import torch
 
     import distripy
@@ -405,18 +651,30 @@ def run_generate(args) -> int:
     if rank == 0:
         _print_layout(args, world, distripy.choose_mode(config, args.steps))
     pipe = distripy.parallelize(pipe, config)
+    refiner = None
+    if args.refiner is not None:
+        refiner = _loaded(
+            "--refiner",
+            args.refiner,
+            lambda: diffusers.AutoPipelineForImage2Image.from_pretrained(
+                args.refiner, torch_dtype=dtype, local_files_only=True
+            ),
+        )
+        refiner = distripy.parallelize(refiner.to(device), config)
     callback, ends = _step_timer(device)
     start = time.perf_counter()
-    image = pipe(
-        args.prompt,
+    common = dict(
+        prompt=args.prompt,
         negative_prompt=args.negative_prompt,
-        height=args.height,
-        width=args.width,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         generator=torch.Generator().manual_seed(args.seed),
         callback_on_step_end=callback,
-    ).images[0]
+    )
+    image = _call(pipe, dict(common, **_image_arguments(args)))
+    if refiner is not None:
+        image = _call(refiner, dict(common, image=image, denoising_start=args.refiner_start))
+    image = image[0]
     total = time.perf_counter() - start
     if rank == 0:
         _save_image(image, args.output)

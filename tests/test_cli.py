@@ -34,6 +34,87 @@ def tiny_model(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def addons(tmp_path_factory) -> dict:
+    """A ControlNet and a LoRA of the tiny model, an SDXL refiner, and images of two sizes."""
+    import numpy as np
+    from PIL import Image
+
+    import pipeline_variants
+
+    folder = tmp_path_factory.mktemp("addons")
+    paths = {name: str(folder / name) for name in ("controlnet", "lora", "refiner", "64x64", "mask", "32x64")}
+    pipeline_variants.make_controlnet(paths["controlnet"], pipeline_variants.sdxl(3).unet, 1)
+    pipeline_variants.make_lora(paths["lora"], ["to_q", "conv1"], 2)
+    pipeline_variants.refiner_pipeline(pipeline_variants.sdxl(3)).save_pretrained(paths["refiner"])
+    rng = np.random.default_rng(0)
+    for name, size in (("64x64", (64, 64)), ("mask", (64, 64)), ("32x64", (64, 32))):
+        paths[name] += ".png"
+        Image.fromarray((rng.random(size + (3,)) * 255).astype(np.uint8)).save(paths[name])
+    return paths
+
+
+def _bad_pipeline_arguments(addons, tmp_path):
+    (tmp_path / "empty").mkdir()
+    return {
+        "controlnet without image": (["--controlnet", addons["controlnet"]],
+                                     "--controlnet given 1 times and --control-image 0"),
+        "missing controlnet": (["--controlnet", str(tmp_path / "none"), "--control-image", addons["64x64"]],
+                               "no such folder"),
+        "control image size": (["--controlnet", addons["controlnet"], "--control-image", addons["32x64"]],
+                               "32x64 pixels, but the image is 64x64"),
+        "missing control image": (["--controlnet", addons["controlnet"], "--control-image", str(tmp_path / "x.png")],
+                                  "x.png: no such file"),
+        "mask without init": (["--mask-image", addons["mask"]], "inpainting needs --init-image too"),
+        "mask size": (["--init-image", addons["64x64"], "--mask-image", addons["32x64"]],
+                      "--mask-image " + addons["32x64"] + ": 32x64 pixels"),
+        "strength range": (["--init-image", addons["64x64"], "--strength", "1.5"], "must be in (0, 1]"),
+        "strength without init": (["--strength", "0.5"], "--strength 0.5: only with --init-image"),
+        "missing lora": (["--lora", str(tmp_path / "none") + ":0.5"], "no such file or folder"),
+        "empty lora folder": (["--lora", str(tmp_path / "empty")], "0 .safetensors files in it"),
+        "refiner of inpainting": (["--refiner", addons["refiner"], "--init-image", addons["64x64"], "--mask-image",
+                                   addons["mask"]], "not inpainting"),
+        "refiner start": (["--refiner", addons["refiner"], "--refiner-start", "1"], "must be in (0, 1)"),
+        "missing refiner": (["--refiner", str(tmp_path / "none")], "--refiner " + str(tmp_path / "none")),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "controlnet without image",
+        "missing controlnet",
+        "control image size",
+        "missing control image",
+        "mask without init",
+        "mask size",
+        "strength range",
+        "strength without init",
+        "missing lora",
+        "empty lora folder",
+        "refiner of inpainting",
+        "refiner start",
+        "missing refiner",
+    ],
+)
+def test_bad_pipeline_arguments_exit_with_one_line_and_no_file(tiny_model, addons, tmp_path, capsys, case):
+    args, message = _bad_pipeline_arguments(addons, tmp_path)[case]
+    output = tmp_path / "out.png"
+    command = ["generate", "--model", str(tiny_model), "--prompt", "x", "--height", "64", "--width", "64"]
+    status = cli.main(command + ["--nproc", "2", "--output", str(output), *args])
+    error = capsys.readouterr().err
+    assert status == 2 and message in error, error
+    assert error.count("\n") == 1 and error.startswith("distripy: error: ")
+    assert not output.exists()
+
+
+def test_a_lora_scale_follows_the_last_colon():
+    assert cli.parse_lora("a/b.safetensors") == (Path("a/b.safetensors"), 1.0)
+    assert cli.parse_lora("a/b.safetensors:0.6") == (Path("a/b.safetensors"), 0.6)
+    assert cli.parse_lora("C:/x/y:-1") == (Path("C:/x/y"), -1.0)
+    assert cli.parse_lora("dir:name") == (Path("dir:name"), 1.0)
+
+
 def test_demo_writes_the_labelled_grid_and_the_report(tmp_path):
     """Two worlds (2 and 4 bands) of the trained model: the modes that must equal one device do,
     naive_patch's seams show where corrected_async_gn's do not, and auto ran what it chose."""
@@ -267,14 +348,23 @@ def test_every_documented_scheduler_runs(tiny_model, scheduler):
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
 
 
-def test_consecutive_two_process_runs_all_exit_0(tiny_model, tmp_path):
+def test_consecutive_two_process_runs_all_exit_0(tiny_model, addons, tmp_path):
     """A short soak of the two-process command (bench/cli_soak.py runs the long one): each run
-    exits 0 and writes its image -- no rank may abort at shutdown."""
-    for run in range(3):
+    exits 0 and writes its image -- no rank may abort at shutdown. The runs: text-to-image; a
+    ControlNet with a LoRA, refined by the SDXL refiner; ControlNet inpainting with two LoRAs."""
+    runs = [
+        [],
+        ["--controlnet", addons["controlnet"], "--control-image", addons["64x64"],
+         "--lora", f"{addons['lora']}:0.7", "--refiner", addons["refiner"]],
+        ["--controlnet", addons["controlnet"], "--control-image", addons["64x64"], "--init-image",
+         addons["64x64"], "--mask-image", addons["mask"], "--strength", "0.9", "--lora", addons["lora"],
+         "--lora", f"{addons['lora']}/pytorch_lora_weights.safetensors:-0.5"],
+    ]  # fmt: skip
+    for run, extra in enumerate(runs):
         output = tmp_path / f"image-{run}.png"
         result = _command(
             "generate", "--model", str(tiny_model), "--prompt", "a red boat", "--height", "64", "--width", "64",
-            "--steps", "2", "--nproc", "2", "--timeout", "60", "--output", str(output),
+            "--steps", "2", "--nproc", "2", "--timeout", "60", "--output", str(output), *extra,
         )  # fmt: skip
         assert result.returncode == 0, (run, result.stderr[-3000:])
         assert output.exists(), run

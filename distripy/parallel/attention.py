@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from distripy.errors import InputError
+from distripy.errors import InputError, StepError
 from distripy.kernels import attention_with_lse, merge_partial_
 from distripy.parallel.context import ActivationExchange, PatchContext, PatchState
 
@@ -39,10 +39,25 @@ than ``full_sync``'s one all-gather (the scaling model's table). Blocks of 8 MB 
 up) go one per launch, each hidden behind the block before it."""
 
 
+def _require_bound(processor) -> None:
+    if processor.patch_context is None:
+        raise StepError(
+            f"{type(processor).__name__} made without a context (by a loader that re-creates every "
+            "processor as its class()) ran before the next generation bound it to its model"
+        )
+
+
 class PatchSelfAttnProcessor(PatchState):
-    def __init__(self, context: PatchContext, path: str) -> None:
+    """Made without a context (``PatchSelfAttnProcessor()``, as diffusers' IP-Adapter loader and
+    unloader re-create every processor they do not replace) it is unbound: the next generation of
+    its model replaces it with a bound one (``pipelines.swap.swap_modules``)."""
+
+    patch_context = None
+
+    def __init__(self, context: Optional[PatchContext] = None, path: str = "") -> None:
         # Its exchange: the all-gathered keys and values, (bands, B, L, inner) each.
-        self.attach(context, path)
+        if context is not None:
+            self.attach(context, path)
 
     def _gather_buffers(self, key: torch.Tensor, value: torch.Tensor):
         ctx = self.patch_context
@@ -91,6 +106,7 @@ class PatchSelfAttnProcessor(PatchState):
         *args,
         **kwargs,
     ) -> torch.Tensor:
+        _require_bound(self)
         ctx = self.patch_context
         if encoder_hidden_states is not None:
             raise InputError(f"{self.patch_path}: patch self-attention was called with encoder_hidden_states")
@@ -155,9 +171,10 @@ class PatchCrossAttnProcessor:
     The cache is used inside a patch-parallel step only, not with CUDA graphs (a replayed graph
     computes them anyway, without launch cost) or under torch.compile, and not for embeddings made under
     ``torch.inference_mode`` (they keep no version counter, so a change in place could not be
-    seen; ``torch.no_grad``, which diffusers' pipelines use, is fine)."""
+    seen; ``torch.no_grad``, which diffusers' pipelines use, is fine). Made without a context it
+    is unbound, as ``PatchSelfAttnProcessor``."""
 
-    def __init__(self, context: PatchContext, path: str) -> None:
+    def __init__(self, context: Optional[PatchContext] = None, path: str = "") -> None:
         self.patch_context = context
         self.patch_path = path
         self._cache: Optional[Tuple[Tuple, torch.Tensor, torch.Tensor, torch.Tensor]] = None
@@ -210,6 +227,7 @@ class PatchCrossAttnProcessor:
         *args,
         **kwargs,
     ) -> torch.Tensor:
+        _require_bound(self)
         tokens = _Tokens(attn, hidden_states)
         query = attn.to_q(tokens.hidden)
         if encoder_hidden_states is None:  # used as a self-attention: nothing to cache

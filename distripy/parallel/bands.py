@@ -8,7 +8,7 @@
   torch's own pytree.
 """
 
-from typing import Any, Callable, Hashable, List, Tuple
+from typing import Any, Callable, Hashable, List, Optional, Tuple
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
@@ -32,10 +32,17 @@ class BandPlan:
     """How one call's batch and rows are shared among ``world_size`` ranks: with ``split_batch`` the
     first half of the ranks takes the first half of the batch (classifier-free guidance's
     unconditional half) and the second half the rest; otherwise all ranks share the whole batch.
-    Within its group, rank ``r`` holds band ``r % band_count`` of the rows."""
+    Within its group, rank ``r`` holds band ``r % band_count`` of the rows.
 
-    def __init__(self, rank: int, world_size: int, split_batch: bool) -> None:
+    ``cut_batch=False`` (with ``split_batch``): the groups' band split, but each group computes the
+    whole batch (a ControlNet in guess mode sees only the conditional half of the UNet's batch;
+    its residuals must be cut into the UNet's bands)."""
+
+    def __init__(
+        self, rank: int, world_size: int, split_batch: bool, cut_batch: Optional[bool] = None
+    ) -> None:
         self.split_batch = split_batch
+        self.cut_batch = split_batch if cut_batch is None else cut_batch
         self.band_count = world_size // 2 if split_batch else world_size
         self.band_index = rank % self.band_count
         self.batch_index = rank // self.band_count  # 0 or 1 with split_batch, else 0
@@ -46,7 +53,7 @@ class BandPlan:
 
     def key(self) -> Tuple:
         """What every rank must agree on."""
-        return (self.split_batch, self.band_count)
+        return (self.split_batch, self.cut_batch, self.band_count)
 
 
 def band_rows(rows: int, index: int, count: int) -> Tuple[int, int]:

@@ -94,6 +94,12 @@ class PatchState:
     patch_path: str
     exchange: Optional[Exchange] = None
 
+    @property
+    def attached(self) -> bool:
+        """Whether it belongs to a context (a module made by its class's plain constructor, as
+        PEFT makes a LoRA's ``lora_A`` of its base layer's class, does not yet)."""
+        return getattr(self, "patch_context", None) is not None
+
     def attach(self, context: "PatchContext", path: str) -> None:
         self.patch_context = context
         self.patch_path = path
@@ -154,6 +160,12 @@ class PatchContext:
 
     def register(self, state: PatchState) -> None:
         self._states.append(state)
+
+    def retain(self, states: Iterable[PatchState]) -> None:
+        """Forget every registered module that is not in ``states``: it has left the model (the
+        layers of an unloaded LoRA, a replaced attention processor). Between generations only."""
+        live = {id(state) for state in states}
+        self._states = [state for state in self._states if id(state) in live]
 
     @property
     def states(self) -> List[PatchState]:

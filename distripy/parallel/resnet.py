@@ -11,7 +11,8 @@ the fused forward is used with every ``kernel_backend``; the references compute 
 The fused forward mirrors ``ResnetBlock2D.forward`` for the configuration SD and SDXL use (no
 up/down-sampling, ``time_embedding_norm='default'``, SiLU). Any other block, a block in training
 with dropout, a call outside a patch-parallel step, or a block whose norm, activation or conv has
-user hooks (which the fusion would skip) runs the original forward.
+user hooks (which the fusion would skip), or whose convolutions a LoRA loaded since wraps (its
+layer must see the activation), runs the original forward.
 """
 
 from typing import Callable
@@ -62,6 +63,8 @@ class PatchResnetForward:
         block = self.block
         if args or kwargs.get("scale") is not None or not self.context.has_neighbours:
             return False
+        if not (isinstance(block.conv1, PatchConv2d) and isinstance(block.conv2, PatchConv2d)):
+            return False  # wrapped since (a LoRA's layer around the conv): its own forward runs
         if block.training and block.dropout.p > 0:
             return False
         parts = (block.norm1, block.nonlinearity, block.conv1, block.norm2, block.dropout, block.conv2)

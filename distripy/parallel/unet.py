@@ -18,12 +18,13 @@ Each call is one denoising step. The wrapper
 """
 
 import functools
+import hashlib
 import inspect
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from distripy.errors import BandGeometryError, InputError
+from distripy.errors import BandGeometryError, DistripyError, InputError
 from distripy.parallel.agreement import agree
 from distripy.parallel.bands import (
     BandPlan,
@@ -55,8 +56,34 @@ def _timestep_value(timestep) -> float:
     return float(timestep)
 
 
+def _residual_is_whole(tensor, sample: torch.Tensor, bands: int) -> Optional[bool]:
+    """Whether a spatial conditioning tensor (a ControlNet or adapter residual) is the whole map of
+    its resolution (True) or this rank's band of it (False; what a patch-parallel ControlNet
+    returns); None when it is neither, or cannot be cut into ``bands`` bands. Its resolution is
+    found from its width (the latent's, halved ``k`` times, rounded up), which a band keeps."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
+        return None
+    height, width = sample.shape[2], sample.shape[3]
+    for _ in range(64):
+        if tensor.shape[3] == width:
+            break
+        if width <= 1:
+            return None
+        height, width = -(-height // 2), -(-width // 2)
+    else:
+        return None
+    if height % bands:
+        return None
+    if tensor.shape[2] == height:
+        return True
+    return False if tensor.shape[2] * bands == height else None
+
+
 class PatchUNetForward:
     """Replaces ``unet.forward``; the model's own forward runs inside on the band."""
+
+    spatial_arguments = _SPATIAL_ARGUMENTS  # the forward's arguments cut into bands
+    model_name = "UNet"  # in messages
 
     def __init__(
         self,
@@ -79,6 +106,9 @@ class PatchUNetForward:
         self._reset_requested = True
         self.steps: Optional[int] = None  # the generations' number of steps, when told (reset)
         self.graphs = None  # a StepGraphs with use_cuda_graph
+        # Called at the start of every generation: swaps in what was loaded into the model since
+        # (a LoRA's layers, re-created attention processors; ``pipelines.swap.swap_modules``).
+        self.refresh_modules: Optional[Callable[[], None]] = None
 
     # -- generations -----------------------------------------------------------------------------
 
@@ -90,7 +120,7 @@ class PatchUNetForward:
         self.context.drain()
         self._reset_requested = True
 
-    def _plan(self, sample: torch.Tensor) -> BandPlan:
+    def _plan(self, sample: torch.Tensor, arguments: Dict[str, Any]) -> BandPlan:
         world = self.world_comm.world_size
         split = self.context.config.split_batch and world % 2 == 0 and sample.shape[0] % 2 == 0
         return BandPlan(self.world_comm.rank, world, split)
@@ -103,45 +133,76 @@ class PatchUNetForward:
         if sample.dtype != self._parameter.dtype:
             return (
                 InputError,
-                f"sample is {sample.dtype} but the UNet's parameters are {self._parameter.dtype}",
+                f"sample is {sample.dtype} but the {self.model_name}'s parameters are {self._parameter.dtype}",
             )
         if sample.device != self._parameter.device:
             return (
                 InputError,
-                f"sample is on {sample.device} but the UNet's parameters are on {self._parameter.device}",
+                f"sample is on {sample.device} but the {self.model_name}'s parameters are on {self._parameter.device}",
             )
         if self.graphs is not None and sample.device.type != "cuda":
             return (
                 InputError,
-                f"use_cuda_graph=True needs the UNet on a CUDA device; it is on {sample.device}",
+                f"use_cuda_graph=True needs the {self.model_name} on a CUDA device; it is on {sample.device}",
             )
         height, factor, bands = sample.shape[2], 2**self.levels, plan.band_count
         deepest = height // factor if height % factor == 0 else height / factor
         if height % (factor * bands) != 0:
             reason = (
-                f"more bands ({bands}) than rows ({deepest}) at the UNet's deepest level"
+                f"more bands ({bands}) than rows ({deepest}) at the {self.model_name}'s deepest level"
                 if height // factor < bands
-                else f"the UNet's deepest level ({self.levels} downsamplings) has {deepest} rows"
+                else f"the {self.model_name}'s deepest level ({self.levels} downsamplings) has {deepest} rows"
             )
             return BandGeometryError, (
                 f"latent height {height} cannot be cut into {bands} bands of whole rows: {reason}; "
                 f"the latent height must be a multiple of {factor * bands} ({factor} x {bands} bands)"
             )
-        for name in _SPATIAL_ARGUMENTS:
+        for name in self.spatial_arguments:
             for tensor in tensors_in(arguments.get(name)):
-                if tensor.dim() != 4 or tensor.shape[2] % bands != 0:
+                if _residual_is_whole(tensor, sample, bands) is None:
                     return BandGeometryError, (
-                        f"{name}: a tensor of shape {tuple(tensor.shape)} cannot be cut into "
-                        f"{bands} bands of rows"
+                        f"{name}: a tensor of shape {tuple(tensor.shape)} is neither a whole map of the "
+                        f"{tuple(sample.shape[2:])} latent's resolutions cut into {bands} bands of rows "
+                        "nor this rank's band of one (a patch-parallel ControlNet's output). A "
+                        "ControlNet with guess_mode on an odd batch without classifier-free guidance "
+                        "splits differently from the UNet under split_batch: use split_batch=False"
                     )
         return None
 
+    def _agreed_part(self, arguments: Dict[str, Any], plan: BandPlan) -> Dict[str, Any]:
+        """The arguments every rank must be given alike: a residual of this rank's band or batch
+        half (a patch-parallel ControlNet's, whose inputs were agreed on by its own call) by its
+        shape only."""
+        sample = arguments["sample"]
+
+        def shape_of_band(tensor: torch.Tensor):
+            whole = _residual_is_whole(tensor, sample, plan.band_count) and tensor.shape[0] == sample.shape[0]
+            return tensor if whole else ("local", tuple(tensor.shape), str(tensor.dtype))
+
+        return {
+            name: map_tensors(value, shape_of_band) if name in self.spatial_arguments else value
+            for name, value in arguments.items()
+        }
+
     def _start_generation(self, sample, arguments, plan: BandPlan, signature: Tuple) -> None:
-        problem = self._input_problem(sample, arguments, plan)
+        problem = None
+        try:
+            if self.refresh_modules is not None:
+                self.refresh_modules()
+        except DistripyError as error:  # e.g. a layer loaded since that cannot run on bands
+            problem = (type(error), str(error))
+        problem = problem or self._input_problem(sample, arguments, plan)
         # Every argument's digest (the latent, the timestep, the prompt embeddings, the added and
-        # ControlNet conditions, LoRA scales in cross_attention_kwargs...): ranks given different
-        # inputs raise here instead of stitching a wrong image. One copy to the host per generation.
-        description = None if problem is not None else dict(digest_arguments(arguments), layout=signature)
+        # ControlNet conditions, LoRA scales in cross_attention_kwargs...) and the patch modules
+        # in the model (a LoRA loaded on one rank only): ranks given different inputs raise here
+        # instead of stitching a wrong image. One copy to the host per generation.
+        description = None
+        if problem is None:
+            modules = "\n".join(state.patch_path for state in self.context.states)
+            modules = hashlib.sha256(modules.encode()).hexdigest()  # str hash() differs per process
+            description = dict(
+                digest_arguments(self._agreed_part(arguments, plan)), layout=signature, modules=modules
+            )
         agree(self.world_comm, description, problem)
         self.context.start_generation(
             self.patch_comms[plan.split_batch],
@@ -158,16 +219,22 @@ class PatchUNetForward:
         """This rank's share of every argument: its batch half, then its band of rows of the spatial
         conditioning. The latent stays whole: ``_forward_band`` cuts it."""
         local = dict(arguments)
-        if plan.split_batch:
+        if plan.cut_batch:
             batch = arguments["sample"].shape[0]
             local = map_tensors(local, lambda t: take_batch_half(t, batch, plan.batch_index))
 
         def band(tensor: torch.Tensor) -> torch.Tensor:
             return take_band(tensor, plan.band_index, plan.band_count)
 
-        for name in _SPATIAL_ARGUMENTS:
+        sample = arguments["sample"]
+
+        def band_of_whole(tensor: torch.Tensor) -> torch.Tensor:
+            # A patch-parallel ControlNet's residuals are this rank's band already.
+            return band(tensor) if _residual_is_whole(tensor, sample, plan.band_count) else tensor
+
+        for name in self.spatial_arguments:
             if local.get(name) is not None:
-                local[name] = map_tensors(local[name], band)
+                local[name] = map_tensors(local[name], band_of_whole)
         return local
 
     def _forward_band(self, local: Dict[str, Any]) -> torch.Tensor:
@@ -195,6 +262,10 @@ class PatchUNetForward:
             completed = True
         finally:
             prediction = self._finish(band, plan, completed)
+        return self._output(prediction, return_dict)
+
+    def _output(self, prediction: torch.Tensor, return_dict: bool):
+        """What the model's forward returns."""
         if not return_dict:
             return (prediction,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -209,7 +280,7 @@ class PatchUNetForward:
         sample = arguments["sample"]
         return_dict = arguments.pop("return_dict", True)
         plan = (
-            self._plan(sample)
+            self._plan(sample, arguments)
             if isinstance(sample, torch.Tensor) and sample.dim() == 4
             else BandPlan(0, 1, False)
         )
@@ -248,4 +319,8 @@ class PatchUNetForward:
             # the next call starts a new generation.
             self._reset_requested = True
             return None
+        return self._assemble(band, plan)
+
+    def _assemble(self, band, plan: BandPlan):
+        """The whole output, on every rank, from this rank's band of it."""
         return gather_bands(self.world_comm, band, plan.halves)

@@ -35,10 +35,29 @@ from distripy.config import DistriConfig
 from distripy.errors import InputError, InputTypeError
 from distripy.parallel.agreement import agree
 from distripy.parallel.digest import digest_arguments
-from distripy.pipelines.unet import parallelize_unet, require_installed_forward, reset_unet
-from distripy.pipelines.vae import parallelize_vae
+from distripy.pipelines.controlnet import controlnets_of, parallelize_controlnet
+from distripy.pipelines.unet import installed_forward, parallelize_unet, require_installed_forward, reset_unet
+from distripy.pipelines.vae import parallelize_vae, vae_is_parallel
 
-__all__ = ["denoising_steps", "parallelize_pipeline", "shared_seed"]
+__all__ = ["SUPPORTED_PIPELINES", "denoising_steps", "parallelize_pipeline", "shared_seed"]
+
+SUPPORTED_PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionControlNetPipeline",
+    "StableDiffusionControlNetImg2ImgPipeline",
+    "StableDiffusionControlNetInpaintPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+    "StableDiffusionXLControlNetPipeline",
+    "StableDiffusionXLControlNetImg2ImgPipeline",
+    "StableDiffusionXLControlNetInpaintPipeline",
+)
+"""The diffusers pipelines (and their subclasses) ``parallelize`` accepts: those whose denoiser is
+a ``UNet2DConditionModel`` called once per step on the whole latent, tested against one device
+(``AutoPipelineFor*`` make these; the SDXL refiner is ``StableDiffusionXLImg2ImgPipeline``)."""
 
 _COMM_ATTRIBUTE = "_distripy_comm"
 
@@ -94,11 +113,21 @@ def _parallel_call(pipe, original, args, kwargs):
     agree(comm, _call_description(pipe, bound.arguments), None, what="pipeline call")
     if bound.arguments.get("generator") is None and bound.arguments.get("latents") is None:
         bound.arguments["generator"] = torch.Generator().manual_seed(shared_seed(comm))
-    reset_unet(pipe.unet, denoising_steps(signature, bound.arguments))
+    steps = denoising_steps(signature, bound.arguments)
+    denoisers = _denoisers(pipe)
+    for model in denoisers:
+        reset_unet(model, steps)
     try:
         return original(*bound.args, **bound.kwargs)
     finally:
-        reset_unet(pipe.unet)
+        for model in denoisers:
+            reset_unet(model)
+
+
+def _denoisers(pipe) -> list:
+    """The pipeline's models run once per step: its UNet and its ControlNets."""
+    controlnet = getattr(pipe, "controlnet", None)
+    return [pipe.unet] + ([] if controlnet is None else controlnets_of(controlnet))
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,22 +144,44 @@ def _parallel_class(cls: type) -> type:
     )
 
 
-def parallelize_pipeline(pipe, config: DistriConfig):
-    """Make ``pipe`` patch-parallel in place and return it (untouched on a single rank)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def _check_supported(pipe) -> None:
+    import diffusers
 
-    if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
+    supported = tuple(getattr(diffusers, name) for name in SUPPORTED_PIPELINES if hasattr(diffusers, name))
+    if not isinstance(pipe, supported):
         raise InputTypeError(
-            f"parallelize: {type(pipe).__name__} has no UNet2DConditionModel 'unet'; distripy parallelises "
-            "UNet pipelines (StableDiffusionXLPipeline, StableDiffusionPipeline and their img2img variants)"
+            f"parallelize: {type(pipe).__name__} is not supported (its denoiser is not a "
+            "UNet2DConditionModel called once per step on the whole latent, or it is untested); "
+            f"supported pipelines: {', '.join(SUPPORTED_PIPELINES)}"
         )
+
+
+def parallelize_pipeline(pipe, config: DistriConfig):
+    """Make ``pipe`` patch-parallel in place and return it (untouched on a single rank). Its models
+    that are patch-parallel already (shared by ``from_pipe`` with a parallelised pipeline) are used
+    as they are."""
+    from diffusers import AutoencoderKL
+
+    _check_supported(pipe)
     if getattr(pipe, _COMM_ATTRIBUTE, None) is not None:
         raise InputError("parallelize: this pipeline is already patch-parallel")
-    parallelize_unet(pipe.unet, config)
+    controlnet = getattr(pipe, "controlnet", None)
+    fresh_nets = (
+        [] if controlnet is None else [n for n in controlnets_of(controlnet) if installed_forward(n) is None]
+    )
+    if fresh_nets and len(fresh_nets) != len(controlnets_of(controlnet)):
+        raise InputError(
+            "parallelize: some of the pipeline's ControlNets are patch-parallel already, some not"
+        )
+    if installed_forward(pipe.unet) is None:
+        parallelize_unet(pipe.unet, config)
     if config.world_size == 1:
         return pipe
-    comm = require_installed_forward(pipe.unet).world_comm
-    if isinstance(getattr(pipe, "vae", None), AutoencoderKL):
+    unet_forward = require_installed_forward(pipe.unet)
+    comm = unet_forward.world_comm
+    if fresh_nets:
+        parallelize_controlnet(controlnet, config, comm, unet_forward.patch_comms)
+    if isinstance(getattr(pipe, "vae", None), AutoencoderKL) and not vae_is_parallel(pipe.vae):
         parallelize_vae(pipe.vae, config, comm)
     pipe.__class__ = _parallel_class(type(pipe))
     setattr(pipe, _COMM_ATTRIBUTE, comm)

@@ -15,6 +15,13 @@ the paths of what must be swapped are returned:
 
 ``swap_modules`` then swaps them (sharing the original parameters) and fuses each plain
 ``ResnetBlock2D``'s GroupNorm -> SiLU -> conv (``PatchResnetForward``).
+
+What is already patch-parallel is skipped, so ``swap_modules`` is also how a parallelised model
+takes in what was loaded into it since (each generation starts with it): a LoRA's layers (PEFT
+wraps a patch convolution; its ``lora_A``, a convolution as tall as the base one that PEFT makes of
+the base layer's class, unattached, is swapped and gets halos like it), processors re-created by a loader (diffusers' IP-Adapter loader re-creates
+every self-attention processor as ``type(processor)()``: an unbound patch processor, or a standard
+one, is replaced by a bound one), an unloaded adapter's leftover states (forgotten).
 """
 
 import functools
@@ -24,12 +31,12 @@ import torch.nn as nn
 
 from distripy.errors import UnsupportedModuleError
 from distripy.parallel.attention import PatchCrossAttnProcessor, PatchSelfAttnProcessor
-from distripy.parallel.context import PatchContext
+from distripy.parallel.context import PatchContext, PatchState
 from distripy.parallel.conv import PatchConv2d, check_conv, conv_needs_halo
 from distripy.parallel.group_norm import PatchGroupNorm
 from distripy.parallel.resnet import PatchResnetForward, resnet_fusable
 
-__all__ = ["REFUSED", "plan_swaps", "swap_modules"]
+__all__ = ["REFUSED", "patch_states", "plan_swaps", "swap_modules"]
 
 # Modules whose result on a band is not the band of their result on the image, by class name
 # (diffusers' and torch's), with the reason given in the error.
@@ -98,10 +105,13 @@ def _check_attention(module: nn.Module, path: str) -> Optional[str]:
         raise UnsupportedModuleError(f"{path}: attention with added key/value projections (joint self/cross)")
     if getattr(module, "spatial_norm", None) is not None:
         raise UnsupportedModuleError(f"{path}: attention with a spatial norm")
+    if getattr(module.processor, "patch_context", None) is not None:
+        return None  # already a bound patch processor
     processor = type(module.processor).__name__
     if module.is_cross_attention:
-        return "cross" if processor in _PLAIN_CROSS_PROCESSORS else None
+        return "cross" if processor in _PLAIN_CROSS_PROCESSORS + ("PatchCrossAttnProcessor",) else None
     if processor not in (
+        "PatchSelfAttnProcessor",
         "AttnProcessor",
         "AttnProcessor2_0",
         "FusedAttnProcessor2_0",
@@ -116,19 +126,30 @@ def _check_attention(module: nn.Module, path: str) -> Optional[str]:
 
 def plan_swaps(model: nn.Module) -> Dict[str, List[str]]:
     """Check every module; return the paths of the convolutions, norms, self-attentions and
-    cross-attentions to swap."""
+    cross-attentions to swap (those not patch-parallel already), and of the unattached 1x1
+    convolutions of ``PatchConv2d``'s class to make plain ``nn.Conv2d`` again."""
     from diffusers.models.attention_processor import Attention
 
-    plan: Dict[str, List[str]] = {"conv": [], "norm": [], "attention": [], "cross_attention": []}
+    plan: Dict[str, List[str]] = {
+        "conv": [],
+        "plain_conv": [],
+        "norm": [],
+        "attention": [],
+        "cross_attention": [],
+    }
     for path, module in model.named_modules():
         path = path or type(model).__name__
         kind = type(module).__name__
+        if isinstance(module, PatchState) and module.attached:
+            continue  # swapped already
         if kind in REFUSED:
             raise UnsupportedModuleError(f"{path}: {kind} ({REFUSED[kind]}) cannot run on bands")
         if isinstance(module, nn.Conv2d):
             check_conv(module, path)
             if conv_needs_halo(module):
                 plan["conv"].append(path)
+            elif isinstance(module, PatchConv2d):
+                plan["plain_conv"].append(path)  # a 1x1 of PatchConv2d's class (PEFT's lora_B)
         elif isinstance(module, nn.Conv1d):
             raise UnsupportedModuleError(f"{path}: Conv1d over a token sequence would need a halo")
         elif isinstance(module, nn.GroupNorm):
@@ -158,11 +179,13 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def swap_modules(model: nn.Module, context: PatchContext) -> None:
     """Check every module of ``model``, then swap its convolutions, GroupNorms and self-attention
-    and cross-attention processors for the patch-parallel ones of ``context`` and fuse its ResNet
-    blocks."""
+    and cross-attention processors that are not patch-parallel yet for the patch-parallel ones of
+    ``context``, fuse its ResNet blocks, and make ``context`` forget the modules no longer in it."""
     plan = plan_swaps(model)
     for path in plan["conv"]:
         _set_submodule(model, path, PatchConv2d.from_conv(model.get_submodule(path), context, path))
+    for path in plan["plain_conv"]:
+        model.get_submodule(path).__class__ = nn.Conv2d  # needs no halo: local, as it is
     for path in plan["norm"]:
         _set_submodule(model, path, PatchGroupNorm.from_group_norm(model.get_submodule(path), context, path))
     for path in plan["attention"]:
@@ -171,5 +194,19 @@ def swap_modules(model: nn.Module, context: PatchContext) -> None:
         model.get_submodule(path).set_processor(PatchCrossAttnProcessor(context, path))
     # ResNet blocks: GroupNorm -> SiLU -> conv fused (the same result, the activation read once).
     for module in model.modules():
-        if resnet_fusable(module):
+        if resnet_fusable(module) and not isinstance(module.__dict__.get("forward"), PatchResnetForward):
             module.forward = PatchResnetForward(module, context)
+    context.retain(patch_states(model))
+
+
+def patch_states(model: nn.Module) -> List[PatchState]:
+    """The patch-parallel modules and attention processors now in ``model``."""
+    from diffusers.models.attention_processor import Attention
+
+    states = []
+    for module in model.modules():
+        if isinstance(module, PatchState) and module.attached:
+            states.append(module)
+        elif isinstance(module, Attention) and isinstance(module.processor, PatchState):
+            states.append(module.processor)
+    return states

@@ -6,6 +6,7 @@ becomes a checkpoint where an asynchronous step's transfers leave, and ``forward
 On a single rank the model is returned untouched.
 """
 
+import functools
 from typing import Optional
 
 import torch.nn as nn
@@ -18,13 +19,21 @@ from distripy.parallel.unet import PatchUNetForward
 from distripy.pipelines.swap import plan_swaps, swap_modules
 from distripy.runtime.factory import check_backends, make_comms
 
-__all__ = ["installed_forward", "parallelize_unet", "require_installed_forward", "reset_unet"]
+__all__ = [
+    "count_downsamplings",
+    "install_forward",
+    "installed_forward",
+    "parallelize_unet",
+    "require_installed_forward",
+    "reset_unet",
+]
 
 _ATTRIBUTE = "_distripy_forward"
 
 
-def _count_downsamplings(unet: nn.Module) -> int:
-    return sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
+def count_downsamplings(model: nn.Module) -> int:
+    """How many of the model's down blocks halve the resolution."""
+    return sum(1 for block in model.down_blocks if getattr(block, "downsamplers", None))
 
 
 def parallelize_unet(unet, config: DistriConfig, comm=None):
@@ -52,15 +61,22 @@ def parallelize_unet(unet, config: DistriConfig, comm=None):
         for block in list(unet.down_blocks) + [unet.mid_block] + list(unet.up_blocks)
         if block is not None
     )
-    forward = PatchUNetForward(unet, context, world_comm, patch_comms, _count_downsamplings(unet))
+    forward = PatchUNetForward(unet, context, world_comm, patch_comms, count_downsamplings(unet))
     if config.use_cuda_graph:
         from distripy.parallel.graphs import StepGraphs
 
         context.static_buffers = True
         forward.graphs = StepGraphs(context, list(patch_comms.values()))
-    unet.forward = forward
-    setattr(unet, _ATTRIBUTE, forward)
+    install_forward(unet, forward)
     return unet
+
+
+def install_forward(model: nn.Module, forward: PatchUNetForward) -> None:
+    """Make ``forward`` the model's forward; at the start of each generation it swaps in what was
+    loaded into the model since (``swap_modules``: a LoRA's layers, re-created processors)."""
+    forward.refresh_modules = functools.partial(swap_modules, model, forward.context)
+    model.forward = forward
+    setattr(model, _ATTRIBUTE, forward)
 
 
 def installed_forward(unet) -> Optional[PatchUNetForward]:

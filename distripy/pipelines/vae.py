@@ -15,7 +15,7 @@ from distripy.parallel.vae import PatchDecoderForward
 from distripy.pipelines.swap import swap_modules
 from distripy.runtime.factory import check_backends, comm_class
 
-__all__ = ["parallelize_vae"]
+__all__ = ["parallelize_vae", "vae_is_parallel"]
 
 _ATTRIBUTE = "_distripy_decoder_forward"
 
@@ -38,3 +38,8 @@ def parallelize_vae(vae, config: DistriConfig, comm=None):
     vae.decoder.forward = forward
     setattr(vae, _ATTRIBUTE, forward)
     return vae
+
+
+def vae_is_parallel(vae) -> bool:
+    """Whether ``vae``'s decoder decodes bands already."""
+    return hasattr(vae, _ATTRIBUTE)
