@@ -289,7 +289,7 @@ def refiner(folders, parallel: Parallel) -> list:
 
 def ip_adapter(folders, parallel: Parallel) -> list:
     """IP-Adapter loaded after ``parallelize`` (image encoder and projection from disk), its
-    scale changed, then unloaded."""
+    scale changed, then unloaded; and one loaded before ``parallelize``."""
     from PIL import Image
 
     pipe = _apply(parallel, sdxl())
@@ -305,6 +305,14 @@ def ip_adapter(folders, parallel: Parallel) -> list:
     out.append(_images(pipe, 52, ip_adapter_image=Image.fromarray(pixels)))
     pipe.unload_ip_adapter()
     out.append(_images(pipe, 53))
+    before = sdxl()  # loaded before parallelize
+    before.load_ip_adapter(
+        folders["ip"],
+        subfolder="",
+        weight_name="ip_adapter.safetensors",
+        image_encoder_folder="image_encoder",
+    )
+    out.append(_images(_apply(parallel, before), 54, ip_adapter_image=Image.fromarray(pixels)))
     return out
 
 

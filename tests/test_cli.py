@@ -350,10 +350,10 @@ def test_every_documented_scheduler_runs(tiny_model, scheduler):
 
 def test_consecutive_two_process_runs_all_exit_0(tiny_model, addons, tmp_path):
     """A short soak of the two-process command (bench/cli_soak.py runs the long one): each run
-    exits 0 and writes its image -- no rank may abort at shutdown. The runs: text-to-image; a
-    ControlNet with a LoRA, refined by the SDXL refiner; ControlNet inpainting with two LoRAs."""
+    exits 0 and writes its image -- no rank may abort at shutdown (a plain text-to-image run is
+    ``test_generate_writes_the_image_on_two_processes``). The runs: a ControlNet with a LoRA,
+    refined by the SDXL refiner; ControlNet inpainting with two LoRAs."""
     runs = [
-        [],
         ["--controlnet", addons["controlnet"], "--control-image", addons["64x64"],
          "--lora", f"{addons['lora']}:0.7", "--refiner", addons["refiner"]],
         ["--controlnet", addons["controlnet"], "--control-image", addons["64x64"], "--init-image",

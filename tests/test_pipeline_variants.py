@@ -114,3 +114,78 @@ def test_corrected_async_gn_runs_the_variants_and_reports_its_error(folders, rec
     assert max(errors.values()) > EXACT  # stale activations were used: not the exact result
     record_property("corrected_async_gn_relative_error", errors)
     print("corrected_async_gn relative error per call:", errors)
+
+
+def test_an_unsupported_pipeline_is_refused_with_the_supported_list():
+    from diffusers import DiffusionPipeline
+
+    import distripy
+    from distripy.pipelines.pipeline import SUPPORTED_PIPELINES
+
+    class OtherPipeline(DiffusionPipeline):
+        def __init__(self, unet):
+            super().__init__()
+            self.register_modules(unet=unet)
+
+    pipe = OtherPipeline(pipeline_variants.sdxl().unet)
+    with pytest.raises(TypeError, match="OtherPipeline is not supported") as raised:
+        distripy.parallelize(pipe, distripy.DistriConfig())
+    assert all(name in str(raised.value) for name in SUPPORTED_PIPELINES)
+    assert isinstance(raised.value, distripy.DistripyError)
+    assert "forward" not in pipe.unet.__dict__  # refused before anything was changed
+
+
+def test_a_controlnet_with_pooled_conditions_is_refused():
+    from diffusers import ControlNetModel
+
+    import distripy
+
+    controlnet = ControlNetModel.from_unet(
+        pipeline_variants.sd().unet, conditioning_embedding_out_channels=(8, 16, 16)
+    )
+    controlnet.register_to_config(global_pool_conditions=True)
+    with pytest.raises(distripy.errors.UnsupportedModuleError, match="global_pool_conditions=True"):
+        distripy.parallelize(controlnet, distripy.DistriConfig())
+
+
+def test_cuda_graphs_captured_before_an_adapter_change_are_dropped(folders):
+    """A CUDA graph bakes in a LoRA's scale and which adapters run: loading, switching or fusing
+    adapters must drop the graphs captured before (here a stand-in records the drops; the call
+    itself is refused on a CPU)."""
+    import torch
+
+    import distripy
+    from distripy.runtime import LoopbackComm
+
+    class Graphs:
+        released = 0
+
+        def release(self):
+            self.released += 1
+
+    pipe = pipeline_variants.sdxl()
+    unet = distripy.parallelize(pipe.unet, distripy.DistriConfig(split_batch=False), comm=LoopbackComm(0, 2))
+    graphs = unet.forward.graphs = Graphs()
+    config = unet.config
+    inputs = dict(
+        sample=torch.randn(1, 4, 16, 8),
+        timestep=torch.tensor(999),
+        encoder_hidden_states=torch.randn(1, 77, config.cross_attention_dim),
+        added_cond_kwargs={"text_embeds": torch.randn(1, 32), "time_ids": torch.randn(1, 6)},
+    )
+
+    def new_generation():
+        distripy.reset(unet)
+        with pytest.raises(distripy.errors.InputError, match="needs the UNet on a CUDA device"):
+            unet(**inputs)
+        return graphs.released
+
+    assert new_generation() == 1  # the first generation
+    assert new_generation() == 1  # nothing changed
+    pipe.load_lora_weights(folders["lora_conv"], adapter_name="conv")
+    assert new_generation() == 2
+    pipe.set_adapters(["conv"], [0.5])
+    assert new_generation() == 3
+    pipe.fuse_lora()
+    assert new_generation() == 4
+    assert new_generation() == 4

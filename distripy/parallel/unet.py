@@ -18,7 +18,6 @@ Each call is one denoising step. The wrapper
 """
 
 import functools
-import hashlib
 import inspect
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -107,8 +106,10 @@ class PatchUNetForward:
         self.steps: Optional[int] = None  # the generations' number of steps, when told (reset)
         self.graphs = None  # a StepGraphs with use_cuda_graph
         # Called at the start of every generation: swaps in what was loaded into the model since
-        # (a LoRA's layers, re-created attention processors; ``pipelines.swap.swap_modules``).
-        self.refresh_modules: Optional[Callable[[], None]] = None
+        # (a LoRA's layers, re-created attention processors) and returns a digest of the model's
+        # modules and adapters (``pipelines.swap.refresh_model``).
+        self.refresh_modules: Optional[Callable[[], str]] = None
+        self._model_state: Optional[str] = None
 
     # -- generations -----------------------------------------------------------------------------
 
@@ -185,12 +186,15 @@ class PatchUNetForward:
         }
 
     def _start_generation(self, sample, arguments, plan: BandPlan, signature: Tuple) -> None:
-        problem = None
+        problem, state = None, None
         try:
             if self.refresh_modules is not None:
-                self.refresh_modules()
+                state = self.refresh_modules()
         except DistripyError as error:  # e.g. a layer loaded since that cannot run on bands
             problem = (type(error), str(error))
+        if state != self._model_state and self.graphs is not None:
+            self.graphs.release()  # captured before an adapter was loaded, switched or fused
+        self._model_state = state
         problem = problem or self._input_problem(sample, arguments, plan)
         # Every argument's digest (the latent, the timestep, the prompt embeddings, the added and
         # ControlNet conditions, LoRA scales in cross_attention_kwargs...) and the patch modules
@@ -198,10 +202,8 @@ class PatchUNetForward:
         # instead of stitching a wrong image. One copy to the host per generation.
         description = None
         if problem is None:
-            modules = "\n".join(state.patch_path for state in self.context.states)
-            modules = hashlib.sha256(modules.encode()).hexdigest()  # str hash() differs per process
             description = dict(
-                digest_arguments(self._agreed_part(arguments, plan)), layout=signature, modules=modules
+                digest_arguments(self._agreed_part(arguments, plan)), layout=signature, modules=state
             )
         agree(self.world_comm, description, problem)
         self.context.start_generation(

@@ -18,9 +18,12 @@ whose ``__call__``
 * shows the progress bar on rank 0 only.
 
 Every rank gets the same images back; writing them to files is the caller's choice (rank 0 alone).
-Made for ``StableDiffusionXLPipeline`` and ``StableDiffusionPipeline`` and their img2img
-variants; any pipeline whose denoiser is a ``UNet2DConditionModel`` called once per step with
-the whole latent works the same way.
+The pipelines accepted are ``SUPPORTED_PIPELINES`` (SD and SDXL text-to-image, img2img, the SDXL
+refiner, inpainting, ControlNet in each of those, and what ``AutoPipelineFor*`` make of them): a
+``UNet2DConditionModel`` called once per step with the whole latent. A pipeline's ControlNets run
+on bands too (``pipelines.controlnet``), sharing the UNet's communicators, and are reset with it
+at every call. Models that are patch-parallel already (a pipeline made by ``from_pipe`` of a
+parallelised one shares them) are kept as they are.
 """
 
 import functools
@@ -36,6 +39,7 @@ from distripy.errors import InputError, InputTypeError
 from distripy.parallel.agreement import agree
 from distripy.parallel.digest import digest_arguments
 from distripy.pipelines.controlnet import controlnets_of, parallelize_controlnet
+from distripy.pipelines.swap import adapter_state
 from distripy.pipelines.unet import installed_forward, parallelize_unet, require_installed_forward, reset_unet
 from distripy.pipelines.vae import parallelize_vae, vae_is_parallel
 
@@ -72,12 +76,11 @@ def _lora_state(pipe) -> Optional[str]:
     """A digest of the LoRA adapters active in the pipeline's models and their scales (PEFT
     layers keep them per layer), or None without any."""
     entries = [
-        (component, path, tuple(module.active_adapters), tuple(sorted(module.scaling.items())))
+        (component, adapter_state(model))
         for component, model in pipe.components.items()
         if isinstance(model, torch.nn.Module)
-        for path, module in model.named_modules()
-        if hasattr(module, "scaling") and hasattr(module, "active_adapters")
     ]
+    entries = [entry for entry in entries if entry[1]]
     return hashlib.sha256(repr(entries).encode()).hexdigest() if entries else None
 
 

@@ -22,9 +22,12 @@ wraps a patch convolution; its ``lora_A``, a convolution as tall as the base one
 the base layer's class, unattached, is swapped and gets halos like it), processors re-created by a loader (diffusers' IP-Adapter loader re-creates
 every self-attention processor as ``type(processor)()``: an unbound patch processor, or a standard
 one, is replaced by a bound one), an unloaded adapter's leftover states (forgotten).
+``refresh_model`` does that and returns a digest of the model's patch modules and adapters (their
+activity, scales, merges), which the ranks compare and whose change drops captured CUDA graphs.
 """
 
 import functools
+import hashlib
 from typing import Dict, List, Optional
 
 import torch.nn as nn
@@ -36,7 +39,7 @@ from distripy.parallel.conv import PatchConv2d, check_conv, conv_needs_halo
 from distripy.parallel.group_norm import PatchGroupNorm
 from distripy.parallel.resnet import PatchResnetForward, resnet_fusable
 
-__all__ = ["REFUSED", "patch_states", "plan_swaps", "swap_modules"]
+__all__ = ["REFUSED", "adapter_state", "patch_states", "plan_swaps", "refresh_model", "swap_modules"]
 
 # Modules whose result on a band is not the band of their result on the image, by class name
 # (diffusers' and torch's), with the reason given in the error.
@@ -197,6 +200,30 @@ def swap_modules(model: nn.Module, context: PatchContext) -> None:
         if resnet_fusable(module) and not isinstance(module.__dict__.get("forward"), PatchResnetForward):
             module.forward = PatchResnetForward(module, context)
     context.retain(patch_states(model))
+
+
+def adapter_state(model: nn.Module) -> list:
+    """The LoRA (PEFT) layers of ``model`` by path: their active adapters, scales and whether they
+    are merged into the base weights."""
+    return [
+        (
+            path,
+            tuple(module.active_adapters),
+            tuple(sorted(module.scaling.items())),
+            bool(getattr(module, "merged", False)),
+        )
+        for path, module in model.named_modules()
+        if hasattr(module, "scaling") and hasattr(module, "active_adapters")
+    ]
+
+
+def refresh_model(model: nn.Module, context: PatchContext) -> str:
+    """Swap in what was loaded into ``model`` since (``swap_modules``) and return a digest of what
+    decides its computation besides its weights' values: its patch modules and its adapters'
+    state. Ranks must agree on it, and a CUDA graph captured before it changed must not replay."""
+    swap_modules(model, context)
+    state = ([state.patch_path for state in context.states], adapter_state(model))
+    return hashlib.sha256(repr(state).encode()).hexdigest()
 
 
 def patch_states(model: nn.Module) -> List[PatchState]:

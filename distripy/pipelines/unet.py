@@ -16,7 +16,7 @@ from distripy.errors import InputError, UnsupportedModuleError
 from distripy.parallel.context import PatchContext
 from distripy.parallel.policy import check_steps, warn_if_error_grows
 from distripy.parallel.unet import PatchUNetForward
-from distripy.pipelines.swap import plan_swaps, swap_modules
+from distripy.pipelines.swap import plan_swaps, refresh_model, swap_modules
 from distripy.runtime.factory import check_backends, make_comms
 
 __all__ = [
@@ -74,7 +74,7 @@ def parallelize_unet(unet, config: DistriConfig, comm=None):
 def install_forward(model: nn.Module, forward: PatchUNetForward) -> None:
     """Make ``forward`` the model's forward; at the start of each generation it swaps in what was
     loaded into the model since (``swap_modules``: a LoRA's layers, re-created processors)."""
-    forward.refresh_modules = functools.partial(swap_modules, model, forward.context)
+    forward.refresh_modules = functools.partial(refresh_model, model, forward.context)
     model.forward = forward
     setattr(model, _ATTRIBUTE, forward)
 
