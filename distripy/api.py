@@ -14,6 +14,7 @@ from distripy.errors import InputTypeError
 from distripy.parallel.context import PatchContext
 from distripy.parallel.policy import ModeChoice, QualityWarning, choose_mode
 from distripy.pipelines import parallelize_controlnet, parallelize_pipeline, parallelize_unet, parallelize_vae
+from distripy.pipelines.pipeline import denoisers
 from distripy.pipelines.unet import require_installed_forward, reset_unet
 
 __all__ = ["ModeChoice", "QualityWarning", "choose_mode", "parallelize", "patch_context", "reset"]
@@ -68,15 +69,16 @@ def reset(model, steps: Optional[int] = None) -> None:
     stale buffer, so that the next call starts a new generation. Call it between images (a new
     generation is also recognised by itself; a parallelised pipeline does it at every call) and
     before tearing down torch.distributed. A single-rank model (returned untouched by
-    ``parallelize``) has nothing to reset; a pipeline resets its UNet.
+    ``parallelize``) has nothing to reset; a pipeline resets its UNet and its ControlNets.
 
     ``steps``: the number of denoising steps of the next generations, kept until the next reset,
     from which ``mode="auto"`` picks the mode and warm-up (``choose_mode``). A parallelised
     pipeline passes it itself; a bare UNet's loop should (without it, ``auto`` runs
     ``corrected_async_gn`` with ``DistriConfig.warmup_steps``)."""
-    unet = getattr(model, "unet", None)
-    if unet is not None and not isinstance(model, nn.Module):
-        model = unet
+    if getattr(model, "unet", None) is not None and not isinstance(model, nn.Module):
+        for denoiser in denoisers(model):  # its UNet and ControlNets
+            reset_unet(denoiser, steps)
+        return
     reset_unet(model, steps)
 
 

@@ -43,7 +43,7 @@ from distripy.pipelines.swap import adapter_state
 from distripy.pipelines.unet import installed_forward, parallelize_unet, require_installed_forward, reset_unet
 from distripy.pipelines.vae import parallelize_vae, vae_is_parallel
 
-__all__ = ["SUPPORTED_PIPELINES", "denoising_steps", "parallelize_pipeline", "shared_seed"]
+__all__ = ["SUPPORTED_PIPELINES", "denoisers", "denoising_steps", "parallelize_pipeline", "shared_seed"]
 
 SUPPORTED_PIPELINES = (
     "StableDiffusionPipeline",
@@ -117,17 +117,17 @@ def _parallel_call(pipe, original, args, kwargs):
     if bound.arguments.get("generator") is None and bound.arguments.get("latents") is None:
         bound.arguments["generator"] = torch.Generator().manual_seed(shared_seed(comm))
     steps = denoising_steps(signature, bound.arguments)
-    denoisers = _denoisers(pipe)
-    for model in denoisers:
+    models = denoisers(pipe)
+    for model in models:
         reset_unet(model, steps)
     try:
         return original(*bound.args, **bound.kwargs)
     finally:
-        for model in denoisers:
+        for model in models:
             reset_unet(model)
 
 
-def _denoisers(pipe) -> list:
+def denoisers(pipe) -> list:
     """The pipeline's models run once per step: its UNet and its ControlNets."""
     controlnet = getattr(pipe, "controlnet", None)
     return [pipe.unet] + ([] if controlnet is None else controlnets_of(controlnet))
