@@ -6,8 +6,9 @@ while it computes. See README.md and docs/architecture.md.
 
 The public API: ``distripy.init()`` (torch.distributed from torchrun's environment),
 ``distripy.DistriConfig``, ``distripy.parallelize(model, config)``, ``distripy.reset(model)``,
-``distripy.patch_context(model)``, ``distripy.choose_mode(config, steps)``, and the exceptions of ``distripy.errors`` (all derive from
-``DistripyError``).
+``distripy.patch_context(model)``, ``distripy.choose_mode(config, steps)``,
+``distripy.reconfigure(model, mode=...)``, ``distripy.Engine`` (N ranks driven from one process),
+and the exceptions of ``distripy.errors`` (all derive from ``DistripyError``).
 Importing ``distripy`` is cheap: torch, diffusers and the native runtime ``distripy._C`` load when
 first used (``distripy.runtime.native()`` loads the latter and explains its absence).
 """
@@ -26,23 +27,27 @@ from distripy._version import __version__  # noqa: E402
 _LAZY = {
     "DistriConfig": "distripy.config",
     "DistripyError": "distripy.errors",
+    "Engine": "distripy.serving.engine",
     "QualityWarning": "distripy.api",
     "choose_mode": "distripy.api",
     "init": "distripy.runtime.distributed",
     "parallelize": "distripy.api",
     "patch_context": "distripy.api",
+    "reconfigure": "distripy.api",
     "reset": "distripy.api",
 }
 
 __all__ = [
     "DistriConfig",
     "DistripyError",
+    "Engine",
     "QualityWarning",
     "__version__",
     "choose_mode",
     "init",
     "parallelize",
     "patch_context",
+    "reconfigure",
     "reset",
 ]
 

@@ -5,6 +5,7 @@ and ``choose_mode`` (what ``mode="auto"`` runs for a number of steps).
 weights are shared, not copied); ``distripy.pipelines`` holds how, for each kind of model.
 """
 
+import dataclasses
 from typing import Optional
 
 import torch.nn as nn
@@ -12,12 +13,20 @@ import torch.nn as nn
 from distripy.config import DistriConfig
 from distripy.errors import InputTypeError
 from distripy.parallel.context import PatchContext
-from distripy.parallel.policy import ModeChoice, QualityWarning, choose_mode
+from distripy.parallel.policy import ModeChoice, QualityWarning, choose_mode, warn_if_error_grows
 from distripy.pipelines import parallelize_controlnet, parallelize_pipeline, parallelize_unet, parallelize_vae
 from distripy.pipelines.pipeline import denoisers
-from distripy.pipelines.unet import require_installed_forward, reset_unet
+from distripy.pipelines.unet import installed_forward, require_installed_forward, reset_unet
 
-__all__ = ["ModeChoice", "QualityWarning", "choose_mode", "parallelize", "patch_context", "reset"]
+__all__ = [
+    "ModeChoice",
+    "QualityWarning",
+    "choose_mode",
+    "parallelize",
+    "patch_context",
+    "reconfigure",
+    "reset",
+]
 
 
 def parallelize(model, config: Optional[DistriConfig] = None, *, comm=None):
@@ -80,6 +89,26 @@ def reset(model, steps: Optional[int] = None) -> None:
             reset_unet(denoiser, steps)
         return
     reset_unet(model, steps)
+
+
+def reconfigure(model, mode: Optional[str] = None, warmup_steps: Optional[int] = None) -> None:
+    """Change the mode and warm-up a parallelised model (or pipeline: its UNet and ControlNets)
+    runs from its next generation on, without parallelising it again (a served pipeline switches
+    per request). The other settings are fixed at ``parallelize`` (the split, the communicators,
+    the kernels). Every rank must make the same change: the ranks compare each generation's
+    configuration. Ends the current generation (``reset``)."""
+    models = denoisers(model) if not isinstance(model, nn.Module) else [model]
+    forwards = [forward for forward in map(installed_forward, models) if forward is not None]
+    changes = {
+        name: value for name, value in (("mode", mode), ("warmup_steps", warmup_steps)) if value is not None
+    }
+    for forward in forwards:  # validated (DistriConfig checks) before any model changes
+        changed = dataclasses.replace(forward.context.config, **changes)
+    if mode is not None and forwards:
+        warn_if_error_grows(changed.mode)
+    for forward in forwards:
+        forward.reset(forward.steps)
+        forward.context.config = dataclasses.replace(forward.context.config, **changes)
 
 
 def patch_context(model) -> PatchContext:

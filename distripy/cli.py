@@ -20,19 +20,10 @@ from typing import List, Optional
 
 from distripy.config import AUTO_MODE, DEFAULT_MODE, DEFAULT_TIMEOUT_S, DEFAULT_WARMUP_STEPS, MODE_CHOICES
 from distripy.errors import DistripyError
+from distripy.pipelines.schedulers import SCHEDULERS
 
 __all__ = ["CommandError", "check_demo", "check_generate", "main"]
 
-SCHEDULERS = {
-    "default": None,
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-ancestral": "EulerAncestralDiscreteScheduler",
-    "dpm++2m": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "pndm": "PNDMScheduler",
-    "lms": "LMSDiscreteScheduler",
-}
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 DEMO_STEPS = 20
 DTYPES = ("float16", "bfloat16", "float32")

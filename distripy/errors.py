@@ -13,6 +13,8 @@ __all__ = [
     "CommTimeoutError",
     "ConfigError",
     "DistripyError",
+    "EngineError",
+    "EngineTimeoutError",
     "InputError",
     "InputTypeError",
     "LaunchError",
@@ -71,3 +73,13 @@ class CommError(DistripyError, RuntimeError):
 
 class CommTimeoutError(CommError, TimeoutError):
     """A communication operation did not complete within its timeout (a peer is dead or stuck)."""
+
+
+class EngineError(DistripyError, RuntimeError):
+    """A request to an ``Engine`` failed because its rank processes did (one died, or could not
+    start); the engine restarts them for the next request."""
+
+
+class EngineTimeoutError(EngineError, TimeoutError):
+    """A request to an ``Engine`` did not finish by its deadline (a rank is stuck or too slow); its
+    rank processes were stopped and are restarted for the next request."""

@@ -25,10 +25,11 @@ LAYERS = {
     "api": "api",
     "": "api",  # the package root: lazy re-exports of the public names
     "demo": "demo",
+    "serving": "serving",
     "cli": "cli",
 }
-# What each layer may import besides itself: cli -> demo, api -> pipelines -> parallel -> kernels,
-# runtime -> errors, config.
+# What each layer may import besides itself: cli -> demo, serving -> api -> pipelines -> parallel ->
+# kernels, runtime -> errors, config.
 BELOW = {
     "errors": set(),
     "config": {"errors"},
@@ -38,7 +39,8 @@ BELOW = {
     "pipelines": {"parallel", "kernels", "runtime", "config", "errors"},
     "api": {"pipelines", "parallel", "kernels", "runtime", "config", "errors"},
     "demo": {"api", "pipelines", "parallel", "kernels", "runtime", "config", "errors"},
-    "cli": {"demo", "api", "pipelines", "parallel", "kernels", "runtime", "config", "errors"},
+    "serving": {"api", "pipelines", "parallel", "kernels", "runtime", "config", "errors"},
+    "cli": {"demo", "serving", "api", "pipelines", "parallel", "kernels", "runtime", "config", "errors"},
 }
 
 

@@ -202,8 +202,12 @@ class PatchUNetForward:
         # instead of stitching a wrong image. One copy to the host per generation.
         description = None
         if problem is None:
+            config = self.context.config
             description = dict(
-                digest_arguments(self._agreed_part(arguments, plan)), layout=signature, modules=state
+                digest_arguments(self._agreed_part(arguments, plan)),
+                layout=signature,
+                modules=state,
+                settings=(config.mode, config.warmup_steps, self.steps),
             )
         agree(self.world_comm, description, problem)
         self.context.start_generation(

@@ -1,0 +1,151 @@
+"""``distripy.Engine``: 2 gloo rank processes driven from this process (the tiny SDXL pipeline).
+Its images equal the single-device pipeline's in ``full_sync``; size, steps, guidance,
+scheduler, LoRA and mode change between calls without a restart; progress reaches the caller; a
+bad argument is the pipeline's error and the ranks serve on; a rank killed (SIGKILL) or stopped
+(SIGSTOP) mid-request fails that request within its deadline, and the next request succeeds on
+restarted ranks; after ``close()`` no process the engine started remains."""
+
+import functools
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import pipeline_variants
+from distripy.pipelines.tiny import tiny_sdxl_pipeline
+
+SEED = 3
+CALLS = [
+    # (arguments, scheduler, with the LoRA)
+    (dict(height=64, width=32, num_inference_steps=3, guidance_scale=5.0), None, False),
+    (dict(height=32, width=64, num_inference_steps=2, guidance_scale=1.0), "ddim", True),
+]
+
+
+def _reference(arguments, scheduler, lora_file, seed):
+    import diffusers
+
+    pipe = tiny_sdxl_pipeline(SEED)
+    pipe.set_progress_bar_config(disable=True)
+    if scheduler is not None:
+        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    if lora_file is not None:
+        pipe.load_lora_weights(os.path.dirname(lora_file), weight_name=os.path.basename(lora_file))
+        pipe.set_adapters(["default_0"], [0.8])
+    generator = torch.Generator().manual_seed(seed)
+    return pipe("a red boat", generator=generator, **arguments).images[0]
+
+
+def _pixels(image):
+    return np.asarray(image, dtype=np.float64)
+
+
+def _assert_same_image(image, expected):
+    """Equal up to the rounding to 8 bits of values that agree to ~1e-6 (full_sync vs one
+    device): a pixel may differ by one level, rarely."""
+    assert image.size == expected.size
+    difference = np.abs(_pixels(image) - _pixels(expected))
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.005, (
+        difference.max(),
+        (difference > 0).mean(),
+    )
+
+
+def test_the_engine_serves_single_device_images_and_survives_lost_ranks(tmp_path):
+    import distripy
+    from distripy.serving.engine import _running
+
+    pipeline_variants.make_lora(str(tmp_path / "lora"), ["to_q", "conv1"], 2)
+    lora_file = str(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    config = distripy.DistriConfig(mode="full_sync", split_batch=False, timeout_s=30)
+    engine = distripy.Engine(
+        functools.partial(tiny_sdxl_pipeline, SEED), nproc=2, config=config, timeout_s=120
+    )
+    started = list(engine.pids)
+    launcher = engine._ranks.launcher.pid
+    try:
+        assert len(started) == 2 and all(_running(pid) for pid in started)
+        for index, (arguments, scheduler, lora) in enumerate(CALLS):
+            steps = []
+            loras = [(lora_file, 0.8)] if lora else []
+            images = engine(
+                "a red boat", seed=10 + index, scheduler=scheduler, loras=loras,
+                progress=lambda step, total: steps.append((step, total)), **arguments,
+            )  # fmt: skip
+            expected = _reference(arguments, scheduler, lora_file if lora else None, 10 + index)
+            _assert_same_image(images[0], expected)
+            total = arguments["num_inference_steps"]
+            assert steps == [(step, total) for step in range(1, total + 1)]
+        # another mode for one request, then the engine's own again (no LoRA: disabled)
+        async_image = engine("a red boat", seed=10, mode="corrected_async_gn", warmup_steps=1, **CALLS[0][0])[
+            0
+        ]
+        assert async_image.size == (32, 64)
+        again = engine("a red boat", seed=10, **CALLS[0][0])[0]
+        _assert_same_image(again, _reference(CALLS[0][0], None, None, 10))
+        # a bad argument: the pipeline's error, raised here; the ranks serve on
+        with pytest.raises(distripy.errors.InputError, match="divisible by 8"):
+            engine("a red boat", height=30, width=32, num_inference_steps=2)
+        assert engine.pids == started and engine.restarts == 0
+
+        # a rank killed mid-request: that request fails, the next succeeds on new ranks
+        def kill_rank_1(step, total):
+            if step == 2:
+                os.kill(started[1], signal.SIGKILL)
+
+        begun = time.monotonic()
+        with pytest.raises(distripy.errors.EngineError):
+            engine("a red boat", seed=1, progress=kill_rank_1, height=64, width=32, num_inference_steps=200)
+        assert time.monotonic() - begun < 60
+        assert not engine.healthy and not any(_running(pid) for pid in started)
+        assert not _running(launcher)
+        image = engine("a red boat", seed=10, **CALLS[0][0])[0]
+        np.testing.assert_array_equal(_pixels(image), _pixels(again))  # the same ranks' arithmetic
+        assert engine.restarts == 1 and engine.pids != started
+
+        # a rank stopped mid-request: the request times out at its deadline, then all is stopped
+        stopped = list(engine.pids)
+
+        def stop_rank_1(step, total):
+            if step == 2:
+                os.kill(stopped[1], signal.SIGSTOP)
+
+        begun = time.monotonic()
+        with pytest.raises(distripy.errors.EngineTimeoutError):
+            engine(
+                "a red boat",
+                seed=1,
+                progress=stop_rank_1,
+                timeout_s=4,
+                height=64,
+                width=32,
+                num_inference_steps=200,
+            )
+        assert 4 <= time.monotonic() - begun < 4 + 15
+        assert not any(_running(pid) for pid in stopped)
+        image = engine("a red boat", seed=10, **CALLS[0][0])[0]
+        np.testing.assert_array_equal(_pixels(image), _pixels(again))  # the same ranks' arithmetic
+        assert engine.restarts == 2
+        launcher = engine._ranks.launcher.pid
+        last = list(engine.pids)
+    finally:
+        engine.close()
+    assert not _running(launcher) and not any(_running(pid) for pid in last)
+    with pytest.raises(distripy.errors.EngineError, match="closed"):
+        engine("a red boat")
+
+
+def test_an_engine_refuses_bad_settings_before_starting(tmp_path):
+    import distripy
+
+    with pytest.raises(distripy.errors.InputError, match="no model_index.json"):
+        distripy.Engine(str(tmp_path), nproc=2)
+    with pytest.raises(distripy.errors.InputTypeError, match="cannot be pickled"):
+        distripy.Engine(lambda: None, nproc=2)
+    with pytest.raises(distripy.errors.ConfigError, match="nproc=0"):
+        distripy.Engine(functools.partial(tiny_sdxl_pipeline, SEED), nproc=0)
+    with pytest.raises(distripy.errors.ConfigError, match="dtype='half'"):
+        distripy.Engine(functools.partial(tiny_sdxl_pipeline, SEED), nproc=1, dtype="half")
