@@ -126,7 +126,18 @@ setup(
     extras_require={
         "nccl-cu12": [f"nvidia-nccl-cu12>=2.18; {LINUX}"],
         "nccl-cu13": [f"nvidia-nccl-cu13; {LINUX}"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "cmake>=3.18", "wheel", "matplotlib>=3.7"],
+        # `distripy serve`: an ASGI app on uvicorn, Prometheus metrics
+        "serve": ["fastapi>=0.100", "uvicorn>=0.23", "prometheus-client>=0.17"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "cmake>=3.18",
+            "wheel",
+            "matplotlib>=3.7",
+            "fastapi>=0.100",
+            "uvicorn>=0.23",
+            "prometheus-client>=0.17",
+        ],
         "bench": ["matplotlib>=3.7", f"cupy-cuda12x>=13; {LINUX}", "torchmetrics>=1.3", "clean-fid>=0.1.35"],
     },
     entry_points={"console_scripts": ["distripy = distripy.cli:main"]},

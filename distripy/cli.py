@@ -1,4 +1,5 @@
-"""The ``distripy`` command: ``generate`` an image on N GPUs (or N CPU processes), run the ``demo``.
+"""The ``distripy`` command: ``generate`` an image on N GPUs (or N CPU processes), ``serve`` a
+pipeline over HTTP on N ranks (``serving.http``), run the ``demo``.
 
 ``--nproc N`` starts N processes through torch.distributed's elastic launcher (``torchrun``); a
 command already started by torchrun runs as one of its ranks. Everything that can be checked
@@ -22,7 +23,7 @@ from distripy.config import AUTO_MODE, DEFAULT_MODE, DEFAULT_TIMEOUT_S, DEFAULT_
 from distripy.errors import DistripyError
 from distripy.pipelines.schedulers import SCHEDULERS
 
-__all__ = ["CommandError", "check_demo", "check_generate", "main"]
+__all__ = ["CommandError", "check_demo", "check_generate", "check_serve", "main"]
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 DEMO_STEPS = 20
@@ -65,6 +66,20 @@ def _parser() -> argparse.ArgumentParser:
         "--dtype", choices=DTYPES, default=None, help="default: float16 on GPUs, else float32"
     )
     generate.add_argument("--output", type=Path, default=Path("distripy.png"))
+
+    serve = commands.add_parser("serve", help="serve a local diffusers pipeline over HTTP on N ranks")
+    serve.add_argument("--model", required=True, type=Path, help="a local diffusers pipeline folder")
+    serve.add_argument("--nproc", type=int, default=1, help="ranks (one GPU each when present)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--queue-size", type=int, default=16, help="requests waiting or running; more get 429")
+    serve.add_argument(
+        "--request-timeout", type=float, default=300.0, help="seconds a request may take, queueing included"
+    )
+    serve.add_argument("--mode", choices=MODE_CHOICES, default=DEFAULT_MODE, help="the default mode")
+    serve.add_argument("--no-split-batch", action="store_true", help="keep CFG's two halves on every rank")
+    serve.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on GPUs, else float32")
+    _add_timeout_argument(serve)
 
     demo = commands.add_parser(
         "demo",
@@ -400,6 +415,65 @@ def check_generate(args, world: int) -> None:
     _check_output(args.output)
 
 
+def check_serve(args) -> None:
+    """Every check ``serve`` can make before starting the ranks."""
+    _check_timeout(args)
+    _check_world(args.nproc)
+    _model_geometry(args.model)
+    if not 0 <= args.port <= 65535:
+        raise CommandError(f"--port {args.port}: not a port number")
+    if args.queue_size < 1:
+        raise CommandError(f"--queue-size {args.queue_size}: needs at least 1")
+    if not args.request_timeout > 0:
+        raise CommandError(
+            f"--request-timeout {args.request_timeout:g}: must be a positive number of seconds"
+        )
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as missing:
+        raise CommandError(f"serve needs {missing.name}: pip install 'distripy[serve]'") from None
+
+
+def run_serve(args) -> int:
+    """Start the engine's ranks, then serve until SIGTERM or Ctrl-C (which close them)."""
+    import logging
+    import signal
+
+    import torch
+    import uvicorn
+
+    import distripy
+    from distripy.serving.http import make_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    dtype = args.dtype or ("float16" if torch.cuda.is_available() else None)
+    config = distripy.DistriConfig(
+        mode=args.mode, split_batch=not args.no_split_batch, timeout_s=args.timeout
+    )
+    engine = distripy.Engine(
+        str(args.model), nproc=args.nproc, config=config, dtype=dtype, timeout_s=args.request_timeout
+    )
+    print(
+        f"distripy: {args.nproc} rank{'s' * (args.nproc > 1)} ready; serving on http://{args.host}:{args.port}",
+        flush=True,
+    )
+    app = make_app(engine, queue_size=args.queue_size, request_timeout_s=args.request_timeout)
+    # uvicorn shuts down gracefully on SIGTERM / Ctrl-C (the app's shutdown closes the engine, after
+    # the request in progress), then raises the signal again under the handler found before it
+    # started: these make that a normal end (exit status 0) instead of death by the signal.
+    stopped = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda number, frame: stopped.append(number))
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.close()
+    print("distripy: the service has stopped", flush=True)
+    return 0
+
+
 def check_demo(args, world: int) -> None:
     """Every check ``demo`` can make before any process starts, for a world of ``world`` ranks."""
     from distripy.pipelines.tiny import TINY_DOWNSAMPLINGS, TINY_VAE_SCALE, TRAINED_MODEL
@@ -690,6 +764,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo" and args.nproc is not None:
         args.bands = [args.nproc]
+    if args.command == "serve":
+        try:
+            check_serve(args)
+            return run_serve(args)
+        except DistripyError as error:  # CommandError, or the engine could not start
+            text = str(error) if isinstance(error, CommandError) else f"{type(error).__name__}: {error}"
+            print(f"distripy: error: {text}", file=sys.stderr)
+            return 2
     try:
         if _under_torchrun():
             worlds = [int(os.environ["WORLD_SIZE"])]

@@ -365,15 +365,23 @@ def test_the_reference_alignment_turns_its_unbiased_group_norm_into_torchs():
 # -- gpu_acceptance, host_overhead -----------------------------------------------------------------
 
 
+# The dry run's e2e, demo and generate stages run commands that tests of their own run (the
+# scaled-down e2e above, test_cli's demo and generate): here their command lines are parsed only.
+COVERED_ELSEWHERE = ("e2e", "demo", "generate")
+
+
 def test_the_gpu_acceptance_plan_dry_runs_on_cpu(tmp_path):
     """The one command a lent GPU runs, as a CPU machine runs it: every stage that needs CUDA is
     skipped and says so, the others pass on tiny shapes, and exactly three files come back."""
     import subprocess
     import tarfile
 
+    from gpu_acceptance import plan
+
     out = tmp_path / "acceptance"
+    stages = [stage.name for stage in plan(out, dry_run=True) if stage.name not in COVERED_ELSEWHERE]
     result = subprocess.run(
-        [sys.executable, str(BENCH / "gpu_acceptance.py"), "--dry-run", "--out", str(out)],
+        [sys.executable, str(BENCH / "gpu_acceptance.py"), "--dry-run", "--out", str(out), "--stages", *stages],
         capture_output=True,
         text=True,
         timeout=600,
@@ -382,19 +390,10 @@ def test_the_gpu_acceptance_plan_dry_runs_on_cpu(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["artifacts.tar.gz", "summary.json", "summary.txt"]
     summary = json.loads((out / "summary.json").read_text())
     status = {s["stage"]: s for s in summary["stages"]}
-    assert list(status) == [
-        "cuda_tests",
-        "sanitizer",
-        "kernels",
-        "e2e",
-        "comm",
-        "host_overhead",
-        "demo",
-        "generate",
-    ]
+    assert list(status) == ["cuda_tests", "sanitizer", "kernels", "comm", "host_overhead"]
     for stage in ("sanitizer", "kernels", "comm"):
         assert status[stage]["status"] == "skipped" and "needs a CUDA GPU" in status[stage]["why"]
-    for stage in ("cuda_tests", "e2e", "host_overhead", "demo", "generate"):
+    for stage in ("cuda_tests", "host_overhead"):
         assert status[stage]["status"] == "passed", status[stage]
     # the figures next to their targets; what a CPU cannot measure says so
     targets = {row["figure"]: row for row in summary["targets"]}
@@ -405,8 +404,27 @@ def test_the_gpu_acceptance_plan_dry_runs_on_cpu(tmp_path):
     assert "host_overhead" in text and "not measured" in text
     with tarfile.open(out / "artifacts.tar.gz") as tar:
         names = set(tar.getnames())
-    assert {"logs/e2e.log", "logs/demo.log", "e2e.json", "host_overhead.json", "generate.png"} <= names
-    assert any(name.startswith("demo/") for name in names)
+    assert {"logs/cuda_tests.log", "logs/host_overhead.log", "host_overhead.json"} <= names
+
+
+def test_the_dry_runs_other_commands_parse(tmp_path):
+    """The dry run's stages covered elsewhere: their command lines are what those tests run."""
+    import e2e
+    from gpu_acceptance import plan
+
+    from distripy import cli
+
+    commands = {stage.name: stage.commands for stage in plan(tmp_path, dry_run=True)}
+    (e2e_command,) = commands["e2e"]
+    assert e2e_command[1].endswith("e2e.py") and "--smoke" in e2e_command and "cpu" in e2e_command
+    with pytest.raises(SystemExit) as shown:
+        e2e.main(e2e_command[2:] + ["--help"])
+    assert shown.value.code == 0
+    for name in ("demo", "generate"):
+        command = commands[name][-1]
+        assert command[1:3] == ["-m", "distripy.cli"], command
+        arguments = cli._parser().parse_args(command[3:])
+        assert arguments.command == name and arguments.height == 64
 
 
 def test_the_gpu_acceptance_plan_fits_25_minutes_and_names_every_stage(tmp_path):

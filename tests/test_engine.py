@@ -1,9 +1,10 @@
 """``distripy.Engine``: 2 gloo rank processes driven from this process (the tiny SDXL pipeline).
 Its images equal the single-device pipeline's in ``full_sync``; size, steps, guidance,
 scheduler, LoRA and mode change between calls without a restart; progress reaches the caller; a
-bad argument is the pipeline's error and the ranks serve on; a rank killed (SIGKILL) or stopped
-(SIGSTOP) mid-request fails that request within its deadline, and the next request succeeds on
-restarted ranks; after ``close()`` no process the engine started remains."""
+bad argument is the pipeline's error and the ranks serve on; a rank stopped (SIGSTOP) mid-request
+fails that request at its deadline and every process the engine started is gone (a rank killed
+with SIGKILL, and the next request on restarted ranks: ``tests/test_serve.py``, through HTTP);
+a closed engine refuses requests."""
 
 import functools
 import os
@@ -54,7 +55,7 @@ def _assert_same_image(image, expected):
     )
 
 
-def test_the_engine_serves_single_device_images_and_survives_lost_ranks(tmp_path):
+def test_the_engine_serves_single_device_images_and_survives_a_stuck_rank(tmp_path):
     import distripy
     from distripy.serving.engine import _running
 
@@ -91,23 +92,9 @@ def test_the_engine_serves_single_device_images_and_survives_lost_ranks(tmp_path
             engine("a red boat", height=30, width=32, num_inference_steps=2)
         assert engine.pids == started and engine.restarts == 0
 
-        # a rank killed mid-request: that request fails, the next succeeds on new ranks
-        def kill_rank_1(step, total):
-            if step == 2:
-                os.kill(started[1], signal.SIGKILL)
-
-        begun = time.monotonic()
-        with pytest.raises(distripy.errors.EngineError):
-            engine("a red boat", seed=1, progress=kill_rank_1, height=64, width=32, num_inference_steps=200)
-        assert time.monotonic() - begun < 60
-        assert not engine.healthy and not any(_running(pid) for pid in started)
-        assert not _running(launcher)
-        image = engine("a red boat", seed=10, **CALLS[0][0])[0]
-        np.testing.assert_array_equal(_pixels(image), _pixels(again))  # the same ranks' arithmetic
-        assert engine.restarts == 1 and engine.pids != started
-
         # a rank stopped mid-request: the request times out at its deadline, then all is stopped
         stopped = list(engine.pids)
+        assert stopped == started
 
         def stop_rank_1(step, total):
             if step == 2:
@@ -125,15 +112,11 @@ def test_the_engine_serves_single_device_images_and_survives_lost_ranks(tmp_path
                 num_inference_steps=200,
             )
         assert 4 <= time.monotonic() - begun < 4 + 15
-        assert not any(_running(pid) for pid in stopped)
-        image = engine("a red boat", seed=10, **CALLS[0][0])[0]
-        np.testing.assert_array_equal(_pixels(image), _pixels(again))  # the same ranks' arithmetic
-        assert engine.restarts == 2
-        launcher = engine._ranks.launcher.pid
-        last = list(engine.pids)
+        assert not engine.healthy and engine.pids == []
+        assert not _running(launcher) and not any(_running(pid) for pid in stopped)
+        # (the next request restarts the ranks: tests/test_serve.py, after a SIGKILL)
     finally:
         engine.close()
-    assert not _running(launcher) and not any(_running(pid) for pid in last)
     with pytest.raises(distripy.errors.EngineError, match="closed"):
         engine("a red boat")
 

@@ -43,7 +43,14 @@ __all__ = ["Engine"]
 _POLL_S = 0.05
 _STOP_GRACE_S = 5.0
 # A call's errors the ranks raised alike, by the name of their type: raised again as these.
-_REQUEST_ERRORS = {"ValueError": InputError, "TypeError": InputTypeError}
+_REQUEST_ERRORS = {
+    "ValueError": InputError,
+    "TypeError": InputTypeError,
+    "InputError": InputError,
+    "InputTypeError": InputTypeError,
+    "BandGeometryError": InputError,
+    "ConfigError": InputError,
+}
 
 
 def _descendants(pid: int) -> List[int]:
@@ -107,6 +114,7 @@ class _Ranks:
             command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
         self.pids: List[int] = []
+        self.geometry: Dict[str, int] = {}
         self.connection = None
         deadline = time.monotonic() + timeout_s
         try:
@@ -116,6 +124,7 @@ class _Ranks:
             if reply[0] != "ready":
                 raise EngineError(f"the ranks did not start: {reply}")
             self.pids = list(reply[1])
+            self.geometry = dict(reply[2])
         except BaseException:
             self.stop()
             raise
@@ -259,6 +268,13 @@ class Engine:
 
     def _start(self) -> None:
         self._ranks = _Ranks(self.nproc, self._setup, self._devices, self.start_timeout_s)
+        self._geometry = self._ranks.geometry
+
+    def restart(self) -> None:
+        """Start the rank processes if they are stopped (after a failure); a no-op while they run.
+        Raises ``EngineError`` if they cannot start."""
+        with self._lock:
+            self._ensure_started()
 
     def _ensure_started(self) -> _Ranks:
         if self._closed:
@@ -278,6 +294,20 @@ class Engine:
     def pids(self) -> List[int]:
         """The rank processes' ids, by rank (empty while they are stopped)."""
         return [] if self._ranks is None else list(self._ranks.pids)
+
+    def size_multiples(self, guidance_scale: Optional[float] = None) -> Tuple[int, int]:
+        """The pixels an image's height and width must be multiples of on these ranks: the height
+        is cut into bands (half the ranks each with the CFG split: ``guidance_scale > 1``), the
+        width needs whole rows at the UNet's deepest level."""
+        geometry = self._geometry
+        per_band = geometry["vae_scale"] * 2 ** geometry["levels"]
+        split = self.config.split_batch and self.nproc % 2 == 0 and (guidance_scale or 0) > 1
+        return per_band * (self.nproc // 2 if split else self.nproc), per_band
+
+    @property
+    def default_size(self) -> int:
+        """The model's default image side in pixels."""
+        return self._geometry["default_size"]
 
     @property
     def healthy(self) -> bool:

@@ -64,6 +64,20 @@ def load_pipeline(setup: Dict[str, Any]):
     return pipe
 
 
+def geometry(pipe) -> Dict[str, Any]:
+    """What a size check needs: pixels per latent row, the UNet's downsamplings, the default size."""
+    from distripy.pipelines.unet import count_downsamplings
+
+    vae_scale = int(getattr(pipe, "vae_scale_factor", 8))
+    sample_size = pipe.unet.config.sample_size
+    sample_size = sample_size if isinstance(sample_size, int) else sample_size[0]
+    return {
+        "vae_scale": vae_scale,
+        "levels": count_downsamplings(pipe.unet),
+        "default_size": sample_size * vae_scale,
+    }
+
+
 class RequestRunner:
     """What changes between requests without a restart: the scheduler, the mode, the LoRA adapters
     (each path loaded once, as adapter ``lora<n>``; the request's set active with its scales)."""
@@ -153,7 +167,7 @@ def serve(connection, rank: int) -> None:
     runner = RequestRunner(pipe, setup["config"])
     pids = _gather(os.getpid())
     if rank == 0:
-        connection.send(("ready", pids))
+        connection.send(("ready", pids, geometry(pipe)))
     while True:
         request = _broadcast(connection.recv() if rank == 0 else None)
         if request.get("kind") == "close":

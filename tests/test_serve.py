@@ -1,0 +1,224 @@
+"""``distripy serve`` as a real process (2 gloo ranks, the tiny SDXL pipeline) answering a real
+HTTP client on 127.0.0.1: 16 concurrent requests all get their single-device images; a full
+queue answers 429 with Retry-After; bad fields are 400s that name them; a rank killed mid-request
+makes that request a 503 and the ranks restart, after which requests succeed; SIGTERM ends the
+service and every process it started. The tests share one server and run in file order."""
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from distripy.serving.engine import _running
+
+SEED = 3
+SIZE = dict(width=32, height=64)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url, path, body=None, timeout=120):
+    """(status, headers by lower-case name, JSON body) of a GET (no body) or a POST."""
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    request = urllib.request.Request(url + path, data=data, method="GET" if data is None else "POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            headers = {key.lower(): value for key, value in response.headers.items()}
+            return response.status, headers, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        headers = {key.lower(): value for key, value in error.headers.items()}
+        return error.code, headers, json.loads(error.read() or b"null")
+
+
+def _metric(url, name) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} is not in /metrics")
+
+
+def _wait(condition, what, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from distripy.pipelines.tiny import tiny_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    tiny_sdxl_pipeline(seed=SEED).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        sys.executable, "-m", "distripy.cli", "serve", "--model", str(tiny_model), "--nproc", "2",
+        "--port", str(port), "--queue-size", "16", "--request-timeout", "60", "--timeout", "30",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+
+    def up():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        try:
+            return _request(url, "/health", timeout=5)[0] == 200
+        except OSError:
+            return False
+
+    try:
+        _wait(up, "the server to start", timeout=180)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+
+    def image(seed, steps=2):
+        generator = torch.Generator().manual_seed(seed)
+        result = pipe(
+            "a red boat", num_inference_steps=steps, guidance_scale=5.0, generator=generator, **SIZE
+        )
+        return np.asarray(result.images[0], dtype=np.float64)
+
+    return image
+
+
+def _body(seed, steps=2, **extra):
+    return dict(
+        prompt="a red boat",
+        size=f"{SIZE['width']}x{SIZE['height']}",
+        steps=steps,
+        guidance=5.0,
+        seed=seed,
+        **extra,
+    )
+
+
+def _decoded(answer) -> np.ndarray:
+    from PIL import Image
+
+    (item,) = answer["data"]
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))), dtype=np.float64)
+
+
+def _same_image(image, expected):
+    difference = np.abs(image - expected)  # equal up to 8-bit rounding of values equal to ~1e-6
+    return image.shape == expected.shape and difference.max() <= 1 and (difference > 0).mean() < 0.005
+
+
+def test_sixteen_concurrent_requests_all_get_their_images(server, reference):
+    url, _ = server
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda seed: _request(url, "/v1/images/generations", _body(seed)), range(16)))
+    for seed, (status, _, answer) in enumerate(answers):
+        assert status == 200, answer
+        assert answer["distripy"]["seed"] == seed
+        assert _same_image(_decoded(answer), reference(seed)), seed
+    assert _metric(url, "distripy_images_total") >= 16
+
+
+def test_a_full_queue_answers_429_with_retry_after(server):
+    url, _ = server
+    with ThreadPoolExecutor(17) as pool:
+        slow = pool.submit(_request, url, "/v1/images/generations", _body(100, steps=80))
+        _wait(lambda: _metric(url, "distripy_queue_depth") == 1, "the slow request to run")
+        quick = [pool.submit(_request, url, "/v1/images/generations", _body(101 + i)) for i in range(15)]
+        _wait(lambda: _metric(url, "distripy_queue_depth") == 16, "the queue to fill")
+        status, headers, answer = _request(url, "/v1/images/generations", _body(200))
+        assert status == 429 and answer["error"]["type"] == "queue_full", answer
+        assert int(headers["retry-after"]) >= 1
+        assert all(future.result()[0] == 200 for future in [slow] + quick)
+
+
+BAD = [
+    (dict(size="32by64"), "size"),
+    (dict(size="32x60"), "size"),  # 60 rows do not split into the 2 ranks' bands
+    (dict(size="30x64"), "size"),
+    (dict(scheduler="warp"), "scheduler"),
+    (dict(steps=0), "steps"),
+    (dict(steps=10_000), "steps"),
+    (dict(n=0), "n"),
+    (dict(guidance="high"), "guidance"),
+    (dict(mode="fast"), "mode"),
+    (dict(response_format="url"), "response_format"),
+    (dict(colour="blue"), "colour"),
+    (dict(prompt=""), "prompt"),
+]
+
+
+def test_bad_fields_are_400s_that_name_them(server):
+    url, _ = server
+    for change, field in BAD:
+        status, _, answer = _request(url, "/v1/images/generations", dict(_body(1), **change))
+        assert status == 400 and answer["error"]["param"] == field, (change, answer)
+        assert field in answer["error"]["message"]
+    status, _, answer = _request(url, "/v1/images/generations", b"{not json")
+    assert status == 400 and answer["error"]["param"] == "body"
+    status, _, answer = _request(
+        url, "/v1/images/generations", json.dumps(_body(1, negative_prompt="x" * 70_000)).encode()
+    )
+    assert status == 400 and answer["error"]["param"] == "body" and "bytes" in answer["error"]["message"]
+
+
+def test_a_killed_rank_fails_its_request_with_503_then_requests_succeed(server, reference):
+    url, _ = server
+    status, _, health = _request(url, "/health")
+    assert status == 200 and len(health["pids"]) == 2
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(_request, url, "/v1/images/generations", _body(5, steps=150))
+        _wait(lambda: _metric(url, "distripy_queue_depth") == 1, "the request to run")
+        time.sleep(0.5)  # into its steps (were it not, the request fails all the same)
+        os.kill(health["pids"][1], signal.SIGKILL)
+        status, _, answer = slow.result(timeout=120)
+    assert status == 503 and answer["error"]["type"] in ("engine_failed", "timeout"), answer
+    assert not any(_running(pid) for pid in health["pids"])
+    _wait(lambda: _request(url, "/health", timeout=5)[0] == 200, "the ranks to restart", timeout=180)
+    status, _, answer = _request(url, "/v1/images/generations", _body(7))
+    assert status == 200 and _same_image(_decoded(answer), reference(7))
+    assert _request(url, "/health")[2]["restarts"] == 1
+
+
+def test_sigterm_ends_the_service_and_every_process_it_started(server):
+    url, process = server
+    pids = _request(url, "/health")[2]["pids"]
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output[-3000:]
+    _wait(lambda: not any(_running(pid) for pid in pids), "the ranks to end", timeout=10)
+    assert "generated 1 image(s) 32x64" in output  # one log line per request
