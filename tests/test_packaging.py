@@ -36,7 +36,7 @@ def test_skip_ext_builds_a_pure_python_wheel_with_every_package(pure_python_whee
     assert pure_python_wheel.name.endswith("-py3-none-any.whl"), pure_python_wheel.name
     names = set(zipfile.ZipFile(pure_python_wheel).namelist())
     assert {"distripy/__init__.py", "distripy/kernels/__init__.py", "distripy/runtime/__init__.py"} <= names
-    assert {"distripy/pipelines/__init__.py", "distripy/cli.py", "distripy/demo.py"} <= names
+    assert {"distripy/pipelines/__init__.py", "distripy/cli.py", "distripy/demo.py", "distripy/serving/engine.py"} <= names
     assert not [name for name in names if "/_C" in name]
     # the trained tiny pipeline the demo loads, whole (configs, tokenizers, weights, its card)
     model = Path(ROOT / "distripy" / "pipelines" / "models" / "tiny-shapes")
