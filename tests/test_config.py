@@ -102,3 +102,28 @@ def test_parallelize_refuses_the_nccl_runtime_without_gpus():
         distripy.parallelize(tiny_sdxl_unet(), distripy.DistriConfig(comm_backend="nccl"))
     with pytest.raises(ValueError, match="kernel_backend='triton' needs CUDA GPUs; torch sees none"):
         distripy.parallelize(tiny_sdxl_unet(), distripy.DistriConfig(kernel_backend="triton"))
+
+
+def test_reconfigure_changes_the_mode_from_the_next_generation_and_checks_it_first():
+    from unet_models import sdxl_conditioning, tiny_sdxl_unet
+
+    from distripy.runtime import LoopbackComm
+
+    unet = distripy.parallelize(
+        tiny_sdxl_unet(), distripy.DistriConfig(mode="full_sync"), comm=LoopbackComm(0, 2)
+    )
+    context = distripy.patch_context(unet)
+    distripy.reconfigure(unet, mode="exact", warmup_steps=2)
+    assert (context.config.mode, context.config.warmup_steps) == ("exact", 2)
+    assert context.config.split_batch is True  # the rest as parallelize set it
+    with pytest.raises(distripy.errors.ConfigError, match="'fast' is not one of"):
+        distripy.reconfigure(unet, mode="fast")
+    assert context.config.mode == "exact"  # refused before anything changed
+    with pytest.warns(distripy.QualityWarning):
+        distripy.reconfigure(unet, mode="naive_patch")
+    assert context.config.mode == "naive_patch"
+    distripy.reconfigure(unet, mode="auto")
+    distripy.reset(unet, steps=4)  # auto: exact below 8 steps
+    with torch.no_grad():
+        unet(torch.randn(2, 4, 16, 16), 900, **sdxl_conditioning(2, 1))
+    assert context.mode == "exact"
