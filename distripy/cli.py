@@ -334,7 +334,16 @@ def _lora_file(path: Path) -> Path:
     return found[0]
 
 
-def _check_pipeline_arguments(args, geometry: dict, world: int) -> None:
+def _check_image_size(args, geometry: dict, world: int) -> None:
+    """``--height`` and ``--width`` for a model of ``geometry`` on ``world`` ranks."""
+    for name in ("height", "width"):
+        # only the height is cut into bands; the width needs whole latent rows at every level
+        _check_size(
+            name, getattr(args, name), geometry, _bands(args, world) if name == "height" else 1, world
+        )
+
+
+def _check_pipeline_arguments(args, world: int) -> None:
     """ControlNets and their images, the init and mask images, strength, LoRAs, the refiner."""
     if len(args.controlnet) != len(args.control_image):
         raise CommandError(
@@ -376,11 +385,7 @@ def _check_pipeline_arguments(args, geometry: dict, world: int) -> None:
             )
         if not 0 < args.refiner_start < 1:
             raise CommandError(f"--refiner-start {args.refiner_start:g}: must be in (0, 1)")
-        refiner = _model_geometry(args.refiner, flag="--refiner")
-        for name in ("height", "width"):
-            _check_size(
-                name, getattr(args, name), refiner, _bands(args, world) if name == "height" else 1, world
-            )
+        _check_image_size(args, _model_geometry(args.refiner, flag="--refiner"), world)
 
 
 def check_generate(args, world: int) -> None:
@@ -406,12 +411,8 @@ def check_generate(args, world: int) -> None:
     for index, name in enumerate(("width", "height")):
         pixels = getattr(args, name) or (start[index] if start else geometry["default_size"])
         setattr(args, name, pixels)
-    for name in ("height", "width"):
-        # only the height is cut into bands; the width needs whole latent rows at every level
-        _check_size(
-            name, getattr(args, name), geometry, _bands(args, world) if name == "height" else 1, world
-        )
-    _check_pipeline_arguments(args, geometry, world)
+    _check_image_size(args, geometry, world)
+    _check_pipeline_arguments(args, world)
     _check_output(args.output)
 
 
@@ -463,9 +464,8 @@ def run_serve(args) -> int:
     # uvicorn shuts down gracefully on SIGTERM / Ctrl-C (the app's shutdown closes the engine, after
     # the request in progress), then raises the signal again under the handler found before it
     # started: these make that a normal end (exit status 0) instead of death by the signal.
-    stopped = []
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda number, frame: stopped.append(number))
+        signal.signal(signum, lambda number, frame: None)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:

@@ -79,9 +79,6 @@ class PatchControlNetForward(PatchUNetForward):
         )
         return self.original_forward(**local, return_dict=False)
 
-    def _run_local(self, local: Dict[str, Any]):
-        return self._forward_band(local)
-
     def _assemble(self, band, plan: BandPlan):
         return band  # each rank's UNet needs its band only
 
