@@ -7,9 +7,11 @@
 Stages, in order, each a subprocess with its own time limit (a failed or timed-out stage does not
 stop the others; a stage that needs what the machine lacks is skipped, saying why):
 
-1. ``cuda_tests``: the test suite's ``cuda`` tests (JUnit XML);
+1. ``cuda_tests``: ``bench/gpu_probe.py`` (which NCCL is loaded, the copy and matrix-product
+   ceilings, the int32-offset probe), then the test suite's ``cuda`` tests (JUnit XML);
 2. ``sanitizer``: compute-sanitizer memcheck and racecheck over the NCCL world-1 tests and one
-   Triton kernel test;
+   Triton kernel test (``--report-api-errors no``: NCCL probes kernel images it was not built
+   for with ``cudaFuncGetAttributes`` and handles the errors; they are not memory errors);
 3. ``kernels``: ``bench/kernels.py --shapes all --write-dispatch`` (Triton vs cuDNN, fused
    GroupNorm; the dispatch table ``kernel_backend='auto'`` uses);
 4. ``e2e``: ``bench/e2e.py`` at 1024², 2048², 3840² for N = 1, 2, 4, 8, eager and CUDA graphs;
@@ -98,8 +100,8 @@ def plan(out: Path, dry_run: bool) -> List[Stage]:
         ]  # fmt: skip
     sanitized = ["tests/test_nccl_comm.py::test_every_operation_on_one_gpu", "tests/test_triton_ops.py"]
     return [
-        Stage("cuda_tests", [pytest + ["-m", "cuda", "--junitxml", str(out / "cuda-tests.xml")]], 270, needs_cuda=True, results=["cuda-tests.xml"]),
-        Stage("sanitizer", [["compute-sanitizer", "--tool", tool, "--target-processes", "all", "--error-exitcode", "99", "--log-file", str(out / f"sanitizer-{tool}.log")] + pytest + ["-m", "cuda"] + sanitized for tool in ("memcheck", "racecheck")], 140, needs_cuda=True, needs=_sanitizer, results=["sanitizer-memcheck.log", "sanitizer-racecheck.log"]),
+        Stage("cuda_tests", [[PYTHON, str(bench / "gpu_probe.py"), "--output", str(out / "probe.json")], pytest + ["-m", "cuda", "--junitxml", str(out / "cuda-tests.xml")]], 270, needs_cuda=True, results=["probe.json", "cuda-tests.xml"]),
+        Stage("sanitizer", [["compute-sanitizer", "--tool", tool, "--target-processes", "all", "--report-api-errors", "no", "--error-exitcode", "99", "--log-file", str(out / f"sanitizer-{tool}.log")] + pytest + ["-m", "cuda"] + sanitized for tool in ("memcheck", "racecheck")], 140, needs_cuda=True, needs=_sanitizer, results=["sanitizer-memcheck.log", "sanitizer-racecheck.log"]),
         Stage("kernels", [[PYTHON, str(bench / "kernels.py"), "--shapes", "all", "--write-dispatch", "--output", str(out / "kernels.json")]], 240, needs_cuda=True, results=["kernels.json"]),
         Stage("e2e", [[PYTHON, str(bench / "e2e.py"), "--resolutions", "1024", "2048", "3840", "--gpus", "2", "4", "8", "--variants", "eager", "graphs", "--output", str(out / "e2e.json")], [PYTHON, str(bench / "e2e.py"), "--resolutions", "1024", "2048", "--gpus", "8", "--split", "no", "--variants", "graphs", "--modes", "exact", "full_sync", "corrected_async_gn", "--skip", "3", "--repeats", "7", "--output", str(out / "modes.json")]], 420, needs_cuda=True, results=["e2e.json", "modes.json"]),
         Stage("comm", [[PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "1", str(bench / "comm.py"), "--max-bytes", str(1 << 26), "--output", str(out / "comm.json")]], 90, needs_cuda=True, results=["comm.json"]),

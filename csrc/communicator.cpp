@@ -1,8 +1,8 @@
 #include "communicator.h"
 
 #include <chrono>
+#include <cstdio>
 #include <future>
-#include <sstream>
 
 #include "error.h"
 #include "nccl_group.h"
@@ -50,9 +50,9 @@ Clock::time_point deadline_after(double seconds) {
 }
 
 std::string seconds_text(double seconds) {
-  std::ostringstream out;
-  out << seconds << " s";
-  return out.str();
+  char text[48];
+  std::snprintf(text, sizeof(text), "%g s", seconds);
+  return text;
 }
 
 // Spin (yielding) for the first kSpin of a poll loop, then sleep kPollInterval per round.
@@ -667,7 +667,20 @@ Communicator Communicator::split(int color, int key, std::uintptr_t stream) {
     std::lock_guard<std::timed_mutex> child(core->comm_mutex);
     const ncclResult_t started = ncclCommSplit(core_->comm, color, key, &core->comm, &config);
     if (started != ncclSuccess && started != ncclInProgress) DISTRIPY_NCCL_CHECK(started);
-    core->settle("ncclCommSplit");
+    // A non-blocking split runs as a job of the *parent*, which writes the child's handle into
+    // core->comm when it finishes: poll the parent; the child's handle is null until then.
+    try {
+      core_->settle("ncclCommSplit");
+    } catch (...) {
+      // The job may still write into core->comm after this throws: that memory must outlive it.
+      new std::shared_ptr<CommCore>(core);  // deliberately leaked, one CommCore per failed split
+      throw;
+    }
+    if (core->comm == nullptr) {
+      throw NcclError("ncclCommSplit completed without a communicator for color " + std::to_string(color),
+                      ncclInternalError);
+    }
+    core->settle("ncclCommSplit (child)");
     DISTRIPY_NCCL_CHECK(ncclCommUserRank(core->comm, &core->rank));
     DISTRIPY_NCCL_CHECK(ncclCommCount(core->comm, &core->world));
   }

@@ -1,6 +1,6 @@
 #include "runtime_info.h"
 
-#include <sstream>
+#include <string>
 
 #include "error.h"
 
@@ -19,25 +19,22 @@ std::tuple<int, int, int> decode_nccl_version(int code) {
 std::tuple<int, int> decode_cuda_version(int code) { return {code / 1000, (code % 1000) / 10}; }
 
 std::string version_string(int major, int minor) {
-  std::ostringstream out;
-  out << major << "." << minor;
-  return out.str();
+  return std::to_string(major) + "." + std::to_string(minor);
 }
 
 }  // namespace
 
 [[noreturn]] void throw_cuda_error(cudaError_t code, const char* call, const char* file, int line) {
-  std::ostringstream out;
-  out << call << " failed: " << cudaGetErrorName(code) << " (" << static_cast<int>(code)
-      << "): " << cudaGetErrorString(code) << " [" << file << ":" << line << "]";
-  throw CudaError(out.str(), code);
+  throw CudaError(std::string(call) + " failed: " + cudaGetErrorName(code) + " (" +
+                      std::to_string(static_cast<int>(code)) + "): " + cudaGetErrorString(code) + " [" + file +
+                      ":" + std::to_string(line) + "]",
+                  code);
 }
 
 [[noreturn]] void throw_nccl_error(ncclResult_t code, const char* call, const char* file, int line) {
-  std::ostringstream out;
-  out << call << " failed: NCCL error " << static_cast<int>(code) << ": " << ncclGetErrorString(code);
-  out << " [" << file << ":" << line << "]";
-  throw NcclError(out.str(), code);
+  throw NcclError(std::string(call) + " failed: NCCL error " + std::to_string(static_cast<int>(code)) + ": " +
+                      ncclGetErrorString(code) + " [" + file + ":" + std::to_string(line) + "]",
+                  code);
 }
 
 std::tuple<int, int, int> nccl_version() {
@@ -74,26 +71,24 @@ int device_count() {
       return 0;  // no driver installed: a machine without a GPU
     }
     const auto [runtime_major, runtime_minor] = cuda_runtime_version();
-    std::ostringstream out;
-    out << "cudaGetDeviceCount failed: the NVIDIA driver supports CUDA up to "
-        << version_string(driver_major, driver_minor) << " but distripy._C was built with CUDA runtime "
-        << version_string(runtime_major, runtime_minor)
-        << "; upgrade the driver or rebuild distripy with CUDA_HOME pointing to an older CUDA toolkit";
-    throw CudaError(out.str(), status);
+    throw CudaError("cudaGetDeviceCount failed: the NVIDIA driver supports CUDA up to " +
+                        version_string(driver_major, driver_minor) + " but distripy._C was built with CUDA runtime " +
+                        version_string(runtime_major, runtime_minor) +
+                        "; upgrade the driver or rebuild distripy with CUDA_HOME pointing to an older CUDA toolkit",
+                    status);
   }
   throw_cuda_error(status, "cudaGetDeviceCount(&count)", __FILE__, __LINE__);
 }
 
 std::map<std::string, std::string> build_info() {
   const auto [nccl_major, nccl_minor, nccl_patch] = decode_nccl_version(NCCL_VERSION_CODE);
-  std::ostringstream nccl;
-  nccl << nccl_major << "." << nccl_minor << "." << nccl_patch;
+  const std::string nccl = version_string(nccl_major, nccl_minor) + "." + std::to_string(nccl_patch);
   const auto [cuda_major, cuda_minor] = decode_cuda_version(CUDART_VERSION);
   return {
       {"cuda_runtime_version", version_string(cuda_major, cuda_minor)},
       {"cuda_root", DISTRIPY_BUILD_CUDA_ROOT},
       {"cuda_found_by", DISTRIPY_BUILD_CUDA_FOUND_BY},
-      {"nccl_version", nccl.str()},
+      {"nccl_version", nccl},
       {"nccl_library", DISTRIPY_BUILD_NCCL_LIBRARY},
       {"nccl_found_by", DISTRIPY_BUILD_NCCL_FOUND_BY},
       {"compiler", __VERSION__},

@@ -86,10 +86,17 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
+# Under torch.compile the lookup runs once, at trace time, and its answer is a constant of the
+# graph: the table is read from a file (which dynamo cannot trace) and never changes in a process.
+@torch.compiler.assume_constant_result
+def _measured_path(index: int, shape_key: Tuple) -> str:
+    return load_table().get((_device_name(index),) + shape_key, DEFAULT_PATH)
+
+
 def choose_halo_conv_path(x: torch.Tensor, weight: torch.Tensor, stride=1, groups: int = 1) -> str:
     """``triton`` or ``cudnn`` for this CUDA convolution: the measured winner for its shape, else
     cuDNN. Grouped convolutions always take cuDNN (the kernel handles groups=1)."""
     if groups != 1:
         return "cudnn"
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return load_table().get(dispatch_key(_device_name(index), x, weight, stride), DEFAULT_PATH)
+    return _measured_path(index, dispatch_key("", x, weight, stride)[1:])

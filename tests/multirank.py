@@ -118,7 +118,15 @@ def _process_context():
     well under a second instead of re-importing torch (seconds per rank on a small machine), and
     diffusers' UNet and schedulers (about ten seconds more). The server never touches CUDA, so
     ranks may use it, and it is single-threaded, so forking it is safe. A preload that fails to
-    import is skipped by multiprocessing; the rank then imports it itself."""
+    import is skipped by multiprocessing; the rank then imports it itself.
+
+    On a machine with a GPU the ranks are spawned instead (fresh interpreters): there the preload
+    itself may initialise CUDA (an import that asks the device what it can do), and a process
+    forked after that cannot use CUDA at all ("Cannot re-initialize CUDA in forked subprocess")."""
+    import torch
+
+    if torch.cuda.is_available():
+        return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(_PRELOAD)
     return context
