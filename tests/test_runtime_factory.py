@@ -20,6 +20,46 @@ def test_the_comm_class_follows_the_backend_and_cuda_graphs():
     assert comm_class(DistriConfig(comm_backend="auto", use_cuda_graph=True)) is NcclComm
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_automatic_choices_follow_where_the_model_is(monkeypatch, native):
+    """``use_cuda_graph=None`` and ``comm_backend='auto'`` become concrete at ``parallelize``: CUDA
+    graphs and the C++ runtime for a CUDA model (when distripy._C loads), neither on CPU; explicit
+    values are kept. (CUDA's presence is faked: only the decision is under test.)"""
+    from distripy.runtime import factory
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(factory, "native_available", lambda: native)
+    auto = DistriConfig()
+    assert auto.use_cuda_graph is None and auto.comm_backend == "auto"
+
+    def chosen(config, comm=None, cuda_model=True):
+        resolved = factory.resolve_defaults(config, comm, cuda_model)
+        return resolved.comm_backend, resolved.use_cuda_graph
+
+    assert chosen(auto) == (("nccl", True) if native else ("torch", False))
+    assert chosen(auto, cuda_model=False) == ("torch", False)
+    assert chosen(DistriConfig(use_cuda_graph=False)) == ("nccl" if native else "torch", False)
+    assert chosen(DistriConfig(use_cuda_graph=True)) == ("nccl", True)  # check_backends refuses it without _C
+    assert chosen(DistriConfig(comm_backend="torch")) == ("torch", False)
+    assert chosen(DistriConfig(comm_backend="nccl"), cuda_model=False) == ("nccl", False)
+    # a given comm: graphs when it can join a capture
+    assert chosen(auto, LoopbackComm(0, 2))[1] is True
+    assert chosen(auto, LoopbackComm(0, 2), cuda_model=False)[1] is False
+
+    class NoGraphs(LoopbackComm):
+        supports_cuda_graphs = False
+
+    assert chosen(auto, NoGraphs(0, 2))[1] is False
+    with pytest.raises(ConfigError, match=r"use_cuda_graph='yes' must be True, False or None \(automatic\)"):
+        DistriConfig(use_cuda_graph="yes")
+
+
+def test_on_cuda_reads_the_parameters_device():
+    from distripy.runtime.factory import on_cuda
+
+    assert not on_cuda(torch.nn.Linear(2, 2)) and not on_cuda(torch.nn.ReLU())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only machine's answer")
 @pytest.mark.parametrize(
     "config, message",

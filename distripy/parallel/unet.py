@@ -144,7 +144,9 @@ class PatchUNetForward:
         if self.graphs is not None and sample.device.type != "cuda":
             return (
                 InputError,
-                f"use_cuda_graph=True needs the {self.model_name} on a CUDA device; it is on {sample.device}",
+                f"the {self.model_name} runs its steps as CUDA graphs (use_cuda_graph, on by default for a "
+                f"model that was on CUDA at parallelize) and needs a CUDA device; it is on {sample.device} "
+                "(parallelize a CPU model with DistriConfig(use_cuda_graph=False))",
             )
         height, factor, bands = sample.shape[2], 2**self.levels, plan.band_count
         deepest = height // factor if height % factor == 0 else height / factor

@@ -17,7 +17,7 @@ from distripy.parallel.controlnet import PatchControlNetForward
 from distripy.parallel.policy import warn_if_error_grows
 from distripy.pipelines.swap import plan_swaps, swap_modules
 from distripy.pipelines.unet import count_downsamplings, install_forward, installed_forward
-from distripy.runtime.factory import check_backends, make_comms
+from distripy.runtime.factory import check_backends, make_comms, on_cuda, resolve_defaults
 
 __all__ = ["controlnets_of", "parallelize_controlnet"]
 
@@ -60,6 +60,7 @@ def parallelize_controlnet(model, config: DistriConfig, world_comm=None, patch_c
     nets = controlnets_of(model)
     for net in nets:  # check every net before changing any
         _check(net)
+    config = resolve_defaults(config, world_comm, on_cuda(nets[0]))
     check_backends(config, world_comm)
     world_size = world_comm.world_size if world_comm is not None else config.world_size
     if world_size == 1:

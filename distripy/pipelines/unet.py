@@ -17,7 +17,7 @@ from distripy.parallel.context import PatchContext
 from distripy.parallel.policy import check_steps, warn_if_error_grows
 from distripy.parallel.unet import PatchUNetForward
 from distripy.pipelines.swap import plan_swaps, refresh_model, swap_modules
-from distripy.runtime.factory import check_backends, make_comms
+from distripy.runtime.factory import check_backends, make_comms, on_cuda, resolve_defaults
 
 __all__ = [
     "count_downsamplings",
@@ -46,6 +46,7 @@ def parallelize_unet(unet, config: DistriConfig, comm=None):
         raise UnsupportedModuleError(
             "UNet2DConditionModel with addition_embed_type='image_hint' (a spatial hint)"
         )
+    config = resolve_defaults(config, comm, on_cuda(unet))
     check_backends(config, comm)
     world_size = comm.world_size if comm is not None else config.world_size
     if world_size == 1:

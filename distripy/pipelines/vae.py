@@ -13,7 +13,7 @@ from distripy.errors import InputError
 from distripy.parallel.context import PatchContext
 from distripy.parallel.vae import PatchDecoderForward
 from distripy.pipelines.swap import swap_modules
-from distripy.runtime.factory import check_backends, comm_class
+from distripy.runtime.factory import check_backends, comm_class, on_cuda, resolve_defaults
 
 __all__ = ["parallelize_vae", "vae_is_parallel"]
 
@@ -26,10 +26,11 @@ def parallelize_vae(vae, config: DistriConfig, comm=None):
     by default one is made from ``config.comm_backend``."""
     if hasattr(vae, _ATTRIBUTE):
         raise InputError("parallelize: this VAE is already patch-parallel")
-    check_backends(config)
+    config = resolve_defaults(config, comm, on_cuda(vae))
+    check_backends(config, comm)
     if config.world_size == 1:
         return vae
-    decode_config = dataclasses.replace(config, mode="exact", split_batch=False)
+    decode_config = dataclasses.replace(config, mode="exact", split_batch=False, use_cuda_graph=False)
     context = PatchContext(decode_config)
     swap_modules(vae.decoder, context)
     if comm is None:
