@@ -57,6 +57,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--size", default="64x64")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--policy", default="latency", choices=["latency", "throughput", "adaptive"])
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
 
@@ -70,7 +71,7 @@ def main() -> int:
         port = _free_port()
         command = [
             sys.executable, "-m", "distripy.cli", "serve", "--model", model, "--nproc", str(args.nproc),
-            "--port", str(port), "--queue-size", str(max(16, args.concurrency)),
+            "--port", str(port), "--queue-size", str(max(16, args.concurrency)), "--policy", args.policy,
         ]  # fmt: skip
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
@@ -116,7 +117,7 @@ def main() -> int:
         "statuses": statuses,
         "wall_s": round(wall, 2),
     }
-    path = write_json(args.output or results_path("serve-load", f"{args.nproc}ranks"), record)
+    path = write_json(args.output or results_path("serve-load", f"{args.nproc}ranks", args.policy), record)
     print(json.dumps({key: record[key] for key in ("requests_per_s", "latency_s", "statuses")}))
     print(f"wrote {path}")
     return 0

@@ -7,7 +7,8 @@ while it computes. See README.md and docs/architecture.md.
 The public API: ``distripy.init()`` (torch.distributed from torchrun's environment),
 ``distripy.DistriConfig``, ``distripy.parallelize(model, config)``, ``distripy.reset(model)``,
 ``distripy.patch_context(model)``, ``distripy.choose_mode(config, steps)``,
-``distripy.reconfigure(model, mode=...)``, ``distripy.Engine`` (N ranks driven from one process),
+``distripy.reconfigure(model, mode=...)``, ``distripy.alone(model)`` (calls on this rank by
+itself), ``distripy.Engine`` (N ranks driven from one process),
 and the exceptions of ``distripy.errors`` (all derive from ``DistripyError``).
 Importing ``distripy`` is cheap: torch, diffusers and the native runtime ``distripy._C`` load when
 first used (``distripy.runtime.native()`` loads the latter and explains its absence).
@@ -29,6 +30,7 @@ _LAZY = {
     "DistripyError": "distripy.errors",
     "Engine": "distripy.serving.engine",
     "QualityWarning": "distripy.api",
+    "alone": "distripy.api",
     "choose_mode": "distripy.api",
     "init": "distripy.runtime.distributed",
     "parallelize": "distripy.api",
@@ -43,6 +45,7 @@ __all__ = [
     "Engine",
     "QualityWarning",
     "__version__",
+    "alone",
     "choose_mode",
     "init",
     "parallelize",

@@ -5,8 +5,9 @@ and ``choose_mode`` (what ``mode="auto"`` runs for a number of steps).
 weights are shared, not copied); ``distripy.pipelines`` holds how, for each kind of model.
 """
 
+import contextlib
 import dataclasses
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch.nn as nn
 
@@ -15,12 +16,13 @@ from distripy.errors import InputTypeError
 from distripy.parallel.context import PatchContext
 from distripy.parallel.policy import ModeChoice, QualityWarning, choose_mode, warn_if_error_grows
 from distripy.pipelines import parallelize_controlnet, parallelize_pipeline, parallelize_unet, parallelize_vae
-from distripy.pipelines.pipeline import denoisers
+from distripy.pipelines.pipeline import denoisers, set_alone
 from distripy.pipelines.unet import installed_forward, require_installed_forward, reset_unet
 
 __all__ = [
     "ModeChoice",
     "QualityWarning",
+    "alone",
     "choose_mode",
     "parallelize",
     "patch_context",
@@ -89,6 +91,22 @@ def reset(model, steps: Optional[int] = None) -> None:
             reset_unet(denoiser, steps)
         return
     reset_unet(model, steps)
+
+
+@contextlib.contextmanager
+def alone(model) -> Iterator[None]:
+    """Inside ``with distripy.alone(model):`` a parallelised pipeline (or UNet, ControlNet, VAE)
+    runs each call on this rank by itself: the whole image as one band, no transfer, no check that
+    the ranks were called alike, no shared seed. Each rank may then run a different request at the
+    same time (``Engine``'s ``throughput`` policy: N images at once instead of one N times faster).
+    The result is the single-device model's. Nothing is re-created: the communicators stay, and
+    the generation in progress ends on entering and on leaving (with CUDA graphs, the whole-image
+    steps are captured as shapes of their own). A model on one rank is alone anyway."""
+    set_alone(model, True)
+    try:
+        yield
+    finally:
+        set_alone(model, False)
 
 
 def reconfigure(model, mode: Optional[str] = None, warmup_steps: Optional[int] = None) -> None:

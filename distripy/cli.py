@@ -22,6 +22,7 @@ from typing import List, Optional
 from distripy.config import AUTO_MODE, DEFAULT_MODE, DEFAULT_TIMEOUT_S, DEFAULT_WARMUP_STEPS, MODE_CHOICES
 from distripy.errors import DistripyError
 from distripy.pipelines.schedulers import SCHEDULERS
+from distripy.serving.scheduling import POLICIES
 
 __all__ = ["CommandError", "check_demo", "check_generate", "check_serve", "main"]
 
@@ -77,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
         "--request-timeout", type=float, default=300.0, help="seconds a request may take, queueing included"
     )
     serve.add_argument("--mode", choices=MODE_CHOICES, default=DEFAULT_MODE, help="the default mode")
+    serve.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default="latency",
+        help="latency: each request on every rank; throughput: one request per rank at once; "
+        "adaptive: the first while the queue is short, the second when it is deep",
+    )
     serve.add_argument("--no-split-batch", action="store_true", help="keep CFG's two halves on every rank")
     serve.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on GPUs, else float32")
     _add_timeout_argument(serve)
@@ -454,7 +462,12 @@ def run_serve(args) -> int:
         mode=args.mode, split_batch=not args.no_split_batch, timeout_s=args.timeout
     )
     engine = distripy.Engine(
-        str(args.model), nproc=args.nproc, config=config, dtype=dtype, timeout_s=args.request_timeout
+        str(args.model),
+        nproc=args.nproc,
+        config=config,
+        dtype=dtype,
+        timeout_s=args.request_timeout,
+        policy=args.policy,
     )
     print(
         f"distripy: {args.nproc} rank{'s' * (args.nproc > 1)} ready; serving on http://{args.host}:{args.port}",

@@ -9,6 +9,7 @@ a closed engine refuses requests."""
 import functools
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -80,6 +81,32 @@ def test_the_engine_serves_single_device_images_and_survives_a_stuck_rank(tmp_pa
             _assert_same_image(images[0], expected)
             total = arguments["num_inference_steps"]
             assert steps == [(step, total) for step in range(1, total + 1)]
+        # throughput: two requests waiting are run at once, one per rank, each alone; one with a
+        # LoRA, one without (the ranks must still hold the same adapters afterwards)
+        engine.policy = "throughput"
+        results = {}
+        calls = {
+            "lora": (dict(height=96, width=32, num_inference_steps=2, guidance_scale=3.0), 21, True),
+            "plain": (dict(height=32, width=64, num_inference_steps=3, guidance_scale=1.0), 22, False),
+        }
+
+        def submit(name):
+            arguments, seed, lora = calls[name]
+            loras = [(lora_file, 0.8)] if lora else []
+            results[name] = engine("a red boat", seed=seed, loras=loras, **arguments)[0]
+
+        with engine._lock:  # both wait before the first run starts: one batch of two
+            threads = [threading.Thread(target=submit, args=(name,)) for name in calls]
+            for thread in threads:
+                thread.start()
+            while len(engine._queue) < 2:
+                time.sleep(0.01)
+        for thread in threads:
+            thread.join(120)
+        for name, (arguments, seed, lora) in calls.items():
+            _assert_same_image(results[name], _reference(arguments, None, lora_file if lora else None, seed))
+        assert engine.speedups._seconds.keys() >= {((96, 32, 2, None), True), ((32, 64, 3, None), True)}
+        engine.policy = "latency"
         # another mode for one request, then the engine's own again (no LoRA: disabled)
         async_image = engine("a red boat", seed=10, mode="corrected_async_gn", warmup_steps=1, **CALLS[0][0])[
             0
@@ -132,3 +159,36 @@ def test_an_engine_refuses_bad_settings_before_starting(tmp_path):
         distripy.Engine(functools.partial(tiny_sdxl_pipeline, SEED), nproc=0)
     with pytest.raises(distripy.errors.ConfigError, match="dtype='half'"):
         distripy.Engine(functools.partial(tiny_sdxl_pipeline, SEED), nproc=1, dtype="half")
+    with pytest.raises(distripy.errors.ConfigError, match="policy='fast' is not one of latency, throughput"):
+        distripy.Engine(functools.partial(tiny_sdxl_pipeline, SEED), nproc=1, policy="fast")
+
+
+def test_the_policies_take_the_queue_as_the_scaling_argument_says():
+    from distripy.errors import ConfigError
+    from distripy.serving.scheduling import PRIOR_EFFICIENCY, SpeedupEstimate, plan_run
+
+    assert plan_run("latency", 5, 8, 6.0) == (False, 1)
+    assert plan_run("throughput", 1, 8, 6.0) == (True, 1)
+    assert plan_run("throughput", 20, 8, 6.0) == (True, 8)
+    # adaptive: patch-parallel while fewer requests wait than the speedup, one per rank beyond
+    assert [plan_run("adaptive", q, 8, 5.7) for q in (1, 5, 6, 30)] == [
+        (False, 1),
+        (False, 1),
+        (True, 6),
+        (True, 8),
+    ]
+    assert plan_run("adaptive", 3, 1, 0.5) == (False, 1)  # one rank: nothing to choose
+    assert plan_run("adaptive", 0, 8, 5.7) == (False, 0)
+    with pytest.raises(ConfigError, match="policy='fast' is not one of"):
+        plan_run("fast", 1, 2, 1.0)
+    estimate = SpeedupEstimate(8)
+    assert estimate.speedup("1024") == PRIOR_EFFICIENCY * 8
+    estimate.record("1024", False, 0.5)  # patch-parallel: 0.5 s per image
+    assert estimate.speedup("1024") == PRIOR_EFFICIENCY * 8  # until one-per-rank is measured too
+    estimate.record("1024", True, 2.5)
+    assert estimate.speedup("1024") == pytest.approx(5.0) and estimate.speedup("2048") == 6.0
+    estimate.record("1024", True, 3.5)  # a moving average
+    assert estimate.speedup("1024") == pytest.approx((0.7 * 2.5 + 0.3 * 3.5) / 0.5)
+    assert SpeedupEstimate(8, speedup=3.0).speedup("1024") == 3.0
+    with pytest.raises(ConfigError, match="speedup=0 must be a positive number"):
+        SpeedupEstimate(8, speedup=0)

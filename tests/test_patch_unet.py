@@ -311,6 +311,32 @@ def test_a_single_rank_leaves_the_model_untouched():
     distripy.reset(unet)  # nothing to reset, no error
 
 
+def test_alone_runs_the_whole_image_on_this_rank_with_no_transfer():
+    """``distripy.alone``: rank 1 of 2 computes the whole latent by itself (the single-device
+    output, nothing sent), then the split again (band 1 of 2, transfers)."""
+    import distripy
+    from distripy.runtime import LoopbackComm, TrafficLog
+
+    latents = torch.randn(2, 4, 32, WIDTH, generator=torch.Generator().manual_seed(5))
+    conditioning = sdxl_conditioning(2, 5)
+    single = tiny_sdxl_unet(17)
+    log = TrafficLog()
+    unet = distripy.parallelize(
+        tiny_sdxl_unet(17),
+        distripy.DistriConfig(mode="corrected_async_gn", warmup_steps=0),
+        comm=LoopbackComm(1, 2, log=log),
+    )
+    with torch.no_grad():
+        expected = [single(latents + 0.1 * i, 900 - 100 * i, **conditioning).sample for i in range(3)]
+        with distripy.alone(unet):
+            got = [unet(latents + 0.1 * i, 900 - 100 * i, **conditioning).sample for i in range(3)]
+        assert log.transfers == []
+        for step, (a, b) in enumerate(zip(got, expected)):
+            assert relative_error(a, b) <= EXACT, step  # every step exact: nothing stale alone
+        unet(latents, 900, **conditioning)
+    assert log.transfers  # parallel again
+
+
 # -- bad input -------------------------------------------------------------------------------------
 
 

@@ -110,6 +110,11 @@ class PatchUNetForward:
         # modules and adapters (``pipelines.swap.refresh_model``).
         self.refresh_modules: Optional[Callable[[], str]] = None
         self._model_state: Optional[str] = None
+        # ``alone``: the next generations run on this rank by itself (the whole latent as one band,
+        # no transfer, no cross-rank check; ``distripy.alone``), so that each rank can serve a
+        # different request. A change of it starts a new generation (the plan is in the signature).
+        self.alone = False
+        self._alone_comm = None
 
     # -- generations -----------------------------------------------------------------------------
 
@@ -187,6 +192,17 @@ class PatchUNetForward:
             for name, value in arguments.items()
         }
 
+    def _generation_comm(self, plan: BandPlan):
+        """The comm this generation's modules exchange through: this rank's patch group's, or,
+        alone, a one-rank loopback (every exchange is this rank's own data)."""
+        if not self.alone:
+            return self.patch_comms[plan.split_batch]
+        if self._alone_comm is None:
+            from distripy.runtime import LoopbackComm
+
+            self._alone_comm = LoopbackComm(0, 1)
+        return self._alone_comm
+
     def _start_generation(self, sample, arguments, plan: BandPlan, signature: Tuple) -> None:
         problem, state = None, None
         try:
@@ -203,7 +219,10 @@ class PatchUNetForward:
         # in the model (a LoRA loaded on one rank only): ranks given different inputs raise here
         # instead of stitching a wrong image. One copy to the host per generation.
         description = None
-        if problem is None:
+        if self.alone:  # nothing to agree on: this rank's request is its own
+            if problem is not None:
+                raise problem[0](problem[1])
+        elif problem is None:
             config = self.context.config
             description = dict(
                 digest_arguments(self._agreed_part(arguments, plan)),
@@ -211,9 +230,10 @@ class PatchUNetForward:
                 modules=state,
                 settings=(config.mode, config.warmup_steps, self.steps),
             )
-        agree(self.world_comm, description, problem)
+        if not self.alone:
+            agree(self.world_comm, description, problem)
         self.context.start_generation(
-            self.patch_comms[plan.split_batch],
+            self._generation_comm(plan),
             plan.band_index,
             plan.band_count,
             shape_key=signature,
@@ -289,7 +309,7 @@ class PatchUNetForward:
         return_dict = arguments.pop("return_dict", True)
         plan = (
             self._plan(sample, arguments)
-            if isinstance(sample, torch.Tensor) and sample.dim() == 4
+            if isinstance(sample, torch.Tensor) and sample.dim() == 4 and not self.alone
             else BandPlan(0, 1, False)
         )
         timestep = _timestep_value(arguments["timestep"])
@@ -298,6 +318,7 @@ class PatchUNetForward:
             str(getattr(sample, "dtype", None)),
             str(getattr(sample, "device", None)),
             plan.key(),
+            self.alone,
         )
         new_generation = (
             self._reset_requested
@@ -309,7 +330,7 @@ class PatchUNetForward:
             self._signature = None
             self._start_generation(sample, arguments, plan, signature)
             self._reset_requested = False
-        elif self.context.config.check_every_step:
+        elif self.context.config.check_every_step and not self.alone:
             step_input = {"sample": sample, "timestep": arguments["timestep"]}
             agree(self.world_comm, digest_arguments(step_input), None, what="step input")
         self._last_timestep = timestep
@@ -331,4 +352,6 @@ class PatchUNetForward:
 
     def _assemble(self, band, plan: BandPlan):
         """The whole output, on every rank, from this rank's band of it."""
+        if self.alone:
+            return band  # the whole latent was this rank's one band
         return gather_bands(self.world_comm, band, plan.halves)

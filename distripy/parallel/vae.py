@@ -32,6 +32,7 @@ class PatchDecoderForward:
         self.context = context
         self.comm = comm
         self._parameter = next(decoder.parameters())
+        self.alone = False  # decode on this rank by itself (``distripy.alone``): no transfer, no check
 
     def _problem(self, sample, latent_embeds):
         if latent_embeds is not None:
@@ -54,8 +55,15 @@ class PatchDecoderForward:
     def __call__(self, sample: torch.Tensor, latent_embeds=None) -> torch.Tensor:
         comm, context = self.comm, self.context
         problem = self._problem(sample, latent_embeds)
-        description = (tuple(sample.shape), str(sample.dtype)) if problem is None else None
-        agree(comm, description, problem, what="latent to decode")
+        if self.alone:
+            if problem is not None:
+                raise problem[0](problem[1])
+            from distripy.runtime import LoopbackComm
+
+            comm = LoopbackComm(0, 1)  # the whole latent is this rank's one band
+        else:
+            description = (tuple(sample.shape), str(sample.dtype)) if problem is None else None
+            agree(comm, description, problem, what="latent to decode")
         world, rank = comm.world_size, comm.rank
         if sample.shape[2] % world != 0:
             return self.original_forward(sample, latent_embeds)

@@ -41,9 +41,16 @@ from distripy.parallel.digest import digest_arguments
 from distripy.pipelines.controlnet import controlnets_of, parallelize_controlnet
 from distripy.pipelines.swap import adapter_state
 from distripy.pipelines.unet import installed_forward, parallelize_unet, require_installed_forward, reset_unet
-from distripy.pipelines.vae import parallelize_vae, vae_is_parallel
+from distripy.pipelines.vae import decoder_forward, parallelize_vae, vae_is_parallel
 
-__all__ = ["SUPPORTED_PIPELINES", "denoisers", "denoising_steps", "parallelize_pipeline", "shared_seed"]
+__all__ = [
+    "SUPPORTED_PIPELINES",
+    "denoisers",
+    "denoising_steps",
+    "parallelize_pipeline",
+    "set_alone",
+    "shared_seed",
+]
 
 SUPPORTED_PIPELINES = (
     "StableDiffusionPipeline",
@@ -64,6 +71,7 @@ a ``UNet2DConditionModel`` called once per step on the whole latent, tested agai
 (``AutoPipelineFor*`` make these; the SDXL refiner is ``StableDiffusionXLImg2ImgPipeline``)."""
 
 _COMM_ATTRIBUTE = "_distripy_comm"
+_ALONE_ATTRIBUTE = "_distripy_alone"
 
 
 def shared_seed(comm) -> int:
@@ -113,9 +121,10 @@ def _parallel_call(pipe, original, args, kwargs):
     signature = inspect.signature(original)
     bound = signature.bind(pipe, *args, **kwargs)
     comm = getattr(pipe, _COMM_ATTRIBUTE)
-    agree(comm, _call_description(pipe, bound.arguments), None, what="pipeline call")
-    if bound.arguments.get("generator") is None and bound.arguments.get("latents") is None:
-        bound.arguments["generator"] = torch.Generator().manual_seed(shared_seed(comm))
+    if not getattr(pipe, _ALONE_ATTRIBUTE, False):  # alone, the call is this rank's own
+        agree(comm, _call_description(pipe, bound.arguments), None, what="pipeline call")
+        if bound.arguments.get("generator") is None and bound.arguments.get("latents") is None:
+            bound.arguments["generator"] = torch.Generator().manual_seed(shared_seed(comm))
     steps = denoising_steps(signature, bound.arguments)
     models = denoisers(pipe)
     for model in models:
@@ -125,6 +134,30 @@ def _parallel_call(pipe, original, args, kwargs):
     finally:
         for model in models:
             reset_unet(model)
+
+
+def set_alone(model, alone: bool) -> bool:
+    """Make a parallelised pipeline (its UNet, ControlNets and VAE decoder, and the call's checks)
+    or model run its next calls on this rank by itself (``alone``), or on every rank again; their
+    current generations end. Returns whether anything here is parallel (False: a model on one rank,
+    which is alone anyway)."""
+    parts = [model]
+    if not isinstance(model, torch.nn.Module) and getattr(model, "unet", None) is not None:
+        parts = denoisers(model) + [getattr(model, "vae", None)]
+        if getattr(model, _COMM_ATTRIBUTE, None) is not None:
+            setattr(model, _ALONE_ATTRIBUTE, alone)
+    found = False
+    for part in parts:
+        forward = installed_forward(part) if part is not None else None
+        if forward is not None:
+            forward.reset(forward.steps)
+            forward.alone = alone
+            found = True
+        decoder = decoder_forward(part) if part is not None else None
+        if decoder is not None:
+            decoder.alone = alone
+            found = True
+    return found
 
 
 def denoisers(pipe) -> list:

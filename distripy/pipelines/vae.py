@@ -15,7 +15,7 @@ from distripy.parallel.vae import PatchDecoderForward
 from distripy.pipelines.swap import swap_modules
 from distripy.runtime.factory import check_backends, comm_class, on_cuda, resolve_defaults
 
-__all__ = ["parallelize_vae", "vae_is_parallel"]
+__all__ = ["decoder_forward", "parallelize_vae", "vae_is_parallel"]
 
 _ATTRIBUTE = "_distripy_decoder_forward"
 
@@ -44,3 +44,8 @@ def parallelize_vae(vae, config: DistriConfig, comm=None):
 def vae_is_parallel(vae) -> bool:
     """Whether ``vae``'s decoder decodes bands already."""
     return hasattr(vae, _ATTRIBUTE)
+
+
+def decoder_forward(vae):
+    """The ``PatchDecoderForward`` of a parallelised VAE, or None."""
+    return getattr(vae, _ATTRIBUTE, None)

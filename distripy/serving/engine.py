@@ -15,7 +15,12 @@ process ids are known from the start, and the launcher's children are found besi
 again before the next request. ``close()`` (or leaving a ``with`` block, or the interpreter's exit)
 ends them; no process is left behind.
 
-Requests are run one at a time, in the order they arrive (a lock): every rank works on each.
+Calls may come from many threads at once: they wait in one queue, in arrival order, and the
+``policy`` (``serving.scheduling``) decides how the ranks take them: each on all ranks
+(``latency``), up to N at once, one per rank (``throughput``), or the first while the queue is
+shorter than the patch-parallel speedup and the second beyond it (``adaptive``). The thread whose
+request waits runs the next run for whoever is first; a request whose deadline passes while it
+waits fails with ``EngineTimeoutError`` (``in_queue`` true) without touching the ranks.
 """
 
 import atexit
@@ -36,6 +41,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from distripy.config import DistriConfig
 from distripy.errors import ConfigError, EngineError, EngineTimeoutError, InputError, InputTypeError
 from distripy.pipelines.schedulers import scheduler_class_name
+from distripy.serving.scheduling import SpeedupEstimate, check_policy, plan_run
 from distripy.serving.worker import ADDRESS_VARIABLE, AUTHKEY_VARIABLE
 
 __all__ = ["Engine"]
@@ -202,6 +208,30 @@ class _Ranks:
                 pass
 
 
+class _Waiting:
+    """One call in the queue: its request, deadline and progress callback, then its outcome."""
+
+    def __init__(self, request: Dict[str, Any], deadline: float, progress: Optional[Callable]) -> None:
+        self.request = request
+        self.deadline = deadline
+        self.progress = progress
+        self.reply: Optional[Tuple] = None  # ("result", images) or ("error", kind, message)
+        self.error: Optional[BaseException] = None
+        self.done = False
+
+    @property
+    def kind(self) -> Tuple:
+        """What its speed depends on: size, steps, images."""
+        arguments = self.request["arguments"]
+        return tuple(
+            arguments.get(name)
+            for name in ("height", "width", "num_inference_steps", "num_images_per_prompt")
+        )
+
+    def finish(self, reply: Optional[Tuple] = None, error: Optional[BaseException] = None) -> None:
+        self.reply, self.error, self.done = reply, error, True
+
+
 def _check_model(model) -> Union[str, Callable]:
     if callable(model):
         try:
@@ -230,6 +260,9 @@ class Engine:
     parallelises with. ``dtype``: ``"float16"``, ``"bfloat16"`` or ``"float32"`` (default: the
     model's own). ``timeout_s``: a request's deadline unless the call gives one (default the
     config's ``timeout_s``); ``start_timeout_s``: the ranks' start, loading included.
+    ``policy``: ``latency`` (default), ``throughput`` or ``adaptive`` (``serving.scheduling``;
+    may be changed between calls); ``speedup``: the patch-parallel speedup ``adaptive`` switches
+    at (default: measured as it serves, from a prior of 0.75 N).
     """
 
     def __init__(
@@ -241,6 +274,8 @@ class Engine:
         dtype: Optional[str] = None,
         timeout_s: Optional[float] = None,
         start_timeout_s: float = 300.0,
+        policy: str = "latency",
+        speedup: Optional[float] = None,
     ) -> None:
         config = DistriConfig() if config is None else config
         if not isinstance(config, DistriConfig):
@@ -253,6 +288,10 @@ class Engine:
             raise ConfigError(f"Engine: dtype={dtype!r} is not float16, bfloat16 or float32")
         self.nproc = nproc
         self.config = config
+        self.policy = check_policy(policy)
+        self.speedups = SpeedupEstimate(nproc, speedup)
+        self._queue: List[_Waiting] = []
+        self._queue_lock = threading.Lock()
         self.timeout_s = float(config.timeout_s if timeout_s is None else timeout_s)
         self.start_timeout_s = float(start_timeout_s)
         self._setup = {"model": _check_model(model), "config": config, "dtype": dtype}
@@ -298,9 +337,12 @@ class Engine:
     def size_multiples(self, guidance_scale: Optional[float] = None) -> Tuple[int, int]:
         """The pixels an image's height and width must be multiples of on these ranks: the height
         is cut into bands (half the ranks each with the CFG split: ``guidance_scale > 1``), the
-        width needs whole rows at the UNet's deepest level."""
+        width needs whole rows at the UNet's deepest level. Under ``throughput`` every image is
+        whole on one rank: both are the width's."""
         geometry = self._geometry
         per_band = geometry["vae_scale"] * 2 ** geometry["levels"]
+        if self.policy == "throughput":
+            return per_band, per_band
         split = self.config.split_batch and self.nproc % 2 == 0 and (guidance_scale or 0) > 1
         return per_band * (self.nproc // 2 if split else self.nproc), per_band
 
@@ -358,21 +400,64 @@ class Engine:
             "loras": loras,
         }
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else float(timeout_s))
-        with self._lock:
-            ranks = self._ensure_started()
-            try:
-                ranks.connection.send(request)
-                reply = ranks.receive(deadline, "request", progress)
-            except EngineError:
-                self._discard()
-                raise
-            except BaseException:  # interrupted while the ranks work: they cannot be trusted now
-                self._discard()
-                raise
+        waiting = _Waiting(request, deadline, progress)
+        with self._queue_lock:
+            self._queue.append(waiting)
+        while not waiting.done:
+            with self._lock:  # one run at a time; whoever holds it runs the queue's next
+                if not waiting.done:
+                    self._run_next()
+        if waiting.error is not None:
+            raise waiting.error
+        reply = waiting.reply
         if reply[0] == "result":
             return reply[1]
         kind, message = reply[1], reply[2]
         raise _REQUEST_ERRORS.get(kind, EngineError)(f"the pipeline raised {kind}: {message}")
+
+    def _take(self) -> Tuple[bool, List[_Waiting]]:
+        """The next run's requests, by the policy; those past their deadline fail here."""
+        now = time.monotonic()
+        with self._queue_lock:
+            for late in [w for w in self._queue if w.deadline <= now]:
+                error = EngineTimeoutError("the request's deadline passed while it waited in the queue")
+                error.in_queue = True
+                late.finish(error=error)
+                self._queue.remove(late)
+            if not self._queue:
+                return False, []
+            speedup = self.speedups.speedup(self._queue[0].kind)
+            alone, count = plan_run(self.policy, len(self._queue), self.nproc, speedup)
+            taken, self._queue[:count] = self._queue[:count], []
+        return alone, taken
+
+    def _run_next(self) -> None:
+        """Run the queue's next requests on the ranks (the caller holds ``_lock``)."""
+        alone, taken = self._take()
+        if not taken:
+            return
+        started = time.monotonic()
+        try:
+            ranks = self._ensure_started()
+            if alone:
+                ranks.connection.send({"kind": "batch", "requests": [w.request for w in taken]})
+            else:
+                ranks.connection.send(taken[0].request)
+            reply = ranks.receive(max(w.deadline for w in taken), "request", taken[0].progress)
+        except BaseException as error:  # failed or interrupted: the ranks cannot be trusted now
+            self._discard()
+            for other in taken:
+                other.finish(
+                    error=error if isinstance(error, EngineError) else EngineError(f"interrupted: {error!r}")
+                )
+            if not isinstance(error, Exception):
+                raise
+            return
+        replies = reply[1] if alone else [reply]
+        for waiting, answer in zip(taken, replies):
+            waiting.finish(reply=answer)
+            if answer[0] == "result":
+                self.speedups.record(waiting.kind, alone, time.monotonic() - started)
 
     # -- the end ---------------------------------------------------------------------------------
 

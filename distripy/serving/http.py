@@ -14,7 +14,8 @@
   histogram, images, errors by kind.
 * One log line per request (logger ``distripy.serve``).
 
-The engine runs one request at a time (every rank works on each); requests wait in arrival order.
+The engine queues the requests in arrival order and runs them by its policy (``Engine.policy``,
+``distripy serve --policy``): each on every rank, or several at once, one per rank.
 """
 
 import asyncio
@@ -178,7 +179,6 @@ def make_app(engine, queue_size: int = 16, request_timeout_s: float = 300.0):
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     service = _Service(engine, queue_size, request_timeout_s)
-    lock = asyncio.Lock()  # requests run one at a time, in arrival order
 
     @asynccontextmanager
     async def lifespan(app):
@@ -217,16 +217,16 @@ def make_app(engine, queue_size: int = 16, request_timeout_s: float = 300.0):
         service.depth += 1
         service.queue_gauge.set(service.depth)
         try:
-            async with lock:
-                remaining = service.request_timeout_s - (time.monotonic() - started)
-                if remaining <= 0:
-                    return error(503, "deadline", "the request's deadline passed while it was queued")
-                seed = call.pop("seed")
-                seed = seed if seed is not None else int.from_bytes(os.urandom(7), "big")
-                images = await asyncio.to_thread(engine, seed=seed, timeout_s=remaining, **call)
+            # The engine queues the calls in arrival order and runs them by its policy.
+            remaining = service.request_timeout_s - (time.monotonic() - started)
+            seed = call.pop("seed")
+            seed = seed if seed is not None else int.from_bytes(os.urandom(7), "big")
+            images = await asyncio.to_thread(engine, seed=seed, timeout_s=remaining, **call)
         except InputError as bad:  # what the pipeline itself refused
             return error(400, "invalid_request", str(bad))
         except EngineTimeoutError as failed:
+            if getattr(failed, "in_queue", False):  # the ranks are fine
+                return error(503, "deadline", "the request's deadline passed while it was queued")
             service.recover()
             return error(503, "timeout", str(failed).splitlines()[0])
         except EngineError as failed:

@@ -5,12 +5,15 @@ Rank 0 connects to the engine and receives the setup (the model: a folder or a f
 ``DistriConfig``; the dtype), which it broadcasts to the other ranks; every rank loads the
 pipeline on its device and ``parallelize``s it once, then reports ready (with every rank's process
 id, so that the engine can stop them). Then, until told to close: rank 0 receives a request and
-broadcasts it, every rank runs it (``run_request``), rank 0 sends back the images, or the error.
+broadcasts it, every rank runs it (``RequestRunner``), rank 0 sends back the images, or the error.
 A request that raised alike on every rank (a bad argument the pipeline refused) is answered with
 the error and serving goes on; a failure of some ranks only (a lost peer, a timeout) ends the
-process, and the engine restarts the ranks.
+process, and the engine restarts the ranks. A *batch* (the engine's ``throughput`` and
+``adaptive`` policies) is up to N requests: rank r runs the r-th by itself (``distripy.alone``),
+and rank 0 sends back every rank's images or error, each request's own.
 """
 
+import hashlib
 import os
 import sys
 from multiprocessing.connection import Client
@@ -115,15 +118,22 @@ class RequestRunner:
             distripy.reconfigure(self.pipe, mode=wanted[0], warmup_steps=wanted[1])
             self.mode = wanted
 
-    def _set_loras(self, loras: List[Tuple[str, float]]) -> None:
+    def load_loras(self, paths: List[str]) -> None:
+        """Load the LoRAs not loaded yet. Before a batch every rank loads every request's, so that
+        the ranks keep the same adapters whatever each ran alone."""
         from pathlib import Path
 
-        for path, _ in loras:
+        for path in paths:
             if path not in self.adapters:
-                name = f"lora{len(self.adapters)}"
+                # named by its path, not by the order of loading: ranks that ran different
+                # requests alone must still name the same adapter alike (the ranks compare them)
+                name = "lora_" + hashlib.sha256(path.encode()).hexdigest()[:12]
                 file = Path(path)
                 self.pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
                 self.adapters[path] = name
+
+    def _set_loras(self, loras: List[Tuple[str, float]]) -> None:
+        self.load_loras([path for path, _ in loras])
         if loras:
             self.pipe.enable_lora()
             self.pipe.set_adapters([self.adapters[path] for path, _ in loras], [scale for _, scale in loras])
@@ -172,6 +182,9 @@ def serve(connection, rank: int) -> None:
         request = _broadcast(connection.recv() if rank == 0 else None)
         if request.get("kind") == "close":
             return
+        if request.get("kind") == "batch":
+            _run_alone(pipe, runner, request["requests"], rank, connection)
+            continue
         progress = None
         if rank == 0:
 
@@ -188,6 +201,29 @@ def serve(connection, rank: int) -> None:
         if failure is not None and any(other != failure for other in failures):
             # some ranks failed, or failed otherwise: they are out of step; the engine restarts them
             raise EngineError(f"engine rank {rank}: the ranks failed differently: {failures}")
+
+
+def _run_alone(pipe, runner: "RequestRunner", requests: List[Dict[str, Any]], rank: int, connection) -> None:
+    """Rank r runs ``requests[r]`` (if there is one) by itself; rank 0 sends every reply, in order."""
+    import distripy
+
+    reply = None
+    runner.load_loras([path for request in requests for path, _ in request.get("loras") or []])
+    if rank < len(requests):
+        progress = None
+        if rank == 0:
+
+            def progress(step: int, total: Optional[int]) -> None:
+                connection.send(("progress", step, total))
+
+        try:
+            with distripy.alone(pipe):
+                reply = ("result", runner.run(requests[rank], progress))
+        except Exception as error:  # noqa: BLE001 - this request's own failure, reported
+            reply = ("error", type(error).__name__, str(error))
+    replies = _gather(reply)
+    if rank == 0:
+        connection.send(("results", replies[: len(requests)]))
 
 
 def main() -> int:
