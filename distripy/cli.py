@@ -70,7 +70,13 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve a local diffusers pipeline over HTTP on N ranks")
     serve.add_argument("--model", required=True, type=Path, help="a local diffusers pipeline folder")
-    serve.add_argument("--nproc", type=int, default=1, help="ranks (one GPU each when present)")
+    serve.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="ranks to start (one GPU each when present; default 1). Under torchrun, leave it out: "
+        "torchrun's processes are the ranks (on several nodes too) and rank 0 serves HTTP",
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--queue-size", type=int, default=16, help="requests waiting or running; more get 429")
@@ -427,7 +433,14 @@ def check_generate(args, world: int) -> None:
 def check_serve(args) -> None:
     """Every check ``serve`` can make before starting the ranks."""
     _check_timeout(args)
-    _check_world(args.nproc)
+    if _under_torchrun():
+        if args.nproc is not None:
+            raise CommandError(
+                f"--nproc {args.nproc}: under torchrun the ranks are torchrun's processes (--nproc-per-node, --nnodes)"
+            )
+    else:
+        args.nproc = 1 if args.nproc is None else args.nproc
+        _check_world(args.nproc)
     _model_geometry(args.model)
     if not 0 <= args.port <= 65535:
         raise CommandError(f"--port {args.port}: not a port number")
@@ -461,16 +474,22 @@ def run_serve(args) -> int:
     config = distripy.DistriConfig(
         mode=args.mode, split_batch=not args.no_split_batch, timeout_s=args.timeout
     )
-    engine = distripy.Engine(
-        str(args.model),
-        nproc=args.nproc,
-        config=config,
-        dtype=dtype,
-        timeout_s=args.request_timeout,
-        policy=args.policy,
-    )
+    settings = dict(config=config, dtype=dtype, timeout_s=args.request_timeout, policy=args.policy)
+    if _under_torchrun():
+        # torchrun's processes are the ranks (this node's and other nodes'): rank 0 serves HTTP,
+        # the others run requests until rank 0 closes them.
+        rank, world = distripy.init(timeout_s=args.timeout)
+        if rank != 0:
+            from distripy.serving.worker import serve
+
+            serve(None, rank)
+            return 0
+        engine = distripy.Engine.of_torchrun_group(str(args.model), **settings)
+    else:
+        engine = distripy.Engine(str(args.model), nproc=args.nproc, **settings)
+    ranks = engine.nproc
     print(
-        f"distripy: {args.nproc} rank{'s' * (args.nproc > 1)} ready; serving on http://{args.host}:{args.port}",
+        f"distripy: {ranks} rank{'s' * (ranks > 1)} ready; serving on http://{args.host}:{args.port}",
         flush=True,
     )
     app = make_app(engine, queue_size=args.queue_size, request_timeout_s=args.request_timeout)
@@ -483,6 +502,10 @@ def run_serve(args) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         engine.close()
+    if not engine.restartable and engine.failures:
+        # the torchrun group's ranks failed: a non-zero exit lets torchrun restart the group
+        print("distripy: the ranks failed; the service has stopped", file=sys.stderr, flush=True)
+        return 1
     print("distripy: the service has stopped", flush=True)
     return 0
 

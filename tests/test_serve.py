@@ -222,3 +222,77 @@ def test_sigterm_ends_the_service_and_every_process_it_started(server):
     assert process.returncode == 0, output[-3000:]
     _wait(lambda: not any(_running(pid) for pid in pids), "the ranks to end", timeout=10)
     assert "generated 1 image(s) 32x64" in output  # one log line per request
+
+
+def test_under_torchrun_rank_0_serves_and_every_process_is_a_rank(tiny_model, reference):
+    """``distripy serve`` started by torchrun (as on several nodes; here 2 local processes): the
+    launcher's processes are the ranks, rank 0 answers HTTP; SIGTERM to torchrun ends them all."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "distripy.cli", "serve", "--model", str(tiny_model), "--port", str(port), "--timeout", "30",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+
+    def up():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        try:
+            return _request(url, "/health", timeout=5)[0] == 200
+        except OSError:
+            return False
+
+    try:
+        _wait(up, "the group to start serving", timeout=180)
+        health = _request(url, "/health")[2]
+        assert health["ranks"] == 2 and len(health["pids"]) == 2
+        status, _, answer = _request(url, "/v1/images/generations", _body(31))
+        assert status == 200, answer
+        assert _same_image(_decoded(answer), reference(31))
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+        _wait(lambda: not any(_running(pid) for pid in health["pids"]), "the ranks to end", timeout=20)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate(timeout=30)
+
+
+def test_ranks_that_cannot_be_restarted_end_the_service(monkeypatch):
+    """After a failure, a torchrun group's engine cannot restart its ranks: the service stops
+    itself (uvicorn's graceful SIGTERM) so that ``distripy serve`` exits 1 and torchrun restarts
+    the group; a restartable engine is restarted in the background instead."""
+    from distripy.serving import http
+
+    class FakeEngine:
+        restartable = False
+        restarted = 0
+
+        def restart(self):
+            FakeEngine.restarted += 1
+
+    signals = []
+    monkeypatch.setattr(http.os, "kill", lambda pid, signum: signals.append((pid, signum)))
+    service = http._Service(FakeEngine(), queue_size=4, request_timeout_s=10)
+    service.recover()
+    assert signals == [(os.getpid(), signal.SIGTERM)] and FakeEngine.restarted == 0
+    FakeEngine.restartable = True
+    service.recover()
+    service.restarting.join(10)
+    assert FakeEngine.restarted == 1 and len(signals) == 1
+
+
+def test_under_torchrun_nproc_is_refused(monkeypatch, capsys, tmp_path):
+    from distripy import cli
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["serve", "--model", str(tmp_path), "--nproc", "2"]) == 2
+    assert "--nproc 2: under torchrun the ranks are torchrun's processes" in capsys.readouterr().err

@@ -232,6 +232,60 @@ class _Waiting:
         self.reply, self.error, self.done = reply, error, True
 
 
+class _GroupRanks:
+    """The ranks torchrun started, this process being rank 0 (``Engine.of_torchrun_group``): rank
+    0's loop runs on a thread here, linked to the engine in-process; the others run
+    ``serving.worker``'s loop in their own processes, on this node or others. They cannot be
+    restarted from here: after a failure the engine is broken, and the process should exit
+    non-zero so that torchrun (``--max-restarts``) restarts the whole group."""
+
+    restartable = False
+
+    def __init__(self, setup: Dict[str, Any], timeout_s: float) -> None:
+        import torch.distributed as dist
+
+        from distripy.serving.worker import LocalLink, serve
+
+        self.connection, rank_side = LocalLink.pair()
+        self.error: Optional[BaseException] = None
+
+        def run() -> None:
+            try:
+                serve(rank_side, 0)
+            except BaseException as error:  # noqa: BLE001 - reported through failure()
+                self.error = error
+
+        self.thread = threading.Thread(target=run, name="distripy-rank-0", daemon=True)
+        self.thread.start()
+        self.launcher = self  # ``poll()``: None while rank 0's loop runs, as a launcher's
+        self.pid = os.getpid()
+        self.world_size = dist.get_world_size()
+        self.connection.send(setup)
+        reply = self.receive(time.monotonic() + timeout_s, "start")
+        if reply[0] != "ready":
+            raise EngineError(f"the ranks did not start: {reply}")
+        self.pids = list(reply[1])
+        self.geometry = dict(reply[2])
+
+    def poll(self) -> Optional[int]:
+        return None if self.thread.is_alive() else 1
+
+    def log_tail(self, lines: int = 12) -> str:
+        return repr(self.error) if self.error is not None else "(rank 0's loop ended)"
+
+    failure = _Ranks.failure
+    receive = _Ranks.receive
+
+    def close(self, timeout_s: float) -> None:
+        if self.thread.is_alive():
+            self.connection.send({"kind": "close"})
+            self.thread.join(timeout_s)
+
+    def stop(self) -> None:
+        """Nothing can be killed from here: the link closes, the thread is left to its fate."""
+        self.connection.close()
+
+
 def _check_model(model) -> Union[str, Callable]:
     if callable(model):
         try:
@@ -277,6 +331,14 @@ class Engine:
         policy: str = "latency",
         speedup: Optional[float] = None,
     ) -> None:
+        self._configure(model, nproc, config, devices, dtype, timeout_s, start_timeout_s, policy, speedup)
+        self._start()
+        _LIVE.add(self)
+
+    def _configure(
+        self, model, nproc, config, devices, dtype, timeout_s, start_timeout_s, policy, speedup
+    ) -> None:
+        """Check every setting, before any process starts."""
         config = DistriConfig() if config is None else config
         if not isinstance(config, DistriConfig):
             raise InputTypeError(f"Engine: config must be a DistriConfig, got {type(config).__name__}")
@@ -300,13 +362,49 @@ class Engine:
         self._ranks: Optional[_Ranks] = None
         self._closed = False
         self.restarts = 0
-        self._start()
-        _LIVE.add(self)
+        self.failures = 0
+        self._ranks_class = _Ranks
+
+    @classmethod
+    def of_torchrun_group(
+        cls,
+        model,
+        config: Optional[DistriConfig] = None,
+        dtype: Optional[str] = None,
+        timeout_s: Optional[float] = None,
+        start_timeout_s: float = 300.0,
+        policy: str = "latency",
+        speedup: Optional[float] = None,
+    ) -> "Engine":
+        """An engine over the ranks torchrun started, on this node and others, called on rank 0
+        (``torch.distributed`` initialised, e.g. by ``distripy.init()``); every other rank runs
+        ``distripy.serving.worker.serve(None, rank)``. ``distripy serve`` under torchrun does both.
+        These ranks cannot be restarted from here: after a failure ``restartable`` is false and
+        the process should exit non-zero (torchrun's ``--max-restarts`` then restarts the group)."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_rank() != 0:
+            raise EngineError(
+                "Engine.of_torchrun_group: call it on rank 0 of an initialised torch.distributed group"
+            )
+        engine = cls.__new__(cls)
+        engine._configure(
+            model, dist.get_world_size(), config, None, dtype, timeout_s, start_timeout_s, policy, speedup
+        )
+        engine._ranks_class = lambda nproc, setup, devices, timeout: _GroupRanks(setup, timeout)
+        engine._start()
+        _LIVE.add(engine)
+        return engine
+
+    @property
+    def restartable(self) -> bool:
+        """Whether the ranks can be started again after a failure (not those of a torchrun group)."""
+        return self._ranks_class is _Ranks
 
     # -- the rank processes ----------------------------------------------------------------------
 
     def _start(self) -> None:
-        self._ranks = _Ranks(self.nproc, self._setup, self._devices, self.start_timeout_s)
+        self._ranks = self._ranks_class(self.nproc, self._setup, self._devices, self.start_timeout_s)
         self._geometry = self._ranks.geometry
 
     def restart(self) -> None:
@@ -318,6 +416,8 @@ class Engine:
     def _ensure_started(self) -> _Ranks:
         if self._closed:
             raise EngineError("the engine is closed")
+        if self._ranks is None and not self.restartable:
+            raise EngineError("the ranks of this torchrun group failed and cannot be restarted from here")
         if self._ranks is None:
             self.restarts += 1
             self._start()
@@ -325,6 +425,7 @@ class Engine:
 
     def _discard(self) -> None:
         """Stop the ranks after a failure; the next request starts new ones."""
+        self.failures += 1
         if self._ranks is not None:
             self._ranks.stop()
             self._ranks = None

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import re
+import signal
 import statistics
 import threading
 import time
@@ -155,7 +156,13 @@ class _Service:
         return max(1, math.ceil(typical * max(1, self.depth)))
 
     def recover(self) -> None:
-        """Restart the engine's ranks in the background (after a failure)."""
+        """Restart the engine's ranks in the background (after a failure). Ranks that cannot be
+        restarted from here (a torchrun group's) end the service instead: ``distripy serve`` then
+        exits non-zero and torchrun restarts the group."""
+        if not getattr(self.engine, "restartable", True):
+            log.error("the ranks failed and cannot be restarted from here: stopping the service")
+            os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown
+            return
         if self.restarting is not None and self.restarting.is_alive():
             return
 

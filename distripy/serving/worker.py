@@ -15,6 +15,7 @@ and rank 0 sends back every rank's images or error, each request's own.
 
 import hashlib
 import os
+import queue
 import sys
 from multiprocessing.connection import Client
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -224,6 +225,43 @@ def _run_alone(pipe, runner: "RequestRunner", requests: List[Dict[str, Any]], ra
     replies = _gather(reply)
     if rank == 0:
         connection.send(("results", replies[: len(requests)]))
+
+
+class LocalLink:
+    """One end of an in-process connection (``send``, ``recv``, ``poll``, ``close``, as
+    ``multiprocessing.connection``'s): between an engine and rank 0's loop when rank 0 is this
+    very process (``Engine.of_torchrun_group``)."""
+
+    def __init__(self, inbox: "queue.Queue", outbox: "queue.Queue") -> None:
+        self._inbox, self._outbox = inbox, outbox
+        self._held: List[Any] = []
+        self.closed = False
+
+    @classmethod
+    def pair(cls) -> Tuple["LocalLink", "LocalLink"]:
+        one, two = queue.Queue(), queue.Queue()
+        return cls(one, two), cls(two, one)
+
+    def send(self, message: Any) -> None:
+        if self.closed:
+            raise OSError("the link is closed")
+        self._outbox.put(message)
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        if not self._held:
+            try:
+                self._held.append(self._inbox.get(timeout=max(0.0, timeout)))
+            except queue.Empty:
+                return False
+        return True
+
+    def recv(self) -> Any:
+        if self._held:
+            return self._held.pop()
+        return self._inbox.get()
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def main() -> int:
