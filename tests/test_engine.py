@@ -81,39 +81,50 @@ def test_the_engine_serves_single_device_images_and_survives_a_stuck_rank(tmp_pa
             _assert_same_image(images[0], expected)
             total = arguments["num_inference_steps"]
             assert steps == [(step, total) for step in range(1, total + 1)]
-        # throughput: two requests waiting are run at once, one per rank, each alone; one with a
-        # LoRA, one without (the ranks must still hold the same adapters afterwards)
-        engine.policy = "throughput"
-        results = {}
+        # throughput, then adaptive (speedup 1.5: two waiting requests are past it): two
+        # requests waiting are run at once, one per rank, each alone; one with a LoRA, one
+        # without (the ranks must still hold the same adapters afterwards)
+        from distripy.serving.scheduling import SpeedupEstimate
+
         calls = {
             "lora": (dict(height=96, width=32, num_inference_steps=2, guidance_scale=3.0), 21, True),
             "plain": (dict(height=32, width=64, num_inference_steps=3, guidance_scale=1.0), 22, False),
         }
+        expected = {
+            name: _reference(arguments, None, lora_file if lora else None, seed)
+            for name, (arguments, seed, lora) in calls.items()
+        }
+        for policy in ("throughput", "adaptive"):
+            engine.policy = policy
+            engine.speedups = SpeedupEstimate(2, speedup=1.5)
+            results = {}
 
-        def submit(name):
-            arguments, seed, lora = calls[name]
-            loras = [(lora_file, 0.8)] if lora else []
-            results[name] = engine("a red boat", seed=seed, loras=loras, **arguments)[0]
+            def submit(name):
+                arguments, seed, lora = calls[name]
+                loras = [(lora_file, 0.8)] if lora else []
+                results[name] = engine("a red boat", seed=seed, loras=loras, **arguments)[0]
 
-        with engine._lock:  # both wait before the first run starts: one batch of two
-            threads = [threading.Thread(target=submit, args=(name,)) for name in calls]
+            with engine._lock:  # both wait before the first run starts: one batch of two
+                threads = [threading.Thread(target=submit, args=(name,)) for name in calls]
+                for thread in threads:
+                    thread.start()
+                while len(engine._queue) < 2:
+                    time.sleep(0.01)
             for thread in threads:
-                thread.start()
-            while len(engine._queue) < 2:
-                time.sleep(0.01)
-        for thread in threads:
-            thread.join(120)
-        for name, (arguments, seed, lora) in calls.items():
-            _assert_same_image(results[name], _reference(arguments, None, lora_file if lora else None, seed))
-        assert engine.speedups._seconds.keys() >= {((96, 32, 2, None), True), ((32, 64, 3, None), True)}
-        engine.policy = "latency"
-        # another mode for one request, then the engine's own again (no LoRA: disabled)
+                thread.join(120)
+            for name in calls:
+                _assert_same_image(results[name], expected[name])
+            assert set(engine.speedups._seconds) == {((96, 32, 2, None), True), ((32, 64, 3, None), True)}
+        # adaptive with one request waiting (below the speedup): patch-parallel. Another mode
+        # for one request, then the engine's own again (no LoRA: disabled)
         async_image = engine("a red boat", seed=10, mode="corrected_async_gn", warmup_steps=1, **CALLS[0][0])[
             0
         ]
         assert async_image.size == (32, 64)
         again = engine("a red boat", seed=10, **CALLS[0][0])[0]
         _assert_same_image(again, _reference(CALLS[0][0], None, None, 10))
+        assert ((64, 32, 3, None), False) in engine.speedups._seconds
+        engine.policy = "latency"
         # a bad argument: the pipeline's error, raised here; the ranks serve on
         with pytest.raises(distripy.errors.InputError, match="divisible by 8"):
             engine("a red boat", height=30, width=32, num_inference_steps=2)

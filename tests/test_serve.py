@@ -70,19 +70,14 @@ def tiny_model(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model):
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [
-        sys.executable, "-m", "distripy.cli", "serve", "--model", str(tiny_model), "--nproc", "2",
-        "--port", str(port), "--queue-size", "16", "--request-timeout", "60", "--timeout", "30",
-    ]  # fmt: skip
+def _start_serving(command, url):
+    """Start ``command`` (its own session) and wait until ``url`` answers ``/health`` with 200."""
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
         env=dict(os.environ, PYTHONWARNINGS="ignore"),
     )
 
@@ -95,6 +90,23 @@ def server(tiny_model):
 
     try:
         _wait(up, "the server to start", timeout=180)
+    except BaseException:
+        process.kill()
+        process.communicate(timeout=30)
+        raise
+    return process
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        sys.executable, "-m", "distripy.cli", "serve", "--model", str(tiny_model), "--nproc", "2",
+        "--port", str(port), "--queue-size", "16", "--request-timeout", "60", "--timeout", "30",
+    ]  # fmt: skip
+    process = _start_serving(command, url)
+    try:
         yield url, process
     finally:
         if process.poll() is None:
@@ -233,24 +245,8 @@ def test_under_torchrun_rank_0_serves_and_every_process_is_a_rank(tiny_model, re
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "distripy.cli", "serve", "--model", str(tiny_model), "--port", str(port), "--timeout", "30",
     ]  # fmt: skip
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        env=dict(os.environ, PYTHONWARNINGS="ignore"),
-    )
-
-    def up():
-        assert process.poll() is None, process.stdout.read()[-3000:]
-        try:
-            return _request(url, "/health", timeout=5)[0] == 200
-        except OSError:
-            return False
-
+    process = _start_serving(command, url)
     try:
-        _wait(up, "the group to start serving", timeout=180)
         health = _request(url, "/health")[2]
         assert health["ranks"] == 2 and len(health["pids"]) == 2
         status, _, answer = _request(url, "/v1/images/generations", _body(31))

@@ -554,11 +554,13 @@ class Engine:
             if not isinstance(error, Exception):
                 raise
             return
-        replies = reply[1] if alone else [reply]
+        replies = list(reply[1]) if alone and reply[0] == "results" else [reply]
         for waiting, answer in zip(taken, replies):
             waiting.finish(reply=answer)
             if answer[0] == "result":
                 self.speedups.record(waiting.kind, alone, time.monotonic() - started)
+        for waiting in taken[len(replies) :]:  # never left waiting for a reply that will not come
+            waiting.finish(error=EngineError(f"the ranks answered {len(replies)} of {len(taken)} requests"))
 
     # -- the end ---------------------------------------------------------------------------------
 

@@ -244,7 +244,7 @@ class LocalLink:
 
     def send(self, message: Any) -> None:
         if self.closed:
-            raise OSError("the link is closed")
+            raise EngineError("the link to rank 0 is closed")
         self._outbox.put(message)
 
     def poll(self, timeout: float = 0.0) -> bool:
