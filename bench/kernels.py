@@ -218,7 +218,10 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", choices=["core", "all"], default="core")
     parser.add_argument("--write-dispatch", action="store_true", help="write kernels/halo_conv_paths.json")
     parser.add_argument(
-        "--timing", choices=["graph", "eager"], default="graph", help="GPU time (graph replays) or with launches"
+        "--timing",
+        choices=["graph", "eager"],
+        default="graph",
+        help="GPU time (graph replays) or with launches",
     )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -256,7 +259,9 @@ def main(argv=None) -> int:
 
     record = environment(native_runtime=native_available(), timing=args.timing)
     path = args.output or results_path("kernels", socket.gethostname())
-    write_json(path, {"environment": record, "rows": rows})
+    from distripy.kernels.halo_conv import autotuned_tiles
+
+    write_json(path, {"environment": record, "rows": rows, "triton_tiles": autotuned_tiles()})
     print(f"wrote {path}")
     if args.write_dispatch:
         write_dispatch_table(rows, record["device"])

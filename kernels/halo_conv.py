@@ -53,6 +53,7 @@ from distripy.kernels.group_norm_apply import group_norm_apply
 
 __all__ = [
     "GroupNormPrologue",
+    "autotuned_tiles",
     "band_compatible",
     "halo_conv2d",
     "halo_conv2d_cudnn",
@@ -459,6 +460,20 @@ _halo_conv2d_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_configs},
     cache_results=True,
 )(_halo_conv2d_kernel)
+
+
+def autotuned_tiles() -> dict:
+    """The tiles the autotuner chose in this process, by its key (channels, out channels, output
+    rows and width, strides, kernel size, prologue): what a benchmark records beside its times."""
+    return {
+        repr(key[: len(_halo_conv2d_tuned.keys)]): {
+            **config.kwargs,
+            "num_warps": config.num_warps,
+            "num_stages": config.num_stages,
+        }
+        for key, config in getattr(_halo_conv2d_tuned, "cache", {}).items()
+    }
+
 
 # Under Triton's interpreter (CPU tests) one small tile: tuning would time on a GPU.
 _INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}

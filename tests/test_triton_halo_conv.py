@@ -299,3 +299,17 @@ def test_the_packed_weight_follows_changes_to_the_weight():
     key = id(weight)
     del weight
     assert key not in module._PACKED_WEIGHTS
+
+
+def test_autotuned_tiles_name_the_tuner_key_and_the_tile(monkeypatch):
+    """What ``bench/kernels.py`` records beside its times: each autotuned key and its tile."""
+    import triton
+
+    from distripy.kernels import halo_conv
+
+    config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3)
+    key = (320, 320, 16, 128, 1, 1, 3, 3, True, "torch.float16", "torch.float16")
+    monkeypatch.setattr(halo_conv._halo_conv2d_tuned, "cache", {key: config}, raising=False)
+    assert halo_conv.autotuned_tiles() == {
+        repr(key[:9]): {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+    }
