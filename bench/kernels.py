@@ -193,14 +193,24 @@ def _dispatch_entry(row: dict, device: str) -> dict:
     }
 
 
-def write_dispatch_table(rows, device: str, path: Path = TABLE_PATH) -> None:
-    """Merge this run's winners into the dispatch table (entries of other GPUs are kept)."""
+def _entry_shape(entry: dict) -> str:
+    """What an entry is about (GPU, dtype, shape), without its outcome."""
+    return json.dumps(
+        {k: v for k, v in entry.items() if k not in ("path", "triton_ms", "cudnn_ms")}, sort_keys=True
+    )
+
+
+def write_dispatch_table(rows, device: str, path: Path = TABLE_PATH, quiet: bool = False) -> None:
+    """Merge this run's winners into the dispatch table: its shapes replace their entries; the
+    other shapes and GPUs are kept (a partial run loses nothing measured before)."""
+    fresh = [_dispatch_entry(row, device) for row in rows]
+    measured = {_entry_shape(entry) for entry in fresh}
     entries = []
     if path.exists():
-        entries = [e for e in json.loads(path.read_text())["entries"] if e["device"] != device]
-    entries += [_dispatch_entry(row, device) for row in rows]
-    write_json(path, {"format": 1, "entries": entries})
-    print(f"wrote {len(rows)} dispatch entries for {device} to {path}")
+        entries = [e for e in json.loads(path.read_text())["entries"] if _entry_shape(e) not in measured]
+    write_json(path, {"format": 1, "entries": entries + fresh})
+    if not quiet:
+        print(f"wrote {len(fresh)} dispatch entries for {device} to {path}")
 
 
 def main(argv=None) -> int:
@@ -230,6 +240,21 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
         return 2
+    from distripy.kernels.halo_conv import autotuned_tiles
+    from distripy.runtime import native_available
+
+    record = environment(native_runtime=native_available(), timing=args.timing)
+    path = args.output or results_path("kernels", socket.gethostname())
+
+    def save(complete: bool) -> None:
+        """The results so far, whole or not at all: a run stopped at its time limit keeps them."""
+        write_json(
+            path,
+            {"environment": record, "rows": rows, "triton_tiles": autotuned_tiles(), "complete": complete},
+        )
+        if args.write_dispatch and rows:
+            write_dispatch_table(rows, record["device"], quiet=not complete)
+
     rows = []
     shapes = CORE_SHAPES + (MORE_SHAPES if args.shapes == "all" else [])
     header = "conv/band cudnn-path/band norm+conv: triton/eager cudnn/eager  gn+silu/torch block/eager winner"
@@ -255,16 +280,9 @@ def main(argv=None) -> int:
                         f"{row['norm_conv_cudnn_path_vs_eager']:>12.2f} {row['gn_silu_vs_torch']:>14.2f} "
                         f"{block} {row['fused_conv_winner']}"
                     )
-    from distripy.runtime import native_available
-
-    record = environment(native_runtime=native_available(), timing=args.timing)
-    path = args.output or results_path("kernels", socket.gethostname())
-    from distripy.kernels.halo_conv import autotuned_tiles
-
-    write_json(path, {"environment": record, "rows": rows, "triton_tiles": autotuned_tiles()})
+                    save(complete=False)
+    save(complete=True)
     print(f"wrote {path}")
-    if args.write_dispatch:
-        write_dispatch_table(rows, record["device"])
     return 0
 
 

@@ -256,7 +256,11 @@ def test_quality_run_on_two_ranks(run_ranks, tmp_path):
         (6, "full_sync", 0), (6, "naive_patch", 0), (6, "corrected_async_gn", 1), (6, "corrected_async_gn", 3),
     }  # fmt: skip
     assert rows[3, "corrected_async_gn", 2]["warmup_specs"] == ["50%"]
-    full, corrected, naive = rows[6, "full_sync", 0], rows[6, "corrected_async_gn", 1], rows[6, "naive_patch", 0]
+    full, corrected, naive = (
+        rows[6, "full_sync", 0],
+        rows[6, "corrected_async_gn", 1],
+        rows[6, "naive_patch", 0],
+    )
     for row in (full,):
         assert row["psnr_image_db"] is None or row["psnr_image_db"] > 80
         assert max(row["step_errors"]) < 1e-5 and len(row["step_errors"]) == 6
@@ -279,7 +283,10 @@ def test_quality_warmups_and_the_policy_from_rows():
     assert [warmup_steps(s, 50) for s in ("1", "10%", "25%")] == [1, 5, 13]
     assert [warmup_steps(s, 4) for s in ("10%", "25%", "50%")] == [1, 1, 2]
     # every warm-up once; none that covers every step; the warm-up is moot for the other modes
-    assert settings(["exact", "stale_gn"], ["1", "2", "10%", "50%"], 2) == [("exact", 0, []), ("stale_gn", 1, ["1", "10%", "50%"])]
+    assert settings(["exact", "stale_gn"], ["1", "2", "10%", "50%"], 2) == [
+        ("exact", 0, []),
+        ("stale_gn", 1, ["1", "10%", "50%"]),
+    ]
 
     def row(steps, mode, db, specs=(), latent=None, sampler="ddim"):
         return dict(steps=steps, mode=mode, psnr_image_db=db, psnr_latent_db=latent, warmup_specs=list(specs),
@@ -381,7 +388,15 @@ def test_the_gpu_acceptance_plan_dry_runs_on_cpu(tmp_path):
     out = tmp_path / "acceptance"
     stages = [stage.name for stage in plan(out, dry_run=True) if stage.name not in COVERED_ELSEWHERE]
     result = subprocess.run(
-        [sys.executable, str(BENCH / "gpu_acceptance.py"), "--dry-run", "--out", str(out), "--stages", *stages],
+        [
+            sys.executable,
+            str(BENCH / "gpu_acceptance.py"),
+            "--dry-run",
+            "--out",
+            str(out),
+            "--stages",
+            *stages,
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -445,3 +460,28 @@ def test_the_gpu_acceptance_plan_fits_25_minutes_and_names_every_stage(tmp_path)
     ):
         assert needed in commands, needed
     assert set(TARGETS) >= {"efficiency_n8_1024", "halo_conv_vs_cudnn_band", "host_us_per_grouped_op"}
+
+
+def test_the_dispatch_table_merges_a_partial_run(tmp_path):
+    """A run (or a run stopped at its time limit) replaces the entries of the shapes it measured
+    and keeps every other shape and GPU."""
+    import importlib.util
+
+    # by its path: the name ``kernels`` is also the repository's kernel package
+    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH / "kernels.py")
+    kernels_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernels_bench)
+
+    def row(channels, rows, winner):
+        ms = {"norm_conv_triton": 1.0, "norm_conv_cudnn_path": 2.0}
+        return dict(batch=1, in_channels=channels, out_channels=channels, stride=1, band_rows=rows,
+                    width=128, fused_conv_winner=winner, ms=ms)  # fmt: skip
+
+    table = tmp_path / "paths.json"
+    kernels_bench.write_dispatch_table(
+        [row(320, 16, "cudnn"), row(640, 8, "cudnn")], "GPU A", table, quiet=True
+    )
+    kernels_bench.write_dispatch_table([row(320, 16, "triton")], "GPU B", table, quiet=True)
+    kernels_bench.write_dispatch_table([row(320, 16, "triton")], "GPU A", table, quiet=True)
+    entries = {(e["device"], e["in_channels"]): e["path"] for e in json.loads(table.read_text())["entries"]}
+    assert entries == {("GPU A", 320): "triton", ("GPU A", 640): "cudnn", ("GPU B", 320): "triton"}
