@@ -30,10 +30,14 @@ Key = Tuple[str, str, int, int, int, int, int, int, int, int, int]
 def dispatch_key(device_name: str, x: torch.Tensor, weight: torch.Tensor, stride) -> Key:
     """``(GPU, dtype, batch, in channels, out channels, kernel h, kernel w, stride h, stride w,
     band rows, width)`` of a convolution of the band ``x``."""
+    return (device_name,) + _shape_key(x, weight, stride)
+
+
+def _shape_key(x: torch.Tensor, weight: torch.Tensor, stride) -> Tuple:
+    """``dispatch_key`` without the GPU."""
     stride_h, stride_w = (stride, stride) if isinstance(stride, int) else (int(stride[0]), int(stride[1]))
     batch, channels, rows, width = x.shape
     return (
-        device_name,
         str(x.dtype).replace("torch.", ""),
         int(batch),
         int(channels),
@@ -99,4 +103,4 @@ def choose_halo_conv_path(x: torch.Tensor, weight: torch.Tensor, stride=1, group
     if groups != 1:
         return "cudnn"
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return _measured_path(index, dispatch_key("", x, weight, stride)[1:])
+    return _measured_path(index, _shape_key(x, weight, stride))

@@ -103,6 +103,8 @@ def _kill(pids: Sequence[int], wait_s: float = _STOP_GRACE_S) -> None:
 class _Ranks:
     """One start of the rank processes: the launcher, the connection to rank 0, the ranks' ids."""
 
+    restartable = True
+
     def __init__(self, nproc: int, setup: Dict[str, Any], devices, timeout_s: float) -> None:
         self.log = tempfile.TemporaryFile(mode="w+b")
         key = secrets.token_bytes(32)
@@ -232,7 +234,7 @@ class _Waiting:
         self.reply, self.error, self.done = reply, error, True
 
 
-class _GroupRanks:
+class _GroupRanks(_Ranks):
     """The ranks torchrun started, this process being rank 0 (``Engine.of_torchrun_group``): rank
     0's loop runs on a thread here, linked to the engine in-process; the others run
     ``serving.worker``'s loop in their own processes, on this node or others. They cannot be
@@ -241,9 +243,7 @@ class _GroupRanks:
 
     restartable = False
 
-    def __init__(self, setup: Dict[str, Any], timeout_s: float) -> None:
-        import torch.distributed as dist
-
+    def __init__(self, nproc: int, setup: Dict[str, Any], devices, timeout_s: float) -> None:
         from distripy.serving.worker import LocalLink, serve
 
         self.connection, rank_side = LocalLink.pair()
@@ -258,8 +258,6 @@ class _GroupRanks:
         self.thread = threading.Thread(target=run, name="distripy-rank-0", daemon=True)
         self.thread.start()
         self.launcher = self  # ``poll()``: None while rank 0's loop runs, as a launcher's
-        self.pid = os.getpid()
-        self.world_size = dist.get_world_size()
         self.connection.send(setup)
         reply = self.receive(time.monotonic() + timeout_s, "start")
         if reply[0] != "ready":
@@ -272,9 +270,6 @@ class _GroupRanks:
 
     def log_tail(self, lines: int = 12) -> str:
         return repr(self.error) if self.error is not None else "(rank 0's loop ended)"
-
-    failure = _Ranks.failure
-    receive = _Ranks.receive
 
     def close(self, timeout_s: float) -> None:
         if self.thread.is_alive():
@@ -391,7 +386,7 @@ class Engine:
         engine._configure(
             model, dist.get_world_size(), config, None, dtype, timeout_s, start_timeout_s, policy, speedup
         )
-        engine._ranks_class = lambda nproc, setup, devices, timeout: _GroupRanks(setup, timeout)
+        engine._ranks_class = _GroupRanks
         engine._start()
         _LIVE.add(engine)
         return engine
@@ -399,7 +394,7 @@ class Engine:
     @property
     def restartable(self) -> bool:
         """Whether the ranks can be started again after a failure (not those of a torchrun group)."""
-        return self._ranks_class is _Ranks
+        return self._ranks_class.restartable
 
     # -- the rank processes ----------------------------------------------------------------------
 
@@ -425,8 +420,8 @@ class Engine:
 
     def _discard(self) -> None:
         """Stop the ranks after a failure; the next request starts new ones."""
-        self.failures += 1
         if self._ranks is not None:
+            self.failures += 1
             self._ranks.stop()
             self._ranks = None
 

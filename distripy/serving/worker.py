@@ -186,12 +186,7 @@ def serve(connection, rank: int) -> None:
         if request.get("kind") == "batch":
             _run_alone(pipe, runner, request["requests"], rank, connection)
             continue
-        progress = None
-        if rank == 0:
-
-            def progress(step: int, total: Optional[int]) -> None:
-                connection.send(("progress", step, total))
-
+        progress = _progress_reporter(connection, rank)
         try:
             reply, failure = ("result", runner.run(request, progress)), None
         except Exception as error:  # noqa: BLE001 - reported to the caller, then judged below
@@ -204,6 +199,13 @@ def serve(connection, rank: int) -> None:
             raise EngineError(f"engine rank {rank}: the ranks failed differently: {failures}")
 
 
+def _progress_reporter(connection, rank: int) -> Optional[Callable[[int, Optional[int]], None]]:
+    """Rank 0's report of each finished step to the engine; the other ranks report nothing."""
+    if rank != 0:
+        return None
+    return lambda step, total: connection.send(("progress", step, total))
+
+
 def _run_alone(pipe, runner: "RequestRunner", requests: List[Dict[str, Any]], rank: int, connection) -> None:
     """Rank r runs ``requests[r]`` (if there is one) by itself; rank 0 sends every reply, in order."""
     import distripy
@@ -211,15 +213,9 @@ def _run_alone(pipe, runner: "RequestRunner", requests: List[Dict[str, Any]], ra
     reply = None
     runner.load_loras([path for request in requests for path, _ in request.get("loras") or []])
     if rank < len(requests):
-        progress = None
-        if rank == 0:
-
-            def progress(step: int, total: Optional[int]) -> None:
-                connection.send(("progress", step, total))
-
         try:
             with distripy.alone(pipe):
-                reply = ("result", runner.run(requests[rank], progress))
+                reply = ("result", runner.run(requests[rank], _progress_reporter(connection, rank)))
         except Exception as error:  # noqa: BLE001 - this request's own failure, reported
             reply = ("error", type(error).__name__, str(error))
     replies = _gather(reply)
