@@ -6,23 +6,19 @@ from typing import Dict, Tuple
 
 import torch
 
-# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (the fields that shape the network).
+from distripy.planning import SDXL_UNET
+
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json: the architecture the planner reads
+# (``distripy.planning.SDXL_UNET``) and what diffusers needs besides to build it.
 SDXL_UNET_CONFIG = {
+    **SDXL_UNET,
     "sample_size": 128,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "block_out_channels": (320, 640, 1280),
-    "layers_per_block": 2,
-    "transformer_layers_per_block": (1, 2, 10),
     "attention_head_dim": (5, 10, 20),
     "cross_attention_dim": 2048,
     "use_linear_projection": True,
     "addition_embed_type": "text_time",
     "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 2816,
-    "norm_num_groups": 32,
 }
 TEXT_TOKENS = 77
 VAE_SCALE = 8  # image pixels per latent pixel

@@ -8,7 +8,8 @@ The public API: ``distripy.init()`` (torch.distributed from torchrun's environme
 ``distripy.DistriConfig``, ``distripy.parallelize(model, config)``, ``distripy.reset(model)``,
 ``distripy.patch_context(model)``, ``distripy.choose_mode(config, steps)``,
 ``distripy.reconfigure(model, mode=...)``, ``distripy.alone(model)`` (calls on this rank by
-itself), ``distripy.Engine`` (N ranks driven from one process),
+itself), ``distripy.Engine`` (N ranks driven from one process), ``distripy.plan(gpus, size,
+steps)`` (the configuration to run, predicted),
 and the exceptions of ``distripy.errors`` (all derive from ``DistripyError``).
 Importing ``distripy`` is cheap: torch, diffusers and the native runtime ``distripy._C`` load when
 first used (``distripy.runtime.native()`` loads the latter and explains its absence).
@@ -35,6 +36,7 @@ _LAZY = {
     "init": "distripy.runtime.distributed",
     "parallelize": "distripy.api",
     "patch_context": "distripy.api",
+    "plan": "distripy.api",
     "reconfigure": "distripy.api",
     "reset": "distripy.api",
 }
@@ -50,6 +52,7 @@ __all__ = [
     "init",
     "parallelize",
     "patch_context",
+    "plan",
     "reconfigure",
     "reset",
 ]

@@ -7,7 +7,7 @@ weights are shared, not copied); ``distripy.pipelines`` holds how, for each kind
 
 import contextlib
 import dataclasses
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple, Union
 
 import torch.nn as nn
 
@@ -18,6 +18,7 @@ from distripy.parallel.policy import ModeChoice, QualityWarning, choose_mode, wa
 from distripy.pipelines import parallelize_controlnet, parallelize_pipeline, parallelize_unet, parallelize_vae
 from distripy.pipelines.pipeline import denoisers, set_alone
 from distripy.pipelines.unet import installed_forward, require_installed_forward, reset_unet
+from distripy.planning import Plan, plan_configurations
 
 __all__ = [
     "ModeChoice",
@@ -26,6 +27,7 @@ __all__ = [
     "choose_mode",
     "parallelize",
     "patch_context",
+    "plan",
     "reconfigure",
     "reset",
 ]
@@ -132,3 +134,32 @@ def reconfigure(model, mode: Optional[str] = None, warmup_steps: Optional[int] =
 def patch_context(model) -> PatchContext:
     """The ``PatchContext`` of a parallelised UNet (its step, band geometry and mode)."""
     return require_installed_forward(model).context
+
+
+def plan(
+    gpus: int,
+    size: Union[int, Tuple[int, int]],
+    steps: int = 50,
+    *,
+    fabric=None,
+    gpu=None,
+    guidance: bool = True,
+) -> Plan:
+    """The configurations of up to ``gpus`` GPUs for one image of ``size`` (pixels: a side, or
+    (height, width)) in ``steps`` steps, ranked by predicted latency, and the one to use
+    (``Plan.recommended``; ``Plan.table()``, ``Plan.as_dict()``).
+
+    ``fabric``: ``"nvlink4"`` (default), ``"nvlink3"``, ``"pcie5"``, ``"pcie4"``, or a
+    ``bench/comm.py`` JSON file measured on the machine; ``gpu``: ``"h100"`` (default),
+    ``"a100"``, ``"l40"``, or a ``bench/e2e.py`` JSON file. ``guidance``: classifier-free guidance
+    (a batch of 2 per UNet call, which the CFG split can share). The modes compared are what
+    ``mode="auto"`` runs for ``steps`` (``choose_mode``) and the two that equal one GPU (``exact``,
+    ``full_sync``). The model and its built-in numbers are described in ``distripy.planning``;
+    ``Plan.assumptions`` lists the ones a measured file did not replace."""
+    height, width = (size, size) if isinstance(size, int) else size
+    choice = choose_mode(DistriConfig(), steps)
+    auto = choice.mode if choice.mode in ("exact", "full_sync") else "corrected_async_gn"
+    modes = [(auto, choice.warmup_steps), ("exact", 0), ("full_sync", 0)]
+    return plan_configurations(
+        gpus, (height, width), steps, modes, fabric=fabric, gpu=gpu, batch=2 if guidance else 1
+    )

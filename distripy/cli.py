@@ -1,5 +1,6 @@
 """The ``distripy`` command: ``generate`` an image on N GPUs (or N CPU processes), ``serve`` a
-pipeline over HTTP on N ranks (``serving.http``), run the ``demo``.
+pipeline over HTTP on N ranks (``serving.http``), run the ``demo``, ``plan`` the configuration
+for a machine (``distripy.plan``: predicted, nothing runs).
 
 ``--nproc N`` starts N processes through torch.distributed's elastic launcher (``torchrun``); a
 command already started by torchrun runs as one of its ranks. Everything that can be checked
@@ -118,6 +119,24 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", type=Path, default=Path("distripy-demo"))
     demo.add_argument("--no-compose", action="store_true", help=argparse.SUPPRESS)  # set for its worlds
     _add_timeout_argument(demo)
+
+    plan = commands.add_parser(
+        "plan", help="rank the configurations of N GPUs for one image size by predicted latency"
+    )
+    plan.add_argument("--gpus", type=int, required=True, help="GPUs available (candidates: 1 to this)")
+    plan.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT in pixels (default 1024x1024)")
+    plan.add_argument("--steps", type=int, default=50)
+    plan.add_argument(
+        "--fabric",
+        default="nvlink4",
+        help="nvlink4 (default), nvlink3, pcie5, pcie4, or a bench/comm.py JSON file",
+    )
+    plan.add_argument("--gpu", default="h100", help="h100 (default), a100, l40, or a bench/e2e.py JSON file")
+    plan.add_argument(
+        "--no-guidance", action="store_true", help="no classifier-free guidance (batch 1, no CFG split)"
+    )
+    plan.add_argument("--top", type=int, default=15, help="table rows (default 15; all with --json)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
 
@@ -270,12 +289,20 @@ def _bands(args, world: int) -> int:
 
 
 def _check_size(name: str, pixels: int, geometry: dict, bands: int, world: int) -> None:
-    multiple = geometry["vae_scale"] * 2 ** geometry["levels"] * bands
-    if pixels <= 0 or pixels % multiple != 0:
+    """A side in pixels: whole rows at the UNet's deepest level, and for the height (``bands`` > 1)
+    at least one of them per band. Bands may differ by one such row, so any count up to the
+    deepest level's rows works."""
+    unit = geometry["vae_scale"] * 2 ** geometry["levels"]
+    if pixels <= 0 or pixels % unit != 0:
         raise CommandError(
-            f"--{name} {pixels} is not supported on {world} ranks: it must be a multiple of {multiple} "
-            f"({geometry['vae_scale']} pixels per latent row x {2 ** geometry['levels']} rows per band "
-            f"at the UNet's deepest level x {bands} bands)"
+            f"--{name} {pixels} is not supported: it must be a multiple of {unit} "
+            f"({geometry['vae_scale']} pixels per latent row x {2 ** geometry['levels']} latent rows per "
+            "row of the UNet's deepest level)"
+        )
+    if pixels < unit * bands:
+        raise CommandError(
+            f"--{name} {pixels} is too small for {bands} bands on {world} ranks: each band needs at "
+            f"least one row of the UNet's deepest level ({unit} pixels), so at least {unit * bands}"
         )
 
 
@@ -795,9 +822,54 @@ def run_generate(args) -> int:
 # -- entry point -----------------------------------------------------------------------------------
 
 
+def run_plan(args) -> int:
+    """``distripy plan``: the table (or JSON) of ``distripy.plan``; nothing is launched."""
+    from distripy.api import plan
+
+    width, _, height = args.size.lower().partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        raise CommandError(f"--size {args.size}: must be WIDTHxHEIGHT in pixels, e.g. 2048x2048")
+    if args.gpus < 1:
+        raise CommandError(f"--gpus {args.gpus}: needs at least 1")
+    if args.steps < 1:
+        raise CommandError(f"--steps {args.steps}: needs at least 1")
+    try:
+        planned = plan(
+            args.gpus, (int(height), int(width)), args.steps, fabric=args.fabric, gpu=args.gpu,
+            guidance=not args.no_guidance,
+        )  # fmt: skip
+    except DistripyError as error:
+        raise CommandError(str(error).removeprefix("plan: ")) from None
+    if args.json:
+        print(json.dumps(planned.as_dict(), indent=2))
+        return 0
+    best = planned.recommended
+    print(
+        f"distripy plan: {width}x{height}, {args.steps} steps, up to {args.gpus} GPUs: "
+        f"{planned.gpu.name} ({'measured' if planned.gpu.measured else 'built in'}), "
+        f"{planned.fabric.name} ({'measured' if planned.fabric.measured else 'built in'})"
+    )
+    print(planned.table(args.top))
+    split = "with" if best.split_batch else "without"
+    how = "one GPU" if best.gpus == 1 else f"{best.gpus} GPUs, {split} the CFG split, mode {best.mode}"
+    print(
+        f"\nrecommended (*): {how}, CUDA graphs {'on' if best.graphs else 'off'}: "
+        f"{best.seconds:.2f} s, {best.speedup:.2f}x one GPU"
+    )
+    for assumption in planned.assumptions:
+        print(f"assumed: {assumption}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if args.command == "plan":
+        try:
+            return run_plan(args)
+        except CommandError as error:
+            print(f"distripy: error: {error}", file=sys.stderr)
+            return 2
     if args.command == "demo" and args.nproc is not None:
         args.bands = [args.nproc]
     if args.command == "serve":

@@ -6,7 +6,7 @@ sets it up from torchrun's environment), so one script runs unchanged on 1, 2 or
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from distripy.errors import ConfigError
 
@@ -110,7 +110,9 @@ class DistriConfig:
     synchronous, ``W + 1`` steps; its default 4 is this default 5. So distripy's ``W + 1`` is its
     ``W``.
     ``split_batch``: with an even batch (classifier-free guidance's (uncond, cond) halves) and an
-    even number of ranks, each half of the ranks denoises one half of the batch.
+    even number of ranks, each half of the ranks denoises one half of the batch. ``"auto"``: split
+    when ``distripy.plan``'s model predicts the split step faster for the generation's size, rank
+    count and steps on this machine's GPU (``parallel.split``).
     ``comm_backend``: ``nccl`` (the C++ runtime), ``torch`` (torch.distributed) or ``auto`` (the
     default: the C++ runtime for a model on CUDA when ``distripy._C`` loads, else torch.distributed;
     decided from where the model is when ``parallelize`` is called).
@@ -140,7 +142,7 @@ class DistriConfig:
 
     warmup_steps: int = DEFAULT_WARMUP_STEPS
     mode: str = DEFAULT_MODE
-    split_batch: bool = True
+    split_batch: Union[bool, str] = True
     comm_backend: str = "auto"
     kernel_backend: str = "auto"
     timeout_s: float = DEFAULT_TIMEOUT_S
@@ -155,8 +157,8 @@ class DistriConfig:
         ):
             raise ConfigError(f"DistriConfig.warmup_steps={self.warmup_steps!r} must be an integer >= 0")
         _check_choice("mode", self.mode, MODE_CHOICES)
-        if not isinstance(self.split_batch, bool):
-            raise ConfigError(f"DistriConfig.split_batch={self.split_batch!r} must be True or False")
+        if not isinstance(self.split_batch, bool) and self.split_batch != "auto":
+            raise ConfigError(f"DistriConfig.split_batch={self.split_batch!r} must be True, False or 'auto'")
         _check_choice("comm_backend", self.comm_backend, COMM_BACKENDS)
         _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         if not isinstance(self.check_every_step, bool):

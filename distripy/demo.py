@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence
 
 from distripy.config import AUTO_MODE, MODES
 from distripy.errors import InputError
+from distripy.parallel.bands import BandLayout
 from distripy.parallel.policy import QualityWarning
 
 __all__ = [
@@ -71,14 +72,17 @@ def psnr(value, reference, peak: Optional[float] = None) -> float:
     return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
-def boundary_rows(height: int, bands: int) -> List[int]:
-    """Rows ``r`` (0 < r < height) where band ``r // (height / bands)`` starts."""
-    if bands < 1 or height % bands:
-        raise InputError(f"{height} rows do not split into {bands} bands")
-    return [b * height // bands for b in range(1, bands)]
+def boundary_rows(height: int, bands: int, unit: int = 1) -> List[int]:
+    """Rows ``r`` (0 < r < height) where bands 1.. start: ``bands`` bands of whole ``unit``-row
+    steps (an image's rows per row of the UNet's deepest level) differing by at most one step, the
+    larger first, as the ranks cut them (``parallel.bands.BandLayout``)."""
+    if bands < 1 or unit < 1 or height % unit or height // unit < bands:
+        raise InputError(f"{height} rows do not split into {bands} bands of {unit}-row steps")
+    layout = BandLayout.split(height // unit, bands)
+    return [layout.rows(b, height)[0] for b in range(1, bands)]
 
 
-def seam_score(image, bands: int) -> float:
+def seam_score(image, bands: int, unit: int = 1) -> float:
     """Mean squared step between the rows meeting at band boundaries, over the mean squared step
     between all other adjacent rows: about 1 without seams. ``image``: rows first, (H, W) or
     (H, W, C). It sees seams where images are smooth, as trained models' are."""
@@ -87,21 +91,21 @@ def seam_score(image, bands: int) -> float:
     image = np.asarray(image, np.float64)
     steps = np.diff(image, axis=0) ** 2  # steps[r - 1]: between rows r - 1 and r
     per_row = steps.reshape(steps.shape[0], -1).mean(axis=1)
-    seams = [r - 1 for r in boundary_rows(image.shape[0], bands)]
+    seams = [r - 1 for r in boundary_rows(image.shape[0], bands, unit)]
     if not seams:
         return 1.0
     others = np.delete(per_row, seams)
     return float(per_row[seams].mean() / max(others.mean(), 1e-30))
 
 
-def seam_visibility(value, reference, bands: int) -> float:
+def seam_visibility(value, reference, bands: int, unit: int = 1) -> float:
     """The error's mean squared step across the band boundaries over the reference's mean squared
     step between adjacent rows (rows first, as ``seam_score``): near 0 when a seam is invisible,
     whatever the model."""
     import numpy as np
 
     value, reference = np.asarray(value, np.float64), np.asarray(reference, np.float64)
-    seams = [r - 1 for r in boundary_rows(reference.shape[0], bands)]
+    seams = [r - 1 for r in boundary_rows(reference.shape[0], bands, unit)]
     if not seams:
         return 0.0
     error_steps = np.diff(value - reference, axis=0) ** 2
@@ -221,6 +225,10 @@ def _load_world(output_dir: Path, bands: int):
 def _world_report(record: dict, images: dict) -> dict:
     import numpy as np
 
+    from distripy.pipelines.tiny import TINY_DOWNSAMPLINGS, TINY_VAE_SCALE
+
+    unit = TINY_VAE_SCALE * 2**TINY_DOWNSAMPLINGS  # image rows per row of the deepest level
+
     reference, bands = images["single_device"], record["bands"]
     base = record["seconds"]["single_device"]
     modes = {}
@@ -231,8 +239,8 @@ def _world_report(record: dict, images: dict) -> dict:
             "speedup": base / record["seconds"][mode],
             "psnr_db": None if math.isinf(value) else value,  # None: identical
             "max_abs_error": float(np.abs(images[mode].astype(np.float64) - reference).max()),
-            "seam_score": seam_score(images[mode], bands),
-            "seam_visibility": seam_visibility(images[mode], reference, bands),
+            "seam_score": seam_score(images[mode], bands, unit),
+            "seam_visibility": seam_visibility(images[mode], reference, bands, unit),
         }
         if mode in record["chosen"]:
             modes[mode]["runs"] = record["chosen"][mode]

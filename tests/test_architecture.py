@@ -18,6 +18,7 @@ LAYERS = {
     "errors": "errors",
     "_version": "errors",
     "config": "config",
+    "planning": "planning",
     "kernels": "kernels",
     "runtime": "runtime",
     "parallel": "parallel",
@@ -29,18 +30,19 @@ LAYERS = {
     "cli": "cli",
 }
 # What each layer may import besides itself: cli -> demo, serving -> api -> pipelines -> parallel ->
-# kernels, runtime -> errors, config.
+# kernels, runtime, planning -> errors, config.
 BELOW = {
     "errors": set(),
     "config": {"errors"},
+    "planning": {"config", "errors"},
     "kernels": {"config", "errors"},
     "runtime": {"config", "errors"},
-    "parallel": {"kernels", "runtime", "config", "errors"},
-    "pipelines": {"parallel", "kernels", "runtime", "config", "errors"},
-    "api": {"pipelines", "parallel", "kernels", "runtime", "config", "errors"},
-    "demo": {"api", "pipelines", "parallel", "kernels", "runtime", "config", "errors"},
-    "serving": {"api", "pipelines", "parallel", "kernels", "runtime", "config", "errors"},
-    "cli": {"demo", "serving", "api", "pipelines", "parallel", "kernels", "runtime", "config", "errors"},
+    "parallel": {"kernels", "runtime", "planning", "config", "errors"},
+    "pipelines": {"parallel", "kernels", "runtime", "planning", "config", "errors"},
+    "api": {"pipelines", "parallel", "kernels", "runtime", "planning", "config", "errors"},
+    "demo": {"api", "pipelines", "parallel", "kernels", "runtime", "planning", "config", "errors"},
+    "serving": {"api", "pipelines", "parallel", "kernels", "runtime", "planning", "config", "errors"},
+    "cli": {"demo", "serving", "api", "pipelines", "parallel", "kernels", "runtime", "planning", "config", "errors"},
 }
 
 

@@ -220,8 +220,9 @@ def test_psnr_and_seam_score_on_known_images():
     assert psnr(reference, reference) == math.inf
     assert psnr(reference + 0.1, reference, peak=1.0) == pytest.approx(20.0)
     assert boundary_rows(32, 4) == [8, 16, 24]
+    assert boundary_rows(64, 3, unit=16) == [32, 48]  # 4 deepest rows in bands of 2, 1, 1
     with pytest.raises(ValueError, match="do not split"):
-        boundary_rows(30, 4)
+        boundary_rows(30, 4, unit=8)
     rows = np.arange(64)[:, None, None]
     smooth = 0.02 * rows + 0.01 * np.random.default_rng(0).standard_normal((64, 48, 3))
     assert 0.5 < seam_score(smooth, 4) < 2.0

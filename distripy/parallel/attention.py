@@ -59,42 +59,54 @@ class PatchSelfAttnProcessor(PatchState):
         if context is not None:
             self.attach(context, path)
 
-    def _gather_buffers(self, key: torch.Tensor, value: torch.Tensor):
+    def _gather_buffers(self, tallest: int, key: torch.Tensor, value: torch.Tensor):
         ctx = self.patch_context
         bands = ctx.band_count
+        batch = key.shape[0]
         return (
-            ctx.new_buffer(self, "keys", (bands,) + tuple(key.shape), key),
-            ctx.new_buffer(self, "values", (bands,) + tuple(value.shape), value),
+            ctx.new_buffer(self, "keys", (bands, batch, tallest, key.shape[2]), key),
+            ctx.new_buffer(self, "values", (bands, batch, tallest, value.shape[2]), value),
         )
 
     def _image_keys_values(self, key: torch.Tensor, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of every band, (B, bands * L, inner), in band (= image row) order."""
+        """Keys and values of every band, (B, image tokens, inner), in band (= image row) order.
+
+        Bands of unequal height (``BandLayout``) travel padded to the tallest band's tokens: the
+        all-gather needs equal blocks; each band's own tokens are cut out after."""
         ctx = self.patch_context
         exchange = ctx.activation_exchange
         if exchange is ActivationExchange.NONE:
             return key, value
+        lengths = ctx.band_sizes(key.shape[1])
+        tallest = max(lengths)
         if exchange is ActivationExchange.SYNC:
-            keys, values = self._gather_buffers(key, value)
+            keys, values = self._gather_buffers(tallest, key, value)
+            send_key, send_value = _padded(key, tallest), _padded(value, tallest)
             with ctx.comm.group():
-                works = (ctx.comm.all_gather(key, keys), ctx.comm.all_gather(value, values))
+                works = (ctx.comm.all_gather(send_key, keys), ctx.comm.all_gather(send_value, values))
             for work in works:
                 work.wait()
             self.keep_exchange((), keys, values)
         elif exchange is ActivationExchange.STALE:
             keys, values = self.take_stale()
             # The stale buffers are this module's alone: this band's slot takes the fresh rows.
-            keys[ctx.band_index].copy_(key)
-            values[ctx.band_index].copy_(value)
-            fresh_keys, fresh_values = self._gather_buffers(key, value)
+            own = key.shape[1]
+            keys[ctx.band_index, :, :own].copy_(key)
+            values[ctx.band_index, :, :own].copy_(value)
+            fresh_keys, fresh_values = self._gather_buffers(tallest, key, value)
+            send_key, send_value = _padded(key, tallest), _padded(value, tallest)
 
             def issue() -> None:
-                works = (ctx.comm.all_gather(key, fresh_keys), ctx.comm.all_gather(value, fresh_values))
+                works = (
+                    ctx.comm.all_gather(send_key, fresh_keys),
+                    ctx.comm.all_gather(send_value, fresh_values),
+                )
                 self.keep_exchange(works, fresh_keys, fresh_values)
 
             ctx.defer(issue)
         else:
             raise AssertionError(f"unhandled activation exchange {exchange!r}")
-        return _bands_to_sequence(keys), _bands_to_sequence(values)
+        return _bands_to_sequence(keys, lengths), _bands_to_sequence(values, lengths)
 
     def __call__(
         self,
@@ -140,7 +152,9 @@ class PatchSelfAttnProcessor(PatchState):
         ctx = self.patch_context
         backend = ctx.kernel_backend
         inner = key.shape[-1]
-        block = torch.cat((key, value), dim=-1)  # one transfer per band for both
+        lengths = ctx.band_sizes(key.shape[1])
+        # One transfer per band for both; unequal bands travel padded to the tallest.
+        block = _padded(torch.cat((key, value), dim=-1), max(lengths))
         received = [ctx.new_buffer(self, f"block{d}", block.shape, block) for d in range(1, ctx.band_count)]
         per_launch = max(1, SHIFT_LAUNCH_BYTES // max(1, block.numel() * block.element_size()))
         works = []
@@ -155,9 +169,10 @@ class PatchSelfAttnProcessor(PatchState):
         out, lse = attention_with_lse(q, heads.key(key), heads.value(value), backend=backend)
         accumulate = torch.float64 if query.dtype == torch.float64 else torch.float32
         out, lse = out.to(accumulate), lse.to(accumulate)  # merged in fp32, rounded once at the end
-        for work, buffer in zip(works, received):
+        for distance, (work, buffer) in enumerate(zip(works, received), start=1):
             work.wait()
-            block_key, block_value = buffer.split(inner, dim=-1)
+            source = (ctx.band_index - distance) % ctx.band_count
+            block_key, block_value = buffer[:, : lengths[source]].split(inner, dim=-1)
             block_out, block_lse = attention_with_lse(
                 q, heads.key(block_key), heads.value(block_value), backend=backend
             )
@@ -315,7 +330,19 @@ def _attend(attn, query, key, value, attention_mask) -> torch.Tensor:
     return heads.project_out(hidden_states.to(query.dtype))
 
 
-def _bands_to_sequence(gathered: torch.Tensor) -> torch.Tensor:
-    """(bands, B, L, inner) -> (B, bands * L, inner); a view when B == 1."""
-    bands, batch, length, inner = gathered.shape
-    return gathered.transpose(0, 1).reshape(batch, bands * length, inner)
+def _padded(tokens: torch.Tensor, length: int) -> torch.Tensor:
+    """``(B, L, inner)`` tokens, padded to ``length`` tokens (the padding is never read)."""
+    if tokens.shape[1] == length:
+        return tokens
+    padded = tokens.new_empty((tokens.shape[0], length, tokens.shape[2]))
+    padded[:, : tokens.shape[1]].copy_(tokens)
+    return padded
+
+
+def _bands_to_sequence(gathered: torch.Tensor, lengths: Tuple[int, ...]) -> torch.Tensor:
+    """(bands, B, tallest, inner), band ``b``'s tokens first ``lengths[b]`` of its slot ->
+    (B, sum(lengths), inner); a view when B == 1 and the bands are equal."""
+    bands, batch, tallest, inner = gathered.shape
+    if all(length == tallest for length in lengths):
+        return gathered.transpose(0, 1).reshape(batch, bands * tallest, inner)
+    return torch.cat([gathered[b, :, :length] for b, length in enumerate(lengths)], dim=1)

@@ -1,7 +1,8 @@
 """Cutting a model's inputs into this rank's band and putting the output bands back together.
 
+* ``BandLayout``: how an image's rows are cut into bands, at every resolution of a model;
 * ``BandPlan``: how one call's batch and rows are shared among the ranks (CFG split or not);
-* ``band_rows``, ``take_band`` / ``take_batch_half``: this rank's rows / batch half of a tensor;
+* ``take_band`` / ``take_batch_half``: this rank's rows / batch half of a tensor;
 * ``gather_bands``: every rank's output band -> the whole output, on every rank;
 * ``map_tensors``, ``tensors_in``, ``flatten_tensors`` / ``unflatten_tensors``: the tensors inside a
   call's nested arguments (dicts, lists, tuples of tensors and plain values), walked one way, by
@@ -16,8 +17,8 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_u
 from distripy.errors import InputError
 
 __all__ = [
+    "BandLayout",
     "BandPlan",
-    "band_rows",
     "flatten_tensors",
     "gather_bands",
     "map_tensors",
@@ -28,24 +29,121 @@ __all__ = [
 ]
 
 
+class BandLayout:
+    """How an image's rows are cut into ``count`` bands, at every resolution of a model.
+
+    Bands are counted in *units*: the rows of the model's coarsest resolution (a UNet's deepest
+    level, the VAE decoder's latent), the finest cut every resolution can follow. Band ``i`` holds
+    ``units[i]`` of them; a resolution with ``s`` rows per unit gives it ``units[i] * s`` rows.
+    ``split(total, count)`` makes the bands differ by at most one unit, the larger ones first
+    (on top): any ``count`` up to ``total`` works, not only divisors.
+
+    Sizes at any resolution follow from one band's: a band of ``own`` rows, tokens (rows x width)
+    or elements has ``sizes(own, index)`` in every band (``own * units[b] / units[index]``), which
+    is what a module that only sees its own band's tensor needs (an attention's key lengths, a
+    GroupNorm's element count of the whole image)."""
+
+    __slots__ = ("units",)
+
+    def __init__(self, units) -> None:
+        units = tuple(int(u) for u in units)
+        if not units or min(units) < 1:
+            raise InputError(f"BandLayout: every band needs at least one unit row, got {units}")
+        self.units = units
+
+    @staticmethod
+    def split(total: int, count: int) -> "BandLayout":
+        """``total`` unit rows in ``count`` bands differing by at most one, the larger first."""
+        if not 1 <= count <= total:
+            raise InputError(
+                f"BandLayout: {count} bands need at least {count} rows at the coarsest resolution, "
+                f"which has {total}"
+            )
+        base, extra = divmod(total, count)
+        return BandLayout(base + 1 if index < extra else base for index in range(count))
+
+    @property
+    def count(self) -> int:
+        return len(self.units)
+
+    @property
+    def total(self) -> int:
+        return sum(self.units)
+
+    @property
+    def even(self) -> bool:
+        """All bands the same size (one all-gather of equal blocks puts them together)."""
+        return len(set(self.units)) == 1
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < self.count:
+            raise InputError(f"BandLayout: band {index} is outside [0, {self.count})")
+
+    def scale(self, rows: int) -> int:
+        """Rows per unit of a resolution with ``rows`` rows."""
+        if rows < self.total or rows % self.total:
+            raise InputError(
+                f"BandLayout: {rows} rows cannot be cut into bands of {self.units} units "
+                f"(a multiple of {self.total} rows is needed)"
+            )
+        return rows // self.total
+
+    def rows(self, index: int, rows: int) -> Tuple[int, int]:
+        """Rows ``[start, stop)`` of band ``index`` at a resolution of ``rows`` rows."""
+        self._check_index(index)
+        scale = self.scale(rows)
+        start = sum(self.units[:index]) * scale
+        return start, start + self.units[index] * scale
+
+    def sizes(self, own: int, index: int) -> Tuple[int, ...]:
+        """Every band's size where band ``index``'s is ``own`` (rows, tokens or elements of one
+        resolution)."""
+        self._check_index(index)
+        per_unit, remainder = divmod(own, self.units[index])
+        if remainder:
+            raise InputError(f"BandLayout: band {index} of {self.units[index]} units cannot be {own} long")
+        return tuple(per_unit * units for units in self.units)
+
+    def key(self) -> Tuple[int, ...]:
+        return self.units
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, BandLayout) and other.units == self.units
+
+    def __hash__(self) -> int:
+        return hash(self.units)
+
+    def __repr__(self) -> str:
+        return f"BandLayout({self.units})"
+
+
 class BandPlan:
     """How one call's batch and rows are shared among ``world_size`` ranks: with ``split_batch`` the
     first half of the ranks takes the first half of the batch (classifier-free guidance's
     unconditional half) and the second half the rest; otherwise all ranks share the whole batch.
-    Within its group, rank ``r`` holds band ``r % band_count`` of the rows.
+    Within its group, rank ``r`` holds band ``r % band_count`` of the rows, as ``layout`` cuts
+    them (``units``: the coarsest resolution's rows; without them, equal bands).
 
     ``cut_batch=False`` (with ``split_batch``): the groups' band split, but each group computes the
     whole batch (a ControlNet in guess mode sees only the conditional half of the UNet's batch;
     its residuals must be cut into the UNet's bands)."""
 
     def __init__(
-        self, rank: int, world_size: int, split_batch: bool, cut_batch: Optional[bool] = None
+        self,
+        rank: int,
+        world_size: int,
+        split_batch: bool,
+        cut_batch: Optional[bool] = None,
+        units: Optional[int] = None,
     ) -> None:
         self.split_batch = split_batch
         self.cut_batch = split_batch if cut_batch is None else cut_batch
         self.band_count = world_size // 2 if split_batch else world_size
         self.band_index = rank % self.band_count
         self.batch_index = rank // self.band_count  # 0 or 1 with split_batch, else 0
+        self.layout = BandLayout.split(
+            self.band_count if units is None else max(units, self.band_count), self.band_count
+        )
 
     @property
     def halves(self) -> int:
@@ -53,22 +151,12 @@ class BandPlan:
 
     def key(self) -> Tuple:
         """What every rank must agree on."""
-        return (self.split_batch, self.cut_batch, self.band_count)
+        return (self.split_batch, self.cut_batch, self.band_count, self.layout.key())
 
 
-def band_rows(rows: int, index: int, count: int) -> Tuple[int, int]:
-    """The rows ``[start, stop)`` of band ``index`` of ``count`` equal bands of ``rows`` rows."""
-    if rows % count:
-        raise InputError(f"band_rows: {rows} rows do not split into {count} bands")
-    if not 0 <= index < count:
-        raise InputError(f"band_rows: band {index} is outside [0, {count})")
-    band = rows // count
-    return index * band, (index + 1) * band
-
-
-def take_band(tensor: torch.Tensor, index: int, count: int) -> torch.Tensor:
-    """Rows ``[index * h / count, (index + 1) * h / count)`` of a ``(B, C, h, W)`` tensor (a view)."""
-    start, stop = band_rows(tensor.shape[2], index, count)
+def take_band(tensor: torch.Tensor, layout: BandLayout, index: int) -> torch.Tensor:
+    """Band ``index``'s rows of a ``(B, C, h, W)`` tensor (a view)."""
+    start, stop = layout.rows(index, tensor.shape[2])
     return tensor[:, :, start:stop]
 
 
@@ -81,18 +169,36 @@ def take_batch_half(tensor: torch.Tensor, batch: int, half_index: int) -> torch.
     return tensor[half_index * half : (half_index + 1) * half]
 
 
-def gather_bands(comm, band: torch.Tensor, halves: int = 1) -> torch.Tensor:
+def gather_bands(comm, band: torch.Tensor, layout: BandLayout, halves: int = 1) -> torch.Tensor:
     """Every rank's output band ``(B, C, rows, W)`` -> the whole output on every rank.
 
-    The comm's ranks hold ``halves`` batch halves (CFG split) of ``world_size / halves`` bands each,
-    in rank order; the result stacks the halves along the batch and the bands along the rows."""
-    gathered = band.new_empty((comm.world_size,) + tuple(band.shape))
-    comm.all_gather(band.contiguous(), gathered).wait()
-    batch, channels, rows, width = band.shape
+    The comm's ranks hold ``halves`` batch halves (CFG split) of ``layout.count`` bands each, in
+    rank order; the result stacks the halves along the batch and the bands along the rows.
+
+    Unequal bands travel padded to the tallest: one all-gather of equal blocks (what NCCL's
+    collectives and torch's ``all_gather_into_tensor`` take), then each band's rows are cut out.
+    Grouped sends and receives of the exact sizes would save the padding -- at most one unit row
+    per band, a few percent of a latent sent once per step -- but give up the collective's
+    algorithms (NVLink SHARP, rings) for N-1 point-to-point launches per rank."""
     bands = comm.world_size // halves
+    if bands != layout.count:
+        raise InputError(f"gather_bands: {bands} bands per batch half but a layout of {layout.count}")
+    index = comm.rank % bands
+    batch, channels, rows, width = band.shape
+    sizes = layout.sizes(rows, index)
+    tallest = max(sizes)
+    if rows < tallest:  # pad: the padding rows are never read
+        padded = band.new_empty((batch, channels, tallest, width))
+        padded[:, :, :rows].copy_(band)
+        band = padded
+    gathered = band.new_empty((comm.world_size, batch, channels, tallest, width))
+    comm.all_gather(band.contiguous(), gathered).wait()
     # (halves, bands, batch, C, rows, W) -> (halves, batch, C, bands, rows, W)
-    gathered = gathered.view(halves, bands, batch, channels, rows, width).permute(0, 2, 3, 1, 4, 5)
-    return gathered.reshape(halves * batch, channels, bands * rows, width)
+    gathered = gathered.view(halves, bands, batch, channels, tallest, width).permute(0, 2, 3, 1, 4, 5)
+    if layout.even:
+        return gathered.reshape(halves * batch, channels, bands * tallest, width)
+    parts = [gathered[:, :, :, b, : sizes[b]] for b in range(bands)]
+    return torch.cat(parts, dim=3).reshape(halves * batch, channels, sum(sizes), width)
 
 
 def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:

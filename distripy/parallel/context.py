@@ -32,7 +32,7 @@ import torch
 
 from distripy.config import KERNEL_BACKENDS, DistriConfig
 from distripy.errors import ConfigError, InputError, StepError
-from distripy.parallel.bands import band_rows
+from distripy.parallel.bands import BandLayout
 from distripy.parallel.policy import ModeChoice, choose_mode
 
 __all__ = ["ActivationExchange", "Exchange", "PatchContext", "PatchState", "StatisticsExchange", "WholeInput"]
@@ -143,6 +143,7 @@ class PatchContext:
         self.comm = None
         self.band_index = 0
         self.band_count = 1
+        self.layout = BandLayout((1,))
         self.generation = 0
         self.step = -1
         self.active = False
@@ -195,18 +196,24 @@ class PatchContext:
         band_count: int,
         shape_key: Hashable = None,
         steps: Optional[int] = None,
+        layout: Optional[BandLayout] = None,
     ) -> None:
         """Forget every stale buffer: the next step is the first of a new generation. ``shape_key``
         names the generation's input signature (it selects the persistent buffers); ``steps``, its
-        number of denoising steps when known, picks the mode and warm-up of ``mode="auto"``."""
+        number of denoising steps when known, picks the mode and warm-up of ``mode="auto"``;
+        ``layout``, how the rows are cut into the ``band_count`` bands (equal bands if not given)."""
         if not 0 <= band_index < band_count:
             raise InputError(f"band_index {band_index} is outside [0, {band_count})")
+        layout = BandLayout((1,) * band_count) if layout is None else layout
+        if layout.count != band_count:
+            raise InputError(f"a layout of {layout.count} bands for {band_count} bands")
         choice = choose_mode(self.config, steps)
         self.drain()
         self.choice = choice
         self.comm = comm
         self.band_index = band_index
         self.band_count = band_count
+        self.layout = layout
         self.shape_key = shape_key
         self.generation += 1
         self.step = -1
@@ -332,6 +339,16 @@ class PatchContext:
     def has_neighbours(self) -> bool:
         return self.active and self.band_count > 1
 
+    def band_sizes(self, own: int) -> Tuple[int, ...]:
+        """Every band's size (rows, tokens or elements of one resolution) where this band's is
+        ``own``: equal unless the rows do not split evenly (``BandLayout``)."""
+        return self.layout.sizes(own, self.band_index)
+
+    def image_size(self, own: int) -> int:
+        """The whole image's size (rows, tokens or elements of one resolution) where this band's is
+        ``own``."""
+        return sum(self.band_sizes(own))
+
     def enter(self, module: object, path: str) -> None:
         """Record that ``module`` runs in this step; a second call in the same step would consume
         its stale buffers twice, so it is refused. (Not checked inside torch.compile's trace: a
@@ -352,7 +369,7 @@ class PatchContext:
         """This rank's band of ``whole``, a ``(B, C, H, W)`` tensor every rank of the image holds
         whole. For the rest of the step, a convolution whose input is exactly this band (the model's
         first convolution) reads its halo rows from ``whole``: no exchange, exact at every step."""
-        start, stop = band_rows(whole.shape[2], self.band_index, self.band_count)
+        start, stop = self.layout.rows(self.band_index, whole.shape[2])
         band = whole[:, :, start:stop]
         self._whole_inputs.append(WholeInput(whole, band, start, stop))
         return band

@@ -45,12 +45,12 @@ class PatchControlNetForward(PatchUNetForward):
         self.condition_scale = condition_scale
 
     def _plan(self, sample: torch.Tensor, arguments: Dict[str, Any]) -> BandPlan:
-        world = self.world_comm.world_size
-        if not (self.context.config.split_batch and world % 2 == 0):
-            return BandPlan(self.world_comm.rank, world, False)
+        world, units = self.world_comm.world_size, self._units(sample)
+        if not (world % 2 == 0 and self._split_wanted(sample)):
+            return BandPlan(self.world_comm.rank, world, False, units=units)
         even = sample.shape[0] % 2 == 0
         guess = bool(arguments.get("guess_mode"))
-        return BandPlan(self.world_comm.rank, world, even or guess, cut_batch=even and not guess)
+        return BandPlan(self.world_comm.rank, world, even or guess, cut_batch=even and not guess, units=units)
 
     def _input_problem(self, sample, arguments: Dict[str, Any], plan: BandPlan):
         problem = super()._input_problem(sample, arguments, plan)

@@ -48,7 +48,7 @@ class PatchGroupNorm(nn.GroupNorm, PatchState):
         groups = self.num_groups
         local = group_norm_stats(x, groups, backend=ctx.kernel_backend)
         count = elements_per_group(x, groups)
-        total = count * ctx.band_count  # every band has the same number of elements
+        total = ctx.image_size(count)  # bands may differ by a row: weighted by their size
         exchange = ctx.statistics_exchange
         backend = ctx.kernel_backend
         if exchange is StatisticsExchange.LOCAL:

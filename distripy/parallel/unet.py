@@ -36,6 +36,7 @@ from distripy.parallel.bands import (
 from distripy.parallel.context import PatchContext
 from distripy.parallel.digest import digest_arguments
 from distripy.parallel.policy import check_steps
+from distripy.parallel.split import wants_split
 
 __all__ = ["PatchUNetForward"]
 
@@ -55,10 +56,10 @@ def _timestep_value(timestep) -> float:
     return float(timestep)
 
 
-def _residual_is_whole(tensor, sample: torch.Tensor, bands: int) -> Optional[bool]:
+def _residual_is_whole(tensor, sample: torch.Tensor, plan: BandPlan) -> Optional[bool]:
     """Whether a spatial conditioning tensor (a ControlNet or adapter residual) is the whole map of
     its resolution (True) or this rank's band of it (False; what a patch-parallel ControlNet
-    returns); None when it is neither, or cannot be cut into ``bands`` bands. Its resolution is
+    returns); None when it is neither, or cannot be cut into the plan's bands. Its resolution is
     found from its width (the latent's, halved ``k`` times, rounded up), which a band keeps."""
     if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
         return None
@@ -71,11 +72,13 @@ def _residual_is_whole(tensor, sample: torch.Tensor, bands: int) -> Optional[boo
         height, width = -(-height // 2), -(-width // 2)
     else:
         return None
-    if height % bands:
+    layout = plan.layout
+    if height < layout.total or height % layout.total:
         return None
     if tensor.shape[2] == height:
         return True
-    return False if tensor.shape[2] * bands == height else None
+    start, stop = layout.rows(plan.band_index, height)
+    return False if tensor.shape[2] == stop - start else None
 
 
 class PatchUNetForward:
@@ -126,10 +129,31 @@ class PatchUNetForward:
         self.context.drain()
         self._reset_requested = True
 
+    def _units(self, sample: torch.Tensor) -> Optional[int]:
+        """Rows at the deepest level, what bands are counted in (None: not whole rows)."""
+        height, factor = sample.shape[2], 2**self.levels
+        return height // factor if height % factor == 0 else None
+
+    def _split_wanted(self, sample: torch.Tensor) -> bool:
+        """``DistriConfig.split_batch``, or with ``"auto"`` the planner's choice for this size: for
+        steps run as CUDA graphs whether or not they are (a ControlNet runs eagerly beside a graphed
+        UNet, and both must split alike)."""
+        device = sample.device
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        return wants_split(
+            self.context.config,
+            tuple(sample.shape[2:]),
+            self.world_comm.world_size,
+            self.levels,
+            self.steps,
+            True,
+            name,
+        )
+
     def _plan(self, sample: torch.Tensor, arguments: Dict[str, Any]) -> BandPlan:
         world = self.world_comm.world_size
-        split = self.context.config.split_batch and world % 2 == 0 and sample.shape[0] % 2 == 0
-        return BandPlan(self.world_comm.rank, world, split)
+        split = world % 2 == 0 and sample.shape[0] % 2 == 0 and self._split_wanted(sample)
+        return BandPlan(self.world_comm.rank, world, split, units=self._units(sample))
 
     def _input_problem(self, sample, arguments: Dict[str, Any], plan: BandPlan) -> Optional[Tuple[type, str]]:
         """What is wrong with this rank's input, if anything, as (exception type, message)."""
@@ -154,20 +178,23 @@ class PatchUNetForward:
                 "(parallelize a CPU model with DistriConfig(use_cuda_graph=False))",
             )
         height, factor, bands = sample.shape[2], 2**self.levels, plan.band_count
-        deepest = height // factor if height % factor == 0 else height / factor
-        if height % (factor * bands) != 0:
-            reason = (
-                f"more bands ({bands}) than rows ({deepest}) at the {self.model_name}'s deepest level"
-                if height // factor < bands
-                else f"the {self.model_name}'s deepest level ({self.levels} downsamplings) has {deepest} rows"
-            )
+        if height % factor != 0:
             return BandGeometryError, (
-                f"latent height {height} cannot be cut into {bands} bands of whole rows: {reason}; "
-                f"the latent height must be a multiple of {factor * bands} ({factor} x {bands} bands)"
+                f"latent height {height} is not a multiple of {factor}: the {self.model_name}'s "
+                f"{self.levels} downsamplings would leave partial rows, which diffusers resizes "
+                "across the whole image and bands cannot; use a height that is a multiple of "
+                f"{factor} latent rows"
+            )
+        if height // factor < bands:
+            return BandGeometryError, (
+                f"latent height {height} cannot be cut into {bands} bands: the {self.model_name}'s "
+                f"deepest level ({self.levels} downsamplings) has {height // factor} rows, fewer than "
+                f"the bands; the latent height must be at least {factor * bands} ({factor} x {bands} "
+                "bands)"
             )
         for name in self.spatial_arguments:
             for tensor in tensors_in(arguments.get(name)):
-                if _residual_is_whole(tensor, sample, bands) is None:
+                if _residual_is_whole(tensor, sample, plan) is None:
                     return BandGeometryError, (
                         f"{name}: a tensor of shape {tuple(tensor.shape)} is neither a whole map of the "
                         f"{tuple(sample.shape[2:])} latent's resolutions cut into {bands} bands of rows "
@@ -184,7 +211,7 @@ class PatchUNetForward:
         sample = arguments["sample"]
 
         def shape_of_band(tensor: torch.Tensor):
-            whole = _residual_is_whole(tensor, sample, plan.band_count) and tensor.shape[0] == sample.shape[0]
+            whole = _residual_is_whole(tensor, sample, plan) and tensor.shape[0] == sample.shape[0]
             return tensor if whole else ("local", tuple(tensor.shape), str(tensor.dtype))
 
         return {
@@ -238,6 +265,7 @@ class PatchUNetForward:
             plan.band_count,
             shape_key=signature,
             steps=self.steps,
+            layout=plan.layout,
         )
         self._signature = signature
 
@@ -251,14 +279,13 @@ class PatchUNetForward:
             batch = arguments["sample"].shape[0]
             local = map_tensors(local, lambda t: take_batch_half(t, batch, plan.batch_index))
 
-        def band(tensor: torch.Tensor) -> torch.Tensor:
-            return take_band(tensor, plan.band_index, plan.band_count)
-
         sample = arguments["sample"]
 
         def band_of_whole(tensor: torch.Tensor) -> torch.Tensor:
             # A patch-parallel ControlNet's residuals are this rank's band already.
-            return band(tensor) if _residual_is_whole(tensor, sample, plan.band_count) else tensor
+            if _residual_is_whole(tensor, sample, plan):
+                return take_band(tensor, plan.layout, plan.band_index)
+            return tensor
 
         for name in self.spatial_arguments:
             if local.get(name) is not None:
@@ -354,4 +381,4 @@ class PatchUNetForward:
         """The whole output, on every rank, from this rank's band of it."""
         if self.alone:
             return band  # the whole latent was this rank's one band
-        return gather_bands(self.world_comm, band, plan.halves)
+        return gather_bands(self.world_comm, band, plan.layout, plan.halves)

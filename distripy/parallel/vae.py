@@ -10,15 +10,17 @@ the whole image. Every rank holds the whole latent, so the band is cut through t
 (``PatchContext.cut_band``) and the decoder's first convolution reads its halo rows from it
 instead of exchanging them.
 
-A latent whose height does not split into whole bands (an edge tile of ``enable_vae_tiling``'s
-tiled decode can be one) is decoded whole on every rank: the same result, without the speedup.
+The latent's rows are cut into bands that differ by at most one row (``BandLayout.split``), so
+any number of ranks up to the latent's height decodes in parallel. A latent with fewer rows than
+ranks (a thin edge tile of ``enable_vae_tiling``'s tiled decode can be one) is decoded whole on
+every rank: the same result, without the speedup.
 """
 
 import torch
 
 from distripy.errors import InputError, UnsupportedModuleError
 from distripy.parallel.agreement import agree
-from distripy.parallel.bands import gather_bands
+from distripy.parallel.bands import BandLayout, gather_bands
 from distripy.parallel.context import PatchContext
 
 __all__ = ["PatchDecoderForward"]
@@ -65,9 +67,10 @@ class PatchDecoderForward:
             description = (tuple(sample.shape), str(sample.dtype)) if problem is None else None
             agree(comm, description, problem, what="latent to decode")
         world, rank = comm.world_size, comm.rank
-        if sample.shape[2] % world != 0:
+        if sample.shape[2] < world:
             return self.original_forward(sample, latent_embeds)
-        context.start_generation(comm, rank, world)
+        layout = BandLayout.split(sample.shape[2], world)
+        context.start_generation(comm, rank, world, layout=layout)
         context.begin_step()
         completed = False
         try:
@@ -75,4 +78,4 @@ class PatchDecoderForward:
             completed = True
         finally:
             context.end_step(issue_pending=completed)
-        return gather_bands(comm, band)
+        return gather_bands(comm, band, layout)

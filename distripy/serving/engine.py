@@ -431,16 +431,20 @@ class Engine:
         return [] if self._ranks is None else list(self._ranks.pids)
 
     def size_multiples(self, guidance_scale: Optional[float] = None) -> Tuple[int, int]:
-        """The pixels an image's height and width must be multiples of on these ranks: the height
-        is cut into bands (half the ranks each with the CFG split: ``guidance_scale > 1``), the
-        width needs whole rows at the UNet's deepest level. Under ``throughput`` every image is
-        whole on one rank: both are the width's."""
-        geometry = self._geometry
-        per_band = geometry["vae_scale"] * 2 ** geometry["levels"]
+        """The pixels an image's height and width must be multiples of: whole rows at the UNet's
+        deepest level (the bands are cut in them, and may differ by one)."""
+        per_row = self._geometry["vae_scale"] * 2 ** self._geometry["levels"]
+        return per_row, per_row
+
+    def min_height(self, guidance_scale: Optional[float] = None) -> int:
+        """The shortest image these ranks can cut into bands: one deepest-level row per band (half
+        the ranks each with the CFG split: ``guidance_scale > 1``). Under ``throughput`` every
+        image is whole on one rank."""
+        per_row = self.size_multiples(guidance_scale)[0]
         if self.policy == "throughput":
-            return per_band, per_band
+            return per_row
         split = self.config.split_batch and self.nproc % 2 == 0 and (guidance_scale or 0) > 1
-        return per_band * (self.nproc // 2 if split else self.nproc), per_band
+        return per_row * (self.nproc // 2 if split else self.nproc)
 
     @property
     def default_size(self) -> int:

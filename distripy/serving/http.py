@@ -112,6 +112,12 @@ def parse_request(body, engine) -> dict:
             f"{size} does not split into this server's bands: the height must be a multiple of {rows} "
             f"and the width of {columns} pixels",
         )
+    if height < engine.min_height(guidance):
+        raise _BadRequest(
+            "size",
+            f"{size}: the height must be at least {engine.min_height(guidance)} pixels on this server "
+            f"(one row of {rows} pixels per band)",
+        )
     return dict(
         prompt=prompt, negative_prompt=negative, num_images_per_prompt=n, height=height, width=width,
         num_inference_steps=steps, guidance_scale=guidance, seed=seed, mode=mode, warmup_steps=warmup,

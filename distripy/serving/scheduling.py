@@ -9,17 +9,17 @@
   one per rank after T1: the second is no later once q >= S. A short queue gets each image S
   times sooner; a deep one is drained at N images per T1 instead of S.
 
-S is what ``bench/scaling.py`` predicts for the machine (a fixed ``speedup=``), or measured by
-the engine as it serves: the seconds per image of the requests it ran one per rank over those it
-ran patch-parallel, per image size and steps. Until both are measured for a size it assumes
-``PRIOR_EFFICIENCY`` x N: the scaling model's 8-GPU NVLink prediction for SDXL with CFG split is
-5.7x at 1024² and 6.6x at 2048² (0.72 and 0.83 of N).
+S is given (a fixed ``speedup=``, e.g. from ``distripy plan`` for the machine), or measured by the
+engine as it serves: the seconds per image of the requests it ran one per rank over those it ran
+patch-parallel, per image size and steps. Until both are measured for a size it takes what
+``distripy.plan`` predicts for N GPUs at that size and step count (its built-in H100 NVLink
+machine), or ``PRIOR_EFFICIENCY`` x N where the planner has no answer (a size it cannot cut).
 """
 
 import threading
-from typing import Dict, Hashable, Optional, Tuple
+from typing import Callable, Dict, Hashable, Optional, Tuple
 
-from distripy.errors import ConfigError
+from distripy.errors import ConfigError, DistripyError
 
 __all__ = ["POLICIES", "PRIOR_EFFICIENCY", "SpeedupEstimate", "plan_run"]
 
@@ -46,18 +46,51 @@ def plan_run(policy: str, waiting: int, nproc: int, speedup: float) -> Tuple[boo
     return False, 1
 
 
+def planned_speedup(kind: Hashable, nproc: int) -> Optional[float]:
+    """What ``distripy.plan`` predicts for the fastest configuration of exactly ``nproc`` GPUs for
+    a request ``kind`` of (height, width, steps, ...); None where it cannot say."""
+    from distripy.api import plan
+
+    try:
+        height, width, steps = kind[0], kind[1], kind[2] or 50
+        planned = plan(nproc, (int(height), int(width)), int(steps))
+    except (DistripyError, TypeError, ValueError, IndexError):
+        return None
+    ours = [c.speedup for c in planned.candidates if c.gpus == nproc]
+    return max(ours) if ours else None
+
+
 class SpeedupEstimate:
     """The patch-parallel speedup S per request kind (image size and steps): measured seconds per
-    image one per rank over patch-parallel, or the prior (``speedup`` if given, else
-    ``PRIOR_EFFICIENCY`` x ``nproc``). Thread-safe."""
+    image one per rank over patch-parallel, or the prior (``speedup`` if given, else the planner's
+    prediction for the kind, else ``PRIOR_EFFICIENCY`` x ``nproc``). Thread-safe."""
 
-    def __init__(self, nproc: int, speedup: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        nproc: int,
+        speedup: Optional[float] = None,
+        predict: Callable[[Hashable, int], Optional[float]] = planned_speedup,
+    ) -> None:
         if speedup is not None and not speedup > 0:
             raise ConfigError(f"Engine: speedup={speedup!r} must be a positive number")
+        self.nproc = nproc
         self.fixed = speedup
         self.prior = speedup if speedup is not None else PRIOR_EFFICIENCY * nproc
+        self._predict = predict
+        self._predicted: Dict[Hashable, float] = {}
         self._seconds: Dict[Tuple[Hashable, bool], float] = {}
         self._lock = threading.Lock()
+
+    def _prior_of(self, kind: Hashable) -> float:
+        """The planner's prediction for ``kind`` (computed once), or the flat prior."""
+        if self.nproc < 2:
+            return self.prior
+        predicted = self._predicted.get(kind)
+        if predicted is None:
+            predicted = self._predict(kind, self.nproc) or self.prior
+            with self._lock:
+                self._predicted[kind] = predicted
+        return predicted
 
     def record(self, kind: Hashable, alone: bool, seconds_per_image: float) -> None:
         """One run's seconds per image (a moving average per kind and way of running)."""
@@ -74,5 +107,5 @@ class SpeedupEstimate:
         with self._lock:
             alone, parallel = self._seconds.get((kind, True)), self._seconds.get((kind, False))
         if alone is None or parallel is None or parallel <= 0:
-            return self.prior
+            return self._prior_of(kind)
         return alone / parallel

@@ -1,0 +1,192 @@
+"""``plan``: every configuration of a machine for one image size and step count, ranked by
+predicted latency, and the one to use.
+
+Candidates: 1 to ``gpus`` GPUs (every count the image's deepest-level rows can be cut into), with
+and without the CFG split (even counts, an even batch), each mode given (``modes``: the mode and
+warm-up each runs; the caller passes what ``mode="auto"`` would run for the step count, and the
+modes that equal one GPU), with and without CUDA graphs. The recommendation is the fastest
+configuration, except that a configuration with fewer GPUs is preferred while it is within
+``TOLERANCE`` of the fastest: GPUs that buy less than that are better spent on another image.
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from distripy.errors import ConfigError
+from distripy.planning.hardware import (
+    FABRIC_ALIASES,
+    FABRICS,
+    GPUS,
+    Fabric,
+    GpuProfile,
+    load_fabric,
+    load_gpu,
+)
+from distripy.planning.predict import Prediction, predict
+from distripy.planning.traffic import SDXL_UNET
+
+__all__ = ["TOLERANCE", "Plan", "plan_configurations", "resolve_fabric", "resolve_gpu"]
+
+TOLERANCE = 0.05
+"""A configuration with fewer GPUs is recommended while its latency is within 5% of the fastest."""
+
+
+def resolve_fabric(fabric: Union[str, Fabric, None]) -> Fabric:
+    """A built-in fabric by name (``nvlink4``, ``nvlink3``, ``pcie5``, ``pcie4``), a ``Fabric``, or a
+    ``bench/comm.py`` JSON file's path."""
+    if isinstance(fabric, Fabric):
+        return fabric
+    name = "nvlink4" if fabric is None else str(fabric)
+    name = FABRIC_ALIASES.get(name, name)
+    if name in FABRICS:
+        return FABRICS[name]
+    if name.endswith(".json"):
+        return load_fabric(name)
+    raise ConfigError(f"fabric {fabric!r}: one of {', '.join(FABRICS)}, or a bench/comm.py JSON file")
+
+
+def resolve_gpu(gpu: Union[str, GpuProfile, None]) -> GpuProfile:
+    """A built-in GPU by name (``h100``, ``a100``, ``l40``), a ``GpuProfile``, or a
+    ``bench/e2e.py`` JSON file's path."""
+    if isinstance(gpu, GpuProfile):
+        return gpu
+    name = "h100" if gpu is None else str(gpu)
+    if name.lower() in GPUS:
+        return GPUS[name.lower()]
+    if name.endswith(".json"):
+        return load_gpu(name)
+    raise ConfigError(f"gpu {gpu!r}: one of {', '.join(GPUS)}, or a bench/e2e.py JSON file")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Ranked predictions (fastest first) and the recommended one."""
+
+    size: Tuple[int, int]  # image height, width in pixels
+    steps: int
+    gpus: int
+    gpu: GpuProfile
+    fabric: Fabric
+    candidates: Tuple[Prediction, ...]
+    recommended: Prediction
+    assumptions: Tuple[str, ...] = field(default=())
+
+    def as_dict(self) -> Dict:
+        return {
+            "size": {"height": self.size[0], "width": self.size[1]},
+            "steps": self.steps,
+            "gpus": self.gpus,
+            "gpu": {"name": self.gpu.name, "measured": self.gpu.measured, "source": self.gpu.source},
+            "fabric": {
+                "name": self.fabric.name,
+                "measured": self.fabric.measured,
+                "source": self.fabric.source,
+            },
+            "recommended": self.recommended.as_dict(),
+            "candidates": [candidate.as_dict() for candidate in self.candidates],
+            "assumptions": list(self.assumptions),
+        }
+
+    def table(self, limit: Optional[int] = None) -> str:
+        """The candidates as a text table, the recommended one marked."""
+        header = (
+            f"{'':2}{'GPUs':>4} {'CFG split':>9} {'mode':<26} {'graphs':>6} {'latency s':>10} "
+            f"{'speedup':>8} {'compute ms/step':>16} {'exposed comm ms/step':>21}"
+        )
+        lines = [header]
+        for candidate in self.candidates[:limit]:
+            mark = "* " if candidate == self.recommended else "  "
+            mode = candidate.mode if candidate.gpus > 1 else "one GPU"
+            if candidate.gpus > 1 and candidate.mode == "corrected_async_gn":
+                mode = f"{candidate.mode} (w{candidate.warmup_steps})"
+            lines.append(
+                f"{mark}{candidate.gpus:>4} {'yes' if candidate.split_batch else 'no':>9} {mode:<26} "
+                f"{'yes' if candidate.graphs else 'no':>6} {candidate.seconds:>10.3f} "
+                f"{candidate.speedup:>7.2f}x {candidate.step_compute_s * 1e3:>16.2f} "
+                f"{candidate.exposed_s * 1e3:>21.3f}"
+            )
+        return "\n".join(lines)
+
+
+def _counts(gpus: int, deepest: int) -> List[int]:
+    return [n for n in range(1, gpus + 1) if n <= deepest or n % 2 == 0 and n // 2 <= deepest]
+
+
+def plan_configurations(
+    gpus: int,
+    size: Tuple[int, int],
+    steps: int,
+    modes: Sequence[Tuple[str, int]],
+    fabric: Union[str, Fabric, None] = None,
+    gpu: Union[str, GpuProfile, None] = None,
+    batch: int = 2,
+    vae_scale: int = 8,
+    config: Optional[Dict] = None,
+) -> Plan:
+    """Every configuration of up to ``gpus`` GPUs for an image of ``size`` (height, width pixels)
+    and ``steps`` steps, for the ``modes`` given as (mode, warm-up steps)."""
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise ConfigError(f"plan: gpus={gpus!r} must be an integer >= 1")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"plan: steps={steps!r} must be an integer >= 1")
+    height, width = size
+    levels = len((config or SDXL_UNET)["block_out_channels"])
+    per_row = vae_scale * 2 ** (levels - 1)
+    if height <= 0 or width <= 0 or height % per_row or width % per_row:
+        raise ConfigError(
+            f"plan: height {height} and width {width} are not whole rows at the UNet's deepest level: "
+            f"both must be multiples of {per_row} pixels"
+        )
+    gpu_profile, fabric_profile = resolve_gpu(gpu), resolve_fabric(fabric)
+    latent = (height // vae_scale, width // vae_scale)
+    deepest = height // per_row
+    candidates: List[Prediction] = []
+    for count in _counts(gpus, deepest):
+        for graphs in (True, False):
+            if count == 1:
+                candidates.append(
+                    predict(
+                        gpu_profile,
+                        fabric_profile,
+                        latent,
+                        steps,
+                        1,
+                        False,
+                        "full_sync",
+                        0,
+                        graphs,
+                        batch,
+                        config,
+                    )
+                )
+                continue
+            for split in (False, True) if count % 2 == 0 and batch % 2 == 0 else (False,):
+                bands = count // 2 if split else count
+                if bands > deepest:
+                    continue
+                for mode, warmup in dict.fromkeys(modes):
+                    candidates.append(
+                        predict(
+                            gpu_profile, fabric_profile, latent, steps, count, split, mode, warmup, graphs, batch, config
+                        )
+                    )  # fmt: skip
+    # ties: fewer GPUs, then fewer bytes (the CFG split), then CUDA graphs
+    ranked = tuple(
+        sorted(candidates, key=lambda c: (round(c.seconds, 9), c.gpus, c.sent_bytes, not c.graphs))
+    )
+    fastest = ranked[0].seconds
+    recommended = min(
+        (c for c in ranked if c.seconds <= fastest * (1 + TOLERANCE)), key=lambda c: (c.gpus, c.seconds)
+    )
+    assumptions = []
+    if not gpu_profile.measured:
+        assumptions.append(f"GPU: {gpu_profile.name}, {gpu_profile.source}")
+    if not fabric_profile.measured:
+        assumptions.append(f"fabric: {fabric_profile.name}, {fabric_profile.source}")
+    assumptions.append(
+        "SDXL's UNet steps only (the text encoders and the VAE decode are left out); batch "
+        f"{batch} per call (one image with classifier-free guidance)"
+    )
+    return Plan(
+        (height, width), steps, gpus, gpu_profile, fabric_profile, ranked, recommended, tuple(assumptions)
+    )

@@ -1,0 +1,216 @@
+"""What one rank of a patch-parallel UNet step sends, read from the UNet's config: no model built.
+
+The walk follows diffusers' ``UNet2DConditionModel`` (its blocks' channel rules) and distripy's
+modules: every convolution with a kernel taller than one row exchanges halo rows (one above and one
+below for a 3x3; a stride-2 downsampler only needs the row above) -- except ``conv_in``, which
+reads its halos from the latent every rank holds; every GroupNorm all-reduces ``(B, G, 2)`` fp32
+sums; every self-attention all-gathers its keys and values (``exact``: ring shifts of both, one per
+other band); the step ends with the all-gather of the output bands. Unequal bands send blocks padded
+to the tallest band (``parallel.bands``). The transfers of one down/mid/up block leave together at
+the block's end in an asynchronous step (``PatchContext.add_checkpoints``), those after the last
+block at the step's end.
+
+``tests/test_planning.py`` checks the walk against what a ``LoopbackComm`` logs while the real
+model runs.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from distripy.errors import InputError
+
+__all__ = ["SDXL_UNET", "StepTraffic", "Transfer", "step_traffic"]
+
+SDXL_UNET: Dict = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 2, 10),
+    "norm_num_groups": 32,
+}
+"""Stable Diffusion XL's UNet (``stabilityai/stable-diffusion-xl-base-1.0``), the fields the walk
+reads."""
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One transfer of a step: ``op`` (``halo_exchange``, ``all_reduce``, ``all_gather``,
+    ``shift``), ``kind`` (``halo``, ``gn_stats``, ``kv``, ``output``), the bytes this rank puts on
+    the link (``sent``) and takes off it (``received``; an all-reduce counts its payload both
+    ways), and ``block``: the checkpoint it leaves at in an asynchronous step."""
+
+    op: str
+    kind: str
+    sent: int
+    received: int
+    block: int
+
+
+@dataclass(frozen=True)
+class StepTraffic:
+    """One rank's transfers in one step, and how many checkpoints (blocks) the step has."""
+
+    transfers: Tuple[Transfer, ...]
+    blocks: int
+
+    def bytes_by_kind(self) -> Dict[str, int]:
+        totals = {"halo": 0, "gn_stats": 0, "kv": 0, "output": 0}
+        for transfer in self.transfers:
+            totals[transfer.kind] += transfer.sent
+        return totals
+
+    def count_by_kind(self) -> Dict[str, int]:
+        counts = {"halo": 0, "gn_stats": 0, "kv": 0, "output": 0}
+        for transfer in self.transfers:
+            counts[transfer.kind] += 1
+        return counts
+
+
+def _per_block(value, blocks: int, name: str) -> List:
+    if isinstance(value, int):
+        return [value] * blocks
+    value = list(value)
+    if len(value) != blocks:
+        raise InputError(f"UNet config: {name} has {len(value)} entries for {blocks} blocks")
+    return value
+
+
+class _Walk:
+    """Adds the transfers of each module, at its level (0: the latent's resolution)."""
+
+    def __init__(self, height, width, batch, units, index, dtype_bytes, exact, halves) -> None:
+        self.height, self.width, self.batch, self.halves = height, width, batch, halves
+        self.units, self.index = tuple(units), index
+        self.bytes = dtype_bytes
+        self.exact = exact
+        self.block = 0
+        self.transfers: List[Transfer] = []
+
+    def rows(self, level: int, band: Optional[int] = None) -> int:
+        """A band's rows at ``level`` (rows per unit x its units)."""
+        per_unit = (self.height >> level) // sum(self.units)
+        return per_unit * self.units[self.index if band is None else band]
+
+    def columns(self, level: int) -> int:
+        return -(-self.width // (1 << level))
+
+    def add(self, op, kind, sent, received) -> None:
+        self.transfers.append(Transfer(op, kind, sent, received, self.block))
+
+    def conv(self, channels: int, level: int, above: int = 1, below: int = 1) -> None:
+        """A convolution reading ``above`` rows over its band and ``below`` under it; it sends its
+        first ``below`` rows up and its last ``above`` rows down."""
+        first, last = self.index == 0, self.index == len(self.units) - 1
+        row = self.batch * channels * self.columns(level) * self.bytes
+        sent = (0 if first else below) + (0 if last else above)
+        received = (0 if first else above) + (0 if last else below)
+        if sent or received:
+            self.add("halo_exchange", "halo", sent * row, received * row)
+
+    def norm(self, groups: int) -> None:
+        size = self.batch * groups * 2 * 4  # (B, G, [sum, sum of squares]) in fp32
+        self.add("all_reduce", "gn_stats", size, size)
+
+    def self_attention(self, channels: int, level: int) -> None:
+        tallest = max(self.rows(level, band) for band in range(len(self.units)))
+        block = self.batch * tallest * self.columns(level) * channels * self.bytes  # keys or values
+        others = len(self.units) - 1
+        if self.exact:  # keys and values together, one shift per other band
+            for _ in range(others):
+                self.add("shift", "kv", 2 * block, 2 * block)
+        else:
+            for _ in range(2):
+                self.add("all_gather", "kv", block, block * others)
+
+    def resnet(self, channels_in: int, channels_out: int, level: int, groups: int) -> None:
+        self.norm(groups)
+        self.conv(channels_in, level)
+        self.norm(groups)
+        self.conv(channels_out, level)
+
+    def transformer(self, channels: int, level: int, layers: int, groups: int) -> None:
+        self.norm(groups)
+        for _ in range(layers):
+            self.self_attention(channels, level)
+
+    def output(self, channels: int) -> None:
+        tallest = max(self.rows(0, band) for band in range(len(self.units)))
+        size = self.batch * channels * tallest * self.width * self.bytes
+        # over every rank of the image: both batch halves' groups with the CFG split
+        self.add("all_gather", "output", size, size * (self.halves * len(self.units) - 1))
+
+
+def step_traffic(
+    latent: Tuple[int, int],
+    batch: int,
+    units: Sequence[int],
+    index: int,
+    config: Optional[Dict] = None,
+    dtype_bytes: int = 2,
+    exact: bool = False,
+    halves: int = 1,
+) -> StepTraffic:
+    """The transfers of band ``index`` of a step whose latent is ``latent`` (rows, columns), with
+    ``batch`` images per band (half the CFG batch with the split), bands of ``units`` deepest-level
+    rows (``BandLayout.units``), a UNet of ``config`` (default ``SDXL_UNET``), ``dtype_bytes`` per
+    activation; ``exact``: keys and values by ring shifts; ``halves``: 2 with the CFG split (the
+    output is gathered from both groups)."""
+    config = SDXL_UNET if config is None else config
+    channels = list(config["block_out_channels"])
+    levels = len(channels)
+    height, width = latent
+    if height % ((1 << (levels - 1)) * sum(units)):
+        raise InputError(f"step_traffic: latent height {height} is not whole rows of bands {tuple(units)}")
+    groups = config.get("norm_num_groups", 32)
+    layers = _per_block(config.get("layers_per_block", 2), levels, "layers_per_block")
+    depth = _per_block(config.get("transformer_layers_per_block", 1), levels, "transformer_layers_per_block")
+    walk = _Walk(height, width, batch, units, index, dtype_bytes, exact, halves)
+    if len(units) == 1:  # one band: nothing between bands; the halves' outputs are gathered
+        if halves > 1:
+            walk.output(config.get("out_channels", 4))
+        return StepTraffic(tuple(walk.transfers), 2 * levels + 2)
+
+    for i, kind in enumerate(config["down_block_types"]):  # conv_in: halos from the latent itself
+        inner, outer = channels[max(i - 1, 0)], channels[i]
+        for j in range(layers[i]):
+            walk.resnet(inner if j == 0 else outer, outer, i, groups)
+            if "CrossAttn" in kind:
+                walk.transformer(outer, i, depth[i], groups)
+        if i < levels - 1:
+            walk.conv(outer, i, above=1, below=0)  # stride 2: the row above only
+        walk.block += 1
+
+    deepest, width_deep = levels - 1, channels[-1]
+    walk.resnet(width_deep, width_deep, deepest, groups)
+    if "CrossAttn" in config.get("mid_block_type", "UNetMidBlock2DCrossAttn"):
+        walk.transformer(width_deep, deepest, depth[-1], groups)
+        walk.resnet(width_deep, width_deep, deepest, groups)
+    walk.block += 1
+
+    reversed_channels = channels[::-1]
+    up_layers = layers[::-1]
+    up_depth = list(config.get("reverse_transformer_layers_per_block") or depth[::-1])
+    output_channels = reversed_channels[0]
+    for i, kind in enumerate(config["up_block_types"]):
+        level = levels - 1 - i
+        previous, output_channels = output_channels, reversed_channels[i]
+        skip_in = reversed_channels[min(i + 1, levels - 1)]
+        count = up_layers[i] + 1
+        for j in range(count):
+            skip = skip_in if j == count - 1 else output_channels
+            walk.resnet((previous if j == 0 else output_channels) + skip, output_channels, level, groups)
+            if "CrossAttn" in kind:
+                walk.transformer(output_channels, level, up_depth[i], groups)
+        if i < levels - 1:
+            walk.conv(output_channels, level - 1)  # upsampled (nearest x2), then a 3x3
+        walk.block += 1
+
+    walk.norm(groups)
+    walk.conv(channels[0], 0)
+    walk.block += 1
+    walk.output(config.get("out_channels", 4))
+    return StepTraffic(tuple(walk.transfers), walk.block)
