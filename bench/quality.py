@@ -240,6 +240,11 @@ def run(args) -> Optional[Dict]:
     prompts = args.prompts.read_text().splitlines() if args.prompts else PROMPTS
     prompts = [p.strip() for p in prompts if p.strip()][: args.max_prompts]
     base = _pipeline(args, device)
+    from distripy.pipelines.unet import count_downsamplings
+
+    # the bands are cut in rows of the UNet's deepest level (and may differ by one): the seams'
+    # metrics need that row's height in image and latent rows
+    args.deepest_rows = args.height // (base.vae_scale_factor * 2 ** count_downsamplings(base.unet))
     scheduler_config = base.scheduler.config
     cases = [(sampler, steps) for sampler in args.samplers for steps in args.steps]
     references = {}
@@ -292,7 +297,14 @@ def run(args) -> Optional[Dict]:
             {
                 "sampler": sampler,
                 "steps": steps,
-                "seam_image": float(np.mean([seam_score(r[1], world) for r in references[sampler, steps]])),
+                "seam_image": float(
+                    np.mean(
+                        [
+                            seam_score(r[1], world, r[1].shape[0] // args.deepest_rows)
+                            for r in references[sampler, steps]
+                        ]
+                    )
+                ),
             }
             for sampler, steps in cases
         ],
@@ -321,14 +333,21 @@ def _score(outputs, references, bands: int, args) -> Dict:
     row = {  # a PSNR of None: identical to the single device
         "psnr_latent_db": _finite(np.mean([psnr(a, b) for a, b in zip(latents, ref_latents)])),
         "psnr_image_db": _finite(np.mean([psnr(a, b, 1.0) for a, b in zip(images, ref_images)])),
-        "seam_image": float(np.mean([seam_score(i, bands) for i in images])),
+        "seam_image": float(np.mean([seam_score(i, bands, i.shape[0] // args.deepest_rows) for i in images])),
         "seam_visibility_image": float(
-            np.mean([seam_visibility(a, b, bands) for a, b in zip(images, ref_images)])
+            np.mean(
+                [
+                    seam_visibility(a, b, bands, b.shape[0] // args.deepest_rows)
+                    for a, b in zip(images, ref_images)
+                ]
+            )
         ),
         "seam_visibility_latent": float(
             np.mean(
                 [
-                    seam_visibility(a.transpose(1, 2, 0), b.transpose(1, 2, 0), bands)
+                    seam_visibility(
+                        a.transpose(1, 2, 0), b.transpose(1, 2, 0), bands, b.shape[1] // args.deepest_rows
+                    )
                     for a, b in zip(latents, ref_latents)
                 ]
             )

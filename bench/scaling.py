@@ -37,12 +37,15 @@ within 15% per cell). Then it predicts our table for H100 NVLink and PCIe.
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from common import RESULTS, environment, results_path, write_json
 from step_profile import StepProfile, roofline_profiles
+
+from distripy.planning.hardware import FABRIC_ALIASES, Fabric
+from distripy.planning.hardware import FABRICS as PLANNER_FABRICS
 
 PROFILE_CACHE = RESULTS / "profiles"
 STEPS = 50
@@ -51,59 +54,11 @@ RESOLUTIONS = (1024, 2048, 3840)
 WORLD_SIZES = (2, 4, 8)
 
 
-@dataclass(frozen=True)
-class Fabric:
-    """Achievable collective performance of one GPU's links (nccl-tests' busbw convention)."""
+# The fabrics are the planner's (``distripy.planning.hardware``: link rates from the vendors'
+# specifications, achieved fractions, latencies and SM shares assumed), under this script's names;
+# replace them with bench/comm.py's measurements on yours (--fabric-json).
+FABRICS = {name: PLANNER_FABRICS[short] for name, short in FABRIC_ALIASES.items()}
 
-    name: str
-    busbw_gbps: float  # bus bandwidth of large all-gather / all-reduce, GB/s
-    p2p_gbps: float  # one GPU's send-receive bandwidth to its band neighbours, GB/s
-    latency_us: float  # one collective / group launch of small messages, microseconds
-    comm_sm_share: float  # fraction of the SMs NCCL's kernels occupy while transfers run
-    source: str
-
-
-# Link rates from the vendors' specifications; the fraction of them NCCL achieves, the latencies
-# and the SM shares are assumptions typical of nccl-tests on such machines -- replace them with
-# bench/comm.py's measurements on yours (--fabric-json).
-FABRICS = {
-    "a100-nvlink3": Fabric(
-        "A100 NVLink3 (NVSwitch)",
-        240.0,
-        240.0,
-        15.0,
-        0.15,
-        "NVLink3 600 GB/s per GPU (300 GB/s each way), NVIDIA A100 datasheet; 80% achieved, 15 us, "
-        "16 of 108 SMs: assumed",
-    ),
-    "h100-nvlink4": Fabric(
-        "H100 NVLink4 (NVSwitch)",
-        360.0,
-        360.0,
-        12.0,
-        0.12,
-        "NVLink4 900 GB/s per GPU (450 GB/s each way), NVIDIA H100 datasheet; 80% achieved, 12 us, "
-        "16 of 132 SMs: assumed",
-    ),
-    "pcie-gen4": Fabric(
-        "PCIe Gen4 x16",
-        22.0,
-        22.0,
-        25.0,
-        0.03,
-        "16 GT/s x16 = 31.5 GB/s each way, PCI Express 4.0 specification; 70% achieved, 25 us, "
-        "4 channels: assumed",
-    ),
-    "pcie-gen5": Fabric(
-        "PCIe Gen5 x16",
-        44.0,
-        44.0,
-        20.0,
-        0.03,
-        "32 GT/s x16 = 63 GB/s each way, PCI Express 5.0 specification; 70% achieved, 20 us, "
-        "4 channels: assumed",
-    ),
-}
 
 # The DistriFusion paper (arXiv 2402.19481; SDXL, 50-step DDIM, A100 NVLink, no CFG split):
 # seconds per image. Single GPU and 8 GPUs as the paper reports them; 3840² on 2 and 4 GPUs from

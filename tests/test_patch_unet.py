@@ -145,10 +145,10 @@ def _errors(run_ranks, world_size, runs, timeout=300):
 
 
 FULL_SYNC_RUNS = [
-    ({"mode": "full_sync"}, Case(guidance=5.0, batch=1, height=32, seed=0)),  # CFG split
-    ({"mode": "full_sync"}, Case(guidance=5.0, batch=2, height=32, seed=1)),  # CFG split, batch 2
-    ({"mode": "full_sync", "split_batch": False}, Case(guidance=5.0, batch=1, height=32, seed=2)),
-    ({"mode": "full_sync", "split_batch": False}, Case(guidance=0.0, batch=2, height=32, seed=3)),
+    ({"mode": "full_sync"}, Case(guidance=5.0, batch=1, height=32, seed=0, steps=4)),  # CFG split
+    ({"mode": "full_sync"}, Case(guidance=5.0, batch=2, height=32, seed=1, steps=4)),  # CFG split, batch 2
+    ({"mode": "full_sync", "split_batch": False}, Case(guidance=5.0, batch=1, height=32, seed=2, steps=4)),
+    ({"mode": "full_sync", "split_batch": False}, Case(guidance=0.0, batch=2, height=32, seed=3, steps=4)),
     ({"mode": "full_sync", "split_batch": "auto"}, Case(guidance=5.0, batch=1, height=32, seed=11, steps=3)),
 ]
 
