@@ -691,13 +691,22 @@ def _step_timer(device):
     return callback, ends
 
 
-def _print_layout(args, world: int, choice) -> None:
-    """How the ranks share the image, the mode and warm-up the generation runs (``choice``, a
-    ``ModeChoice``), and a warning when the mode cannot matter."""
+def _print_layout(args, world: int, choice, deepest_rows: Optional[int] = None) -> None:
+    """How the ranks share the image (with ``deepest_rows``, the rows each band gets at the UNet's
+    deepest level), the mode and warm-up the generation runs (``choice``, a ``ModeChoice``), and a
+    warning when the mode cannot matter."""
     bands = _bands(args, world)
     groups = world // bands
     split = f"CFG split into {groups} groups of {bands}" if groups > 1 else "no CFG split"
-    print(f"distripy: {world} rank{'s' * (world > 1)}, {split}: {bands} band{'s' * (bands > 1)} per image")
+    rows = ""
+    if deepest_rows is not None and 1 < bands <= deepest_rows:
+        from distripy.parallel.bands import BandLayout
+
+        units = BandLayout.split(deepest_rows, bands).units
+        rows = f" ({'/'.join(map(str, units))} rows of the UNet's deepest level)"
+    print(
+        f"distripy: {world} rank{'s' * (world > 1)}, {split}: {bands} band{'s' * (bands > 1)} per image{rows}"
+    )
     synchronous = (
         "every step synchronous"
         if choice.mode in ("exact", "full_sync")
@@ -777,7 +786,10 @@ def run_generate(args) -> int:
         timeout_s=args.timeout,
     )
     if rank == 0:
-        _print_layout(args, world, distripy.choose_mode(config, args.steps))
+        from distripy.pipelines.unet import count_downsamplings
+
+        per_row = int(getattr(pipe, "vae_scale_factor", 8)) * 2 ** count_downsamplings(pipe.unet)
+        _print_layout(args, world, distripy.choose_mode(config, args.steps), args.height // per_row)
     pipe = distripy.parallelize(pipe, config)
     refiner = None
     if args.refiner is not None:

@@ -369,3 +369,14 @@ def test_consecutive_two_process_runs_all_exit_0(tiny_model, addons, tmp_path):
         )  # fmt: skip
         assert result.returncode == 0, (run, result.stderr[-3000:])
         assert output.exists(), run
+
+
+def test_the_layout_line_names_each_bands_rows(capsys):
+    """Bands of unequal height are announced as the ranks will cut them (the larger on top)."""
+    import argparse
+
+    args = argparse.Namespace(no_split_batch=True, guidance=5.0, mode="full_sync")
+    cli._print_layout(args, 3, distripy.choose_mode(distripy.DistriConfig(mode="full_sync"), 20), 32)
+    assert "3 ranks, no CFG split: 3 bands per image (11/11/10 rows of the UNet's deepest level)" in (
+        capsys.readouterr().out
+    )
