@@ -7,7 +7,8 @@ LoRA adapters loaded before and after, combined, fused, unfused, hot-swapped and
 own code.
 
 Two worlds, run once each: 2 ranks without the CFG split (2 bands of the whole batch) and 4 ranks
-with it (2 bands per CFG half). In ``full_sync`` every image and latent equals the single
+with it (2 bands per CFG half); and 3 ranks (bands of unequal height: the deepest level's 5 rows
+as 2/2/1) for the SDXL ControlNet's variants, whose residuals are each rank's band. In ``full_sync`` every image and latent equals the single
 device's (<= 1e-5 relative, fp32), and each rank's ControlNet saw its band's rows only. The 2-rank
 world then runs the ControlNet and LoRA scenarios in ``corrected_async_gn`` (one synchronous step,
 then stale activations): the ranks agree, and its error against one device is reported."""
@@ -35,7 +36,7 @@ def _relative_error(value, reference):
     return float(np.linalg.norm(value - reference) / np.linalg.norm(reference))
 
 
-def _body(rank, world_size, folders, split_batch):
+def _body(rank, world_size, folders, split_batch, only_controlnet=False):
     import distripy
 
     def parallel(**settings):
@@ -45,6 +46,8 @@ def _body(rank, world_size, folders, split_batch):
     rows = []  # the latent rows each ControlNet call of this rank saw
     exact = parallel(mode="full_sync")
     results = {"controlnet_sdxl": pipeline_variants.controlnet_sdxl(folders, exact, rows)}
+    if only_controlnet:
+        return results, rows, None
     others = [name for name in pipeline_variants.SCENARIOS if name != "controlnet_sdxl"]
     results.update(pipeline_variants.run_scenarios(folders, exact, others))
     asynchronous = None
@@ -56,7 +59,8 @@ def _body(rank, world_size, folders, split_batch):
 
 @functools.lru_cache(maxsize=None)
 def _world(world_size, folder_items):
-    return run_on_ranks(_body, world_size, dict(folder_items), world_size == 4, timeout=900)
+    """2 and 4 ranks: every scenario; 3 ranks: the SDXL ControlNet's, on uneven bands."""
+    return run_on_ranks(_body, world_size, dict(folder_items), world_size == 4, world_size == 3, timeout=900)
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,26 +72,32 @@ def _key(folders):
     return tuple(sorted(folders.items()))
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_full_sync_pipeline_variants_equal_the_single_device(folders, world_size):
     reference = _reference(_key(folders))
     for rank, (results, _, _) in enumerate(_world(world_size, _key(folders))):
-        for name, expected in reference.items():
-            assert len(results[name]) == len(expected), name
-            for call, (value, wanted) in enumerate(zip(results[name], expected)):
+        for name, values in results.items():
+            expected = reference[name]
+            assert len(values) == len(expected), name
+            for call, (value, wanted) in enumerate(zip(values, expected)):
                 assert value.shape == wanted.shape, (name, call)
                 error = _relative_error(value, wanted)
                 assert error <= EXACT, (rank, name, call, error)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_each_rank_ran_the_controlnet_on_its_band_only(folders, world_size):
-    # 2 ranks: 2 bands of the whole batch; 4 ranks: 2 bands per CFG half. Every ControlNet call
-    # (text-to-image twice, guess mode: 2 steps each; img2img and inpainting at strengths 0.7 and
-    # 0.9 of 2 steps: 1 step each) saw half of the latent's rows.
-    for _, rows, _ in _world(world_size, _key(folders)):
+    # 2 ranks: 2 bands of the whole batch; 3 ranks: 3 bands of 8, 8 and 4 latent rows; 4 ranks:
+    # 2 bands per CFG half. Every ControlNet call (text-to-image twice, guess mode: 2 steps each;
+    # img2img and inpainting at strengths 0.7 and 0.9 of 2 steps: 1 step each) saw its band's rows.
+    from distripy.parallel.bands import BandLayout
+
+    bands = 3 if world_size == 3 else 2
+    layout = BandLayout.split(LATENT_ROWS // 4, bands)
+    for rank, (_, rows, _) in enumerate(_world(world_size, _key(folders))):
+        start, stop = layout.rows(rank % bands, LATENT_ROWS)
         assert len(rows) == 2 + 2 + 2 + 1 + 1
-        assert set(rows) == {LATENT_ROWS // 2}, rows
+        assert set(rows) == {stop - start}, (rank, rows)
 
 
 def test_addons_change_the_images(folders):

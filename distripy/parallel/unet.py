@@ -211,8 +211,15 @@ class PatchUNetForward:
         sample = arguments["sample"]
 
         def shape_of_band(tensor: torch.Tensor):
-            whole = _residual_is_whole(tensor, sample, plan) and tensor.shape[0] == sample.shape[0]
-            return tensor if whole else ("local", tuple(tensor.shape), str(tensor.dtype))
+            whole = _residual_is_whole(tensor, sample, plan)
+            if whole and tensor.shape[0] == sample.shape[0]:
+                return tensor
+            shape = tuple(tensor.shape)
+            if whole is False:  # this rank's band: described by the whole map's shape, alike on
+                # every rank whether or not the bands are of equal height
+                rows = sum(plan.layout.sizes(shape[2], plan.band_index))
+                shape = shape[:2] + (rows,) + shape[3:]
+            return ("local", shape, str(tensor.dtype))
 
         return {
             name: map_tensors(value, shape_of_band) if name in self.spatial_arguments else value
