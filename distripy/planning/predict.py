@@ -26,7 +26,7 @@ from typing import Dict, Optional, Tuple
 
 from distripy.errors import ConfigError
 from distripy.planning.hardware import Fabric, GpuProfile
-from distripy.planning.traffic import StepTraffic, step_traffic
+from distripy.planning.traffic import SDXL_UNET, StepTraffic, step_traffic
 
 __all__ = ["EXACT_HIDDEN_SHARE", "Prediction", "predict"]
 
@@ -152,8 +152,6 @@ def predict(
     """The generation of ``steps`` steps of an SDXL-like UNet (``config``; default SDXL) on a
     ``latent`` (rows, columns) with ``batch`` images per UNet call (2: one image with CFG), on
     ``gpus`` GPUs."""
-    from distripy.planning.traffic import SDXL_UNET
-
     if mode not in MODES:
         raise ConfigError(f"plan: mode {mode!r} is not one of {', '.join(MODES)}")
     if gpus < 1 or steps < 1:
@@ -176,7 +174,7 @@ def predict(
     if gpus == 1:
         return Prediction(1, False, "single", 0, graphs, single, single, single / steps, 0.0, 0)
     fabric = fabric.for_ranks(gpus)
-    base, extra = divmod(deepest, bands)
+    base, extra = divmod(deepest, bands)  # the bands as parallel.bands.BandLayout.split cuts them
     units = tuple(base + 1 if index < extra else base for index in range(bands))
     per_band = batch // 2 if split_batch else batch
     worst = None
