@@ -60,7 +60,7 @@ def _run_pair(path_kind: str, failure: str, fail_at: int):
                 process.send_signal(signal.SIGCONT)
                 process.kill()
             process.communicate()
-    assert survivor.returncode == 0, err[-3000:]
+    assert survivor.returncode == 0, f"stdout: {out[-1000:]}\nstderr: {err[-3000:]}"
     report = json.loads(out.strip().splitlines()[-1])
     return report, exited - report["started"]
 
