@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from distripy.errors import InputError, StepError
 from distripy.kernels import attention_with_lse, merge_partial_
+from distripy.parallel.bands import pad_to
 from distripy.parallel.context import ActivationExchange, PatchContext, PatchState
 
 __all__ = ["SHIFT_LAUNCH_BYTES", "PatchCrossAttnProcessor", "PatchSelfAttnProcessor"]
@@ -81,7 +82,7 @@ class PatchSelfAttnProcessor(PatchState):
         tallest = max(lengths)
         if exchange is ActivationExchange.SYNC:
             keys, values = self._gather_buffers(tallest, key, value)
-            send_key, send_value = _padded(key, tallest), _padded(value, tallest)
+            send_key, send_value = pad_to(key, tallest, dim=1), pad_to(value, tallest, dim=1)
             with ctx.comm.group():
                 works = (ctx.comm.all_gather(send_key, keys), ctx.comm.all_gather(send_value, values))
             for work in works:
@@ -94,7 +95,7 @@ class PatchSelfAttnProcessor(PatchState):
             keys[ctx.band_index, :, :own].copy_(key)
             values[ctx.band_index, :, :own].copy_(value)
             fresh_keys, fresh_values = self._gather_buffers(tallest, key, value)
-            send_key, send_value = _padded(key, tallest), _padded(value, tallest)
+            send_key, send_value = pad_to(key, tallest, dim=1), pad_to(value, tallest, dim=1)
 
             def issue() -> None:
                 works = (
@@ -154,7 +155,7 @@ class PatchSelfAttnProcessor(PatchState):
         inner = key.shape[-1]
         lengths = ctx.band_sizes(key.shape[1])
         # One transfer per band for both; unequal bands travel padded to the tallest.
-        block = _padded(torch.cat((key, value), dim=-1), max(lengths))
+        block = pad_to(torch.cat((key, value), dim=-1), max(lengths), dim=1)
         received = [ctx.new_buffer(self, f"block{d}", block.shape, block) for d in range(1, ctx.band_count)]
         per_launch = max(1, SHIFT_LAUNCH_BYTES // max(1, block.numel() * block.element_size()))
         works = []
@@ -328,15 +329,6 @@ def _attend(attn, query, key, value, attention_mask) -> torch.Tensor:
         is_causal=False,
     )
     return heads.project_out(hidden_states.to(query.dtype))
-
-
-def _padded(tokens: torch.Tensor, length: int) -> torch.Tensor:
-    """``(B, L, inner)`` tokens, padded to ``length`` tokens (the padding is never read)."""
-    if tokens.shape[1] == length:
-        return tokens
-    padded = tokens.new_empty((tokens.shape[0], length, tokens.shape[2]))
-    padded[:, : tokens.shape[1]].copy_(tokens)
-    return padded
 
 
 def _bands_to_sequence(gathered: torch.Tensor, lengths: Tuple[int, ...]) -> torch.Tensor:

@@ -3,22 +3,26 @@
 * ``BandLayout``: how an image's rows are cut into bands, at every resolution of a model;
 * ``BandPlan``: how one call's batch and rows are shared among the ranks (CFG split or not);
 * ``take_band`` / ``take_batch_half``: this rank's rows / batch half of a tensor;
-* ``gather_bands``: every rank's output band -> the whole output, on every rank;
+* ``gather_bands``: every rank's output band -> the whole output, on every rank (``pad_to``: a
+  band's block padded to the tallest band's, for an all-gather of equal blocks);
 * ``map_tensors``, ``tensors_in``, ``flatten_tensors`` / ``unflatten_tensors``: the tensors inside a
   call's nested arguments (dicts, lists, tuples of tensors and plain values), walked one way, by
   torch's own pytree.
 """
 
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable, List, Optional, Tuple
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
 
 from distripy.errors import InputError
+from distripy.planning import band_units
 
 __all__ = [
     "BandLayout",
     "BandPlan",
+    "pad_to",
     "flatten_tensors",
     "gather_bands",
     "map_tensors",
@@ -29,6 +33,7 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True)
 class BandLayout:
     """How an image's rows are cut into ``count`` bands, at every resolution of a model.
 
@@ -43,13 +48,12 @@ class BandLayout:
     is what a module that only sees its own band's tensor needs (an attention's key lengths, a
     GroupNorm's element count of the whole image)."""
 
-    __slots__ = ("units",)
+    units: Tuple[int, ...]
 
-    def __init__(self, units) -> None:
-        units = tuple(int(u) for u in units)
-        if not units or min(units) < 1:
-            raise InputError(f"BandLayout: every band needs at least one unit row, got {units}")
-        self.units = units
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "units", tuple(int(u) for u in self.units))
+        if not self.units or min(self.units) < 1:
+            raise InputError(f"BandLayout: every band needs at least one unit row, got {self.units}")
 
     @staticmethod
     def split(total: int, count: int) -> "BandLayout":
@@ -59,8 +63,7 @@ class BandLayout:
                 f"BandLayout: {count} bands need at least {count} rows at the coarsest resolution, "
                 f"which has {total}"
             )
-        base, extra = divmod(total, count)
-        return BandLayout(base + 1 if index < extra else base for index in range(count))
+        return BandLayout(band_units(total, count))
 
     @property
     def count(self) -> int:
@@ -107,14 +110,17 @@ class BandLayout:
     def key(self) -> Tuple[int, ...]:
         return self.units
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, BandLayout) and other.units == self.units
 
-    def __hash__(self) -> int:
-        return hash(self.units)
-
-    def __repr__(self) -> str:
-        return f"BandLayout({self.units})"
+def pad_to(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """``tensor`` itself, or padded along ``dim`` to ``length`` (a band's block sent as the
+    tallest band's, for an all-gather of equal blocks; the padding is never read)."""
+    if tensor.shape[dim] == length:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = length
+    padded = tensor.new_empty(shape)
+    padded.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
+    return padded
 
 
 class BandPlan:
@@ -187,10 +193,7 @@ def gather_bands(comm, band: torch.Tensor, layout: BandLayout, halves: int = 1) 
     batch, channels, rows, width = band.shape
     sizes = layout.sizes(rows, index)
     tallest = max(sizes)
-    if rows < tallest:  # pad: the padding rows are never read
-        padded = band.new_empty((batch, channels, tallest, width))
-        padded[:, :, :rows].copy_(band)
-        band = padded
+    band = pad_to(band, tallest, dim=2)
     gathered = band.new_empty((comm.world_size, batch, channels, tallest, width))
     comm.all_gather(band.contiguous(), gathered).wait()
     # (halves, bands, batch, C, rows, W) -> (halves, batch, C, bands, rows, W)

@@ -138,10 +138,13 @@ class PatchUNetForward:
         """``DistriConfig.split_batch``, or with ``"auto"`` the planner's choice for this size: for
         steps run as CUDA graphs whether or not they are (a ControlNet runs eagerly beside a graphed
         UNet, and both must split alike)."""
+        config = self.context.config
+        if config.split_batch != "auto":  # every step asks: no device query unless it matters
+            return bool(config.split_batch)
         device = sample.device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         return wants_split(
-            self.context.config,
+            config,
             tuple(sample.shape[2:]),
             self.world_comm.world_size,
             self.levels,

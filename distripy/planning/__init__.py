@@ -10,7 +10,7 @@ split_batch="auto")`` and the serving engine can ask it per request.
 from distripy.planning.hardware import FABRICS, GPUS, Fabric, GpuProfile, fit_gpu, load_fabric, load_gpu
 from distripy.planning.plan import TOLERANCE, Plan, plan_configurations, resolve_fabric, resolve_gpu
 from distripy.planning.predict import Prediction, predict
-from distripy.planning.traffic import SDXL_UNET, StepTraffic, step_traffic
+from distripy.planning.traffic import SDXL_UNET, StepTraffic, band_units, step_traffic
 
 __all__ = [
     "FABRICS",
@@ -22,6 +22,7 @@ __all__ = [
     "Plan",
     "Prediction",
     "StepTraffic",
+    "band_units",
     "fit_gpu",
     "load_fabric",
     "load_gpu",

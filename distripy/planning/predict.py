@@ -26,7 +26,7 @@ from typing import Dict, Optional, Tuple
 
 from distripy.errors import ConfigError
 from distripy.planning.hardware import Fabric, GpuProfile
-from distripy.planning.traffic import SDXL_UNET, StepTraffic, step_traffic
+from distripy.planning.traffic import SDXL_UNET, StepTraffic, band_units, step_traffic
 
 __all__ = ["EXACT_HIDDEN_SHARE", "Prediction", "predict"]
 
@@ -174,8 +174,7 @@ def predict(
     if gpus == 1:
         return Prediction(1, False, "single", 0, graphs, single, single, single / steps, 0.0, 0)
     fabric = fabric.for_ranks(gpus)
-    base, extra = divmod(deepest, bands)  # the bands as parallel.bands.BandLayout.split cuts them
-    units = tuple(base + 1 if index < extra else base for index in range(bands))
+    units = band_units(deepest, bands)
     per_band = batch // 2 if split_batch else batch
     worst = None
     for index in sorted({0, bands // 2, bands - 1}):  # the edges, and a band with two neighbours

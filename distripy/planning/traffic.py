@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from distripy.errors import InputError
 
-__all__ = ["SDXL_UNET", "StepTraffic", "Transfer", "step_traffic"]
+__all__ = ["SDXL_UNET", "StepTraffic", "Transfer", "band_units", "step_traffic"]
 
 SDXL_UNET: Dict = {
     "in_channels": 4,
@@ -68,6 +68,13 @@ class StepTraffic:
         for transfer in self.transfers:
             counts[transfer.kind] += 1
         return counts
+
+
+def band_units(total: int, count: int) -> Tuple[int, ...]:
+    """``total`` deepest-level rows cut into ``count`` bands differing by at most one, the larger
+    first: the cut the ranks make (``parallel.bands.BandLayout.split``) and the planner assumes."""
+    base, extra = divmod(total, count)
+    return tuple(base + 1 if index < extra else base for index in range(count))
 
 
 def _per_block(value, blocks: int, name: str) -> List:
