@@ -203,15 +203,19 @@ def halo_conv_jobs(dtypes, capabilities, variants=VARIANTS, layouts=LAYOUTS) -> 
 
 
 def group_norm_jobs(dtypes, capabilities, layouts=LAYOUTS) -> Iterator[Job]:
-    """GroupNorm statistics, apply (+ affine + SiLU), apply into the interior rows of a
-    halo-padded buffer and the combination of statistics into mean and rstd, at SDXL's group sizes (32 groups of 10 to 40 channels: tiles of 16 to 64
-    channels, 4096 / tile positions)."""
+    """GroupNorm statistics (their partial sums per chunk: the patch GroupNorm's
+    ``group_norm_partial_stats`` is the same launch), apply (+ affine + SiLU), apply into the interior
+    rows of a halo-padded buffer, the combination of statistics into mean and rstd and the sum of
+    partial sums into kept buffers, at SDXL's group sizes (32 groups of 10 to 40 channels: tiles of
+    16 to 64 channels, 4096 / tile positions)."""
     import torch
 
     # the modules (the package exports functions of the same names)
     group_norm_apply = importlib.import_module("distripy.kernels.group_norm_apply")
     group_norm_stats = importlib.import_module("distripy.kernels.group_norm_stats")
     group_norm_mean_rstd = importlib.import_module("distripy.kernels.group_norm_mean_rstd")
+    group_norm_sum_partials = importlib.import_module("distripy.kernels.group_norm_sum_partials")
+    halo_pad = importlib.import_module("distripy.kernels.halo_pad")
     for dtype in dtypes:
         for channels in (320, 1280):
             for layout in layouts:
@@ -219,8 +223,17 @@ def group_norm_jobs(dtypes, capabilities, layouts=LAYOUTS) -> Iterator[Job]:
                 stats = torch.empty((2, 32))
                 weight = torch.empty(channels, dtype=_torch_dtype(dtype))
                 padded = _band((2, channels, 18, 64), dtype, layout)
+                halo = _band((2, channels, 1, 64), dtype, layout)
+                send = _band((2, channels, 1, 64), dtype, "nchw")
+                prologue = halo_pad.GroupNormPrologue(stats, stats, weight, weight, 32, True)
                 launches = {
-                    ("group_norm_stats", ""): group_norm_stats._stats_launch(x, 32, chunks=4)[0],
+                    ("group_norm_stats", ""): group_norm_stats.stats_launch(x, 32, chunks=4)[0],
+                    # a ResNet convolution's input in a stale step: apply + SiLU, both halos, both sends
+                    ("halo_pad", "prologue_sends"): halo_pad._halo_pad_launch(
+                        x, halo, halo, 1, 1, prologue, (send, send)
+                    )[0],
+                    # a convolution without a GroupNorm before it, at the image's top edge
+                    ("halo_pad", "copy"): halo_pad._halo_pad_launch(x, None, halo, 1, 1, None, (None, send))[0],
                     ("group_norm_apply", "silu"): group_norm_apply._apply_launch(
                         x, stats, stats, weight, weight, 32, True, torch.empty_like(x)
                     ),
@@ -232,13 +245,27 @@ def group_norm_jobs(dtypes, capabilities, layouts=LAYOUTS) -> Iterator[Job]:
                     name = "C{}_BC{BLOCK_C}_BS{BLOCK_S}".format(channels, **launch.kwargs)
                     for capability in capabilities:
                         yield Job(launch, Compiled(kernel, variant, name, dtype, capability, layout))
-    # The combination of statistics: fp32 sums of (B, G) groups whatever the activations' dtype.
+    # The combination of statistics: fp32 sums of (B, G) groups whatever the activations' dtype,
+    # from (B, G, 2) sums (the image's, in a synchronous step) or from (B, G, chunks, 2) partial sums
+    # writing the band's sums into the two kept buffers (an asynchronous step).
     sums = torch.empty((2, 32, 2))
+    partials = torch.empty((2, 32, 9, 2))
+    kept = (torch.empty((2, 32, 2)), torch.empty((2, 32, 2)))
     for mode in group_norm_mean_rstd.Combine:
-        launch = group_norm_mean_rstd._mean_rstd_launch(sums, sums, sums, mode, 640, 8.0, 1e-5)[0]
-        for capability in capabilities:
-            record = Compiled("group_norm_mean_rstd", mode.name.lower(), "B2_G32", "fp32", capability, "-")
-            yield Job(launch, record)
+        for variant, own, sums_out in (("", sums, (None, None)), ("_partials_out", partials, kept)):
+            launch, _, _ = group_norm_mean_rstd._mean_rstd_launch(
+                own, sums, sums, mode, 640, 8.0, 1e-5, *sums_out
+            )
+            for capability in capabilities:
+                record = Compiled(
+                    "group_norm_mean_rstd", mode.name.lower() + variant, "B2_G32", "fp32", capability, "-"
+                )
+                yield Job(launch, record)
+    # The partial sums added into the kept buffers before a synchronous step's all-reduce.
+    launch = group_norm_sum_partials._sum_partials_launch(partials, *kept)
+    for capability in capabilities:
+        record = Compiled("group_norm_sum_partials", "two_outputs", "B2_G32_K9", "fp32", capability, "-")
+        yield Job(launch, record)
 
 
 def ci_jobs() -> List[Job]:
@@ -290,6 +317,7 @@ def offset_report() -> List[Dict[str, Any]]:
     group_norm_apply = importlib.import_module("distripy.kernels.group_norm_apply")
     group_norm_stats = importlib.import_module("distripy.kernels.group_norm_stats")
     halo_conv = importlib.import_module("distripy.kernels.halo_conv")
+    halo_pad = importlib.import_module("distripy.kernels.halo_pad")
     shape = (3, 64, 6, 8)
     stats = torch.empty((3, 32))
     rows = []
@@ -300,8 +328,11 @@ def offset_report() -> List[Dict[str, Any]]:
         conv = halo_conv._band_conv(x, halo, halo, weight, 1, 1, 1, None)
         conv_launch = halo_conv._conv_launch(x, halo, halo, weight, None, conv, None)[0]
         launches = {
-            "group_norm_stats": group_norm_stats._stats_launch(x, 32, chunks=2)[0],
+            "group_norm_stats": group_norm_stats.stats_launch(x, 32, chunks=2)[0],
             "group_norm_apply": group_norm_apply._apply_launch(x, stats, stats, None, None, 32, True, out),
+            "halo_pad": halo_pad._halo_pad_launch(
+                x, halo, halo, 1, 1, halo_pad.GroupNormPrologue(stats, stats, None, None, 32, True), (halo, halo)
+            )[0],
             "halo_conv2d": conv_launch._replace(
                 kernel=halo_conv._halo_conv2d_kernel,
                 kwargs=dict(conv_launch.kwargs, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),

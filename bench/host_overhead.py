@@ -10,12 +10,16 @@ layer adds is time. This counts, with a ``TorchDispatchMode``, the ops of one UN
   implementations run on ``meta``) and with the torch references,
 
 through ``LoopbackComm``, whose transfers are local copies: those are counted apart as
-*transport* (NCCL issues each transfer as one C++ call, no dispatcher op), and the ratio that
-matters is the patch layer's own ops over the plain UNet's (target <= 1.10 in the asynchronous step
-with the Triton kernels at N = 8). Host time per step is the median wall time of the call on
+*transport* (NCCL issues each transfer as one C++ call, no dispatcher op), and the ratio reported
+is the patch layer's own ops over the plain UNet's (target <= 1.10 in the asynchronous step with
+the Triton kernels at N = 8): the host's dispatch cost of an eager step. It counts views and misses
+nothing a GPU would time; what a replayed (CUDA-graph) step costs is its kernels, which
+``kernel_count.py`` counts and CI bounds. Host time per step is the median wall time of the call on
 ``meta`` (the host's share only: nothing is computed). ``--compile`` also runs the tiny UNet's
 patch step under ``torch.compile`` (inductor, CPU) and reports graph breaks per step next to the
-step's communication checkpoints, and whether the compiled step equals the eager one.
+step's communication checkpoints, and whether the compiled step equals the eager one; and, for
+``DistriConfig(compile=True)``, the kernels inductor generates for the steady asynchronous band
+step and what that step launches, against the ops the same step dispatches eagerly.
 
     python bench/host_overhead.py                 # SDXL, 1024² (latent 128), batch 2
     python bench/host_overhead.py --tiny --ranks 2 --compile   # the test suite's scaled-down run
@@ -26,6 +30,7 @@ Writes ``bench/results/host-overhead-<time>.json`` (device, versions, command, r
 import argparse
 import collections
 import contextlib
+import re
 import statistics
 import sys
 import time
@@ -96,6 +101,10 @@ class CountedComm:
     def halo_exchange(self, *buffers):
         with self._transport():
             return self._comm.halo_exchange(*buffers)
+
+    def shift(self, send, recv, distance: int):
+        with self._transport():
+            return self._comm.shift(send, recv, distance)
 
     @contextlib.contextmanager
     def group(self):
@@ -170,6 +179,175 @@ def count_patch(
     }
 
 
+_FUSED_CALL = re.compile(r"^\s*(cpp_fused_\w+|triton_\w+)(?:\.run)?\(")
+_EXTERN_CALL = re.compile(r"\b(extern_kernels\.\w+|torch\.ops\.\w+\.\w+)(?:\.\w+)?\(")
+_BAND = "distripy band forward"  # the profiler's name for the band forward of the measured step
+
+
+def _call_lines(code: str) -> List[str]:
+    """The body of the ``call`` function of inductor's generated module: the launches, in order
+    (the kernels' own sources are strings elsewhere in the module)."""
+    lines = code.splitlines()
+    for index, line in enumerate(lines):
+        if line.lstrip().startswith("def call("):
+            indent = len(line) - len(line.lstrip())
+            body = []
+            for inner in lines[index + 1 :]:
+                if inner.strip() and len(inner) - len(inner.lstrip()) <= indent:
+                    break
+                body.append(inner)
+            return body
+    return []
+
+
+def generated_kernels(codes: List[str]) -> Dict[str, Any]:
+    """The launches written in inductor's generated ``call`` functions: its own fused kernels
+    (``cpp_fused_*`` on CPU, ``triton_*`` on CUDA) and the extern calls (GEMMs, convolutions,
+    attention, fallback ops), each counted once per graph."""
+    fused = 0
+    extern: collections.Counter = collections.Counter()
+    for code in codes:
+        for line in _call_lines(code):
+            if _FUSED_CALL.match(line):
+                fused += 1
+                continue
+            match = _EXTERN_CALL.search(line)
+            if match:
+                extern[match.group(1)] += 1
+    return {
+        "graphs": len(codes),
+        "fused": fused,
+        "extern": sum(extern.values()),
+        "total": fused + sum(extern.values()),
+        "extern_by_call": dict(extern.most_common()),
+    }
+
+
+def _profiled_launches(prof) -> Dict[str, Any]:
+    """What the profiled band forward launched: inductor's fused kernels (their profiler events,
+    ``cpp.enable_kernel_profile``), the aten ops called inside a compiled graph (the extern calls
+    and the graphs' runtime wrappers), and the aten ops dispatched eagerly outside every graph (the
+    checkpoints' transfers and whatever dynamo left to Python). Nested aten calls are not
+    counted: only the ones a caller issued."""
+
+    def ancestors(event):
+        parent = event.cpu_parent
+        while parent is not None:
+            yield parent
+            parent = parent.cpu_parent
+
+    fused = 0
+    in_graphs: collections.Counter = collections.Counter()
+    outside: collections.Counter = collections.Counter()
+    for event in prof.events():
+        above = [a.name for a in ancestors(event)]
+        if _BAND not in above:
+            continue
+        if "cpp_fused_" in event.name or "triton_" in event.name:
+            fused += 1
+        elif event.name.startswith("aten::") and not any(n.startswith("aten::") for n in above):
+            graph = any(n.startswith("## Call CompiledFxGraph") for n in above)
+            (in_graphs if graph else outside)[event.name.replace("aten::", "")] += 1
+    return {
+        "fused": fused,
+        "aten_in_graphs": sum(in_graphs.values()),
+        "aten_outside_graphs": sum(outside.values()),
+        "in_graphs_by_op": dict(in_graphs.most_common()),
+        "outside_graphs_by_op": dict(outside.most_common()),
+    }
+
+
+def inductor_launches(tiny_seed: int = 0) -> Dict[str, Any]:
+    """``DistriConfig(compile=True)`` on inductor's CPU backend: the tiny UNet's steady asynchronous
+    band step (rank 0 of 2, ``LoopbackComm``), against the same step eager.
+
+    * eager: the ops the band forward dispatches (``OpCounter``, the transfers apart), and the
+      kernels a GPU would launch for them (``kernel_count.kernels_of``: none for views and
+      allocations);
+    * generated: the launches in inductor's code for the step (``run_and_get_code`` on a step
+      compiled afresh), each graph once;
+    * launched: the next steady step, profiled (no compile): inductor's kernels run, the aten ops
+      inside its graphs, and the aten ops still dispatched eagerly outside them.
+    """
+    import distripy
+    from distripy.pipelines.unet import installed_forward
+    from distripy.runtime import LoopbackComm
+    from kernel_count import kernels_of
+    from torch._dynamo.utils import counters as dynamo_counters
+    from torch._inductor.utils import run_and_get_code
+
+    class KernelOps(OpCounter):
+        """``OpCounter`` that also sums the kernels a GPU would launch for the ops."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.kernels = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not self.transport:
+                self.kernels += kernels_of(func, args, kwargs or {})
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def build(compile: bool):
+        unet = build_unet("cpu", torch.float32, tiny=True, seed=tiny_seed)
+        active: List[OpCounter] = []
+        comm = CountedComm(LoopbackComm(0, 2), active, [0])
+        config = distripy.DistriConfig(
+            warmup_steps=1, split_batch=False, compile=compile, use_cuda_graph=False
+        )
+        distripy.parallelize(unet, config, comm=comm)
+        return unet, installed_forward(unet), active
+
+    latents, conditioning = inputs(
+        build_unet("meta", torch.float32, tiny=True), 2, (16, 16), "cpu", torch.float32
+    )
+
+    eager, eager_forward, active = build(False)
+    for timestep in (999, 998):  # the synchronous step, the first asynchronous one
+        _call(eager, latents, timestep, conditioning)
+    counter = KernelOps()
+    band = eager_forward._forward_band
+
+    def counted(local):
+        active.append(counter)
+        try:
+            with counter:
+                return band(local)
+        finally:
+            active.pop()
+
+    eager_forward._forward_band = counted
+    _call(eager, latents, 997, conditioning)
+
+    compiled, compiled_forward, _ = build(True)
+    with torch.compiler.set_stance("force_eager"):  # the steps before: not compiled
+        for timestep in (999, 998):
+            _call(compiled, latents, timestep, conditioning)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
+        _, codes = run_and_get_code(_call, compiled, latents, 997, conditioning)
+    run_local = compiled_forward._run_local
+
+    def profiled(local):
+        with torch.profiler.record_function(_BAND):
+            return run_local(local)
+
+    compiled_forward._run_local = profiled
+    graphs_before = dynamo_counters["stats"]["unique_graphs"]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _call(compiled, latents, 996, conditioning)
+    return {
+        "step": "steady asynchronous band step, rank 0 of 2, tiny UNet, latent 16x16, batch 2",
+        "eager_ops": counter.total,
+        "eager_kernels": counter.kernels,
+        "eager_transport_ops": counter.transport_ops,
+        "eager_by_op": dict(counter.ops.most_common()),
+        "generated": generated_kernels(codes),
+        "launched": _profiled_launches(prof),
+        "recompiled_in_steady_step": dynamo_counters["stats"]["unique_graphs"] != graphs_before,
+    }
+
+
 def compile_report(tiny_seed: int = 0) -> Dict[str, Any]:
     """The tiny UNet's patch step (2 ranks of LoopbackComm, the asynchronous step) under
     torch.compile: graph breaks and their reasons (``torch._dynamo.explain``), the checkpoints of
@@ -193,7 +371,8 @@ def compile_report(tiny_seed: int = 0) -> Dict[str, Any]:
         _call(unet, latents, 999, conditioning)  # the synchronous step
     torch._dynamo.reset()
     groups[0] = 0
-    explanation = torch._dynamo.explain(compiled_unet)(latents, torch.tensor(998.0), **conditioning)
+    with torch.no_grad():  # inference, as every other step here
+        explanation = torch._dynamo.explain(compiled_unet)(latents, torch.tensor(998.0), **conditioning)
     checkpoints = groups[0]
     expected = _call(eager, latents, 998, conditioning).sample  # the step explain traced, on eager
     eager_async = _call(eager, latents, 997, conditioning).sample
@@ -214,6 +393,7 @@ def compile_report(tiny_seed: int = 0) -> Dict[str, Any]:
         "max_abs_difference": None if got is None else float((got - eager_async).abs().max()),
         "error": error,
         "expected_shape": list(expected.shape),
+        "inductor_launches": inductor_launches(tiny_seed),
     }
 
 
@@ -284,6 +464,14 @@ def main(argv=None) -> int:
         print(f"torch.compile (tiny UNet, 2 ranks, asynchronous step): {c['graph_breaks']} graph breaks, "
               f"{c['checkpoints_per_step']} checkpoints; equals eager: {c['equals_eager']}"
               + (f"; error: {c['error']}" if c["error"] else ""))  # fmt: skip
+        k = c["inductor_launches"]
+        g, launched = k["generated"], k["launched"]
+        print(f"DistriConfig(compile=True), inductor CPU, steady asynchronous band step: eager "
+              f"{k['eager_ops']} dispatched ops ({k['eager_kernels']} kernels by kernel_count's map); "
+              f"inductor generated {g['total']} launches in {g['graphs']} graphs ({g['fused']} fused + "
+              f"{g['extern']} extern); the step ran {launched['fused']} fused kernels + "
+              f"{launched['aten_in_graphs']} aten ops in graphs + {launched['aten_outside_graphs']} aten "
+              "ops outside them (the transfers' among them)")  # fmt: skip
     path = write_json(args.output or results_path("host-overhead"), result)
     print(f"wrote {path}")
     return 0

@@ -131,6 +131,16 @@ class DistriConfig:
     step of 8 ran 11x faster at 1024², 3.2x at 2048² and 1.05x at 3840² than eagerly
     (``bench/results/e2e-h100-*``): the eager step is bound by the host's launches.
 
+    ``compile``: compile each step's band forward (the model's own forward on this rank's band;
+    the host-side step logic stays eager) with ``torch.compile``'s inductor in its default mode,
+    lazily at the model's first step and again for each new input shape; with ``use_cuda_graph``
+    the graphs capture the compiled forward. The step breaks only at the communication
+    checkpoints, and the patch layer's GroupNorm and halo convolutions are traced through their
+    torch references (``PatchContext.kernel_backend``), so inductor fuses them with their
+    neighbours instead of calling opaque kernels. Off by default: a compile of SDXL takes minutes
+    per input shape and step kind. Never ``reduce-overhead``: its CUDA graphs would nest inside
+    ``use_cuda_graph``'s.
+
     ``check_every_step``: the ranks compare every step's latent and timestep, not only each
     generation's inputs (one copy to the host and one object exchange per step: for debugging a
     loop that may diverge across ranks). Its default is true when the environment sets
@@ -147,6 +157,7 @@ class DistriConfig:
     kernel_backend: str = "auto"
     timeout_s: float = DEFAULT_TIMEOUT_S
     use_cuda_graph: Optional[bool] = None
+    compile: bool = False
     check_every_step: bool = field(default_factory=lambda: os.environ.get(CHECK_EVERY_STEP_VARIABLE) == "1")
 
     def __post_init__(self) -> None:
@@ -165,6 +176,8 @@ class DistriConfig:
             raise ConfigError(
                 f"DistriConfig.check_every_step={self.check_every_step!r} must be True or False"
             )
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"DistriConfig.compile={self.compile!r} must be True or False")
         if self.use_cuda_graph is not None and not isinstance(self.use_cuda_graph, bool):
             raise ConfigError(
                 f"DistriConfig.use_cuda_graph={self.use_cuda_graph!r} must be True, False or None (automatic)"

@@ -5,14 +5,23 @@ holds an op's plain-torch reference, which defines the op; the fused Triton kern
 CUDA live beside their reference and are tested against it (on CPU under ``TRITON_INTERPRET=1``).
 
 * ``group_norm_stats``: per (batch, group) sum and sum of squares of a band (+ Triton kernel);
+* ``group_norm_partial_stats``: the same per spatial chunk, left for the next op to add (its kernel);
+* ``group_norm_sum_partials``: those partial sums added, into the buffers that keep them (+ Triton
+  kernel);
 * ``group_norm_combine``: the sync / corrected / stale / local combination and mean, rstd;
-* ``group_norm_mean_rstd``: those formulas as one op, to mean and rstd (+ Triton kernel);
+* ``group_norm_mean_rstd``: those formulas as one op, to mean and rstd, from sums or partial sums,
+  optionally writing the band's sums into buffers besides (+ Triton kernel);
 * ``group_norm_apply``: normalise + affine (+ SiLU), optionally into a view (+ Triton kernel);
 * ``halo_conv``: a band's convolution from the band and its halo rows held apart, optionally
   with the GroupNorm (+ SiLU) of its input fused in as a prologue (+ Triton kernel, groups=1),
   whole or by output-row range (the interior rows before the halos arrive, the boundary rows after);
 * ``attention_merge``: attention over key/value blocks as they arrive, merged by log-sum-exp;
-* ``halo_conv_dispatch``: per shape, which CUDA path of the halo convolution is faster.
+* ``halo_conv_dispatch``: per shape, which CUDA path of the halo convolution is faster;
+* ``halo_pad``: a band's halo-padded convolution input in one pass (the band activated, the halos
+  around it, the boundary rows its neighbours need written out on the way) (+ Triton kernel).
+
+``meta_as_gpu()`` makes ``auto`` choose the GPU paths for tensors on the ``meta`` device, where a
+whole step runs without memory (``bench/kernel_count.py`` counts a GPU step's kernels so).
 
 Every function takes ``backend``: ``torch`` (the reference), ``triton`` or ``auto`` (on CUDA the
 Triton kernels, the convolution's path chosen per shape; on CPU the references).
@@ -32,7 +41,15 @@ from distripy.kernels.group_norm_mean_rstd import (
     group_norm_mean_rstd,
     group_norm_mean_rstd_reference,
 )
+from distripy.kernels.group_norm_partial_stats import (
+    group_norm_partial_stats,
+    group_norm_partial_stats_reference,
+)
 from distripy.kernels.group_norm_stats import elements_per_group, group_norm_stats, group_norm_stats_reference
+from distripy.kernels.group_norm_sum_partials import (
+    group_norm_sum_partials,
+    group_norm_sum_partials_reference,
+)
 from distripy.kernels.halo_conv import (
     GroupNormPrologue,
     band_compatible,
@@ -40,9 +57,16 @@ from distripy.kernels.halo_conv import (
     halo_conv2d_reference,
     halo_rows,
     interior_rows,
+    write_sends,
 )
+from distripy.kernels._backend import meta_as_gpu
+from distripy.kernels.halo_pad import halo_pad, halo_pad_reference
 
 __all__ = [
+    "halo_pad",
+    "halo_pad_reference",
+    "meta_as_gpu",
+    "write_sends",
     "Combine",
     "attention_with_lse",
     "attention_with_lse_reference",
@@ -54,8 +78,12 @@ __all__ = [
     "group_norm_apply_reference",
     "group_norm_mean_rstd",
     "group_norm_mean_rstd_reference",
+    "group_norm_partial_stats",
+    "group_norm_partial_stats_reference",
     "group_norm_stats",
     "group_norm_stats_reference",
+    "group_norm_sum_partials",
+    "group_norm_sum_partials_reference",
     "halo_conv2d",
     "halo_conv2d_reference",
     "halo_rows",

@@ -8,7 +8,7 @@ The Triton kernel: programs over (batch x group, spatial tile), each normalising
 group's channels in fp32 and storing in the output's dtype through the output's own strides.
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from distripy.kernels._backend import use_triton
 from distripy.kernels._launch import Launch
 from distripy.kernels._layout import flat_spatial_strides, needs_64_bit_offsets, next_power_of_2
 
-__all__ = ["group_norm_apply", "group_norm_apply_reference", "group_norm_apply_triton"]
+__all__ = ["GroupNormPrologue", "group_norm_apply", "group_norm_apply_reference", "group_norm_apply_triton"]
 
 
 @triton.jit
@@ -217,3 +217,29 @@ def group_norm_apply(
         return out
     y = group_norm_apply_reference(x, mean, rstd, weight, bias, num_groups, silu)
     return y if out is None else out.copy_(y)
+
+
+class GroupNormPrologue(NamedTuple):
+    """GroupNorm apply (+ SiLU) of a convolution's input: ``silu((x - mean) * rstd * weight + bias)``
+    with ``mean``/``rstd`` (B, G) per (batch, group) and ``weight``/``bias`` (C) or ``None``."""
+
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    num_groups: int
+    silu: bool
+
+    def apply(self, x: torch.Tensor, out: Optional[torch.Tensor] = None, backend: str = "torch"):
+        """The prologue on its own (e.g. on the boundary rows a band sends to its neighbours)."""
+        return group_norm_apply(
+            x,
+            self.mean,
+            self.rstd,
+            self.weight,
+            self.bias,
+            self.num_groups,
+            self.silu,
+            out=out,
+            backend=backend,
+        )

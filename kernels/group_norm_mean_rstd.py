@@ -14,10 +14,17 @@ and a rank's asynchronous step is host-bound at 1024² on 8 GPUs. This op comput
 
 ``count`` is the elements per (batch, group) of the band, ``scale`` the image's over the band's.
 Variances are biased; ``rstd = 1 / sqrt(max(var, 0) + eps)``.
+
+``own`` may also be the band's partial sums per spatial chunk, ``(B, G, chunks, 2)``
+(``group_norm_partial_stats``): the op adds the chunks (in order, as ``group_norm_sum_partials``
+does) and, given ``sums_out``, writes the band's added sums into those buffers too: in an
+asynchronous step the buffer the all-reduce for the next step works in and the one that keeps the
+band's sums for the next step's correction. The statistics of a layer then take two launches (the
+partial sums, this op) instead of a torch sum and two copies besides.
 """
 
 import enum
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -27,6 +34,7 @@ from distripy.errors import InputError
 from distripy.kernels._backend import use_triton
 from distripy.kernels._launch import Launch
 from distripy.kernels.group_norm_combine import corrected_sums, mean_rstd, stale_sums
+from distripy.kernels.group_norm_sum_partials import check_sums, check_sums_out, sum_chunks
 
 __all__ = ["Combine", "group_norm_mean_rstd", "group_norm_mean_rstd_reference"]
 
@@ -44,17 +52,21 @@ def _mean_rstd_kernel(
     own_prev_ptr,
     mean_ptr,
     rstd_ptr,
+    sums0_ptr,
+    sums1_ptr,
     n,
+    chunks,
     count,
     scale,
     eps,
     MODE: tl.constexpr,
+    WRITE_SUMS0: tl.constexpr,
+    WRITE_SUMS1: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
-    own_sum = tl.load(own_ptr + 2 * offsets, mask=mask, other=0.0)
-    own_sq = tl.load(own_ptr + 2 * offsets + 1, mask=mask, other=0.0)
+    own_sum, own_sq = sum_chunks(own_ptr, offsets, mask, chunks)
     if MODE == 0:
         total = count
         s = own_sum
@@ -79,22 +91,28 @@ def _mean_rstd_kernel(
     rstd = 1.0 / tl.sqrt(tl.maximum(var, 0.0) + eps)
     tl.store(mean_ptr + offsets, mean, mask=mask)
     tl.store(rstd_ptr + offsets, rstd, mask=mask)
+    # after every load: a buffer given may be one the loads read (each program reads only its own)
+    if WRITE_SUMS0:
+        tl.store(sums0_ptr + 2 * offsets, own_sum, mask=mask)
+        tl.store(sums0_ptr + 2 * offsets + 1, own_sq, mask=mask)
+    if WRITE_SUMS1:
+        tl.store(sums1_ptr + 2 * offsets, own_sum, mask=mask)
+        tl.store(sums1_ptr + 2 * offsets + 1, own_sq, mask=mask)
 
 
 def _check(own: torch.Tensor, image_prev, own_prev, mode: Combine, count: int, scale: float) -> None:
-    if own.dim() != 3 or own.shape[-1] != 2 or own.dtype != torch.float32:
-        raise InputError(
-            f"group_norm_mean_rstd: own must be (B, G, 2) float32 sums, got {tuple(own.shape)} {own.dtype}"
-        )
+    check_sums("group_norm_mean_rstd", "own", own)
     if count <= 0:
         raise InputError(f"group_norm_mean_rstd: count must be positive, got {count}")
     if mode is not Combine.LOCAL:
         if not scale >= 1:
             raise InputError(f"group_norm_mean_rstd: scale must be >= 1, got {scale}")
+        shape = tuple(own.shape[:2]) + (2,)
         for name, value in (("image_prev", image_prev), ("own_prev", own_prev)):
-            if value is None or value.shape != own.shape or value.dtype != own.dtype:
+            if value is None or tuple(value.shape) != shape or value.dtype != own.dtype:
                 raise InputError(
-                    f"group_norm_mean_rstd: {mode.name} needs {name} shaped like own {tuple(own.shape)}"
+                    f"group_norm_mean_rstd: {mode.name} needs {name} as (B, G, 2) float32 sums {shape}, "
+                    f"got {None if value is None else (tuple(value.shape), value.dtype)}"
                 )
 
 
@@ -106,54 +124,105 @@ def group_norm_mean_rstd_reference(
     count: int,
     scale: float,
     eps: float,
+    sums_out: Sequence[Optional[torch.Tensor]] = (),
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The formulas of ``group_norm_combine``, composed in plain torch."""
+    """The formulas of ``group_norm_combine``, composed in plain torch, after a torch sum over the
+    chunks of partial sums; the band's sums are copied into ``sums_out`` last (a buffer given may be
+    one of the previous step's: it is read first)."""
+    if own.dim() == 4:
+        own = own.sum(dim=2)
     if mode is Combine.LOCAL:
-        return mean_rstd(own, count, eps)
-    if mode is Combine.CORRECTED:
+        mean, rstd = mean_rstd(own, count, eps)
+    elif mode is Combine.CORRECTED:
         estimate = corrected_sums(image_prev, own_prev, own, scale)
-        return mean_rstd(estimate, round(count * scale), eps, fallback_sums=own, fallback_count=count)
-    return mean_rstd(stale_sums(image_prev, own_prev, own), round(count * scale), eps)
+        mean, rstd = mean_rstd(estimate, round(count * scale), eps, fallback_sums=own, fallback_count=count)
+    else:
+        mean, rstd = mean_rstd(stale_sums(image_prev, own_prev, own), round(count * scale), eps)
+    with torch.no_grad():  # exchanged and kept values, outside autograd (group_norm_sum_partials)
+        for out in sums_out:
+            if out is not None:
+                out.copy_(own)
+    return mean, rstd
 
 
-def _mean_rstd_launch(own, image_prev, own_prev, mode: Combine, count: int, scale: float, eps: float):
-    """The kernel's launch, and the mean and rstd it writes."""
+def _mean_rstd_launch(
+    own,
+    image_prev,
+    own_prev,
+    mode: Combine,
+    count: int,
+    scale: float,
+    eps: float,
+    sums0: Optional[torch.Tensor] = None,
+    sums1: Optional[torch.Tensor] = None,
+):
+    """The kernel's launch, and the mean and rstd it writes (and the band's sums into ``sums0`` /
+    ``sums1``, contiguous, where given)."""
     own = own.contiguous()
+    chunks = own.shape[2] if own.dim() == 4 else 1
     image_prev = own if image_prev is None else image_prev.contiguous()
     own_prev = own if own_prev is None else own_prev.contiguous()
     n = own.shape[0] * own.shape[1]
     mean = own.new_empty(own.shape[:2])
     rstd = own.new_empty(own.shape[:2])
     block = max(16, triton.next_power_of_2(min(n, 1024)))
-    args = (own, image_prev, own_prev, mean, rstd, n, float(count), float(scale), float(eps))
-    launch = Launch(_mean_rstd_kernel, (triton.cdiv(n, block),), args, dict(MODE=int(mode), BLOCK=block))
+    args = (
+        own,
+        image_prev,
+        own_prev,
+        mean,
+        rstd,
+        mean if sums0 is None else sums0,
+        mean if sums1 is None else sums1,
+        n,
+        chunks,
+        float(count),
+        float(scale),
+        float(eps),
+    )
+    kwargs = dict(MODE=int(mode), WRITE_SUMS0=sums0 is not None, WRITE_SUMS1=sums1 is not None, BLOCK=block)
+    launch = Launch(_mean_rstd_kernel, (triton.cdiv(n, block),), args, kwargs)
     return launch, mean, rstd
 
 
 def group_norm_mean_rstd_triton(
-    own, image_prev, own_prev, mode: Combine, count: int, scale: float, eps: float
+    own,
+    image_prev,
+    own_prev,
+    mode: Combine,
+    count: int,
+    scale: float,
+    eps: float,
+    sums0: Optional[torch.Tensor] = None,
+    sums1: Optional[torch.Tensor] = None,
 ):
     """The Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
-    launch, mean, rstd = _mean_rstd_launch(own, image_prev, own_prev, mode, count, scale, eps)
+    launch, mean, rstd = _mean_rstd_launch(own, image_prev, own_prev, mode, count, scale, eps, sums0, sums1)
     launch.run()
     return mean, rstd
 
 
-@torch.library.custom_op("distripy::group_norm_mean_rstd", mutates_args=())
+# ``combine``, not ``mode``: torch's functionalization of an op that mutates its arguments
+# (``auto_functionalized``) takes a keyword argument named ``mode`` itself.
+@torch.library.custom_op("distripy::group_norm_mean_rstd", mutates_args=("sums0", "sums1"))
 def _mean_rstd_op(
     own: torch.Tensor,
     image_prev: Optional[torch.Tensor],
     own_prev: Optional[torch.Tensor],
-    mode: int,
+    combine: int,
     count: int,
     scale: float,
     eps: float,
+    sums0: Optional[torch.Tensor],
+    sums1: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return group_norm_mean_rstd_triton(own, image_prev, own_prev, Combine(mode), count, scale, eps)
+    return group_norm_mean_rstd_triton(
+        own, image_prev, own_prev, Combine(combine), count, scale, eps, sums0, sums1
+    )
 
 
 @_mean_rstd_op.register_fake
-def _(own, image_prev, own_prev, mode, count, scale, eps):
+def _(own, image_prev, own_prev, combine, count, scale, eps, sums0, sums1):
     return own.new_empty(own.shape[:2]), own.new_empty(own.shape[:2])
 
 
@@ -166,14 +235,22 @@ def group_norm_mean_rstd(
     scale: float = 1.0,
     eps: float = 1e-5,
     backend: str = "torch",
+    sums_out: Sequence[Optional[torch.Tensor]] = (),
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(mean, rstd)`` (B, G) fp32 of a patch GroupNorm (module docstring). ``backend``: ``torch``
-    (the reference), ``triton`` (the op ``distripy::group_norm_mean_rstd``) or ``auto`` (Triton on
-    CUDA)."""
-    mode = Combine(mode)
+    """``(mean, rstd)`` (B, G) fp32 of a patch GroupNorm (module docstring). ``own``: the band's
+    ``(B, G, 2)`` sums or ``(B, G, chunks, 2)`` partial sums; ``sums_out``: at most two contiguous
+    ``(B, G, 2)`` fp32 tensors (``None`` entries skipped) that also receive the band's sums.
+    ``backend``: ``torch`` (the reference), ``triton`` (the op ``distripy::group_norm_mean_rstd``)
+    or ``auto`` (Triton on CUDA)."""
+    try:
+        mode = Combine(mode)
+    except ValueError:
+        names = [m.name for m in Combine]
+        raise InputError(f"group_norm_mean_rstd: mode must be one of {names}, got {mode!r}") from None
     _check(own, image_prev, own_prev, mode, count, scale)
+    sums0, sums1 = check_sums_out("group_norm_mean_rstd", own, sums_out)
     if use_triton(backend, own, "group_norm_mean_rstd"):
         return torch.ops.distripy.group_norm_mean_rstd(
-            own, image_prev, own_prev, int(mode), count, float(scale), eps
+            own, image_prev, own_prev, int(mode), count, float(scale), eps, sums0, sums1
         )
-    return group_norm_mean_rstd_reference(own, image_prev, own_prev, mode, count, scale, eps)
+    return group_norm_mean_rstd_reference(own, image_prev, own_prev, mode, count, scale, eps, (sums0, sums1))

@@ -6,16 +6,19 @@ because sums of equal-sized bands add up to the image's and can be corrected ter
 (``kernels.group_norm_combine``).
 
 The Triton kernel: programs over (batch x group, spatial chunk), each walking its chunk of the
-group's channels x spatial positions in tiles, accumulating in fp32; a torch sum adds the chunks'
-partial sums (deterministic, no atomics). Chunks exist because SDXL has only 32 groups: one program
-per (batch, group) would leave most of a GPU's multiprocessors idle on a large band. Any layout whose
+group's channels x spatial positions in tiles, accumulating in fp32, and writing the chunk's partial
+sums (deterministic, no atomics). Chunks exist because SDXL has only 32 groups: one program per
+(batch, group) would leave most of a GPU's multiprocessors idle on a large band. Any layout whose
 spatial dims flatten to one stride (NCHW, channels-last, a band of either) is read in place.
+
+This op adds the chunks' partial sums with a torch sum. The patch GroupNorm instead takes them as
+they are (``group_norm_partial_stats``, the same kernel) and lets the op that consumes the sums add
+them (``group_norm_mean_rstd``, ``group_norm_sum_partials``): one launch fewer per layer.
 """
 
 import functools
 import os
-from typing import Optional, Tuple
-
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -26,7 +29,15 @@ from distripy.kernels._backend import use_triton
 from distripy.kernels._launch import Launch
 from distripy.kernels._layout import flat_spatial_strides, needs_64_bit_offsets, next_power_of_2
 
-__all__ = ["elements_per_group", "group_norm_stats", "group_norm_stats_reference", "group_norm_stats_triton"]
+__all__ = [
+    "StatsTiling",
+    "elements_per_group",
+    "group_norm_stats",
+    "group_norm_stats_reference",
+    "group_norm_stats_triton",
+    "stats_launch",
+    "stats_tiling",
+]
 
 
 @triton.jit
@@ -85,29 +96,55 @@ def _programs_wanted(x: torch.Tensor) -> int:
     return 4 * _multiprocessors(index)
 
 
-def _stats_launch(
-    x: torch.Tensor, num_groups: int, chunks: Optional[int] = None
-) -> Tuple[Launch, torch.Tensor]:
-    """The kernel's launch on ``x`` and the ``(B, G, chunks, 2)`` buffer it writes."""
-    x, stride_b, stride_c, stride_s, spatial = flat_spatial_strides(x)
+class StatsTiling(NamedTuple):
+    """How the kernel cuts a band: ``chunks`` spatial chunks of ``chunk`` positions each (the last
+    one shorter), walked in tiles of ``block_c`` channels x ``block_s`` positions."""
+
+    chunk: int
+    chunks: int
+    block_c: int
+    block_s: int
+
+
+def stats_tiling(x: torch.Tensor, num_groups: int, chunks: Optional[int] = None) -> StatsTiling:
+    """The kernel's cut of ``x`` (B, C, *spatial) into spatial chunks: ``chunks`` asked for (by
+    default enough programs to fill the device), then adjusted so that each chunk is a whole number
+    of tiles and none is empty. A function of the shape and device only, so that the op's fake
+    implementation and the torch reference cut exactly as the kernel does."""
     batch, channels = x.shape[:2]
+    spatial = 1
+    for size in x.shape[2:]:
+        spatial *= size
+    if batch == 0 or spatial == 0:
+        raise InputError(f"group_norm_stats: x must not be empty, got shape {tuple(x.shape)}")
     per_group = channels // num_groups
     block_c = next_power_of_2(per_group)
     block_s = max(16, min(next_power_of_2(spatial), 4096 // block_c))
     if chunks is None:
         chunks = -(-_programs_wanted(x) // (batch * num_groups))
+    if chunks < 1:
+        raise InputError(f"group_norm_stats: chunks must be positive, got {chunks}")
     chunks = max(1, min(chunks, -(-spatial // 16)))
     # each chunk a whole number of tiles, tiles no longer than a chunk needs
     per_chunk = -(-spatial // chunks)
     block_s = max(16, min(block_s, next_power_of_2(per_chunk)))
     chunk = -(-per_chunk // block_s) * block_s
-    chunks = -(-spatial // chunk)
-    partial = torch.empty((batch, num_groups, chunks, 2), dtype=torch.float32, device=x.device)
+    return StatsTiling(chunk, -(-spatial // chunk), block_c, block_s)
+
+
+def stats_launch(
+    x: torch.Tensor, num_groups: int, chunks: Optional[int] = None
+) -> Tuple[Launch, torch.Tensor]:
+    """The kernel's launch on ``x`` and the ``(B, G, chunks, 2)`` buffer it writes."""
+    tiling = stats_tiling(x, num_groups, chunks)
+    x, stride_b, stride_c, stride_s, spatial = flat_spatial_strides(x)
+    batch, channels = x.shape[:2]
+    partial = torch.empty((batch, num_groups, tiling.chunks, 2), dtype=torch.float32, device=x.device)
     launch = Launch(
         _group_norm_stats_kernel,
-        (batch * num_groups, chunks),
-        (x, partial, stride_b, stride_c, stride_s, per_group, spatial, chunk, num_groups),
-        dict(INDEX_64=needs_64_bit_offsets(x), BLOCK_C=block_c, BLOCK_S=block_s),
+        (batch * num_groups, tiling.chunks),
+        (x, partial, stride_b, stride_c, stride_s, channels // num_groups, spatial, tiling.chunk, num_groups),
+        dict(INDEX_64=needs_64_bit_offsets(x), BLOCK_C=tiling.block_c, BLOCK_S=tiling.block_s),
     )
     return launch, partial
 
@@ -115,7 +152,7 @@ def _stats_launch(
 def group_norm_stats_triton(x: torch.Tensor, num_groups: int, chunks: Optional[int] = None) -> torch.Tensor:
     """The Triton kernel's ``(B, G, 2)`` fp32 statistics (CUDA, or CPU under ``TRITON_INTERPRET=1``).
     ``chunks``: spatial chunks per (batch, group); by default enough to fill the device."""
-    launch, partial = _stats_launch(x, num_groups, chunks)
+    launch, partial = stats_launch(x, num_groups, chunks)
     launch.run()
     return partial[:, :, 0] if partial.shape[2] == 1 else partial.sum(dim=2)
 

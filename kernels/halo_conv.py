@@ -47,9 +47,11 @@ import triton.language as tl
 
 from distripy.config import KERNEL_BACKENDS
 from distripy.errors import InputError
+from distripy.kernels._backend import on_gpu
 from distripy.kernels._launch import Launch
 from distripy.kernels._layout import needs_64_bit_offsets
-from distripy.kernels.group_norm_apply import group_norm_apply
+from distripy.kernels.group_norm_apply import GroupNormPrologue
+from distripy.kernels.halo_pad import halo_pad
 
 __all__ = [
     "GroupNormPrologue",
@@ -64,32 +66,6 @@ __all__ = [
 ]
 
 BACKENDS = KERNEL_BACKENDS + ("cudnn",)  # cudnn: the halo-padded buffer + cuDNN path
-
-
-class GroupNormPrologue(NamedTuple):
-    """GroupNorm apply (+ SiLU) of a convolution's input: ``silu((x - mean) * rstd * weight + bias)``
-    with ``mean``/``rstd`` (B, G) per (batch, group) and ``weight``/``bias`` (C) or ``None``."""
-
-    mean: torch.Tensor
-    rstd: torch.Tensor
-    weight: Optional[torch.Tensor]
-    bias: Optional[torch.Tensor]
-    num_groups: int
-    silu: bool
-
-    def apply(self, x: torch.Tensor, out: Optional[torch.Tensor] = None, backend: str = "torch"):
-        """The prologue on its own (e.g. on the boundary rows a band sends to its neighbours)."""
-        return group_norm_apply(
-            x,
-            self.mean,
-            self.rstd,
-            self.weight,
-            self.bias,
-            self.num_groups,
-            self.silu,
-            out=out,
-            backend=backend,
-        )
 
 
 def band_compatible(kernel: int, padding: int, stride: int, dilation: int = 1) -> bool:
@@ -243,6 +219,27 @@ def _place(result: torch.Tensor, x, weight, conv: _BandConv, out, begin: int, en
     return out
 
 
+def write_sends(
+    x: torch.Tensor,
+    prologue: Optional[GroupNormPrologue],
+    sends: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]],
+    backend: str,
+) -> None:
+    """The band's activated first rows into ``sends[0]`` and last rows into ``sends[1]`` (each
+    optional; its height says how many rows): what the neighbours receive as their halos."""
+    for send, first in ((sends[0], True), (sends[1], False)):
+        if send is None:
+            continue
+        count = send.shape[2]
+        if send.shape[:2] != x.shape[:2] or send.shape[3] != x.shape[3] or count > x.shape[2]:
+            raise InputError(f"halo_conv2d: a send of shape {tuple(send.shape)} for a band of {tuple(x.shape)}")
+        rows = x[:, :, :count] if first else x[:, :, x.shape[2] - count :]
+        if prologue is None:
+            send.copy_(rows)
+        else:
+            prologue.apply(rows, out=send, backend=backend)
+
+
 def halo_conv2d_reference(
     x: torch.Tensor,
     top: Optional[torch.Tensor],
@@ -256,12 +253,14 @@ def halo_conv2d_reference(
     prologue: Optional[GroupNormPrologue] = None,
     out: Optional[torch.Tensor] = None,
     rows: Optional[Tuple[int, int]] = None,
+    sends: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None),
 ) -> torch.Tensor:
     """Plain torch: the input rows the output rows read, ``[top or zeros, band, bottom or zeros]``
     along the height (the prologue applied to the band's), convolved with the height padding
     removed (it is the halo) and the width padding kept."""
     conv = _band_conv(x, top, bottom, weight, stride, padding, dilation, prologue)
     begin, end = _check_range(x, weight, conv, out, rows)
+    write_sends(x, prologue, sends, "torch")
     if begin == end:
         return _empty_output(x, weight, conv) if out is None else out
 
@@ -633,12 +632,13 @@ def halo_conv2d_cudnn(
     prologue: Optional[GroupNormPrologue] = None,
     out: Optional[torch.Tensor] = None,
     rows: Optional[Tuple[int, int]] = None,
+    sends: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None),
 ) -> torch.Tensor:
-    """``F.conv2d`` (cuDNN on CUDA), the prologue by the Triton GroupNorm apply kernel on CUDA.
+    """``F.conv2d`` (cuDNN on CUDA), the prologue by a Triton kernel on CUDA.
 
-    Every row: one halo-padded buffer in ``x``'s memory format; the prologue writes the band
-    straight into its interior rows, the halo rows (or zeros) are copied into its first and last
-    rows, then one convolution without height padding (without a prologue: ``torch.cat`` + cuDNN).
+    Every row: one halo-padded buffer in ``x``'s memory format, built in one pass by
+    ``kernels.halo_pad`` (the band activated into its interior, the halo rows or zeros around it,
+    the activated boundary rows into ``sends``), then one convolution without height padding.
     The interior rows (``interior_rows``) of a band with at most 1/8 boundary rows into a new
     output: one convolution of the band with the layer's own zero padding, no halo and no copy;
     the other rows of that output read zeros in place of the halos (they are the boundary rows,
@@ -648,33 +648,22 @@ def halo_conv2d_cudnn(
     begin, end = _check_range(x, weight, conv, out, rows)
     height = x.shape[2]
     out_rows = height // conv.stride[0]
-    prologue_backend = "triton" if x.is_cuda else "torch"
+    prologue_backend = "triton" if on_gpu(x) else "torch"
 
     def activate(band_rows: torch.Tensor, into: Optional[torch.Tensor] = None) -> torch.Tensor:
         if prologue is None:
             return band_rows if into is None else into.copy_(band_rows)
         return prologue.apply(band_rows, out=into, backend=prologue_backend)
 
-    if begin == end:
-        return _empty_output(x, weight, conv) if out is None else out
     if (begin, end) == (0, out_rows):
-        top_rows, bottom_rows = conv.top_rows, conv.bottom_rows
-        padded = torch.empty(
-            (x.shape[0], x.shape[1], top_rows + height + bottom_rows, x.shape[3]),
-            device=x.device,
-            dtype=x.dtype,
-            memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format,
+        padded = halo_pad(
+            x, top, bottom, conv.top_rows, conv.bottom_rows, prologue, sends, backend=prologue_backend
         )
-        activate(x, padded[:, :, top_rows : top_rows + height])
-        for halo, view in ((top, padded[:, :, :top_rows]), (bottom, padded[:, :, top_rows + height :])):
-            if view.shape[2] == 0:
-                continue
-            if halo is None:
-                view.zero_()
-            else:
-                view.copy_(halo)
         result = F.conv2d(padded, weight, bias, conv.stride, (0, conv.pad_w), conv.dilation, groups)
         return _place(result[:, :, :out_rows], x, weight, conv, out, begin, end)
+    write_sends(x, prologue, sends, prologue_backend)
+    if begin == end:
+        return _empty_output(x, weight, conv) if out is None else out
     inner_begin, inner_end = interior_rows(
         height, weight.shape[2], conv.top_rows, conv.stride[0], conv.dilation[0]
     )
@@ -777,6 +766,7 @@ def halo_conv2d(
     backend: str = "torch",
     out: Optional[torch.Tensor] = None,
     rows: Optional[Tuple[int, int]] = None,
+    sends: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None),
 ) -> torch.Tensor:
     """A band's convolution output from the band ``x`` (B, C, h, W) and its halos: ``top``
     (B, C, top_rows, W) from the band above, ``bottom`` (B, C, bottom_rows, W) from the band below,
@@ -788,6 +778,10 @@ def halo_conv2d(
     other rows are unspecified. A range that reads no halo (``interior_rows``) can be computed
     before the halos arrive (pass ``None`` for them), the boundary rows into the same ``out`` after.
 
+    ``sends``: tensors (B, C, rows, W) that take the band's first and last rows, activated (after
+    the prologue), for its neighbours (either may be None): on the cuDNN path they are written by
+    the same kernel that builds the convolution's input.
+
     ``backend``: ``torch`` (the reference), ``triton`` (the ops ``distripy::halo_conv2d`` and
     ``distripy::halo_conv2d_rows_``; grouped convolutions take the ``cudnn`` path), ``cudnn``
     (``F.conv2d``, see ``halo_conv2d_cudnn``) or ``auto`` (``torch`` on CPU; on CUDA the path
@@ -797,11 +791,18 @@ def halo_conv2d(
     if backend not in BACKENDS:
         raise InputError(f"halo_conv2d: backend={backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
-        from distripy.kernels.halo_conv_dispatch import choose_halo_conv_path
+        from distripy.kernels.halo_conv_dispatch import DEFAULT_PATH, choose_halo_conv_path
 
-        backend = choose_halo_conv_path(x, weight, stride, groups) if x.is_cuda else "torch"
+        if not on_gpu(x):
+            backend = "torch"
+        elif x.is_meta:  # counting a GPU step on meta (``meta_as_gpu``): no GPU to look up
+            backend = DEFAULT_PATH
+        else:
+            backend = choose_halo_conv_path(x, weight, stride, groups)
     arguments = (x, top, bottom, weight, bias, stride, padding, dilation, groups, prologue)
+    sends = tuple(sends)
     if backend == "triton" and groups == 1:
+        write_sends(x, prologue, sends, "triton")
         ints = (list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)))
         if out is None and rows is None:
             return torch.ops.distripy.halo_conv2d(
@@ -815,5 +816,5 @@ def halo_conv2d(
         )
         return out
     if backend in ("triton", "cudnn"):
-        return halo_conv2d_cudnn(*arguments, out=out, rows=rows)
-    return halo_conv2d_reference(*arguments, out=out, rows=rows)
+        return halo_conv2d_cudnn(*arguments, out=out, rows=rows, sends=sends)
+    return halo_conv2d_reference(*arguments, out=out, rows=rows, sends=sends)

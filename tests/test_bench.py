@@ -4,7 +4,10 @@ claim. Nothing here times anything: the timing is the benchmarks' business.
 * ``step_profile``: the roofline clock and the step profiles built from a ``LoopbackComm`` log;
 * ``scaling``: the fabric cost formulas (nccl-tests' conventions), the overlap rules of the
   simulation on hand-made steps, and the check against the DistriFusion paper;
-* ``e2e``: the scaled-down run writes rows, bytes by kind, measured profiles and a plot;
+* ``e2e``: the scaled-down run writes rows, bytes by kind, measured profiles and a plot; a CFG
+  split row; the kernel summary of a profiled step;
+* ``gpu_check``: the one-call GPU check dry-runs on CPU, its plan fits its budget, a part is killed
+  at its limit;
 * ``quality``: PSNR and the seam score on known images, and a 2-rank run of the demo model in
   which full_sync matches the single device and naive_patch shows seams the corrected mode lacks.
 """
@@ -138,7 +141,17 @@ def test_the_model_reproduces_the_papers_latencies_within_15_percent():
 # -- e2e ------------------------------------------------------------------------------------------
 
 
-def test_the_end_to_end_benchmark_runs_scaled_down(tmp_path):
+@pytest.fixture
+def one_thread():
+    """One torch thread while the scaled-down benchmarks run: on a CPU shared with other processes
+    a thread pool spinning against them made the tiny UNet's steps 5-10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_end_to_end_benchmark_runs_scaled_down(tmp_path, one_thread):
     import e2e
 
     output = tmp_path / "e2e.json"
@@ -182,6 +195,151 @@ def test_the_end_to_end_benchmark_runs_scaled_down(tmp_path):
     assert {t["kind"] for t in profile["async"]["transfers"]} == {"halo", "kv", "gn_stats", "output"}
     pytest.importorskip("matplotlib")
     assert output.with_suffix(".png").stat().st_size > 0
+
+
+def test_the_end_to_end_benchmark_measures_a_cfg_split_row(tmp_path, one_thread):
+    """``--split yes``: the rank is a middle band of its group of N / 2 holding batch 1, its
+    efficiency is against the same T1 (the plain UNet at batch 2); on CPU no memory or kernel
+    figures (``null``)."""
+    import e2e
+    from step_profile import middle_rank
+
+    output = tmp_path / "e2e.json"
+    argv = ["--smoke", "--device", "cpu", "--resolutions", "128", "--gpus", "4", "--split", "yes"]
+    argv += ["--skip", "1", "--repeats", "1", "--no-profiles", "--no-plot", "--output", str(output)]
+    assert e2e.main(argv) == 0
+    results = json.loads(output.read_text())
+    assert results["complete"] is True and results["environment"]["command"]
+    rows = {(r["gpus"], r["split_batch"]): r for r in results["rows"]}
+    assert set(rows) == {(1, False), (4, True)}
+    single, split = rows[(1, False)], rows[(4, True)]
+    assert split["rank"] == middle_rank(4, True) == 1 and split["mode"] == "corrected_async_gn"
+    assert split["efficiency"] == pytest.approx(single["step_ms"] / (4 * split["step_ms"]))
+    # two bands per group: halos and GroupNorm statistics cross the band boundary
+    assert split["sent_bytes"]["halo"] > 0 and split["sent_bytes"]["gn_stats"] > 0
+    for row in rows.values():
+        assert row["peak_memory_bytes"] is None and row["kernels"] is None and row["replay"] is None
+    assert not output.with_suffix(".png").exists()
+    with pytest.raises(SystemExit):
+        e2e.parser().parse_args(["--split", "maybe"])
+    assert e2e.parser().parse_args(["--split", "no", "yes"]).split == [False, True]
+
+
+def _event(name, device, start, end, annotation=False, activity="kernel"):
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Interval
+
+    device_type = DeviceType.CUDA if device == "cuda" else DeviceType.CPU
+    return SimpleNamespace(
+        name=name, device_type=device_type, time_range=Interval(start, end),
+        is_user_annotation=annotation, activity_type=activity,
+    )  # fmt: skip
+
+
+def test_the_kernel_summary_of_a_profiled_step():
+    """Kernels and copies counted apart, the duration histogram, the span and the share of the
+    wall time; the GPU-side span of a label is no kernel; a session's events split by label."""
+    from e2e import kernel_summary
+    from gpu_check import split_by_marks
+
+    events = [
+        _event("gpu_check:plain", "cpu", 0.0, 100.0, annotation=True, activity="user_annotation"),
+        _event("gpu_check:plain", "cuda", 10.0, 60.0, annotation=True, activity="gpu_user_annotation"),
+        _event("cudaGraphLaunch", "cpu", 5.0, 8.0, activity="cuda_runtime"),
+        _event("gemm", "cuda", 10.0, 30.0),
+        _event("gemm", "cuda", 31.0, 41.0),
+        _event("small", "cuda", 42.0, 44.0),
+        _event("Memcpy DtoD (Device -> Device)", "cuda", 45.0, 50.0, activity="gpu_memcpy"),
+        _event("gpu_check:band", "cpu", 200.0, 300.0, annotation=True, activity="user_annotation"),
+        _event("halo", "cuda", 210.0, 215.0),
+    ]
+    groups = split_by_marks(events)
+    assert sorted(groups) == ["band", "plain"]
+    assert [e.name for e in groups["band"]] == ["halo"]
+    summary = kernel_summary(groups["plain"], wall_ms=0.05)
+    assert (summary["kernels"], summary["copies"]) == (3, 1)
+    assert summary["kernel_us"] == 32.0 and summary["copy_us"] == 5.0
+    assert (summary["under_3us"], summary["under_10us"]) == (1, 1)  # 2 µs; 10 µs is not under 10
+    assert summary["span_us"] == 40.0 and summary["kernel_share_of_wall"] == pytest.approx(32 / 50)
+    assert summary["top"][0] == {"name": "gemm", "count": 2, "total_us": 30.0}
+    assert kernel_summary([], None)["kernels"] == 0
+
+
+def test_the_gpu_check_dry_runs_on_cpu(tmp_path, one_thread):
+    """The one-call GPU check as a CPU runs it (tiny UNet, eager, in one process): its e2e part
+    gives rows without and with CFG split, its replay part the three steps; the JSON has the GPU
+    run's structure with the GPU-only figures null. (Its other parts run the same code at other
+    sizes and modes: their command lines are checked below.)"""
+    import gpu_check
+
+    output = tmp_path / "gpu-check.json"
+    argv = ["--dry-run", "--output", str(output), "--work", str(tmp_path / "work")]
+    assert gpu_check.main(argv + ["--parts", "e2e-1024", "replay-1024"]) == 0
+    record = json.loads(output.read_text())
+    assert record["complete"] is True and record["environment"]["dry_run"] is True
+    assert {"device", "versions", "command", "git_commit"} <= set(record["environment"])
+    assert [(p["name"], p["status"]) for p in record["parts"]] == [
+        ("e2e-1024", "passed"),
+        ("replay-1024", "passed"),
+    ]
+    rows = {(r["gpus"], r["split_batch"]): r for r in record["rows"]}
+    assert set(rows) == {(1, False), (4, False), (4, True), (8, False), (8, True)}
+    for row in rows.values():
+        assert row["part"] == "e2e-1024" and row["step_ms"] > 0
+        assert row["peak_memory_bytes"] is None and row["kernels"] is None
+    assert rows[(8, False)]["rank"] == 4 and rows[(8, True)]["rank"] == 2
+    assert record["exact_rows"] == []
+    figures = record["efficiency_n8"]["256"]
+    assert figures["no_split"] == rows[(8, False)]["efficiency"]
+    assert figures["split"] == rows[(8, True)]["efficiency"]
+    replay = record["replay"]
+    assert replay["resolution"] == 256 and replay["gpus"] == 8 and replay["graphs"] is False
+    steps = replay["steps"]
+    assert [(k, v["rank"], v["split_batch"]) for k, v in steps.items()] == [
+        ("plain", None, False),
+        ("band", 4, False),
+        ("band_split", 2, True),
+    ]
+    for step in steps.values():
+        assert step["step_ms"] > 0 and step["profiled_step_ms"] > 0 and step["kernels"] is None
+
+
+def test_the_gpu_check_plan_fits_its_budget_and_its_commands_parse(tmp_path):
+    """Every part's command line parses (dry run and GPU); the required parts fit the budget, which
+    fits the outer ``timeout`` of the documented command with room for the install."""
+    import e2e
+    import gpu_check
+
+    for dry_run in (True, False):
+        for part in gpu_check.plan(tmp_path, dry_run):
+            if part.kind == "e2e":
+                args = e2e.parser().parse_args(part.argv)
+                assert args.split == [False, True] and args.gpus == [4, 8] and args.variants == ["graphs"]
+            else:
+                assert part.argv[0] == "replay"
+                args = gpu_check.replay_parser().parse_args(part.argv[1:])
+                assert args.gpus == 8
+            assert Path(args.output).parent == tmp_path
+    parts = {p.name: p for p in gpu_check.plan(tmp_path, dry_run=False)}
+    assert list(parts) == ["e2e-1024", "replay-1024", "e2e-2048", "e2e-3840", "exact"]
+    sizes = [e2e.parser().parse_args(p.argv).resolutions for p in parts.values() if p.kind == "e2e"]
+    assert sizes == [[1024], [2048], [3840], [1024, 2048]]
+    assert gpu_check.replay_parser().parse_args(parts["replay-1024"].argv[1:]).resolution == 1024
+    required = sum(p.limit_s for p in parts.values() if not p.optional)
+    assert required + parts["exact"].min_s <= gpu_check.BUDGET_S <= 420
+    command = "timeout 450 python3 bench/gpu_check.py --output $OUT/gpu-check.json"
+    assert command in gpu_check.__doc__ and command in (BENCH / "README.md").read_text()
+
+
+def test_the_gpu_check_kills_a_part_at_its_limit(tmp_path):
+    from gpu_check import run_subprocess
+
+    sleeper = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    result = run_subprocess("sleeper", sleeper, 1.0, tmp_path)
+    assert result["status"] == "timed out after 1 s" and result["seconds"] < 30
+    assert "started" in result["log_tail"] and (tmp_path / "sleeper.log").exists()
 
 
 # -- train_tiny -----------------------------------------------------------------------------------

@@ -54,6 +54,14 @@ def test_every_kernel_and_configuration_was_compiled_for_both_targets(report):
         ("group_norm_stats", ""),
         ("group_norm_apply", "silu"),
         ("group_norm_apply", "into_buffer"),
+        ("group_norm_sum_partials", "two_outputs"),
+        ("halo_pad", "prologue_sends"),
+        ("halo_pad", "copy"),
+        *(
+            ("group_norm_mean_rstd", mode + variant)
+            for mode in ("local", "corrected", "stale")
+            for variant in ("", "_partials_out")
+        ),
     ):
         for capability in (90, 80):
             assert any(k == kernel and v == variant and c == capability for k, v, _, c in seen), (
@@ -95,7 +103,7 @@ def test_every_compiled_kernel_fits_does_not_spill_and_uses_the_right_mma(report
 
 def test_tensors_past_int32_are_addressed_with_64_bit_offsets(report):
     rows = {(r["kernel"], r["tensor"]): r for r in report["offsets"]}
-    for kernel in ("group_norm_stats", "group_norm_apply", "halo_conv2d"):
+    for kernel in ("group_norm_stats", "group_norm_apply", "halo_conv2d", "halo_pad"):
         big, small = rows[(kernel, "past_int32")], rows[(kernel, "small")]
         assert big["index_64"] and big["offsets_32"] == 0 and big["offsets_64"] > 0, big
         # the count distinguishes: ordinary tensors keep the faster 32-bit offsets

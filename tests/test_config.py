@@ -13,6 +13,7 @@ def test_defaults():
     config = distripy.DistriConfig()
     assert (config.warmup_steps, config.mode, config.split_batch) == (5, "auto", True)
     assert (config.comm_backend, config.kernel_backend) == ("auto", "auto")
+    assert config.compile is False  # until a GPU run confirms it pays
     assert (config.rank, config.world_size) == (0, 1)  # torch.distributed not initialised
 
 
@@ -40,6 +41,9 @@ def test_a_bad_choice_names_the_field_and_the_allowed_values(field, value, allow
         ("warmup_steps", True),
         ("split_batch", 1),
         ("timeout_s", 0),
+        ("compile", 1),
+        ("compile", "inductor"),
+        ("compile", None),
     ],
 )
 def test_bad_values_name_the_field(field, value):

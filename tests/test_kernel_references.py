@@ -9,16 +9,21 @@ import torch
 import torch.nn.functional as F
 
 from distripy.kernels import (
+    Combine,
     band_compatible,
     corrected_sums,
     elements_per_group,
     group_norm_apply,
+    group_norm_mean_rstd_reference,
+    group_norm_partial_stats_reference,
     group_norm_stats,
+    group_norm_sum_partials_reference,
     halo_conv2d,
     halo_rows,
     mean_rstd,
     stale_sums,
 )
+from distripy.kernels.group_norm_stats import stats_tiling
 
 
 def _random(*shape, seed, dtype=torch.float32, scale=1.0, shift=0.0):
@@ -40,6 +45,58 @@ def test_group_norm_stats_are_sums_and_sums_of_squares(shape, groups):
 def test_group_norm_stats_rejects_indivisible_channels():
     with pytest.raises(ValueError, match="10 channels do not split into num_groups=4"):
         group_norm_stats(torch.randn(1, 10, 2, 2), 4)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3, None])
+@pytest.mark.parametrize("shape, groups", [((2, 12, 5, 7), 4), ((1, 15, 3, 11), 3), ((3, 8, 33), 2)])
+def test_partial_stats_are_the_stats_of_each_chunk_of_positions(shape, groups, chunks):
+    x = _random(*shape, seed=sum(shape) + (chunks or 0), shift=-0.4)
+    tiling = stats_tiling(x, groups, chunks)
+    partial = group_norm_partial_stats_reference(x, groups, chunks)
+    assert partial.dtype == torch.float32 and partial.shape == (shape[0], groups, tiling.chunks, 2)
+    flat = x.flatten(2)
+    for index in range(tiling.chunks):
+        piece = flat[..., index * tiling.chunk : (index + 1) * tiling.chunk]
+        assert piece.shape[-1] > 0  # no chunk is empty
+        grouped = piece.double().reshape(shape[0], groups, -1)
+        expected = torch.stack((grouped.sum(-1), grouped.square().sum(-1)), dim=-1)
+        torch.testing.assert_close(partial[:, :, index].double(), expected, rtol=1e-5, atol=1e-4)
+    assert (tiling.chunks - 1) * tiling.chunk < flat.shape[-1] <= tiling.chunks * tiling.chunk  # all covered
+    grouped = x.double().reshape(shape[0], groups, -1)
+    expected = torch.stack((grouped.sum(-1), grouped.square().sum(-1)), dim=-1)
+    torch.testing.assert_close(partial.sum(dim=2).double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+@pytest.mark.parametrize("mode", list(Combine))
+def test_mean_rstd_of_partial_sums_is_mean_rstd_of_their_sum(mode, chunks):
+    x = _random(2, 9, 6, 13, seed=20 + chunks, scale=1.5, shift=0.2)
+    groups, count, scale, eps = 3, elements_per_group(x, 3), 2.0, 1e-5
+    partial = group_norm_partial_stats_reference(x, groups, chunks)
+    own = group_norm_stats(x, groups)
+    own_prev = group_norm_stats(x * 0.8 + 0.1, groups)
+    image_prev = own_prev + group_norm_stats(_random(2, 9, 6, 13, seed=21), groups)
+    kept = [torch.full((2, groups, 2), float("nan")) for _ in range(2)]
+    mean, rstd = group_norm_mean_rstd_reference(partial, image_prev, own_prev, mode, count, scale, eps, kept)
+    expected = group_norm_mean_rstd_reference(own, image_prev, own_prev, mode, count, scale, eps)
+    torch.testing.assert_close(mean, expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rstd, expected[1], rtol=1e-5, atol=1e-5)
+    for out in kept:  # NaN-poisoned, fully overwritten with the band's sums
+        torch.testing.assert_close(out, own, rtol=1e-5, atol=1e-4)
+    summed = [torch.full((2, groups, 2), float("nan")), None]
+    group_norm_sum_partials_reference(partial, *summed)
+    torch.testing.assert_close(summed[0], own, rtol=1e-5, atol=1e-4)
+
+
+def test_partial_stats_mean_rstd_apply_equal_torch_group_norm():
+    x = _random(2, 12, 7, 9, seed=22, scale=2.0, shift=0.5)
+    partial = group_norm_partial_stats_reference(x, 4, 4)
+    assert partial.shape == (2, 4, 4, 2)  # 63 positions: 4 chunks of 16
+    mean, rstd = group_norm_mean_rstd_reference(
+        partial, None, None, Combine.LOCAL, elements_per_group(x, 4), 1.0, 1e-5
+    )
+    y = group_norm_apply(x, mean, rstd, None, None, 4)
+    torch.testing.assert_close(y.double(), F.group_norm(x.double(), 4, eps=1e-5), rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("silu", [False, True])

@@ -42,16 +42,24 @@ def _conv_body(rank, world_size, stride, kernel_backend="torch"):
     conv = torch.nn.Conv2d(3, 5, 3, stride=stride, padding=1)
     context = _context("corrected_async_gn", world_size, rank, kernel_backend=kernel_backend)
     patch = PatchConv2d.from_conv(conv, context, "conv")
-    x0, x1 = _images(1, (2, 3, 4 * world_size, 7), 2)
+    x0, x1, x2 = _images(1, (2, 3, 4 * world_size, 7), 3)
     sync_out = _step(context, patch, _band(x0, rank, world_size))  # step 0: synchronous
-    stale_out = _step(context, patch, _band(x1, rank, world_size))  # step 1: last step's halos
+    stale_out = _step(context, patch, _band(x1, rank, world_size))  # step 1: step 0's halos
+    # step 2: step 1's halos, which step 1's convolution wrote out as it read its band
+    stale_out2 = _step(context, patch, _band(x2, rank, world_size))
     context.drain()
     rows = 4
-    top = x0[:, :, rank * rows - 1 : rank * rows] if rank > 0 else None
     bottom_rows = 1 if stride == 1 else 0
-    bottom = x0[:, :, (rank + 1) * rows : (rank + 1) * rows + bottom_rows] if rank < world_size - 1 else None
-    expected_stale = halo_conv2d(_band(x1, rank, world_size), top, bottom, conv.weight, conv.bias, stride, 1)
-    return sync_out, stale_out, expected_stale, F.conv2d(x0, conv.weight, conv.bias, stride, 1)
+
+    def expected(x, previous):
+        top = previous[:, :, rank * rows - 1 : rank * rows] if rank > 0 else None
+        bottom = (
+            previous[:, :, (rank + 1) * rows : (rank + 1) * rows + bottom_rows] if rank < world_size - 1 else None
+        )
+        return halo_conv2d(_band(x, rank, world_size), top, bottom, conv.weight, conv.bias, stride, 1)
+
+    stale = (stale_out, stale_out2)
+    return sync_out, stale, (expected(x1, x0), expected(x2, x1)), F.conv2d(x0, conv.weight, conv.bias, stride, 1)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -68,9 +76,10 @@ def test_patch_conv_on_the_triton_kernel(run_ranks, stride):
 
 def _check_conv_results(results, world_size, stale_tolerance=1e-6):
     whole = results[0][3].double()
-    for rank, (sync_out, stale_out, expected_stale, _) in enumerate(results):
+    for rank, (sync_out, stale_outs, expected_stales, _) in enumerate(results):
         torch.testing.assert_close(sync_out.double(), _band(whole, rank, world_size), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(stale_out, expected_stale, rtol=stale_tolerance, atol=stale_tolerance)
+        for stale_out, expected_stale in zip(stale_outs, expected_stales):
+            torch.testing.assert_close(stale_out, expected_stale, rtol=stale_tolerance, atol=stale_tolerance)
 
 
 GROUP_NORM_MODES = ("full_sync", "sync_gn", "corrected_async_gn", "stale_gn", "separate_gn", "naive_patch")
@@ -234,10 +243,10 @@ def _fused_norm_conv_body(rank, world_size, kernel_backend):
         PatchGroupNorm.from_group_norm(norm, plain_ctx, "norm"),
         PatchConv2d.from_conv(conv, plain_ctx, "conv"),
     )
-    x0, x1 = _images(4, (2, 6, 3 * world_size, 7), 2)
+    x0, x1, x2 = _images(4, (2, 6, 3 * world_size, 7), 3)
     x1 = x1 * 1.5 - 0.2
     outputs = []
-    for x in (x0, x1):
+    for x in (x0, x1, x2):  # step 2 reads the halos step 1's convolutions wrote out
         band = _band(x, rank, world_size)
         fused_ctx.begin_step()
         outputs.append(fused[1](band, prologue=fused[0].prologue(band, silu=True)))
@@ -258,10 +267,11 @@ def _fused_norm_conv_body(rank, world_size, kernel_backend):
 
 @pytest.mark.parametrize("kernel_backend", ["torch", "triton"])
 def test_fused_norm_conv_equals_the_modules_one_by_one(run_ranks, kernel_backend):
-    for (fused0, plain0, fused1, plain1), whole0 in run_ranks(
+    for (fused0, plain0, fused1, plain1, fused2, plain2), whole0 in run_ranks(
         _fused_norm_conv_body, 2, kernel_backend, timeout=300
     ):
         torch.testing.assert_close(fused0.double(), whole0, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(plain0.double(), whole0, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fused1, plain1, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused2, plain2, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(fused1, fused0)  # step 1 is a different image

@@ -176,12 +176,14 @@ def test_graph_replays_equal_eager_steps(mode, rank, world_size, split_batch):
         distripy.reset(eager)
         distripy.reset(graphed)
     graphs = require_installed_forward(graphed).graphs
-    # A key (shape, exchanges, step parity) is captured the second time it is met. Synchronous
-    # modes: 2 keys (parity) per shape, each met twice in a generation -> 2 captures per shape.
-    # With a warm-up (2 of 10 steps), the warm-up keys are met once per generation: captured when
-    # the shape comes back (32 rows, generation 1), never for the 48-row shape met once; the
-    # asynchronous keys are captured in their first generation. 32 rows: 4, 48 rows: 2.
-    expected = 2 + 2 if mode in ("full_sync", "exact", "naive_patch") else 4 + 2
+    # A key (shape, exchanges, whether the step computes the conditioning's cross-attention keys
+    # and values, step parity) is captured the second time it is met. A generation's first step
+    # computes them (its own key, met once per generation: captured when the 32-row shape comes
+    # back in generation 1, never for the 48-row shape met once). Synchronous modes: then 2 keys
+    # (parity) per shape, each met twice in a generation -> 32 rows: 3, 48 rows: 2. With a warm-up
+    # (2 of 10 steps), both warm-up keys are met once per generation (32 rows only); the
+    # asynchronous keys are captured in their first generation -> 32 rows: 4, 48 rows: 2.
+    expected = 3 + 2 if mode in ("full_sync", "exact", "naive_patch") else 4 + 2
     assert graphs.captures == expected
     assert graphs.replays > graphs.captures
 

@@ -16,12 +16,31 @@ fused into them later still applies. Both mirror diffusers' ``AttnProcessor2_0``
   the prompt embeddings only, which do not change during a generation: they are computed once per
   generation and reused while the embeddings are the same tensor, unmodified (same storage, shape,
   strides and version counter; the cache holds the tensor, so its memory cannot be reused by
-  another while cached), and recomputed otherwise.
+  another while cached), and recomputed otherwise. Under CUDA graphs they live in a persistent
+  buffer that the graphs read; a step whose conditioning may have changed
+  (``PatchContext.refresh_conditioning``, decided on the host by the UNet wrapper) computes them
+  into it again.
+
+How the self-attention's keys and values travel, so that a step makes one copy of them:
+
+* One projection: ``to_q``, ``to_k`` and ``to_v`` of the same input run as one GEMM over their
+  stacked weights (``_FusedProjection``). The stacked weight is the only copy: the three layers'
+  weights become views of it (same values, no extra memory). A layer replaced or wrapped since (a
+  LoRA's layer, a weight assigned anew) is seen, and the three run apart until they are plain again.
+* Keys and values side by side, batch-major: the gathered buffer is ``(B, bands, tallest, 2 x
+  inner)``, filled by one all-gather per batch item (in one ``group()``), so that for equal bands
+  the image's sequence of keys (values) is a view of it: ``(B, bands x tallest, inner)`` with rows
+  ``2 x inner`` apart, which scaled-dot-product attention reads in place. The band's own keys and
+  values are written once, into its own slot of the buffer it attends over; a stale step sends them
+  from there (the buffer is this module's alone until its next step).
+* Bands of unequal height travel padded to the tallest; their sequence is cut out of the padded
+  slots (one copy).
 """
 
 from typing import Optional, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from distripy.errors import InputError, StepError
@@ -60,54 +79,47 @@ class PatchSelfAttnProcessor(PatchState):
         if context is not None:
             self.attach(context, path)
 
-    def _gather_buffers(self, tallest: int, key: torch.Tensor, value: torch.Tensor):
-        ctx = self.patch_context
-        bands = ctx.band_count
-        batch = key.shape[0]
-        return (
-            ctx.new_buffer(self, "keys", (bands, batch, tallest, key.shape[2]), key),
-            ctx.new_buffer(self, "values", (bands, batch, tallest, value.shape[2]), value),
-        )
-
-    def _image_keys_values(self, key: torch.Tensor, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of every band, (B, image tokens, inner), in band (= image row) order.
-
-        Bands of unequal height (``BandLayout``) travel padded to the tallest band's tokens: the
-        all-gather needs equal blocks; each band's own tokens are cut out after."""
+    def _image_keys_values(self, projected: "_KeysValues") -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every band, (B, image tokens, inner) each, in band (= image row) order:
+        views of the gathered buffer for equal bands (module docstring)."""
         ctx = self.patch_context
         exchange = ctx.activation_exchange
         if exchange is ActivationExchange.NONE:
-            return key, value
-        lengths = ctx.band_sizes(key.shape[1])
+            return projected.key, projected.value
+        own = projected.tokens
+        lengths = ctx.band_sizes(own)
         tallest = max(lengths)
+        batch, width = projected.batch, 2 * projected.inner
+        like = projected.key
         if exchange is ActivationExchange.SYNC:
-            keys, values = self._gather_buffers(tallest, key, value)
-            send_key, send_value = pad_to(key, tallest, dim=1), pad_to(value, tallest, dim=1)
+            gathered = ctx.new_buffer(self, "keys_values", (batch, ctx.band_count, tallest, width), like)
+            send = ctx.new_buffer(self, "send", (batch, tallest, width), like)
+            projected.write_into(send[:, :own])
             with ctx.comm.group():
-                works = (ctx.comm.all_gather(send_key, keys), ctx.comm.all_gather(send_value, values))
+                works = [ctx.comm.all_gather(send[item], gathered[item]) for item in range(batch)]
             for work in works:
                 work.wait()
-            self.keep_exchange((), keys, values)
+            self.keep_exchange((), gathered)
         elif exchange is ActivationExchange.STALE:
-            keys, values = self.take_stale()
-            # The stale buffers are this module's alone: this band's slot takes the fresh rows.
-            own = key.shape[1]
-            keys[ctx.band_index, :, :own].copy_(key)
-            values[ctx.band_index, :, :own].copy_(value)
-            fresh_keys, fresh_values = self._gather_buffers(tallest, key, value)
-            send_key, send_value = pad_to(key, tallest, dim=1), pad_to(value, tallest, dim=1)
+            (gathered,) = self.take_stale()
+            if torch.is_grad_enabled() and projected.key.requires_grad:
+                # the previous step's attention saved views of it for its backward: write a copy
+                gathered = gathered.clone()
+            # The stale buffer is this module's alone: its own slot takes this step's keys and
+            # values, and is what this step sends, at the next checkpoint, for the next step.
+            send = gathered[:, ctx.band_index]
+            projected.write_into(send[:, :own])
+            fresh = ctx.new_buffer(self, "keys_values", gathered.shape, like)
 
             def issue() -> None:
-                works = (
-                    ctx.comm.all_gather(send_key, fresh_keys),
-                    ctx.comm.all_gather(send_value, fresh_values),
-                )
-                self.keep_exchange(works, fresh_keys, fresh_values)
+                works = [ctx.comm.all_gather(send[item], fresh[item]) for item in range(batch)]
+                self.keep_exchange(works, fresh)
 
             ctx.defer(issue)
         else:
             raise AssertionError(f"unhandled activation exchange {exchange!r}")
-        return _bands_to_sequence(keys, lengths), _bands_to_sequence(values, lengths)
+        sequence = _bands_to_sequence(gathered, lengths)
+        return sequence[..., : projected.inner], sequence[..., projected.inner :]
 
     def __call__(
         self,
@@ -132,30 +144,56 @@ class PatchSelfAttnProcessor(PatchState):
                     "parallelism (its key tokens would span every band)"
                 )
         tokens = _Tokens(attn, hidden_states)
-        if getattr(attn, "fused_projections", False):
-            query, key, value = attn.to_qkv(tokens.hidden).chunk(3, dim=-1)
-            key, value = key.contiguous(), value.contiguous()
-        else:
-            query = attn.to_q(tokens.hidden)
-            key = attn.to_k(tokens.hidden)
-            value = attn.to_v(tokens.hidden)
-        mask = tokens.mask(attention_mask, key.shape[1])  # only unpatched: patched refuses masks
+        query, projected = self._project(attn, tokens.hidden)
+        mask = tokens.mask(attention_mask, projected.tokens)  # only unpatched: patched refuses masks
         if patched and ctx.activation_exchange is ActivationExchange.OVERLAPPED:
-            return tokens.finish(self._blockwise(attn, query, key, value))
-        if patched:
-            key, value = self._image_keys_values(key, value)
+            return tokens.finish(self._blockwise(attn, query, projected))
+        key, value = self._image_keys_values(projected) if patched else (projected.key, projected.value)
         return tokens.finish(_attend(attn, query, key, value, mask))
 
-    def _blockwise(self, attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def _project(self, attn, hidden: torch.Tensor) -> Tuple[torch.Tensor, "_KeysValues"]:
+        """The query and the keys/values of ``hidden``: one GEMM when the projections are fused
+        (diffusers' ``fuse_projections``, or this processor's ``_FusedProjection``)."""
+        if getattr(attn, "fused_projections", False):
+            qkv = attn.to_qkv(hidden)
+        else:
+            fused = self._fused_projection(attn)
+            if fused is None:
+                return attn.to_q(hidden), _KeysValues(attn.to_k(hidden), attn.to_v(hidden))
+            qkv = fused(hidden)
+        inner = qkv.shape[-1] // 3
+        return qkv[..., :inner], _KeysValues.side_by_side(qkv[..., inner:])
+
+    def _fused_projection(self, attn) -> Optional["_FusedProjection"]:
+        """The processor's fused q/k/v projection of ``attn`` if it still holds, made (again) when
+        the three layers allow it; None to run them apart. Not checked while torch.compile traces
+        (a traced step runs what the eager checks decided) and not made during a CUDA-graph capture
+        (its eager step before made it)."""
+        fused = getattr(self, "_fused", None)
+        if torch.is_grad_enabled() and attn.to_q.weight.requires_grad:
+            return None  # the stacked weight is no leaf of autograd: the layers' own GEMMs then
+        if torch.compiler.is_compiling():
+            return fused
+        if fused is not None and fused.holds(attn):
+            return fused
+        self._fused = None
+        ctx = self.patch_context
+        if ctx is not None and ctx.capturing:
+            return None
+        self._fused = _FusedProjection.of(attn)
+        return self._fused
+
+    def _blockwise(self, attn, query: torch.Tensor, projected: "_KeysValues") -> torch.Tensor:
         """The overlapped step's attention (module docstring): one shift per other band (grouped
         into launches of ``SHIFT_LAUNCH_BYTES``), every one issued before any block is computed;
         block ``d`` (band ``index - d``'s) merged once it is in."""
         ctx = self.patch_context
         backend = ctx.kernel_backend
-        inner = key.shape[-1]
-        lengths = ctx.band_sizes(key.shape[1])
+        inner = projected.inner
+        key, value = projected.key, projected.value
+        lengths = ctx.band_sizes(projected.tokens)
         # One transfer per band for both; unequal bands travel padded to the tallest.
-        block = pad_to(torch.cat((key, value), dim=-1), max(lengths), dim=1)
+        block = pad_to(projected.block(), max(lengths), dim=1)
         received = [ctx.new_buffer(self, f"block{d}", block.shape, block) for d in range(1, ctx.band_count)]
         per_launch = max(1, SHIFT_LAUNCH_BYTES // max(1, block.numel() * block.element_size()))
         works = []
@@ -184,11 +222,12 @@ class PatchSelfAttnProcessor(PatchState):
 class PatchCrossAttnProcessor:
     """Cross-attention with its keys and values computed once per generation (module docstring).
 
-    The cache is used inside a patch-parallel step only, not with CUDA graphs (a replayed graph
-    computes them anyway, without launch cost) or under torch.compile, and not for embeddings made under
-    ``torch.inference_mode`` (they keep no version counter, so a change in place could not be
-    seen; ``torch.no_grad``, which diffusers' pipelines use, is fine). Made without a context it
-    is unbound, as ``PatchSelfAttnProcessor``."""
+    Eagerly, the cache is used inside a patch-parallel step only, not under torch.compile, and not
+    for embeddings made under ``torch.inference_mode`` (they keep no version counter, so a change in
+    place could not be seen; ``torch.no_grad``, which diffusers' pipelines use, is fine). Under CUDA
+    graphs (``static_buffers``) they are kept in a persistent buffer instead, refreshed when the
+    UNet wrapper says the conditioning may have changed. Made without a context it is unbound, as
+    ``PatchSelfAttnProcessor``."""
 
     def __init__(self, context: Optional[PatchContext] = None, path: str = "") -> None:
         self.patch_context = context
@@ -212,6 +251,8 @@ class PatchCrossAttnProcessor:
 
     def _keys_values(self, attn, encoder_hidden_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         ctx = self.patch_context
+        if ctx.active and ctx.static_buffers and not torch.compiler.is_compiling():
+            return self._persistent_keys_values(attn, encoder_hidden_states)
         # An inference-mode tensor has no version counter: a change in place would go unseen.
         cacheable = (
             ctx.active
@@ -222,16 +263,49 @@ class PatchCrossAttnProcessor:
         fingerprint = self._fingerprint(attn, encoder_hidden_states) if cacheable else None
         if fingerprint is not None and self._cache is not None and self._cache[0] == fingerprint:
             return self._cache[2], self._cache[3]
-        context = encoder_hidden_states
-        if attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        key, value = attn.to_k(context), attn.to_v(context)
+        key, value = self._project_context(attn, encoder_hidden_states)
         if torch.compiler.is_compiling():  # a counter read in the trace would guard each step on it
             return key, value
         self.computed += 1
         # The embeddings are held with their keys and values: their memory stays theirs.
         self._cache = None if fingerprint is None else (fingerprint, encoder_hidden_states, key, value)
         return key, value
+
+    def _persistent_keys_values(self, attn, encoder_hidden_states: torch.Tensor):
+        """Under CUDA graphs: the keys and values in one persistent buffer that every graph of the
+        input signature reads, computed into it when the step's conditioning may have changed
+        (``PatchContext.refresh_conditioning``; a graph captured for such a step computes them on
+        every replay), read as they are otherwise."""
+        ctx = self.patch_context
+        batch, tokens = encoder_hidden_states.shape[:2]
+        if ctx.refresh_conditioning:
+            key, value = self._project_context(attn, encoder_hidden_states)
+            both = ctx.new_buffer(
+                self, "keys_values", (batch, tokens, key.shape[-1] + value.shape[-1]), key, per_parity=False
+            )
+            both[..., : key.shape[-1]].copy_(key)
+            both[..., key.shape[-1] :].copy_(value)
+            self.computed += 1
+            self._persistent_width = key.shape[-1]
+        else:
+            width = getattr(self, "_persistent_width", None)
+            if width is None:
+                raise StepError(
+                    f"{self.patch_path}: a step that reuses the cross-attention keys and values came "
+                    "before any step that computed them"
+                )
+            both = ctx.new_buffer(
+                self, "keys_values", (batch, tokens, 2 * width), encoder_hidden_states, per_parity=False
+            )
+        width = self._persistent_width
+        return both[..., :width], both[..., width:]
+
+    @staticmethod
+    def _project_context(attn, encoder_hidden_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        context = encoder_hidden_states
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        return attn.to_k(context), attn.to_v(context)
 
     def __call__(
         self,
@@ -282,7 +356,9 @@ class _Tokens:
             hidden_states = hidden_states.transpose(-1, -2).reshape(self.map_shape)
         if attn.residual_connection:
             hidden_states = hidden_states + self.residual
-        return hidden_states / attn.rescale_output_factor
+        if attn.rescale_output_factor != 1.0:  # a division by one is a kernel that changes nothing
+            hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
 
 
 class _Heads:
@@ -332,9 +408,101 @@ def _attend(attn, query, key, value, attention_mask) -> torch.Tensor:
 
 
 def _bands_to_sequence(gathered: torch.Tensor, lengths: Tuple[int, ...]) -> torch.Tensor:
-    """(bands, B, tallest, inner), band ``b``'s tokens first ``lengths[b]`` of its slot ->
-    (B, sum(lengths), inner); a view when B == 1 and the bands are equal."""
-    bands, batch, tallest, inner = gathered.shape
+    """(B, bands, tallest, width), band ``b``'s tokens first ``lengths[b]`` of its slot ->
+    (B, sum(lengths), width); a view when the bands are equal."""
+    batch, bands, tallest, width = gathered.shape
     if all(length == tallest for length in lengths):
-        return gathered.transpose(0, 1).reshape(batch, bands * tallest, inner)
-    return torch.cat([gathered[b, :, :length] for b, length in enumerate(lengths)], dim=1)
+        return gathered.view(batch, bands * tallest, width)
+    return torch.cat([gathered[:, b, :length] for b, length in enumerate(lengths)], dim=1)
+
+
+class _KeysValues:
+    """A band's keys and values, ``(B, tokens, inner)`` each: side by side in one tensor (views of
+    a fused projection's output, or of a gathered buffer), or two tensors."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor, both: Optional[torch.Tensor] = None) -> None:
+        self.key = key
+        self.value = value
+        self.both = both  # (B, tokens, 2 x inner) holding key | value, when they are side by side
+        self.batch, self.tokens, self.inner = key.shape
+
+    @classmethod
+    def side_by_side(cls, both: torch.Tensor) -> "_KeysValues":
+        inner = both.shape[-1] // 2
+        return cls(both[..., :inner], both[..., inner:], both)
+
+    def write_into(self, slot: torch.Tensor) -> None:
+        """Into ``slot`` (B, tokens, 2 x inner): one copy when side by side, two otherwise."""
+        if self.both is not None:
+            slot.copy_(self.both)
+        else:
+            slot[..., : self.inner].copy_(self.key)
+            slot[..., self.inner :].copy_(self.value)
+
+    def block(self) -> torch.Tensor:
+        """``(B, tokens, 2 x inner)`` keys | values in one contiguous tensor (one transfer)."""
+        if self.both is not None:
+            return self.both.contiguous()
+        return torch.cat((self.key, self.value), dim=-1)
+
+
+class _FusedProjection:
+    """``to_q``, ``to_k`` and ``to_v`` as one GEMM over their stacked weights, the three layers'
+    weights made views of the stacked one (no second copy of them; the layers compute what they
+    did). ``holds`` checks that the layers are still those plain ``nn.Linear`` layers, unhooked,
+    over the same storage: a LoRA layer wrapped around one, a weight assigned anew (a safe LoRA
+    merge, ``.to()``) or a hook ends it."""
+
+    def __init__(self, layers: Tuple[nn.Linear, ...], weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        self.layers = layers
+        self.weight = weight
+        self.bias = bias
+
+    @staticmethod
+    def _plain(layer) -> bool:
+        return type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks)
+
+    @classmethod
+    def of(cls, attn) -> Optional["_FusedProjection"]:
+        """The fused projection of ``attn``'s three layers, or None where they cannot be fused
+        (not plain linear layers, unlike inputs, dtypes or devices, a bias on some only)."""
+        layers = (attn.to_q, attn.to_k, attn.to_v)
+        if not all(cls._plain(layer) for layer in layers):
+            return None
+        weights = [layer.weight for layer in layers]
+        biases = [layer.bias for layer in layers]
+        first = weights[0]
+        if any(w.shape[1] != first.shape[1] or w.dtype != first.dtype or w.device != first.device for w in weights):
+            return None
+        if any(b is None for b in biases) and not all(b is None for b in biases):
+            return None
+        if weights[1].shape != weights[2].shape or weights[0].shape[0] != weights[1].shape[0]:
+            return None  # the query's width must equal the keys' and values' (split in thirds)
+        with torch.no_grad():
+            weight = torch.cat([w.detach() for w in weights])
+            bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+            start = 0
+            for layer in layers:
+                rows = layer.weight.shape[0]
+                layer.weight.data = weight[start : start + rows]
+                if bias is not None:
+                    layer.bias.data = bias[start : start + rows]
+                start += rows
+        return cls(layers, weight, bias)
+
+    def holds(self, attn) -> bool:
+        layers = (attn.to_q, attn.to_k, attn.to_v)
+        if any(a is not b or not self._plain(a) for a, b in zip(layers, self.layers)):
+            return False
+        start = 0
+        for layer in layers:
+            rows = layer.weight.shape[0]
+            if layer.weight.data_ptr() != self.weight[start].data_ptr():
+                return False
+            if self.bias is not None and (layer.bias is None or layer.bias.data_ptr() != self.bias[start].data_ptr()):
+                return False
+            start += rows
+        return True
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight, self.bias)

@@ -7,7 +7,8 @@
   band's block padded to the tallest band's, for an all-gather of equal blocks);
 * ``map_tensors``, ``tensors_in``, ``flatten_tensors`` / ``unflatten_tensors``: the tensors inside a
   call's nested arguments (dicts, lists, tuples of tensors and plain values), walked one way, by
-  torch's own pytree.
+  torch's own pytree (``flatten_tensors``, run at every CUDA-graph step, walks plain dicts, lists
+  and tuples itself, and anything else by the pytree).
 """
 
 from dataclasses import dataclass
@@ -223,24 +224,72 @@ def _describe(leaf: Any) -> Hashable:
         raise InputError(
             f"use_cuda_graph: a UNet argument of type {type(leaf).__name__} cannot be part of a graph's key"
         ) from None
-    return ("value", leaf)
+    return ("value", type(leaf), leaf)
+
+
+# What a call's arguments are made of, walked here without the pytree machinery (every step of a
+# CUDA-graph step computes a key from them): containers by exact type, and leaves that are plain
+# values. Anything else (a namedtuple, an OrderedDict, a registered pytree node, an unhashable
+# value) goes the pytree way.
+_PLAIN_LEAVES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+
+
+_NOT_PLAIN = object()  # what ``_walk`` returns for a value it leaves to the pytree
+
+
+def _walk(value: Any, tensors: List[torch.Tensor]) -> Hashable:
+    """``value``'s structure, its tensors appended to ``tensors``; ``_NOT_PLAIN`` if anything in it
+    is neither a plain container nor a plain leaf."""
+    kind = type(value)
+    if kind is dict or kind is list or kind is tuple:
+        items = value.items() if kind is dict else enumerate(value)
+        described = []
+        for key, item in items:
+            entry = _walk(item, tensors)
+            if entry is _NOT_PLAIN:
+                return _NOT_PLAIN
+            described.append((key, entry))
+        return (kind, tuple(described))
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return (torch.Tensor, value.shape, value.dtype, value.device, value.stride())
+    if isinstance(value, _PLAIN_LEAVES):
+        return (kind, value)  # the type too: 1, 1.0 and True are equal, but not the same argument
+    return _NOT_PLAIN
+
+
+def _rebuild(described: Hashable, tensors) -> Any:
+    kind, content = described[0], described[1]
+    if kind is dict:
+        return {key: _rebuild(item, tensors) for key, item in content}
+    if kind is list or kind is tuple:
+        return kind(_rebuild(item, tensors) for _, item in content)
+    if kind is torch.Tensor:
+        return next(tensors)
+    return content
 
 
 def flatten_tensors(value: Any) -> Tuple[List[torch.Tensor], Hashable]:
     """The tensors inside ``value`` and its structure with them taken out: hashable, and equal for
     two values that differ only in their tensors' contents (the key of a CUDA graph that can serve
     both). Every other value inside must be hashable."""
+    tensors: List[torch.Tensor] = []
+    described = _walk(value, tensors)
+    if described is not _NOT_PLAIN:
+        return tensors, ("plain", len(tensors), described)
     leaves, spec = tree_flatten(value)
     tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-    return tensors, (spec, tuple(_describe(leaf) for leaf in leaves))
+    return tensors, ("pytree", len(tensors), spec, tuple(_describe(leaf) for leaf in leaves))
 
 
 def unflatten_tensors(structure: Hashable, tensors: List[torch.Tensor]) -> Any:
     """The value ``flatten_tensors`` took apart, with ``tensors`` in its tensors' places."""
-    spec, described = structure
-    expected = sum(1 for kind, *_ in described if kind == "tensor")
+    expected = structure[1]
     if len(tensors) != expected:
         raise InputError(f"unflatten_tensors: {len(tensors)} tensors for a structure that holds {expected}")
+    if structure[0] == "plain":
+        return _rebuild(structure[2], iter(tensors))
+    _, _, spec, described = structure
     fresh = iter(tensors)
-    leaves = [next(fresh) if entry[0] == "tensor" else entry[1] for entry in described]
+    leaves = [next(fresh) if entry[0] == "tensor" else entry[2] for entry in described]
     return tree_unflatten(leaves, spec)

@@ -156,6 +156,25 @@ class PatchContext:
         self._static: Dict[Hashable, Dict[Tuple, torch.Tensor]] = {}
         self.capturing = False  # a CUDA-graph capture is running: no new static buffer may appear
         self._whole_inputs: List[WholeInput] = []  # this step's bands of inputs held whole
+        # Whether this step's conditioning (the prompt embeddings and what else the step is given
+        # besides the latent and the timestep) may differ from the previous step's: the values
+        # computed from it alone (cross-attention keys and values) are then computed again.
+        self.refresh_conditioning = True
+        self.parity = 0  # the current step's parity (``begin_step``)
+
+    @property
+    def kernel_backend(self) -> str:
+        """The backend of the patch layer's kernels (GroupNorm, halo convolution, attention merge):
+        the one configured, except ``"torch"`` while torch.compile traces a step. The references
+        are plain torch ops that inductor fuses with their neighbours; the Triton kernels are
+        opaque custom ops to it. Decided here, once, for every module."""
+        if torch.compiler.is_compiling():
+            return "torch"
+        return self._kernel_backend
+
+    @kernel_backend.setter
+    def kernel_backend(self, backend: str) -> None:
+        self._kernel_backend = backend
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -219,8 +238,15 @@ class PatchContext:
         self.step = -1
         self._seen.clear()
 
-    def begin_step(self) -> None:
+    def begin_step(self, refresh_conditioning: bool = True) -> None:
+        """Open the next step. ``refresh_conditioning``: whether the step's conditioning may have
+        changed since the previous step (always at a generation's first step); when it has not,
+        what was computed from it alone is reused (CUDA graphs read it from persistent buffers)."""
         self.step += 1
+        # Which set of persistent buffers this step writes: stored, not computed from the step
+        # where a buffer is asked for, so that torch.compile guards on the parity, not the step.
+        self.parity = self.step % 2
+        self.refresh_conditioning = bool(refresh_conditioning) or self.step == 0
         self._seen.clear()
         self.active = True
         # Read by every module: a stored bool, not a comparison with the step number, so that
@@ -260,14 +286,17 @@ class PatchContext:
 
     # -- buffers kept for the next step ----------------------------------------------------------
 
-    def new_buffer(self, owner: PatchState, name: str, shape, like: torch.Tensor) -> torch.Tensor:
+    def new_buffer(
+        self, owner: PatchState, name: str, shape, like: torch.Tensor, per_parity: bool = True
+    ) -> torch.Tensor:
         """An uninitialised tensor (``like``'s dtype and device) that ``owner`` keeps for the next
-        step: fresh, or with ``static_buffers`` this step parity's persistent one."""
+        step: fresh, or with ``static_buffers`` this step parity's persistent one (``per_parity``
+        false: one persistent tensor for every step, for what stays the same across steps)."""
         shape = tuple(shape)
         if not self.static_buffers:
             return like.new_empty(shape)
         buffers = self._static.setdefault(self.shape_key, {})
-        key = (owner.patch_path, name, self.step % 2)
+        key = (owner.patch_path, name, self.parity if per_parity else None)
         buffer = buffers.get(key)
         if (
             buffer is None

@@ -11,10 +11,11 @@ holds whole (the model's first convolution, ``PatchContext.cut_band``) reads its
 that tensor instead: no exchange, exact in every step and mode but ``naive_patch``.
 
 ``forward(x, prologue)`` takes the *input of a GroupNorm* and that GroupNorm's ``GroupNormPrologue``
-(from ``PatchGroupNorm.prologue``): the boundary rows sent to the neighbours are normalised (+ SiLU)
-on their own, and the band is normalised as the convolution loads it (``kernels.halo_conv``), so
-the activation between the norm and the convolution is never written out. The result is that of
-``conv(silu(norm(x)))``.
+(from ``PatchGroupNorm.prologue``): the band is normalised (+ SiLU) as the convolution reads it
+(``kernels.halo_conv``: into its halo-padded input on the cuDNN path, in the main loop on the
+Triton one), and so are the boundary rows sent to the neighbours: in a stale step the same pass
+writes them (``halo_conv2d``'s ``sends``); a synchronous step needs them before the convolution
+and normalises them on their own. The result is that of ``conv(silu(norm(x)))``.
 """
 
 from typing import Optional
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from distripy.errors import BandGeometryError, UnsupportedModuleError
-from distripy.kernels import GroupNormPrologue, halo_conv2d, halo_rows, interior_rows
+from distripy.kernels import GroupNormPrologue, halo_conv2d, halo_rows, interior_rows, write_sends
 from distripy.parallel.adopt import adopt
 from distripy.parallel.context import ActivationExchange, PatchContext, PatchState
 
@@ -67,25 +68,23 @@ class PatchConv2d(nn.Conv2d, PatchState):
         )
         return module
 
-    def _halo_buffers(self, x: torch.Tensor, prologue: Optional[GroupNormPrologue]):
+    def _halo_buffers(self, x: torch.Tensor, prologue: Optional[GroupNormPrologue], write: bool = True):
         """``(top_send, bottom_send, top_recv, bottom_recv)`` of an exchange of ``x``'s boundary rows
         (after the prologue, when there is one).
 
         The rank above needs this band's first ``halo_bottom`` rows as its bottom halo; the rank
-        below its last ``halo_top`` rows as its top halo. The sends are copies, taken now: the
-        transfer may leave later (at a checkpoint) and must not alias live activations.
+        below its last ``halo_top`` rows as its top halo. The sends are tensors of their own: the
+        transfer may leave later (at a checkpoint) and must not alias live activations. With
+        ``write`` they are filled now; otherwise the convolution fills them as it reads the band
+        (``halo_conv2d``'s ``sends``: on the cuDNN path, in the kernel that builds its input).
         """
         ctx = self.patch_context
         batch, channels, rows, width = x.shape
         first, last = ctx.band_index == 0, ctx.band_index == ctx.band_count - 1
-
-        def boundary(rows_view: torch.Tensor) -> torch.Tensor:
-            if prologue is not None:  # a new tensor already: no second copy
-                return prologue.apply(rows_view, backend=ctx.kernel_backend).contiguous()
-            return rows_view.clone(memory_format=torch.contiguous_format)
-
-        top_send = None if first else boundary(x[:, :, : self.halo_bottom])
-        bottom_send = None if last else boundary(x[:, :, rows - self.halo_top :])
+        top_send = None if first else x.new_empty((batch, channels, self.halo_bottom, width))
+        bottom_send = None if last else x.new_empty((batch, channels, self.halo_top, width))
+        if write:
+            write_sends(x, prologue, (top_send, bottom_send), ctx.kernel_backend)
         top_recv = None if first else ctx.new_buffer(self, "top", (batch, channels, self.halo_top, width), x)
         bottom_recv = (
             None if last else ctx.new_buffer(self, "bottom", (batch, channels, self.halo_bottom, width), x)
@@ -119,19 +118,21 @@ class PatchConv2d(nn.Conv2d, PatchState):
             self.keep_exchange((), top, bottom)
         elif exchange is ActivationExchange.STALE:
             top, bottom = self.take_stale()
-
-            buffers = self._halo_buffers(x, prologue)
+            # This step's boundary rows, for the next step: written by the convolution below.
+            buffers = self._halo_buffers(x, prologue, write=False)
 
             def issue() -> None:
                 self.keep_exchange((ctx.comm.halo_exchange(*buffers),), buffers[2], buffers[3])
 
             ctx.defer(issue)
+            return self._conv(x, top, bottom, prologue, sends=buffers[:2])
         elif exchange is not ActivationExchange.NONE:  # NONE: every band edge is zero padding
             raise AssertionError(f"unhandled activation exchange {exchange!r}")
         return self._conv(x, top, bottom, prologue)
 
-    def _conv(self, x, top, bottom, prologue, out=None, rows=None) -> torch.Tensor:
-        """The band's convolution (output rows ``rows`` into ``out``, see ``kernels.halo_conv2d``)."""
+    def _conv(self, x, top, bottom, prologue, out=None, rows=None, sends=(None, None)) -> torch.Tensor:
+        """The band's convolution (output rows ``rows`` into ``out``, see ``kernels.halo_conv2d``),
+        writing the activated boundary rows into ``sends``."""
         return halo_conv2d(
             x,
             top,
@@ -146,6 +147,7 @@ class PatchConv2d(nn.Conv2d, PatchState):
             backend=self.patch_context.kernel_backend,
             out=out,
             rows=rows,
+            sends=sends,
         )
 
     def _overlapped(self, x: torch.Tensor, prologue: Optional[GroupNormPrologue]) -> torch.Tensor:

@@ -8,6 +8,13 @@ with this band's from this step (stale); or the band's own (local: ``separate_gn
 warm-up, ``naive_patch``). In the corrected and stale cases this step's sums are all-reduced in the
 background for the next step.
 
+Kernels per layer (Triton backend): the band's partial sums per spatial chunk
+(``group_norm_partial_stats``), then one op that adds the chunks and, besides, writes the band's
+sums into the buffers the exchange keeps (the one the all-reduce works in, the one kept for the
+next step's correction): in an asynchronous step ``group_norm_mean_rstd`` with ``sums_out``; in a
+synchronous step ``group_norm_sum_partials``, the all-reduce in place, then ``group_norm_mean_rstd``
+of the image's sums. No separate copy into the kept buffers, with or without ``static_buffers``.
+
 ``prologue(x)`` stops before the normalisation and returns it as a ``GroupNormPrologue`` for the
 convolution that follows (the fused ResNet block path, ``parallel.resnet``).
 """
@@ -22,7 +29,8 @@ from distripy.kernels import (
     GroupNormPrologue,
     elements_per_group,
     group_norm_mean_rstd,
-    group_norm_stats,
+    group_norm_partial_stats,
+    group_norm_sum_partials,
 )
 from distripy.parallel.adopt import adopt
 from distripy.parallel.context import PatchContext, PatchState, StatisticsExchange
@@ -46,17 +54,18 @@ class PatchGroupNorm(nn.GroupNorm, PatchState):
         ctx = self.patch_context
         ctx.enter(self, self.patch_path)
         groups = self.num_groups
-        local = group_norm_stats(x, groups, backend=ctx.kernel_backend)
+        backend = ctx.kernel_backend
+        partials = group_norm_partial_stats(x, groups, backend=backend)  # (B, G, chunks, 2)
         count = elements_per_group(x, groups)
         total = ctx.image_size(count)  # bands may differ by a row: weighted by their size
         exchange = ctx.statistics_exchange
-        backend = ctx.kernel_backend
         if exchange is StatisticsExchange.LOCAL:
-            return group_norm_mean_rstd(local, count=count, eps=self.eps, backend=backend)
+            return group_norm_mean_rstd(partials, count=count, eps=self.eps, backend=backend)
         if exchange is StatisticsExchange.SYNC:
-            image = ctx.new_buffer(self, "image", local.shape, local).copy_(local)
+            image, local = self._kept_sums(partials)
+            group_norm_sum_partials(partials, sums_out=(image, local), backend=backend)
             ctx.comm.all_reduce(image).wait()
-            self.keep_exchange((), image, ctx.keep(self, "local", local))
+            self.keep_exchange((), image, local)
             return group_norm_mean_rstd(image, count=total, eps=self.eps, backend=backend)
         image_prev, local_prev = self.take_stale()
         if exchange is StatisticsExchange.CORRECTED:
@@ -65,17 +74,37 @@ class PatchGroupNorm(nn.GroupNorm, PatchState):
             combine = Combine.STALE
         else:
             raise AssertionError(f"unhandled statistics exchange {exchange!r}")
+        image, local = self._kept_sums(partials)
         mean, rstd = group_norm_mean_rstd(
-            local, image_prev, local_prev, combine, count, total / count, self.eps, backend=backend
+            partials,
+            image_prev,
+            local_prev,
+            combine,
+            count,
+            total / count,
+            self.eps,
+            backend=backend,
+            sums_out=(image, local),
         )
-        image = ctx.new_buffer(self, "image", local.shape, local).copy_(local)
-        local = ctx.keep(self, "local", local)
 
         def issue() -> None:
             self.keep_exchange((ctx.comm.all_reduce(image),), image, local)
 
         ctx.defer(issue)
         return mean, rstd
+
+    def _kept_sums(self, partials: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The buffers this step's exchange keeps, ``(B, G, 2)`` each: ``image``, all-reduced in
+        place into the image's sums, and ``local``, the band's own sums. The op that adds the band's
+        partial sums writes both (no copy); under ``static_buffers`` they are this step parity's
+        persistent ones.
+
+        Both are halves of one buffer: under torch.compile (inductor) two fresh tensors given the
+        same values can come back as one tensor (identical outputs are merged), and the all-reduce
+        of ``image`` would then change ``local`` too; two halves of one buffer cannot be merged."""
+        shape = (2, partials.shape[0], partials.shape[1], 2)
+        sums = self.patch_context.new_buffer(self, "sums", shape, partials)
+        return sums[0], sums[1]
 
     def prologue(self, x: torch.Tensor, silu: bool) -> GroupNormPrologue:
         """This step's normalisation of ``x`` (+ SiLU), to be applied by the next convolution."""

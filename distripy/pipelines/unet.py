@@ -67,7 +67,9 @@ def parallelize_unet(unet, config: DistriConfig, comm=None):
         from distripy.parallel.graphs import StepGraphs
 
         context.static_buffers = True
-        forward.graphs = StepGraphs(context, list(patch_comms.values()))
+        forward.graphs = StepGraphs(
+            context, list(patch_comms.values()), eager_runs=2 if config.compile else 1
+        )
     install_forward(unet, forward)
     return unet
 

@@ -4,8 +4,8 @@ The walk follows diffusers' ``UNet2DConditionModel`` (its blocks' channel rules)
 modules: every convolution with a kernel taller than one row exchanges halo rows (one above and one
 below for a 3x3; a stride-2 downsampler only needs the row above) -- except ``conv_in``, which
 reads its halos from the latent every rank holds; every GroupNorm all-reduces ``(B, G, 2)`` fp32
-sums; every self-attention all-gathers its keys and values (``exact``: ring shifts of both, one per
-other band); the step ends with the all-gather of the output bands. Unequal bands send blocks padded
+sums; every self-attention all-gathers its keys and values side by side, one all-gather per batch
+item (``exact``: ring shifts of both, one per other band); the step ends with the all-gather of the output bands. Unequal bands send blocks padded
 to the tallest band (``parallel.bands``). The transfers of one down/mid/up block leave together at
 the block's end in an asynchronous step (``PatchContext.add_checkpoints``), those after the last
 block at the step's end.
@@ -124,14 +124,14 @@ class _Walk:
 
     def self_attention(self, channels: int, level: int) -> None:
         tallest = max(self.rows(level, band) for band in range(len(self.units)))
-        block = self.batch * tallest * self.columns(level) * channels * self.bytes  # keys or values
+        item = tallest * self.columns(level) * 2 * channels * self.bytes  # keys | values, one item
         others = len(self.units) - 1
         if self.exact:  # keys and values together, one shift per other band
             for _ in range(others):
-                self.add("shift", "kv", 2 * block, 2 * block)
-        else:
-            for _ in range(2):
-                self.add("all_gather", "kv", block, block * others)
+                self.add("shift", "kv", self.batch * item, self.batch * item)
+        else:  # keys and values side by side, one all-gather per batch item (batch-major)
+            for _ in range(self.batch):
+                self.add("all_gather", "kv", item, item * others)
 
     def resnet(self, channels_in: int, channels_out: int, level: int, groups: int) -> None:
         self.norm(groups)
