@@ -17,7 +17,8 @@ more in launch and boundary than in bytes. This op does all of it in one kernel:
 
 The halos are taken as they are (they were activated by the band that sent them). ``padded`` has
 ``x``'s memory format. The Triton kernel runs over (batch x group, tiles of the padded buffer's
-flattened rows), each position loading from the one of the three sources it lies in.
+flattened rows, batch x group x tile of the group's channels), each position loading from the one
+of the three sources it lies in.
 """
 
 from typing import Optional, Tuple
@@ -45,18 +46,20 @@ def _halo_pad_kernel(
     o_sb, o_sc, o_ss,
     st_sb, st_sc, st_ss,
     sb_sb, sb_sc, sb_ss,
-    channels_per_group, groups,
+    channels_per_group, groups, channel_tiles,
     top_size, band_size, bottom_size, send_top_size, send_bottom_size,
     HAS_TOP: tl.constexpr, HAS_BOTTOM: tl.constexpr,
     SEND_TOP: tl.constexpr, SEND_BOTTOM: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     INDEX_64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
+    # axis 0: tiles of the flattened rows (a large band has more than a grid's 65535 along y);
+    # axis 1: (batch x group, tile of the group's channels)
+    pid = tl.program_id(1) // channel_tiles
     batch = pid // groups
     group = pid % groups
-    positions = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    local = tl.arange(0, BLOCK_C)
+    positions = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    local = (tl.program_id(1) % channel_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = local < channels_per_group
     channels = group * channels_per_group + local
     if INDEX_64:  # a tensor of 2^31 elements or more: offsets in 64 bits
@@ -196,13 +199,14 @@ def _halo_pad_launch(x, top, bottom, top_rows, bottom_rows, prologue, sends) -> 
             flat.append((None, 0, 0, 0))
         else:
             tensor_flat, sb, sc, ss, _ = flat_spatial_strides(tensor)
-            if tensor_flat is not tensor and tensor in sends:
+            if tensor_flat is not tensor and any(tensor is send for send in sends):
                 raise InputError("halo_pad: a send tensor's spatial dims must flatten to one stride")
             flat.append((tensor_flat, sb, sc, ss))
     (top, t_sb, t_sc, t_ss), (bottom, b_sb, b_sc, b_ss), (s_top, st_sb, st_sc, st_ss), (s_bot, sb_sb, sb_sc, sb_ss) = flat
     groups = 1 if prologue is None else prologue.num_groups
     per_group = x.shape[1] // groups
-    block_c = next_power_of_2(per_group)
+    block_c = min(64, next_power_of_2(per_group))  # a group's channels in tiles of at most 64
+    channel_tiles = triton.cdiv(per_group, block_c)
     block_s = max(16, min(next_power_of_2(total), 4096 // block_c))
     placeholder = out
     if prologue is None:
@@ -217,7 +221,7 @@ def _halo_pad_launch(x, top, bottom, top_rows, bottom_rows, prologue, sends) -> 
         placeholder if weight is None else weight, placeholder if bias is None else bias,
         x_sb, x_sc, x_ss, t_sb, t_sc, t_ss, b_sb, b_sc, b_ss, o_sb, o_sc, o_ss,
         st_sb, st_sc, st_ss, sb_sb, sb_sc, sb_ss,
-        per_group, groups,
+        per_group, groups, channel_tiles,
         top_rows * width, band_size, bottom_rows * width,
         0 if s_top is None else s_top.shape[2] * width, 0 if s_bot is None else s_bot.shape[2] * width,
     )  # fmt: skip
@@ -235,7 +239,7 @@ def _halo_pad_launch(x, top, bottom, top_rows, bottom_rows, prologue, sends) -> 
         BLOCK_S=block_s,
         num_warps=8 if block_c * block_s >= 4096 else 4,
     )
-    grid = (x.shape[0] * groups, triton.cdiv(total, block_s))
+    grid = (triton.cdiv(total, block_s), x.shape[0] * groups * channel_tiles)
     return Launch(_halo_pad_kernel, grid, args, flags), out
 
 

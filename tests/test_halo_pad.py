@@ -59,6 +59,9 @@ CASES = [
     (2, 5, 4, 9, 2, 0, 1, True, (0, 2)),
     (1, 4, 1, 3, 1, 1, None, False, (1, 1)),
     (3, 12, 6, 4, 0, 2, 2, True, (2, 0)),
+    # groups wider than a channel tile (64): several tiles of one group's channels
+    (1, 130, 3, 5, 1, 1, None, False, (1, 1)),
+    (1, 256, 2, 3, 1, 1, 2, True, (1, 1)),
 ]
 
 

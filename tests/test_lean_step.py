@@ -273,3 +273,28 @@ def test_steps_called_with_gradients_still_backpropagate():
         total = total + unet(latents, torch.tensor(t), **conditioning).sample.square().mean()
     total.backward()
     assert unet.conv_in.weight.grad is not None and unet.conv_in.weight.grad.abs().sum() > 0
+
+
+def test_shared_persistent_buffers_of_other_shapes_and_dtypes_coexist():
+    """A persistent buffer shared by every step (``per_parity=False``: the cross-attention keys
+    and values) is one per shape and dtype: a longer prompt gets its own, and the graphs captured
+    over the first keep reading memory that stays theirs."""
+    from distripy import DistriConfig
+    from distripy.parallel.context import PatchContext, PatchState
+    from distripy.runtime import LoopbackComm
+
+    class Owner(PatchState):
+        patch_path = "cross"
+
+    context = PatchContext(DistriConfig(), kernel_backend="torch")
+    context.static_buffers = True
+    context.start_generation(LoopbackComm(0, 2), 0, 2, shape_key="latent")
+    context.begin_step()
+    like = torch.zeros(1)
+    short = context.new_buffer(Owner(), "keys_values", (2, 7, 8), like, per_parity=False)
+    long = context.new_buffer(Owner(), "keys_values", (2, 14, 8), like, per_parity=False)
+    wide = context.new_buffer(Owner(), "keys_values", (2, 7, 8), like, per_parity=False, dtype=torch.float64)
+    context.begin_step()  # another parity: the same shared buffers
+    assert context.new_buffer(Owner(), "keys_values", (2, 7, 8), like, per_parity=False) is short
+    assert context.new_buffer(Owner(), "keys_values", (2, 14, 8), like, per_parity=False) is long
+    assert wide.dtype == torch.float64 and wide is not short

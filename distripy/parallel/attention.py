@@ -170,10 +170,13 @@ class PatchSelfAttnProcessor(PatchState):
         (a traced step runs what the eager checks decided) and not made during a CUDA-graph capture
         (its eager step before made it)."""
         fused = getattr(self, "_fused", None)
-        if torch.is_grad_enabled() and attn.to_q.weight.requires_grad:
+        layers = (attn.to_q, attn.to_k, attn.to_v)
+        if torch.is_grad_enabled() and any(p.requires_grad for layer in layers for p in layer.parameters()):
             return None  # the stacked weight is no leaf of autograd: the layers' own GEMMs then
         if torch.compiler.is_compiling():
-            return fused
+            # the eager checks decided; that the layers are still these is guarded on in the trace
+            same = fused is not None and all(a is b for a, b in zip(layers, fused.layers))
+            return fused if same else None
         if fused is not None and fused.holds(attn):
             return fused
         self._fused = None
@@ -277,27 +280,26 @@ class PatchCrossAttnProcessor:
         (``PatchContext.refresh_conditioning``; a graph captured for such a step computes them on
         every replay), read as they are otherwise."""
         ctx = self.patch_context
-        batch, tokens = encoder_hidden_states.shape[:2]
+        written = self.__dict__.setdefault("_persistent", {})  # input signature -> (shape, dtype, width)
         if ctx.refresh_conditioning:
             key, value = self._project_context(attn, encoder_hidden_states)
-            both = ctx.new_buffer(
-                self, "keys_values", (batch, tokens, key.shape[-1] + value.shape[-1]), key, per_parity=False
-            )
+            shape = key.shape[:-1] + (key.shape[-1] + value.shape[-1],)
+            both = ctx.new_buffer(self, "keys_values", shape, key, per_parity=False)
             both[..., : key.shape[-1]].copy_(key)
             both[..., key.shape[-1] :].copy_(value)
             self.computed += 1
-            self._persistent_width = key.shape[-1]
+            written[ctx.shape_key] = (tuple(shape), key.dtype, key.shape[-1])
         else:
-            width = getattr(self, "_persistent_width", None)
-            if width is None:
+            spec = written.get(ctx.shape_key)
+            if spec is None:
                 raise StepError(
                     f"{self.patch_path}: a step that reuses the cross-attention keys and values came "
-                    "before any step that computed them"
+                    "before any step of its input signature that computed them"
                 )
-            both = ctx.new_buffer(
-                self, "keys_values", (batch, tokens, 2 * width), encoder_hidden_states, per_parity=False
-            )
-        width = self._persistent_width
+            shape, dtype, width = spec
+            # exactly the buffer the last computing step wrote (its shape and dtype)
+            both = ctx.new_buffer(self, "keys_values", shape, encoder_hidden_states, per_parity=False, dtype=dtype)
+        width = written[ctx.shape_key][2]
         return both[..., :width], both[..., width:]
 
     @staticmethod
@@ -499,6 +501,8 @@ class _FusedProjection:
             rows = layer.weight.shape[0]
             if layer.weight.data_ptr() != self.weight[start].data_ptr():
                 return False
+            if self.bias is None and layer.bias is not None:
+                return False  # a bias added since
             if self.bias is not None and (layer.bias is None or layer.bias.data_ptr() != self.bias[start].data_ptr()):
                 return False
             start += rows

@@ -287,21 +287,31 @@ class PatchContext:
     # -- buffers kept for the next step ----------------------------------------------------------
 
     def new_buffer(
-        self, owner: PatchState, name: str, shape, like: torch.Tensor, per_parity: bool = True
+        self,
+        owner: PatchState,
+        name: str,
+        shape,
+        like: torch.Tensor,
+        per_parity: bool = True,
+        dtype: Optional[torch.dtype] = None,
     ) -> torch.Tensor:
-        """An uninitialised tensor (``like``'s dtype and device) that ``owner`` keeps for the next
-        step: fresh, or with ``static_buffers`` this step parity's persistent one (``per_parity``
-        false: one persistent tensor for every step, for what stays the same across steps)."""
+        """An uninitialised tensor (``like``'s device, ``dtype`` or ``like``'s) that ``owner`` keeps
+        for the next step: fresh, or with ``static_buffers`` this step parity's persistent one
+        (``per_parity`` false: one persistent tensor for every step of the input signature, per
+        shape and dtype, for what stays the same across steps)."""
         shape = tuple(shape)
+        dtype = like.dtype if dtype is None else dtype
         if not self.static_buffers:
-            return like.new_empty(shape)
+            return like.new_empty(shape, dtype=dtype)
         buffers = self._static.setdefault(self.shape_key, {})
-        key = (owner.patch_path, name, self.parity if per_parity else None)
+        # A shared buffer is keyed by its shape and dtype too: another shape of the same name (a
+        # longer prompt) is another buffer, and the graphs that read the first keep reading it.
+        key = (owner.patch_path, name, self.parity) if per_parity else (owner.patch_path, name, shape, dtype)
         buffer = buffers.get(key)
         if (
             buffer is None
             or tuple(buffer.shape) != shape
-            or buffer.dtype != like.dtype
+            or buffer.dtype != dtype
             or buffer.device != like.device
         ):
             if self.capturing:
@@ -309,7 +319,7 @@ class PatchContext:
                     f"{owner.patch_path}: buffer {name!r} {shape} first appeared inside a CUDA-graph "
                     "capture; the eager step before the capture should have made it"
                 )
-            buffer = like.new_empty(shape)
+            buffer = like.new_empty(shape, dtype=dtype)
             buffers[key] = buffer
         return buffer
 
