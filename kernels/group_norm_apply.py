@@ -20,7 +20,14 @@ from distripy.kernels._backend import use_triton
 from distripy.kernels._launch import Launch
 from distripy.kernels._layout import flat_spatial_strides, needs_64_bit_offsets, next_power_of_2
 
-__all__ = ["GroupNormPrologue", "group_norm_apply", "group_norm_apply_reference", "group_norm_apply_triton"]
+__all__ = [
+    "GroupNormPrologue",
+    "group_norm_apply",
+    "group_norm_apply_reference",
+    "group_norm_apply_triton",
+    "prologue_from_op_args",
+    "prologue_op_args",
+]
 
 
 @triton.jit
@@ -243,3 +250,18 @@ class GroupNormPrologue(NamedTuple):
             out=out,
             backend=backend,
         )
+
+
+def prologue_op_args(prologue: Optional[GroupNormPrologue]) -> tuple:
+    """``prologue`` as the flat arguments a ``torch.library`` op takes (mean, rstd, weight, bias,
+    num_groups, silu); Nones, 1 and False for no prologue."""
+    if prologue is None:
+        return None, None, None, None, 1, False
+    return tuple(prologue)
+
+
+def prologue_from_op_args(mean, rstd, weight, bias, num_groups, silu) -> Optional[GroupNormPrologue]:
+    """The ``GroupNormPrologue`` of ``prologue_op_args``' arguments (None without a mean)."""
+    if mean is None:
+        return None
+    return GroupNormPrologue(mean, rstd, weight, bias, num_groups, silu)

@@ -50,7 +50,7 @@ from distripy.errors import InputError
 from distripy.kernels._backend import on_gpu
 from distripy.kernels._launch import Launch
 from distripy.kernels._layout import needs_64_bit_offsets
-from distripy.kernels.group_norm_apply import GroupNormPrologue
+from distripy.kernels.group_norm_apply import GroupNormPrologue, prologue_from_op_args, prologue_op_args
 from distripy.kernels.halo_pad import halo_pad
 
 __all__ = [
@@ -676,18 +676,6 @@ def halo_conv2d_cudnn(
     return _place(result, x, weight, conv, out, begin, end)
 
 
-def _prologue_args(prologue: Optional[GroupNormPrologue]):
-    if prologue is None:
-        return None, None, None, None, 1, False
-    return prologue
-
-
-def _prologue_from_args(mean, rstd, norm_weight, norm_bias, num_groups, silu):
-    if mean is None:
-        return None
-    return GroupNormPrologue(mean, rstd, norm_weight, norm_bias, num_groups, silu)
-
-
 @torch.library.custom_op("distripy::halo_conv2d", mutates_args=())
 def _halo_conv2d_op(
     x: torch.Tensor,
@@ -705,7 +693,7 @@ def _halo_conv2d_op(
     num_groups: int,
     silu: bool,
 ) -> torch.Tensor:
-    prologue = _prologue_from_args(norm_mean, norm_rstd, norm_weight, norm_bias, num_groups, silu)
+    prologue = prologue_from_op_args(norm_mean, norm_rstd, norm_weight, norm_bias, num_groups, silu)
     return halo_conv2d_triton(x, top, bottom, weight, bias, stride, padding, dilation, 1, prologue)
 
 
@@ -741,7 +729,7 @@ def _halo_conv2d_rows_op(
     row_end: int,
 ) -> None:
     """The Triton kernel writing the output rows ``[row_begin, row_end)`` into ``out`` in place."""
-    prologue = _prologue_from_args(norm_mean, norm_rstd, norm_weight, norm_bias, num_groups, silu)
+    prologue = prologue_from_op_args(norm_mean, norm_rstd, norm_weight, norm_bias, num_groups, silu)
     halo_conv2d_triton(
         x, top, bottom, weight, bias, stride, padding, dilation, 1, prologue, out, (row_begin, row_end)
     )
@@ -806,13 +794,13 @@ def halo_conv2d(
         ints = (list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)))
         if out is None and rows is None:
             return torch.ops.distripy.halo_conv2d(
-                x, top, bottom, weight, bias, *ints, *_prologue_args(prologue)
+                x, top, bottom, weight, bias, *ints, *prologue_op_args(prologue)
             )
         conv = _band_conv(x, top, bottom, weight, stride, padding, dilation, prologue)
         begin, end = _check_range(x, weight, conv, out, rows)
         out = _empty_output(x, weight, conv) if out is None else out
         torch.ops.distripy.halo_conv2d_rows_(
-            x, top, bottom, weight, bias, *ints, *_prologue_args(prologue), out, begin, end
+            x, top, bottom, weight, bias, *ints, *prologue_op_args(prologue), out, begin, end
         )
         return out
     if backend in ("triton", "cudnn"):

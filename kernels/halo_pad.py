@@ -31,7 +31,12 @@ from distripy.errors import InputError
 from distripy.kernels._backend import use_triton
 from distripy.kernels._launch import Launch
 from distripy.kernels._layout import flat_spatial_strides, needs_64_bit_offsets, next_power_of_2
-from distripy.kernels.group_norm_apply import GroupNormPrologue, group_norm_apply_reference
+from distripy.kernels.group_norm_apply import (
+    GroupNormPrologue,
+    group_norm_apply_reference,
+    prologue_from_op_args,
+    prologue_op_args,
+)
 
 __all__ = ["halo_pad", "halo_pad_reference", "halo_pad_triton"]
 
@@ -266,19 +271,13 @@ def _halo_pad_op(
     send_top: Optional[torch.Tensor],
     send_bottom: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    prologue = None if mean is None else GroupNormPrologue(mean, rstd, weight, bias, num_groups, silu)
+    prologue = prologue_from_op_args(mean, rstd, weight, bias, num_groups, silu)
     return halo_pad_triton(x, top, bottom, top_rows, bottom_rows, prologue, (send_top, send_bottom))
 
 
 @_halo_pad_op.register_fake
 def _(x, top, bottom, top_rows, bottom_rows, *rest):
     return _new_padded(x, top_rows, bottom_rows)
-
-
-def _prologue_parts(prologue):
-    if prologue is None:
-        return None, None, None, None, 1, False
-    return prologue.mean, prologue.rstd, prologue.weight, prologue.bias, prologue.num_groups, prologue.silu
 
 
 def halo_pad(
@@ -298,5 +297,5 @@ def halo_pad(
     sends = tuple(sends)
     _check(x, top, bottom, top_rows, bottom_rows, prologue, sends)
     if use_triton(backend, x, "halo_pad"):
-        return torch.ops.distripy.halo_pad(x, top, bottom, top_rows, bottom_rows, *_prologue_parts(prologue), *sends)
+        return torch.ops.distripy.halo_pad(x, top, bottom, top_rows, bottom_rows, *prologue_op_args(prologue), *sends)
     return halo_pad_reference(x, top, bottom, top_rows, bottom_rows, prologue, sends)
