@@ -18,6 +18,7 @@ LAYERS = {
     "errors": "errors",
     "_version": "errors",
     "config": "config",
+    "geometry": "geometry",
     "planning": "planning",
     "kernels": "kernels",
     "runtime": "runtime",
@@ -30,19 +31,20 @@ LAYERS = {
     "cli": "cli",
 }
 # What each layer may import besides itself: cli -> demo, serving -> api -> pipelines -> parallel ->
-# kernels, runtime, planning -> errors, config.
+# kernels, runtime, planning -> geometry -> config -> errors.
 BELOW = {
     "errors": set(),
     "config": {"errors"},
-    "planning": {"config", "errors"},
+    "geometry": {"config", "errors"},
+    "planning": {"geometry", "config", "errors"},
     "kernels": {"config", "errors"},
     "runtime": {"config", "errors"},
-    "parallel": {"kernels", "runtime", "planning", "config", "errors"},
-    "pipelines": {"parallel", "kernels", "runtime", "planning", "config", "errors"},
-    "api": {"pipelines", "parallel", "kernels", "runtime", "planning", "config", "errors"},
-    "demo": {"api", "pipelines", "parallel", "kernels", "runtime", "planning", "config", "errors"},
-    "serving": {"api", "pipelines", "parallel", "kernels", "runtime", "planning", "config", "errors"},
-    "cli": {"demo", "serving", "api", "pipelines", "parallel", "kernels", "runtime", "planning", "config", "errors"},
+    "parallel": {"kernels", "runtime", "planning", "geometry", "config", "errors"},
+    "pipelines": {"parallel", "kernels", "runtime", "planning", "geometry", "config", "errors"},
+    "api": {"pipelines", "parallel", "kernels", "runtime", "planning", "geometry", "config", "errors"},
+    "demo": {"api", "pipelines", "parallel", "kernels", "runtime", "planning", "geometry", "config", "errors"},
+    "serving": {"api", "pipelines", "parallel", "kernels", "runtime", "planning", "geometry", "config", "errors"},
+    "cli": {"demo", "serving", "api", "pipelines", "parallel", "kernels", "runtime", "planning", "geometry", "config", "errors"},
 }
 
 
