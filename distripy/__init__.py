@@ -5,7 +5,9 @@ and uses its neighbours' activations from the previous denoising step, exchanged
 while it computes. See README.md and docs/architecture.md.
 
 The public API: ``distripy.init()`` (torch.distributed from torchrun's environment),
-``distripy.DistriConfig``, ``distripy.parallelize(model, config)``, ``distripy.reset(model)``,
+``distripy.DistriConfig``, ``distripy.parallelize(model, config)`` and
+``distripy.unparallelize(model)``, ``distripy.reset(model, steps=)`` and
+``with distripy.generation(model, steps=):`` (a bare model's generations, declared),
 ``distripy.patch_context(model)``, ``distripy.choose_mode(config, steps)``,
 ``distripy.reconfigure(model, mode=...)``, ``distripy.alone(model)`` (calls on this rank by
 itself), ``distripy.Engine`` (N ranks driven from one process), ``distripy.plan(gpus, size,
@@ -33,12 +35,14 @@ _LAZY = {
     "QualityWarning": "distripy.api",
     "alone": "distripy.api",
     "choose_mode": "distripy.api",
+    "generation": "distripy.api",
     "init": "distripy.runtime.distributed",
     "parallelize": "distripy.api",
     "patch_context": "distripy.api",
     "plan": "distripy.api",
     "reconfigure": "distripy.api",
     "reset": "distripy.api",
+    "unparallelize": "distripy.api",
 }
 
 __all__ = [
@@ -49,12 +53,14 @@ __all__ = [
     "__version__",
     "alone",
     "choose_mode",
+    "generation",
     "init",
     "parallelize",
     "patch_context",
     "plan",
     "reconfigure",
     "reset",
+    "unparallelize",
 ]
 
 

@@ -1,5 +1,6 @@
-"""What users call: ``parallelize`` (dispatch on the model's type), ``reset``, ``patch_context``
-and ``choose_mode`` (what ``mode="auto"`` runs for a number of steps).
+"""What users call: ``parallelize`` (dispatch on the model's type) and ``unparallelize``,
+``reset`` and ``generation`` (declaring a bare model's generations), ``alone``, ``reconfigure``,
+``patch_context``, ``choose_mode`` (what ``mode="auto"`` runs for a number of steps) and ``plan``.
 
 ``parallelize`` makes a diffusers model patch-parallel by swapping its modules in place (their
 weights are shared, not copied); ``distripy.pipelines`` holds how, for each kind of model.
@@ -16,8 +17,11 @@ from distripy.errors import InputTypeError
 from distripy.parallel.context import PatchContext
 from distripy.parallel.policy import ModeChoice, QualityWarning, choose_mode, warn_if_error_grows
 from distripy.pipelines import parallelize_controlnet, parallelize_pipeline, parallelize_unet, parallelize_vae
-from distripy.pipelines.pipeline import denoisers, set_alone
-from distripy.pipelines.unet import installed_forward, require_installed_forward, reset_unet
+from distripy.pipelines.generation import declare
+from distripy.pipelines.pipeline import denoisers, set_alone, unparallelize_pipeline
+from distripy.pipelines.registry import uninstall
+from distripy.pipelines.unet import installed_forward, require_installed_forward
+from distripy.parallel.policy import check_steps
 from distripy.planning import Plan, plan_configurations
 
 __all__ = [
@@ -25,11 +29,13 @@ __all__ = [
     "QualityWarning",
     "alone",
     "choose_mode",
+    "generation",
     "parallelize",
     "patch_context",
     "plan",
     "reconfigure",
     "reset",
+    "unparallelize",
 ]
 
 
@@ -77,22 +83,60 @@ def parallelize(model, config: Optional[DistriConfig] = None, *, comm=None):
     )
 
 
+def _parts(model) -> list:
+    """A pipeline's denoisers (its UNet and ControlNets), or the model itself."""
+    if getattr(model, "unet", None) is not None and not isinstance(model, nn.Module):
+        return denoisers(model)
+    return [model]
+
+
 def reset(model, steps: Optional[int] = None) -> None:
-    """End the current generation: wait for the transfers its last step issued and forget every
-    stale buffer, so that the next call starts a new generation. Call it between images (a new
-    generation is also recognised by itself; a parallelised pipeline does it at every call) and
-    before tearing down torch.distributed. A single-rank model (returned untouched by
+    """End the current generation and declare the next: wait for the transfers its last step
+    issued and forget every stale buffer; take in what was loaded into the model since (a LoRA's
+    layers, re-created attention processors). Call it before each image of a bare-UNet loop (or use
+    ``distripy.generation``) and before tearing down torch.distributed; a parallelised pipeline
+    declares its generations itself, at every call. A single-rank model (returned untouched by
     ``parallelize``) has nothing to reset; a pipeline resets its UNet and its ControlNets.
 
-    ``steps``: the number of denoising steps of the next generations, kept until the next reset,
-    from which ``mode="auto"`` picks the mode and warm-up (``choose_mode``). A parallelised
-    pipeline passes it itself; a bare UNet's loop should (without it, ``auto`` runs
-    ``corrected_async_gn`` with ``DistriConfig.warmup_steps``)."""
+    ``steps``: the number of denoising steps of the generation, from which ``mode="auto"`` picks
+    the mode and warm-up (``choose_mode``). Without it, ``auto`` runs ``corrected_async_gn`` with
+    ``DistriConfig.warmup_steps``. The generation's first step checks, with every rank, that all
+    were given the same input and models."""
+    check_steps(steps)
+    for part in _parts(model):
+        declare(part, steps)
+
+
+@contextlib.contextmanager
+def generation(model, steps: Optional[int] = None) -> Iterator[None]:
+    """``with distripy.generation(unet, steps=n):`` around a bare-UNet loop's ``n`` steps of one
+    image: declares the generation on entering (``reset(model, steps)``) and ends it on leaving
+    (its last transfers waited for), so that the loop's timesteps are never needed to tell where
+    an image begins."""
+    reset(model, steps)
+    try:
+        yield
+    finally:
+        reset(model)
+
+
+def unparallelize(model):
+    """Undo ``parallelize`` on a model or pipeline, in place, and return it: every swapped module,
+    attention processor, forward, hook and class as it was, the transfers in flight waited for and
+    the captured CUDA graphs dropped. The model computes and saves (``state_dict``) exactly as one
+    never parallelised; it may be parallelised again. Nothing to undo on a model that was not
+    parallelised (a single rank's), which is returned as it is."""
     if getattr(model, "unet", None) is not None and not isinstance(model, nn.Module):
-        for denoiser in denoisers(model):  # its UNet and ControlNets
-            reset_unet(denoiser, steps)
-        return
-    reset_unet(model, steps)
+        parts = denoisers(model) + [getattr(model, "vae", None)]
+        for part in parts:
+            if part is not None:
+                uninstall(part)
+        unparallelize_pipeline(model)
+        return model
+    nets = getattr(model, "nets", None)  # a MultiControlNetModel
+    for part in list(nets) if nets is not None else [model]:
+        uninstall(part)
+    return model
 
 
 @contextlib.contextmanager
@@ -117,7 +161,7 @@ def reconfigure(model, mode: Optional[str] = None, warmup_steps: Optional[int] =
     per request). The other settings are fixed at ``parallelize`` (the split, the communicators,
     the kernels). Every rank must make the same change: the ranks compare each generation's
     configuration. Ends the current generation (``reset``)."""
-    models = denoisers(model) if not isinstance(model, nn.Module) else [model]
+    models = _parts(model)
     forwards = [forward for forward in map(installed_forward, models) if forward is not None]
     changes = {
         name: value for name, value in (("mode", mode), ("warmup_steps", warmup_steps)) if value is not None
@@ -126,9 +170,10 @@ def reconfigure(model, mode: Optional[str] = None, warmup_steps: Optional[int] =
         changed = dataclasses.replace(forward.context.config, **changes)
     if mode is not None and forwards:
         warn_if_error_grows(changed.mode)
-    for forward in forwards:
-        forward.reset(forward.steps)
-        forward.context.config = dataclasses.replace(forward.context.config, **changes)
+    for part, forward in zip(models, map(installed_forward, models)):
+        if forward is not None:
+            forward.context.config = dataclasses.replace(forward.context.config, **changes)
+            declare(part, forward.steps)
 
 
 def patch_context(model) -> PatchContext:

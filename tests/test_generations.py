@@ -8,11 +8,14 @@ value to the host. The band forward is stubbed (these tests are about the wrappe
 the ``cuda`` test at the end runs a real graphed UNet under ``torch.cuda.set_sync_debug_mode``.
 """
 
+import warnings
+
 import pytest
 import torch
 from unet_models import sdxl_conditioning, tiny_sdxl_unet
 
 import distripy
+from distripy.parallel.generation import UndeclaredGenerationWarning
 from distripy.pipelines.unet import require_installed_forward
 from distripy.runtime import LoopbackComm
 
@@ -185,35 +188,42 @@ def test_a_new_signature_starts_a_generation_whatever_the_timestep():
 
 
 def test_a_declared_generation_ended_by_a_new_signature_is_no_longer_trusted():
-    """Declared by a reset, then a new latent size without one: the caller does not reset between
-    generations, so its GPU timesteps are read from then on."""
+    """Declared by a reset, then a new latent size without one: an undeclared generation begins.
+    Its GPU timesteps are not read either (no device-to-host read, ever); the loop is warned, once,
+    that it must declare its generations."""
     unet, forward = _stubbed()
     step = Steps(forward)
     distripy.reset(unet)
     step(DeviceTimestep.of(999.0))
     step(DeviceTimestep.of(900.0))
-    assert step.reads_after_first_steps() == []
+    assert forward.generation.declared
     small = _latent(height=16)
-    step(DeviceTimestep.of(999.0), sample=small)
-    step(DeviceTimestep.of(800.0), sample=small)
-    step(DeviceTimestep.of(900.0), sample=small)  # up: read, a new generation
-    assert step.generations() == [1, 1, 2, 2, 3]
-    assert step.seen[3][3] and step.seen[4][3]
+    with pytest.warns(UndeclaredGenerationWarning, match="declare each generation"):
+        step(DeviceTimestep.of(999.0), sample=small)
+        step(DeviceTimestep.of(800.0), sample=small)
+    assert not forward.generation.declared and not forward.generation.agreed
+    assert step.generations() == [1, 1, 2, 2]
+    assert all(not reads for *_, reads in step.seen)
+    distripy.reset(unet, 4)  # declared again: a new generation, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step(DeviceTimestep.of(999.0), sample=small)
+    assert step.generations()[-1] == 3 and forward.generation.declared and forward.steps == 4
 
 
-def test_other_gpu_timesteps_are_read_outside_a_declared_generation():
-    """Never reset, timesteps that are tensors of their own on the GPU: the one case that reads
-    (documented), so that a timestep going up still starts a generation."""
+def test_other_gpu_timesteps_are_never_read():
+    """Never reset, timesteps that are tensors of their own on the GPU: nothing is read (the host
+    never waits for the GPU), the generation goes on while the signature does, and the loop is
+    warned once to declare its generations."""
     unet, forward = _stubbed()
     step = Steps(forward)
-    for value in (999, 500, 100, 999, 500):
-        step(DeviceTimestep.of(value))
-    assert step.generations() == [1, 1, 1, 2, 2]
-    assert all(reads for *_, reads in step.seen)
-    # a tensor of a whole batch, made for each step, is no schedule element either
-    step(torch.full((2,), 50.0).as_subclass(DeviceTimestep))
-    step(torch.full((2,), 999.0).as_subclass(DeviceTimestep))
-    assert step.generations()[-2:] == [2, 3]
+    with pytest.warns(UndeclaredGenerationWarning) as warned:
+        for value in (999, 500, 100, 999, 500):
+            step(DeviceTimestep.of(value))
+        step(torch.full((2,), 50.0).as_subclass(DeviceTimestep))
+    assert len(warned) == 1
+    assert step.generations() == [1] * 6
+    assert all(not reads for *_, reads in step.seen)
 
 
 @pytest.mark.parametrize("kind", ["number", "cpu tensor", "cpu schedule"])
@@ -235,8 +245,8 @@ def test_numbers_and_cpu_timesteps_start_a_generation_when_they_go_up(kind):
 
 
 def test_a_failed_step_starts_an_undeclared_generation():
-    """After a failed step the next call starts a generation, and it is not taken as declared:
-    its GPU timesteps are read again."""
+    """After a failed step the next call starts a generation, and it is not taken as declared (its
+    inputs are checked across ranks again)."""
     unet, forward = _stubbed()
     step = Steps(forward)
     distripy.reset(unet)
@@ -250,10 +260,11 @@ def test_a_failed_step_starts_an_undeclared_generation():
     with pytest.raises(RuntimeError, match="step failed"):
         step(DeviceTimestep.of(900.0))
     forward.original_forward = original
-    step(DeviceTimestep.of(800.0))
-    step(DeviceTimestep.of(700.0))
+    with pytest.warns(UndeclaredGenerationWarning):
+        step(DeviceTimestep.of(800.0))
+        step(DeviceTimestep.of(700.0))
     assert step.generations() == [1, 2, 2]
-    assert step.seen[-1][3]  # read: the generation was not declared by a reset
+    assert not forward.generation.declared
 
 
 def test_arguments_are_bound_as_the_signature_binds_them():

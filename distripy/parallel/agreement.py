@@ -17,11 +17,12 @@ __all__ = ["agree"]
 Problem = Optional[Tuple[type, str]]
 
 
-def agree(comm, description: Hashable, problem: Problem, what: str = "input") -> None:
+def agree(comm, description: Hashable, problem: Problem, what: str = "input", shared: Any = None) -> List[Any]:
     """Raise on every rank of ``comm`` if any rank has a problem or describes its input differently.
     The error raised is marked ``collective = True``: every rank raised it (a command line reports
-    it once)."""
-    reports: List[Any] = comm.all_gather_object((description, problem))
+    it once). ``shared``: a value each rank contributes to the same round (rank 0's seed); returns
+    every rank's, by rank."""
+    reports: List[Any] = comm.all_gather_object((description, problem, shared))
     error = None
     rejected = [(rank, report[1]) for rank, report in enumerate(reports) if report[1] is not None]
     descriptions = [report[0] for report in reports]
@@ -38,6 +39,7 @@ def agree(comm, description: Hashable, problem: Problem, what: str = "input") ->
     if error is not None:
         error.collective = True
         raise error
+    return [report[2] for report in reports]
 
 
 def _differences(descriptions: List[Any]) -> str:

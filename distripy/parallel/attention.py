@@ -186,6 +186,13 @@ class PatchSelfAttnProcessor(PatchState):
         self._fused = _FusedProjection.of(attn)
         return self._fused
 
+    def unfuse(self) -> None:
+        """Give the layers of the fused projection weights of their own again (copies of their
+        views of the stacked weight), as they were before it: for ``unparallelize``."""
+        fused, self._fused = getattr(self, "_fused", None), None
+        if fused is not None:
+            fused.unfuse()
+
     def _blockwise(self, attn, query: torch.Tensor, projected: "_KeysValues") -> torch.Tensor:
         """The overlapped step's attention (module docstring): one shift per other band (grouped
         into launches of ``SHIFT_LAUNCH_BYTES``), every one issued before any block is computed;
@@ -491,6 +498,16 @@ class _FusedProjection:
                     layer.bias.data = bias[start : start + rows]
                 start += rows
         return cls(layers, weight, bias)
+
+    def unfuse(self) -> None:
+        """Each layer's weight and bias in storage of its own again, where they still are views of
+        the stacked ones."""
+        with torch.no_grad():
+            for layer in self.layers:
+                for name, stacked in (("weight", self.weight), ("bias", self.bias)):
+                    parameter = getattr(layer, name)
+                    if stacked is not None and parameter is not None and parameter.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr():
+                        parameter.data = parameter.data.clone()
 
     def holds(self, attn) -> bool:
         layers = (attn.to_q, attn.to_k, attn.to_v)

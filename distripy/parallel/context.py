@@ -437,13 +437,13 @@ class PatchContext:
             for issue in pending:
                 issue()
 
-    def add_checkpoints(self, blocks: Iterable[torch.nn.Module]) -> None:
+    def add_checkpoints(self, blocks: Iterable[torch.nn.Module]) -> List:
         """Make the end of each block (during a step) a checkpoint: an asynchronous step's transfers
-        leave as the blocks that queued them finish, while the next blocks compute."""
+        leave as the blocks that queued them finish, while the next blocks compute. Returns the
+        hooks' handles (``remove()`` takes them off)."""
 
         def hook(module, inputs, output) -> None:
             if self.active:
                 self.checkpoint()
 
-        for block in blocks:
-            block.register_forward_hook(hook)
+        return [block.register_forward_hook(hook) for block in blocks]

@@ -1,10 +1,15 @@
-"""``split_batch="auto"``: whether a generation splits its CFG batch across the ranks, by the
-planner's prediction (``distripy.planning``) for its latent size, rank count and steps.
+"""``split_batch="auto"``: whether a generation splits its CFG batch across the ranks.
+
+For a machine the planner has a profile of (the ``Generation``'s ``machine``, named from above
+this layer where the devices are known: ``machine_of``), the planner's prediction
+(``distripy.planning``) for the latent size, rank count and steps decides; for any other (an
+unknown GPU, a CPU run, a generation nobody declared) the plain rule: split when the world is even
+and at least 4 (with 2 ranks a split leaves one band per image, nothing to parallelise).
 
 The decision depends only on what every rank of the image shares -- the latent's size, the world
-size, the generation's steps and the GPU's name -- never on one call's batch, so the UNet and a
-ControlNet (which in guess mode sees half the batch) decide alike.
-Every rank checks the resulting plan with the others before a generation (``agree``).
+size, the generation's steps and machine -- never on one call's batch, so the UNet and a
+ControlNet (which in guess mode sees half the batch) decide alike; whether the batch is even is
+the plan's own check. Every rank checks the resulting plan with the others (``agree``).
 """
 
 import functools
@@ -22,19 +27,19 @@ DEFAULT_STEPS = 50
 # The GPU names the planner has a profile for, and the fabric such GPUs usually come with.
 _MACHINES = (
     ("H100", "h100", "nvlink4"),
-    ("H200", "h100", "nvlink4"),
+    ("H200", "h100", "nvlink4"),  # an H100's compute and fabric; a measured profile may replace it
     ("A100", "a100", "nvlink3"),
     ("L40", "l40", "pcie4"),
 )
 
 
-def machine_of(device_name: Optional[str]) -> Tuple[str, str]:
-    """(GPU profile, fabric) the planner assumes for a device: by its name, H100 on NVLink4
-    otherwise (CPU runs, unknown GPUs)."""
+def machine_of(device_name: Optional[str]) -> Optional[Tuple[str, str]]:
+    """(GPU profile, fabric) the planner has for a device, by its name; None for a GPU it has no
+    profile of (and for no GPU): ``split_batch="auto"`` then follows the plain rule."""
     for marker, gpu, fabric in _MACHINES:
         if device_name and marker in device_name.upper():
             return gpu, fabric
-    return "h100", "nvlink4"
+    return None
 
 
 @functools.lru_cache(maxsize=256)
@@ -47,8 +52,9 @@ def _split_is_faster(
     machine: Tuple[str, str],
 ) -> bool:
     gpu, fabric = machine
-    height, width = latent[0] * 8, latent[1] * 8
-    planned = plan_configurations(world, (height, width), steps, [mode], fabric=fabric, gpu=gpu)
+    scale = 8  # the planner counts pixels: any scale converts the latent there and back alike
+    size = (latent[0] * scale, latent[1] * scale)
+    planned = plan_configurations(world, size, steps, [mode], fabric=fabric, gpu=gpu, vae_scale=scale)
     ours = [c for c in planned.candidates if c.gpus == world and c.graphs == graphs]
     split = [c.seconds for c in ours if c.split_batch]
     whole = [c.seconds for c in ours if not c.split_batch]
@@ -62,17 +68,18 @@ def wants_split(
     levels: int,
     steps: Optional[int],
     graphs: bool,
-    device_name: Optional[str],
+    machine: Optional[Tuple[str, str]],
 ) -> bool:
     """Whether a call whose batch can split (even batch, even world) should: ``config.split_batch``,
-    or with ``"auto"`` the planner's choice (an SDXL-like UNet of ``levels`` downsamplings)."""
+    or with ``"auto"`` the planner's choice for ``machine`` (an SDXL-like UNet of ``levels``
+    downsamplings), or the plain rule without one."""
     if config.split_batch != "auto":
         return bool(config.split_batch)
     factor = 2**levels
     if world % 2 or latent[0] % factor or latent[0] // factor < world // 2:
         return False  # no split possible (the call's input problem, if any, is reported as usual)
-    if latent[0] % 4 or latent[1] % 4:  # the planner's model is SDXL's UNet (two downsamplings)
-        return True
+    if machine is None or latent[0] % 4 or latent[1] % 4:  # the planner's model: SDXL's UNet
+        return world >= 4
     choice = choose_mode(config, steps)
     mode = choice.mode if choice.mode in ("exact", "full_sync") else "corrected_async_gn"
     return _split_is_faster(
@@ -81,5 +88,5 @@ def wants_split(
         steps or DEFAULT_STEPS,
         (mode, choice.warmup_steps),
         graphs,
-        machine_of(device_name),
+        machine,
     )

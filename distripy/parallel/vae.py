@@ -22,6 +22,8 @@ from distripy.errors import InputError, UnsupportedModuleError
 from distripy.parallel.agreement import agree
 from distripy.parallel.bands import BandLayout, gather_bands
 from distripy.parallel.context import PatchContext
+from distripy.parallel.generation import Generation
+from distripy.runtime.factory import alone_comm
 
 __all__ = ["PatchDecoderForward"]
 
@@ -34,7 +36,17 @@ class PatchDecoderForward:
         self.context = context
         self.comm = comm
         self._parameter = next(decoder.parameters())
-        self.alone = False  # decode on this rank by itself (``distripy.alone``): no transfer, no check
+        # What the caller declared: ``alone`` (decode on this rank by itself: no transfer, no
+        # check) and ``agreed`` (the pipeline call's round covered the latent to decode).
+        self.generation = Generation(declared=False)
+
+    @property
+    def alone(self) -> bool:
+        return self.generation.alone
+
+    def declare(self, generation: Generation) -> None:
+        """Decode under ``generation`` from now on."""
+        self.generation = generation
 
     def _problem(self, sample, latent_embeds):
         if latent_embeds is not None:
@@ -57,13 +69,14 @@ class PatchDecoderForward:
     def __call__(self, sample: torch.Tensor, latent_embeds=None) -> torch.Tensor:
         comm, context = self.comm, self.context
         problem = self._problem(sample, latent_embeds)
-        if self.alone:
+        if self.alone or self.generation.agreed:
+            # alone: this rank's own request; agreed: every rank decodes the same call's latent,
+            # and finds the same problem in it
             if problem is not None:
                 raise problem[0](problem[1])
-            from distripy.runtime import LoopbackComm
-
-            comm = LoopbackComm(0, 1)  # the whole latent is this rank's one band
-        else:
+        if self.alone:
+            comm = alone_comm(context.config.timeout_s)  # the whole latent is this rank's one band
+        elif not self.generation.agreed:
             description = (tuple(sample.shape), str(sample.dtype)) if problem is None else None
             agree(comm, description, problem, what="latent to decode")
         world, rank = comm.world_size, comm.rank

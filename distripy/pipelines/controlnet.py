@@ -15,7 +15,7 @@ from distripy.errors import InputError, InputTypeError, UnsupportedModuleError
 from distripy.parallel.context import PatchContext
 from distripy.parallel.controlnet import PatchControlNetForward
 from distripy.parallel.policy import warn_if_error_grows
-from distripy.pipelines.swap import plan_swaps, swap_modules
+from distripy.pipelines.swap import plan_swaps
 from distripy.pipelines.unet import count_downsamplings, install_forward, installed_forward
 from distripy.runtime.factory import check_backends, make_comms, on_cuda, resolve_defaults
 
@@ -69,11 +69,8 @@ def parallelize_controlnet(model, config: DistriConfig, world_comm=None, patch_c
     if world_comm is None:
         world_comm, patch_comms = make_comms(config)
     for net in nets:
-        context = PatchContext(config)
-        swap_modules(net, context)
-        context.add_checkpoints(list(net.down_blocks) + [net.mid_block])
         forward = PatchControlNetForward(
-            net, context, world_comm, patch_comms, count_downsamplings(net), _condition_scale(net)
+            net, PatchContext(config), world_comm, patch_comms, count_downsamplings(net), _condition_scale(net)
         )
-        install_forward(net, forward)
+        install_forward(net, forward, list(net.down_blocks) + [net.mid_block])
     return model

@@ -4,17 +4,20 @@ The pipeline's UNet is retrofitted (``distripy.parallelize``) and its VAE decode
 (``pipelines.vae``); the pipeline object stays the same object, of a subclass with the same name
 whose ``__call__``
 
-* first checks, with every rank, that all of them were called with the same arguments (a digest
-  of each: prompts or embeddings, guidance, steps, timesteps, size, strength, generator state,
-  latents, images), the same scheduler configuration and the same LoRA adapters and scales; a
-  difference raises ``RankMismatchError`` on every rank, naming the arguments and the ranks;
-* starts a new generation (``distripy.reset``) told its number of steps (``num_inference_steps``,
-  or the length of ``timesteps`` / ``sigmas``), from which ``mode="auto"`` picks the mode and
-  warm-up, and, at the end, waits for the last step's transfers, so consecutive calls may change
-  height, width, steps, guidance and batch freely;
-* gives every rank the same initial noise: without a ``generator`` or ``latents`` the ranks would
-  each draw their own and make a wrong image, so rank 0 draws a seed and sends it to all (through
-  the ``Comm``'s ``all_gather_object``);
+* declares one generation (``parallel.generation.Generation``) for its UNet, ControlNets and VAE
+  decoder: its number of steps (``num_inference_steps``, or the length of ``timesteps`` /
+  ``sigmas``), from which ``mode="auto"`` picks the mode and warm-up, the machine
+  ``split_batch="auto"`` plans for, and whether this rank runs alone; each model first takes in
+  what was loaded into it since (``registry.refresh``);
+* runs **one** agreement round with every rank, which checks that all of them were called with
+  the same arguments (a digest of each: prompts or embeddings, guidance, steps, timesteps, size,
+  strength, generator state, latents, images), the same scheduler configuration, the same LoRA
+  adapters and scales, the same models and settings, and carries rank 0's seed: without a
+  ``generator`` or ``latents`` the ranks would each draw their own noise and make a wrong image,
+  so they all use rank 0's. A difference raises ``RankMismatchError`` on every rank, naming the
+  arguments and the ranks; the models' own checks then run on each rank without another round;
+* at the end waits for the last step's transfers, so consecutive calls may change height, width,
+  steps, guidance and batch freely;
 * shows the progress bar on rank 0 only.
 
 Every rank gets the same images back; writing them to files is the caller's choice (rank 0 alone).
@@ -26,11 +29,12 @@ at every call. Models that are patch-parallel already (a pipeline made by ``from
 parallelised one shares them) are kept as they are.
 """
 
+import dataclasses
 import functools
 import hashlib
 import inspect
 import random
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -38,18 +42,23 @@ from distripy.config import DistriConfig
 from distripy.errors import InputError, InputTypeError
 from distripy.parallel.agreement import agree
 from distripy.parallel.digest import digest_arguments
+from distripy.parallel.generation import Generation
 from distripy.pipelines.controlnet import controlnets_of, parallelize_controlnet
-from distripy.pipelines.swap import adapter_state
-from distripy.pipelines.unet import installed_forward, parallelize_unet, require_installed_forward, reset_unet
-from distripy.pipelines.vae import decoder_forward, parallelize_vae, vae_is_parallel
+from distripy.pipelines.generation import declare, machine_for, set_alone_model, take_in
+from distripy.pipelines.swap import adapter_state, loaded_adapters, lora_layers
+from distripy.pipelines.unet import installed_forward, parallelize_unet, require_installed_forward
+from distripy.pipelines.vae import parallelize_vae, vae_is_parallel
 
 __all__ = [
     "SUPPORTED_PIPELINES",
     "denoisers",
+    "PipelineRecord",
     "denoising_steps",
     "parallelize_pipeline",
+    "pipeline_record",
     "set_alone",
     "shared_seed",
+    "unparallelize_pipeline",
 ]
 
 SUPPORTED_PIPELINES = (
@@ -70,8 +79,25 @@ SUPPORTED_PIPELINES = (
 a ``UNet2DConditionModel`` called once per step on the whole latent, tested against one device
 (``AutoPipelineFor*`` make these; the SDXL refiner is ``StableDiffusionXLImg2ImgPipeline``)."""
 
-_COMM_ATTRIBUTE = "_distripy_comm"
-_ALONE_ATTRIBUTE = "_distripy_alone"
+_ATTRIBUTE = "_distripy_pipeline"
+
+
+@dataclasses.dataclass
+class PipelineRecord:
+    """What ``parallelize`` did to a pipeline: its class before, the comm of its ranks, whether it
+    runs alone, and the LoRA layers found in its models (by component: the adapters PEFT had
+    recorded on it then, and its layers), walked again only when those adapters change."""
+
+    original_class: type
+    comm: Any
+    progress_bar_config: Optional[dict] = None  # before parallelize changed it (rank > 0)
+    alone: bool = False
+    adapters: Dict[str, tuple] = dataclasses.field(default_factory=dict)
+
+
+def pipeline_record(pipe) -> Optional[PipelineRecord]:
+    """The record of a parallelised pipeline, or None."""
+    return pipe.__dict__.get(_ATTRIBUTE) if hasattr(pipe, "__dict__") else None
 
 
 def shared_seed(comm) -> int:
@@ -80,19 +106,24 @@ def shared_seed(comm) -> int:
     return int(comm.all_gather_object(seed)[0])
 
 
-def _lora_state(pipe) -> Optional[str]:
+def _lora_state(pipe, record: PipelineRecord) -> Optional[str]:
     """A digest of the LoRA adapters active in the pipeline's models and their scales (PEFT
     layers keep them per layer), or None without any."""
-    entries = [
-        (component, adapter_state(model))
-        for component, model in pipe.components.items()
-        if isinstance(model, torch.nn.Module)
-    ]
-    entries = [entry for entry in entries if entry[1]]
+    entries = []
+    for component, model in pipe.components.items():
+        if not isinstance(model, torch.nn.Module):
+            continue
+        loaded = loaded_adapters(model)
+        known = record.adapters.get(component)
+        if known is None or known[0] != loaded or known[1] is not model:
+            known = record.adapters[component] = (loaded, model, lora_layers(model))
+        state = adapter_state(model, known[2])
+        if state:
+            entries.append((component, state))
     return hashlib.sha256(repr(entries).encode()).hexdigest() if entries else None
 
 
-def _call_description(pipe, arguments) -> dict:
+def _call_description(pipe, arguments, record: PipelineRecord) -> dict:
     """What decides the image, per name: every argument of the call (prompts or their embeddings,
     guidance, steps, timesteps, size, strength, generator state, latents, images, kwargs), the
     scheduler and its configuration, the active LoRA adapters and scales."""
@@ -100,7 +131,7 @@ def _call_description(pipe, arguments) -> dict:
     # Private entries are bookkeeping (``_use_default_values`` lists a set, in hash order).
     settings = {key: value for key, value in pipe.scheduler.config.items() if not key.startswith("_")}
     described["scheduler"] = (type(pipe.scheduler).__name__, settings)
-    described["lora"] = _lora_state(pipe)
+    described["lora"] = _lora_state(pipe, record)
     return digest_arguments(described)
 
 
@@ -120,20 +151,47 @@ def denoising_steps(signature: inspect.Signature, arguments: dict) -> Optional[i
 def _parallel_call(pipe, original, args, kwargs):
     signature = inspect.signature(original)
     bound = signature.bind(pipe, *args, **kwargs)
-    comm = getattr(pipe, _COMM_ATTRIBUTE)
-    if not getattr(pipe, _ALONE_ATTRIBUTE, False):  # alone, the call is this rank's own
-        agree(comm, _call_description(pipe, bound.arguments), None, what="pipeline call")
-        if bound.arguments.get("generator") is None and bound.arguments.get("latents") is None:
-            bound.arguments["generator"] = torch.Generator().manual_seed(shared_seed(comm))
+    record = pipeline_record(pipe)
     steps = denoising_steps(signature, bound.arguments)
     models = denoisers(pipe)
-    for model in models:
-        reset_unet(model, steps)
+    forwards = [require_installed_forward(model) for model in models]
+    taken = [take_in(model) for model in models]  # what was loaded since: (state, problem) each
+    problem = next((problem for _, problem in taken if problem is not None), None)
+    machine = machine_for(pipe.unet)
+    alone = record.alone
+    if alone:  # the call is this rank's own: nothing to agree on
+        if problem is not None:
+            raise problem[0](problem[1])
+    else:
+        description = None
+        if problem is None:
+            description = dict(
+                _call_description(pipe, bound.arguments, record),
+                models=tuple(state for state, _ in taken),
+                settings=tuple(
+                    (f.context.config.mode, f.context.config.warmup_steps, str(f.context.config.split_batch))
+                    for f in forwards
+                ),
+                plan=(steps, machine),
+            )
+        seeded = bound.arguments.get("generator") is None and bound.arguments.get("latents") is None
+        seed = random.SystemRandom().randrange(2**63) if seeded and record.comm.rank == 0 else None
+        seeds = agree(record.comm, description, problem, what="pipeline call", shared=seed)
+        if seeded:
+            bound.arguments["generator"] = torch.Generator().manual_seed(int(seeds[0]))
+    generation = Generation(steps=steps, alone=alone, agreed=not alone, machine=machine)
+    for forward, (state, _) in zip(forwards, taken):
+        forward.declare(generation, state)
+    vae = getattr(pipe, "vae", None)
+    declare(vae, alone=alone, agreed=not alone) if vae is not None else None
     try:
         return original(*bound.args, **bound.kwargs)
     finally:
-        for model in models:
-            reset_unet(model)
+        # ended: wait for the last step's transfers; what runs next outside a call is checked again
+        for forward in forwards:
+            forward.declare(Generation(alone=alone, machine=machine))
+        if vae is not None:
+            declare(vae, alone=alone)
 
 
 def set_alone(model, alone: bool) -> bool:
@@ -141,23 +199,13 @@ def set_alone(model, alone: bool) -> bool:
     or model run its next calls on this rank by itself (``alone``), or on every rank again; their
     current generations end. Returns whether anything here is parallel (False: a model on one rank,
     which is alone anyway)."""
-    parts = [model]
-    if not isinstance(model, torch.nn.Module) and getattr(model, "unet", None) is not None:
-        parts = denoisers(model) + [getattr(model, "vae", None)]
-        if getattr(model, _COMM_ATTRIBUTE, None) is not None:
-            setattr(model, _ALONE_ATTRIBUTE, alone)
-    found = False
-    for part in parts:
-        forward = installed_forward(part) if part is not None else None
-        if forward is not None:
-            forward.reset(forward.steps)
-            forward.alone = alone
-            found = True
-        decoder = decoder_forward(part) if part is not None else None
-        if decoder is not None:
-            decoder.alone = alone
-            found = True
-    return found
+    if isinstance(model, torch.nn.Module) or getattr(model, "unet", None) is None:
+        return set_alone_model(model, alone)
+    record = pipeline_record(model)
+    if record is not None:
+        record.alone = alone
+    found = [set_alone_model(part, alone) for part in denoisers(model) + [getattr(model, "vae", None)]]
+    return any(found)
 
 
 def denoisers(pipe) -> list:
@@ -199,7 +247,7 @@ def parallelize_pipeline(pipe, config: DistriConfig):
     from diffusers import AutoencoderKL
 
     _check_supported(pipe)
-    if getattr(pipe, _COMM_ATTRIBUTE, None) is not None:
+    if pipeline_record(pipe) is not None:
         raise InputError("parallelize: this pipeline is already patch-parallel")
     controlnet = getattr(pipe, "controlnet", None)
     fresh_nets = (
@@ -219,8 +267,24 @@ def parallelize_pipeline(pipe, config: DistriConfig):
         parallelize_controlnet(controlnet, config, comm, unet_forward.patch_comms)
     if isinstance(getattr(pipe, "vae", None), AutoencoderKL) and not vae_is_parallel(pipe.vae):
         parallelize_vae(pipe.vae, config, comm)
-    pipe.__class__ = _parallel_class(type(pipe))
-    setattr(pipe, _COMM_ATTRIBUTE, comm)
+    original_class = type(pipe)
+    pipe.__class__ = _parallel_class(original_class)
+    progress = pipe.__dict__.get("_progress_bar_config")
+    pipe.__dict__[_ATTRIBUTE] = PipelineRecord(original_class, comm, None if progress is None else dict(progress))
     if comm.rank != 0:
         pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def unparallelize_pipeline(pipe) -> bool:
+    """Undo ``parallelize_pipeline``: the pipeline's class as it was (its models are restored by
+    the caller, ``distripy.unparallelize``). False when it was not parallelised."""
+    record = pipe.__dict__.pop(_ATTRIBUTE, None)
+    if record is None:
+        return False
+    pipe.__class__ = record.original_class
+    if record.progress_bar_config is None:
+        pipe.__dict__.pop("_progress_bar_config", None)
+    else:
+        pipe._progress_bar_config = record.progress_bar_config
+    return True

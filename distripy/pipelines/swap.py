@@ -22,12 +22,12 @@ wraps a patch convolution; its ``lora_A``, a convolution as tall as the base one
 the base layer's class, unattached, is swapped and gets halos like it), processors re-created by a loader (diffusers' IP-Adapter loader re-creates
 every self-attention processor as ``type(processor)()``: an unbound patch processor, or a standard
 one, is replaced by a bound one), an unloaded adapter's leftover states (forgotten).
-``refresh_model`` does that and returns a digest of the model's patch modules and adapters (their
-activity, scales, merges), which the ranks compare and whose change drops captured CUDA graphs.
+``pipelines.registry`` does that when a model's loaded adapters or attention processors changed
+(``loaded_adapters``), and digests its patch modules and adapters (their activity, scales, merges),
+which the ranks compare and whose change drops captured CUDA graphs.
 """
 
 import functools
-import hashlib
 from typing import Dict, List, Optional
 
 import torch.nn as nn
@@ -39,7 +39,17 @@ from distripy.parallel.conv import PatchConv2d, check_conv, conv_needs_halo
 from distripy.parallel.group_norm import PatchGroupNorm
 from distripy.parallel.resnet import PatchResnetForward, resnet_fusable
 
-__all__ = ["REFUSED", "adapter_state", "patch_states", "plan_swaps", "refresh_model", "swap_modules"]
+__all__ = [
+    "REFUSED",
+    "Surgery",
+    "adapter_state",
+    "loaded_adapters",
+    "lora_layers",
+    "patch_states",
+    "plan_swaps",
+    "swap_modules",
+    "undo_swaps",
+]
 
 # Modules whose result on a band is not the band of their result on the image, by class name
 # (diffusers' and torch's), with the reason given in the error.
@@ -180,31 +190,94 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
-def swap_modules(model: nn.Module, context: PatchContext) -> None:
+class Surgery:
+    """What ``swap_modules`` changed in one model, so that ``unparallelize`` can undo it: each patch
+    module and the module it adopted, each attention module whose processor was replaced and its
+    processor before, each module whose class was changed, each ResNet block given a fused forward.
+    Kept across generations (what a later swap replaces is added)."""
+
+    def __init__(self) -> None:
+        self.originals: Dict[int, tuple] = {}  # id(patch module) -> (patch module, original)
+        self.processors: Dict[int, tuple] = {}  # id(attention) -> (attention, original processor)
+        self.resnets: List[nn.Module] = []  # blocks whose forward is a PatchResnetForward
+
+    @property
+    def attention_modules(self) -> List[nn.Module]:
+        """The attention modules whose processors are patch-parallel (or were made so)."""
+        return [attention for attention, _ in self.processors.values()]
+
+
+def swap_modules(model: nn.Module, context: PatchContext, surgery: Optional[Surgery] = None) -> None:
     """Check every module of ``model``, then swap its convolutions, GroupNorms and self-attention
     and cross-attention processors that are not patch-parallel yet for the patch-parallel ones of
-    ``context``, fuse its ResNet blocks, and make ``context`` forget the modules no longer in it."""
+    ``context``, fuse its ResNet blocks, and make ``context`` forget the modules no longer in it.
+    ``surgery`` records what was changed."""
+    surgery = Surgery() if surgery is None else surgery
     plan = plan_swaps(model)
     for path in plan["conv"]:
-        _set_submodule(model, path, PatchConv2d.from_conv(model.get_submodule(path), context, path))
+        original = model.get_submodule(path)
+        swapped = PatchConv2d.from_conv(original, context, path)
+        surgery.originals[id(swapped)] = (swapped, original)
+        _set_submodule(model, path, swapped)
     for path in plan["plain_conv"]:
         model.get_submodule(path).__class__ = nn.Conv2d  # needs no halo: local, as it is
     for path in plan["norm"]:
-        _set_submodule(model, path, PatchGroupNorm.from_group_norm(model.get_submodule(path), context, path))
-    for path in plan["attention"]:
-        model.get_submodule(path).set_processor(PatchSelfAttnProcessor(context, path))
-    for path in plan["cross_attention"]:
-        model.get_submodule(path).set_processor(PatchCrossAttnProcessor(context, path))
+        original = model.get_submodule(path)
+        swapped = PatchGroupNorm.from_group_norm(original, context, path)
+        surgery.originals[id(swapped)] = (swapped, original)
+        _set_submodule(model, path, swapped)
+    for kind, cls in (("attention", PatchSelfAttnProcessor), ("cross_attention", PatchCrossAttnProcessor)):
+        for path in plan[kind]:
+            attention = model.get_submodule(path)
+            surgery.processors.setdefault(id(attention), (attention, attention.processor))
+            attention.set_processor(cls(context, path))
     # ResNet blocks: GroupNorm -> SiLU -> conv fused (the same result, the activation read once).
     for module in model.modules():
         if resnet_fusable(module) and not isinstance(module.__dict__.get("forward"), PatchResnetForward):
             module.forward = PatchResnetForward(module, context)
+            surgery.resnets.append(module)
     context.retain(patch_states(model))
 
 
-def adapter_state(model: nn.Module) -> list:
-    """The LoRA (PEFT) layers of ``model`` by path: their active adapters, scales and whether they
-    are merged into the base weights."""
+def undo_swaps(model: nn.Module, surgery: Surgery) -> None:
+    """Put back what ``swap_modules`` changed: every patch module still in ``model`` (wherever it is
+    now: a LoRA wrapper may hold it) replaced by the module it adopted, the attention processors
+    and classes as they were, the ResNet blocks' own forwards; fused projections unfused."""
+    for path, module in list(model.named_modules()):
+        entry = surgery.originals.get(id(module))
+        if entry is not None and entry[0] is module and path:
+            original = entry[1]
+            if isinstance(original, PatchState):  # a PEFT layer made of a patch class, unattached
+                original.__class__ = type(original).__mro__[1]
+            _set_submodule(model, path, original)
+    for attention, processor in surgery.processors.values():
+        current = attention.processor
+        if isinstance(current, PatchSelfAttnProcessor):
+            current.unfuse()
+        if isinstance(current, (PatchSelfAttnProcessor, PatchCrossAttnProcessor)):
+            if isinstance(processor, PatchState):  # an unbound one a loader made: the standard one
+                from diffusers.models.attention_processor import AttnProcessor2_0
+
+                processor = AttnProcessor2_0()
+            attention.set_processor(processor)
+    for module in surgery.resnets:
+        if isinstance(module.__dict__.get("forward"), PatchResnetForward):
+            del module.forward
+    surgery.__init__()
+
+
+def lora_layers(model: nn.Module) -> List[tuple]:
+    """The LoRA (PEFT) layers of ``model``, as (path, layer)."""
+    return [
+        (path, module)
+        for path, module in model.named_modules()
+        if hasattr(module, "scaling") and hasattr(module, "active_adapters")
+    ]
+
+
+def adapter_state(model: nn.Module, layers: Optional[List[tuple]] = None) -> list:
+    """The LoRA (PEFT) layers of ``model`` (or ``layers``, as ``lora_layers`` found them) by path:
+    their active adapters, scales and whether they are merged into the base weights."""
     return [
         (
             path,
@@ -212,18 +285,14 @@ def adapter_state(model: nn.Module) -> list:
             tuple(sorted(module.scaling.items())),
             bool(getattr(module, "merged", False)),
         )
-        for path, module in model.named_modules()
-        if hasattr(module, "scaling") and hasattr(module, "active_adapters")
+        for path, module in (lora_layers(model) if layers is None else layers)
     ]
 
 
-def refresh_model(model: nn.Module, context: PatchContext) -> str:
-    """Swap in what was loaded into ``model`` since (``swap_modules``) and return a digest of what
-    decides its computation besides its weights' values: its patch modules and its adapters'
-    state. Ranks must agree on it, and a CUDA graph captured before it changed must not replay."""
-    swap_modules(model, context)
-    state = ([state.patch_path for state in context.states], adapter_state(model))
-    return hashlib.sha256(repr(state).encode()).hexdigest()
+def loaded_adapters(model: nn.Module) -> tuple:
+    """The adapters loaded into ``model`` (the names PEFT records on it): read without walking the
+    model, it changes whenever LoRA layers are injected into it or deleted from it."""
+    return tuple(sorted(getattr(model, "peft_config", None) or ()))
 
 
 def patch_states(model: nn.Module) -> List[PatchState]:

@@ -12,19 +12,17 @@ from distripy.config import DistriConfig
 from distripy.errors import InputError
 from distripy.parallel.context import PatchContext
 from distripy.parallel.vae import PatchDecoderForward
-from distripy.pipelines.swap import swap_modules
-from distripy.runtime.factory import check_backends, comm_class, on_cuda, resolve_defaults
+from distripy.pipelines.registry import install, record_of
+from distripy.pipelines.swap import Surgery, swap_modules
+from distripy.runtime.factory import check_backends, make_world_comm, on_cuda, resolve_defaults
 
 __all__ = ["decoder_forward", "parallelize_vae", "vae_is_parallel"]
-
-_ATTRIBUTE = "_distripy_decoder_forward"
-
 
 def parallelize_vae(vae, config: DistriConfig, comm=None):
     """Make ``vae``'s decoder decode bands on the ranks of torch.distributed (in place; returns
     ``vae``). ``comm``: the ``Comm`` of all ranks to use (a parallelised pipeline shares its UNet's);
     by default one is made from ``config.comm_backend``."""
-    if hasattr(vae, _ATTRIBUTE):
+    if record_of(vae) is not None:
         raise InputError("parallelize: this VAE is already patch-parallel")
     config = resolve_defaults(config, comm, on_cuda(vae))
     check_backends(config, comm)
@@ -32,20 +30,20 @@ def parallelize_vae(vae, config: DistriConfig, comm=None):
         return vae
     decode_config = dataclasses.replace(config, mode="exact", split_batch=False, use_cuda_graph=False)
     context = PatchContext(decode_config)
-    swap_modules(vae.decoder, context)
+    surgery = Surgery()
+    swap_modules(vae.decoder, context, surgery)
     if comm is None:
-        comm = comm_class(config)(None, config.timeout_s)
-    forward = PatchDecoderForward(vae.decoder, context, comm)
-    vae.decoder.forward = forward
-    setattr(vae, _ATTRIBUTE, forward)
+        comm = make_world_comm(config)
+    install(vae, vae.decoder, vae.decoder, PatchDecoderForward(vae.decoder, context, comm), context, surgery)
     return vae
 
 
 def vae_is_parallel(vae) -> bool:
     """Whether ``vae``'s decoder decodes bands already."""
-    return hasattr(vae, _ATTRIBUTE)
+    return decoder_forward(vae) is not None
 
 
 def decoder_forward(vae):
     """The ``PatchDecoderForward`` of a parallelised VAE, or None."""
-    return getattr(vae, _ATTRIBUTE, None)
+    record = record_of(vae)
+    return record.wrapper if record is not None and isinstance(record.wrapper, PatchDecoderForward) else None

@@ -20,9 +20,11 @@ from distripy.errors import ConfigError, InputTypeError
 from distripy.runtime.loader import native_available, native_unavailable_reason
 
 __all__ = [
+    "alone_comm",
     "check_backends",
     "comm_class",
     "make_comms",
+    "make_world_comm",
     "on_cuda",
     "patch_group_ranks",
     "resolve_defaults",
@@ -38,9 +40,9 @@ def on_cuda(model) -> bool:
 
 def resolve_defaults(config: DistriConfig, comm=None, cuda_model: bool = False) -> DistriConfig:
     """``config`` with its automatic choices made, for a model that is (``cuda_model``) or is not
-    on a CUDA device. On an H100 (``bench/results/e2e-h100-*``) a rank's step replayed from a CUDA
-    graph equalled the eager step and took 18 ms instead of 205 ms (8 ranks, 1024²): the eager
-    step is bound by the host's launches. So:
+    on a CUDA device. A rank's eager step is bound by the host's launches of the UNet's many small
+    kernels, and a step replayed from a CUDA graph equals it without them (the measurement:
+    docs/results.md). So:
 
     * ``use_cuda_graph=None`` -> on for a CUDA model whose comm can join a capture (the C++
       runtime, or a given comm with ``supports_cuda_graphs``), off otherwise;
@@ -109,6 +111,20 @@ def comm_class(config: DistriConfig) -> type:
     return TorchComm
 
 
+def make_world_comm(config: DistriConfig):
+    """A comm of all ranks of torch.distributed's world, of the class ``config`` asks for (every
+    rank calls this together)."""
+    return comm_class(config)(None, config.timeout_s)
+
+
+def alone_comm(timeout_s: float):
+    """The comm of a rank that runs a generation by itself (``distripy.alone``): a one-rank
+    loopback, through which every exchange is this rank's own data."""
+    from distripy.runtime.loopback_comm import LoopbackComm
+
+    return LoopbackComm(0, 1, timeout_s)
+
+
 def patch_group_ranks(rank: int, world_size: int) -> range:
     """With CFG split: the ranks of ``rank``'s half of the world (the first half denoises the first
     half of the batch)."""
@@ -121,7 +137,7 @@ def make_comms(config: DistriConfig, comm=None):
     """``(world, patch)``: the comm of all ranks (``comm``, or one built from ``config`` over
     torch.distributed's world) and, keyed by whether the batch is split, the comm of this rank's
     patch group. Every rank must call this together (the split is collective)."""
-    world = comm if comm is not None else comm_class(config)(None, config.timeout_s)
+    world = comm if comm is not None else make_world_comm(config)
     patch: Dict[bool, object] = {False: world}
     if config.split_batch and world.world_size % 2 == 0:
         if not hasattr(world, "subgroup"):
