@@ -202,7 +202,7 @@ class PatchContext:
         so its process group may be torn down. After a failed transfer (a ``broken`` comm) it does
         not wait: the peers may be gone, and the first failure is the error to report."""
         self._deferred.clear()
-        if not getattr(self.comm, "broken", False):
+        if self.comm is None or not self.comm.broken:
             for work in self.in_flight():
                 work.synchronize(self.config.timeout_s)
         for state in self._states:

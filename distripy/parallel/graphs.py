@@ -126,9 +126,7 @@ class StepGraphs:
         # for. An eager step in between (here or elsewhere) advances the step and voids it.
         self._quiet_at: Optional[Tuple[int, int]] = None
         for comm in self.comms:
-            track = getattr(comm, "track_graphs", None)  # NcclComm: closing it drops the graphs first
-            if track is not None:
-                track(self)
+            comm.track_graphs(self)  # NcclComm: closing it drops the graphs first
 
     def release(self) -> None:
         """Drop every captured graph: a comm whose work a graph holds cannot be destroyed while the
@@ -282,8 +280,5 @@ class StepGraphs:
         self._quiet_at = (generation, step)
         # The replay's transfers are graph nodes, not watched one by one: one mark after the
         # replay lets the comm's watchdog bound it (a dead peer would block the stream forever).
-        for comm in self.comms:
-            watch = getattr(comm, "watch", None)
-            if watch is not None:
-                watch(f"the CUDA-graph replay of step {ctx.step}")
-                break
+        if self.comms:
+            self.comms[0].watch(f"the CUDA-graph replay of step {ctx.step}")

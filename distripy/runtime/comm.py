@@ -34,6 +34,16 @@ Buffers must not be touched between issue and ``wait``.
 cleanup does not wait. Every failure of a transfer is a ``CommError`` (``CommTimeoutError`` for a
 timeout).
 
+A ``CapturableComm`` is a ``Comm`` whose transfers a CUDA graph can capture (``StepGraphs``):
+``supports_cuda_graphs`` is true, and it has
+
+* ``join()``: the caller's current stream waits for everything issued so far (before a capture
+  ends, every stream it pulled in must be joined back);
+* ``watch(what)``: a mark on the caller's current stream, bounded by the timeout, after a replay
+  whose transfers are graph nodes and not watched one by one;
+* ``track_graphs(holder)``: ``holder.release()`` is called before the comm is closed (a graph that
+  holds a comm's work keeps it from being destroyed).
+
 Implementations: ``TorchComm`` (torch.distributed; gloo on CPU, nccl on GPU), ``NcclComm`` (the
 C++ runtime ``distripy._C``) and ``LoopbackComm`` (one process standing in for one rank of N, for
 measuring one rank's compute on one device).
@@ -44,6 +54,7 @@ from typing import Any, ContextManager, List, Optional, Protocol, Sequence, runt
 from distripy.errors import InputError
 
 __all__ = [
+    "CapturableComm",
     "Comm",
     "CompletedWork",
     "Work",
@@ -51,6 +62,7 @@ __all__ = [
     "check_all_reduce",
     "check_halo_exchange",
     "check_partition",
+    "capturable",
     "check_shift",
 ]
 
@@ -84,6 +96,22 @@ class Comm(Protocol):
     def all_gather_object(self, obj: Any) -> List[Any]: ...
 
     def subgroup(self, ranks: Sequence[int]) -> "Comm": ...
+
+
+@runtime_checkable
+class CapturableComm(Comm, Protocol):
+    supports_cuda_graphs: bool
+
+    def join(self) -> None: ...
+
+    def watch(self, what: str) -> Work: ...
+
+    def track_graphs(self, holder) -> None: ...
+
+
+def capturable(comm) -> bool:
+    """Whether ``comm``'s transfers can be captured into a CUDA graph."""
+    return isinstance(comm, CapturableComm) and bool(comm.supports_cuda_graphs)
 
 
 class CompletedWork:

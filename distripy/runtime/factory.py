@@ -17,6 +17,7 @@ from typing import Dict
 
 from distripy.config import DistriConfig
 from distripy.errors import ConfigError, InputTypeError
+from distripy.runtime.comm import capturable
 from distripy.runtime.loader import native_available, native_unavailable_reason
 
 __all__ = [
@@ -58,8 +59,8 @@ def resolve_defaults(config: DistriConfig, comm=None, cuda_model: bool = False) 
         backend = "nccl" if config.use_cuda_graph is True or (cuda and native_available()) else "torch"
     graphs = config.use_cuda_graph
     if graphs is None:
-        capturable = getattr(comm, "supports_cuda_graphs", False) if comm is not None else backend == "nccl"
-        graphs = bool(cuda and capturable)
+        can_capture = capturable(comm) if comm is not None else backend == "nccl"
+        graphs = bool(cuda and can_capture)
     return dataclasses.replace(config, comm_backend=backend, use_cuda_graph=graphs)
 
 
@@ -89,7 +90,7 @@ def check_backends(config: DistriConfig, comm=None) -> None:
                 "DistriConfig.use_cuda_graph=True needs the C++ runtime (comm_backend 'nccl' or 'auto'): "
                 "torch.distributed's transfers are not captured into CUDA graphs here"
             )
-        if comm is not None and not getattr(comm, "supports_cuda_graphs", False):
+        if comm is not None and not capturable(comm):
             raise ConfigError(
                 f"DistriConfig.use_cuda_graph=True: the given {type(comm).__name__} cannot be captured "
                 "into a CUDA graph (use NcclComm or LoopbackComm)"

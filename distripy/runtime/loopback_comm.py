@@ -23,7 +23,13 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 from distripy.config import DEFAULT_TIMEOUT_S
 from distripy.errors import ConfigError, InputError
-from distripy.runtime.comm import check_all_gather, check_all_reduce, check_halo_exchange, check_shift
+from distripy.runtime.comm import (
+    CompletedWork,
+    check_all_gather,
+    check_all_reduce,
+    check_halo_exchange,
+    check_shift,
+)
 
 __all__ = ["LoopbackComm", "LoopbackWork", "TrafficLog", "Transfer"]
 
@@ -198,6 +204,13 @@ class LoopbackComm:
 
     def join(self) -> None:
         """Nothing to join: every transfer ran on the caller's stream."""
+
+    def watch(self, what: str) -> CompletedWork:
+        """Nothing to watch: no peer can stall a replay."""
+        return CompletedWork()
+
+    def track_graphs(self, holder) -> None:
+        """Nothing to track: closing a loopback destroys nothing a graph holds."""
 
     def all_gather_object(self, obj: Any) -> List[Any]:
         return [obj] * self.world_size
