@@ -131,6 +131,17 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert ci_command.startswith(readme_command + " 2>&1 | tee"), (readme_command, ci_command)
 
 
+def test_ci_runs_exactly_the_readme_quick_start():
+    """The README's quick start is one command that installs distripy and runs the demo; CI runs
+    that very line (what is specific to its machines comes before it, in .ci/run)."""
+    quick_start = (ROOT / "README.md").read_text().split("\n## Quick start\n", 1)[1]
+    readme_command = quick_start.split("```bash\n", 1)[1].split("\n", 1)[0].strip()
+    assert readme_command.startswith("pip install -e ") and readme_command.endswith("&& distripy demo")
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    ci_command = ci_lines[ci_lines.index("# The README's quick start:") + 1]
+    assert ci_command == readme_command, (readme_command, ci_command)
+
+
 def test_nccl_comes_from_torch_or_an_extra_never_a_hard_dependency():
     """nvidia-nccl-cu12 and -cu13 both install nvidia/nccl/lib/libnccl.so.2: a hard dependency on
     one would overwrite the library a CUDA-13 torch runs with."""
