@@ -81,6 +81,7 @@ class FakeWork:
 
 class FakeComm:
     supports_cuda_graphs = True
+    broken = False  # the Comm protocol's health flag
 
     def __init__(self, cuda: FakeCuda) -> None:
         self.cuda = cuda

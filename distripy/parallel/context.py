@@ -1,59 +1,35 @@
-"""``PatchContext``: what every patch-parallel module of one model asks before it computes, and the
-one place that decides when a step's transfers leave.
+"""``PatchContext``: what every patch-parallel module of one model asks before it computes.
 
 One context per parallelised model. It knows the current generation's band geometry (which band
-this rank holds, of how many, and the ``Comm`` of the ranks sharing the image), the step within
-the generation, and so whether this step's exchanges are fresh and synchronous, stale (issued now,
-consumed next step), or absent (``ActivationExchange``, ``StatisticsExchange``).
+this rank holds, of how many, and the ``Comm`` of the ranks sharing the image) and the step within
+the generation, and gives each module what it needs from the jobs it delegates:
 
-When transfers leave: a synchronous exchange is issued and waited for where the module needs it.
-An asynchronous one is queued (``defer``) and leaves with the others queued since the last
-checkpoint, as one ``Comm.group()``, at each checkpoint: the end of every block registered with
-``add_checkpoints`` and the end of the step (``end_step``, or ``checkpoint`` where a CUDA-graph
-capture must issue them before it closes).
-
-An input every rank holds whole (the UNet's latent, the decoder's) needs no exchange: the band
-wrapper cuts it with ``cut_band``, and the convolution that reads that band takes its halo rows
-from the whole tensor (``whole_input_of``), exact in every step.
+* what this step exchanges (``step_policy``): fresh and synchronous, stale (issued now, consumed
+  next step), or absent (``ActivationExchange``, ``StatisticsExchange``);
+* when transfers leave (``transfers.TransferQueue``): an asynchronous step's at each checkpoint;
+* the buffers kept for the next step (``buffers.BufferPool``: persistent ones under CUDA graphs);
+* inputs every rank holds whole (``whole_inputs``): the first convolution's exact halos.
 
 What a module keeps for the next step is an ``Exchange`` (the transfers' ``Work`` handles and the
-buffers they fill), held by its ``PatchState``. Buffers come from ``new_buffer`` / ``keep``.
-Normally they are fresh tensors. With ``static_buffers`` (CUDA graphs) each is one of two
-persistent tensors per module, buffer name and input shape, chosen by the step's parity: a step
-writes the set of its parity and reads the other, so a graph captured for an even step and one for
-an odd step replay each other's results forever, without copies.
+buffers they fill), held by its ``PatchState``.
 """
 
-import enum
 from dataclasses import dataclass
-from typing import Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Hashable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from distripy.config import KERNEL_BACKENDS, DistriConfig
 from distripy.errors import ConfigError, InputError, StepError
+from distripy.parallel import step_policy
 from distripy.parallel.bands import BandLayout
+from distripy.parallel.buffers import BufferPool
 from distripy.parallel.policy import ModeChoice, choose_mode
+from distripy.parallel.step_policy import ActivationExchange, StatisticsExchange
+from distripy.parallel.transfers import TransferQueue
+from distripy.parallel.whole_inputs import WholeInput, WholeInputs
 
 __all__ = ["ActivationExchange", "Exchange", "PatchContext", "PatchState", "StatisticsExchange", "WholeInput"]
-
-
-class ActivationExchange(str, enum.Enum):
-    """How a step gets the other bands' activations (halo rows, attention keys and values)."""
-
-    NONE = "none"  # naive_patch: every band alone
-    SYNC = "sync"  # fresh, exchanged and waited for in this step
-    OVERLAPPED = "overlapped"  # exact: fresh, issued first, waited for by the compute that needs it
-    STALE = "stale"  # the previous step's; this step's leave for the next
-
-
-class StatisticsExchange(str, enum.Enum):
-    """How a step gets the whole image's GroupNorm statistics."""
-
-    LOCAL = "local"  # the band's own (naive_patch; separate_gn after the warm-up)
-    SYNC = "sync"  # fresh, all-reduced and waited for in this step
-    CORRECTED = "corrected"  # last step's image + this band's change since (the paper's)
-    STALE = "stale"  # the other bands' from last step, this band's from this step
 
 
 @dataclass(frozen=True)
@@ -67,24 +43,6 @@ class Exchange:
     def completed(self) -> "Exchange":
         """The same buffers, with no transfer left to wait for."""
         return Exchange((), self.buffers)
-
-
-@dataclass(frozen=True)
-class WholeInput:
-    """A ``(B, C, H, W)`` tensor every rank of the image holds whole (the UNet's or the decoder's
-    input), and ``band``, its rows ``[start, stop)`` that this rank computes on."""
-
-    whole: torch.Tensor
-    band: torch.Tensor
-    start: int
-    stop: int
-
-    def halos(self, above: int, below: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """The ``above`` rows over the band and the ``below`` rows under it, read from the whole
-        tensor: the exact halos (``None`` at the image's top and bottom edges)."""
-        top = None if self.start == 0 else self.whole[:, :, self.start - above : self.start]
-        bottom = None if self.stop == self.whole.shape[2] else self.whole[:, :, self.stop : self.stop + below]
-        return top, bottom
 
 
 class PatchState:
@@ -149,13 +107,11 @@ class PatchContext:
         self.active = False
         self._synchronous = True
         self._states: List[PatchState] = []
-        self._deferred: List[Callable[[], None]] = []
         self._seen: dict = {}
-        self.static_buffers = False
         self.shape_key: Hashable = None  # the current generation's input signature
-        self._static: Dict[Hashable, Dict[Tuple, torch.Tensor]] = {}
-        self.capturing = False  # a CUDA-graph capture is running: no new static buffer may appear
-        self._whole_inputs: List[WholeInput] = []  # this step's bands of inputs held whole
+        self.buffers = BufferPool()
+        self.transfers = TransferQueue()
+        self.whole_inputs = WholeInputs()  # this step's bands of inputs held whole
         # Whether this step's conditioning (the prompt embeddings and what else the step is given
         # besides the latent and the timestep) may differ from the previous step's: the values
         # computed from it alone (cross-attention keys and values) are then computed again.
@@ -175,6 +131,24 @@ class PatchContext:
     @kernel_backend.setter
     def kernel_backend(self, backend: str) -> None:
         self._kernel_backend = backend
+
+    @property
+    def static_buffers(self) -> bool:
+        """Buffers kept for the next step are persistent (CUDA graphs)."""
+        return self.buffers.static
+
+    @static_buffers.setter
+    def static_buffers(self, static: bool) -> None:
+        self.buffers.static = static
+
+    @property
+    def capturing(self) -> bool:
+        """A CUDA-graph capture is running: no new persistent buffer may appear."""
+        return self.buffers.capturing
+
+    @capturing.setter
+    def capturing(self, capturing: bool) -> None:
+        self.buffers.capturing = capturing
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -201,7 +175,7 @@ class PatchContext:
         next step, and forget every stale buffer. After this no transfer of this model is in flight,
         so its process group may be torn down. After a failed transfer (a ``broken`` comm) it does
         not wait: the peers may be gone, and the first failure is the error to report."""
-        self._deferred.clear()
+        self.transfers.clear()
         if self.comm is None or not self.comm.broken:
             for work in self.in_flight():
                 work.synchronize(self.config.timeout_s)
@@ -251,18 +225,16 @@ class PatchContext:
         self.active = True
         # Read by every module: a stored bool, not a comparison with the step number, so that
         # torch.compile specialises a step on sync vs async only (not on each step's number).
-        self._synchronous = self.mode in ("full_sync", "exact") or self.step < max(
-            1, self.choice.warmup_steps
-        )
+        self._synchronous = step_policy.synchronous(self.mode, self.choice.warmup_steps, self.step)
 
     def end_step(self, issue_pending: bool) -> None:
         """Close the step: send the transfers still queued (or drop them after an error)."""
         self.active = False
-        self._whole_inputs.clear()
+        self.whole_inputs.clear()
         if issue_pending:
             self.checkpoint()
         else:
-            self._deferred.clear()
+            self.transfers.clear()
 
     # -- CUDA-graph steps: the exchanges as plain data -------------------------------------------
 
@@ -299,29 +271,9 @@ class PatchContext:
         for the next step: fresh, or with ``static_buffers`` this step parity's persistent one
         (``per_parity`` false: one persistent tensor for every step of the input signature, per
         shape and dtype, for what stays the same across steps)."""
-        shape = tuple(shape)
-        dtype = like.dtype if dtype is None else dtype
-        if not self.static_buffers:
-            return like.new_empty(shape, dtype=dtype)
-        buffers = self._static.setdefault(self.shape_key, {})
-        # A shared buffer is keyed by its shape and dtype too: another shape of the same name (a
-        # longer prompt) is another buffer, and the graphs that read the first keep reading it.
-        key = (owner.patch_path, name, self.parity) if per_parity else (owner.patch_path, name, shape, dtype)
-        buffer = buffers.get(key)
-        if (
-            buffer is None
-            or tuple(buffer.shape) != shape
-            or buffer.dtype != dtype
-            or buffer.device != like.device
-        ):
-            if self.capturing:
-                raise StepError(
-                    f"{owner.patch_path}: buffer {name!r} {shape} first appeared inside a CUDA-graph "
-                    "capture; the eager step before the capture should have made it"
-                )
-            buffer = like.new_empty(shape, dtype=dtype)
-            buffers[key] = buffer
-        return buffer
+        return self.buffers.new(
+            owner.patch_path, name, shape, like, self.shape_key, self.parity, per_parity=per_parity, dtype=dtype
+        )
 
     def keep(self, owner: PatchState, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` itself, or with ``static_buffers`` a copy in this step parity's persistent one."""
@@ -331,7 +283,7 @@ class PatchContext:
 
     def release_static(self, shape_key: Hashable) -> None:
         """Forget the persistent buffers of one input signature (its graphs are gone)."""
-        self._static.pop(shape_key, None)
+        self.buffers.release(shape_key)
 
     # -- what this step does ---------------------------------------------------------------------
 
@@ -353,26 +305,11 @@ class PatchContext:
 
     @property
     def activation_exchange(self) -> ActivationExchange:
-        if self.mode == "naive_patch":
-            return ActivationExchange.NONE
-        if self.mode == "exact":
-            return ActivationExchange.OVERLAPPED
-        return ActivationExchange.SYNC if self.synchronous_step else ActivationExchange.STALE
+        return step_policy.activation_exchange(self.mode, self._synchronous)
 
     @property
     def statistics_exchange(self) -> StatisticsExchange:
-        mode = self.mode
-        if mode == "naive_patch":
-            return StatisticsExchange.LOCAL
-        if self.synchronous_step or mode == "sync_gn":
-            return StatisticsExchange.SYNC
-        if mode == "corrected_async_gn":
-            return StatisticsExchange.CORRECTED
-        if mode == "stale_gn":
-            return StatisticsExchange.STALE
-        if mode == "separate_gn":
-            return StatisticsExchange.LOCAL
-        raise AssertionError(f"mode {mode!r} has no statistics exchange")
+        return step_policy.statistics_exchange(self.mode, self._synchronous)
 
     @property
     def has_neighbours(self) -> bool:
@@ -409,41 +346,26 @@ class PatchContext:
         whole. For the rest of the step, a convolution whose input is exactly this band (the model's
         first convolution) reads its halo rows from ``whole``: no exchange, exact at every step."""
         start, stop = self.layout.rows(self.band_index, whole.shape[2])
-        band = whole[:, :, start:stop]
-        self._whole_inputs.append(WholeInput(whole, band, start, stop))
-        return band
+        return self.whole_inputs.cut(whole, start, stop)
 
     def whole_input_of(self, x: torch.Tensor) -> Optional[WholeInput]:
         """The ``WholeInput`` whose band ``x`` is (the same tensor object), if any, in this step."""
-        for entry in self._whole_inputs:
-            if entry.band is x:
-                return entry
-        return None
+        return self.whole_inputs.find(x)
 
     # -- transfers of asynchronous steps ---------------------------------------------------------
 
     def defer(self, issue: Callable[[], None]) -> None:
-        """Queue a transfer for the next checkpoint."""
-        self._deferred.append(issue)
+        """Queue a transfer for the next checkpoint (``transfers``)."""
+        self.transfers.defer(issue)
 
     @torch.compiler.disable
     def checkpoint(self) -> None:
         """Issue the queued transfers as one group. Under torch.compile this is where the compiled
         step breaks: the transfers run eagerly, one break per checkpoint."""
-        if not self._deferred:
-            return
-        pending, self._deferred = self._deferred, []
-        with self.comm.group():
-            for issue in pending:
-                issue()
+        self.transfers.flush(self.comm)
 
     def add_checkpoints(self, blocks: Iterable[torch.nn.Module]) -> List:
         """Make the end of each block (during a step) a checkpoint: an asynchronous step's transfers
         leave as the blocks that queued them finish, while the next blocks compute. Returns the
         hooks' handles (``remove()`` takes them off)."""
-
-        def hook(module, inputs, output) -> None:
-            if self.active:
-                self.checkpoint()
-
-        return [block.register_forward_hook(hook) for block in blocks]
+        return TransferQueue.add_checkpoints(blocks, self.checkpoint, lambda: self.active)

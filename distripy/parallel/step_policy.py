@@ -1,0 +1,55 @@
+"""What one step of a generation exchanges, as pure functions of its mode and step.
+
+The first ``warmup_steps`` steps of a generation (at least the first: there is nothing stale yet),
+and every step of ``full_sync`` and ``exact``, are synchronous: fresh activations and statistics.
+The asynchronous steps of each mode then use the previous step's, as the tables below say.
+"""
+
+import enum
+
+__all__ = ["ActivationExchange", "StatisticsExchange", "activation_exchange", "statistics_exchange", "synchronous"]
+
+
+class ActivationExchange(str, enum.Enum):
+    """How a step gets the other bands' activations (halo rows, attention keys and values)."""
+
+    NONE = "none"  # naive_patch: every band alone
+    SYNC = "sync"  # fresh, exchanged and waited for in this step
+    OVERLAPPED = "overlapped"  # exact: fresh, issued first, waited for by the compute that needs it
+    STALE = "stale"  # the previous step's; this step's leave for the next
+
+
+class StatisticsExchange(str, enum.Enum):
+    """How a step gets the whole image's GroupNorm statistics."""
+
+    LOCAL = "local"  # the band's own (naive_patch; separate_gn after the warm-up)
+    SYNC = "sync"  # fresh, all-reduced and waited for in this step
+    CORRECTED = "corrected"  # last step's image + this band's change since (the paper's)
+    STALE = "stale"  # the other bands' from last step, this band's from this step
+
+
+def synchronous(mode: str, warmup_steps: int, step: int) -> bool:
+    """Whether step ``step`` (from 0) exchanges fresh values."""
+    return mode in ("full_sync", "exact") or step < max(1, warmup_steps)
+
+
+def activation_exchange(mode: str, synchronous_step: bool) -> ActivationExchange:
+    if mode == "naive_patch":
+        return ActivationExchange.NONE
+    if mode == "exact":
+        return ActivationExchange.OVERLAPPED
+    return ActivationExchange.SYNC if synchronous_step else ActivationExchange.STALE
+
+
+def statistics_exchange(mode: str, synchronous_step: bool) -> StatisticsExchange:
+    if mode == "naive_patch":
+        return StatisticsExchange.LOCAL
+    if synchronous_step or mode == "sync_gn":
+        return StatisticsExchange.SYNC
+    if mode == "corrected_async_gn":
+        return StatisticsExchange.CORRECTED
+    if mode == "stale_gn":
+        return StatisticsExchange.STALE
+    if mode == "separate_gn":
+        return StatisticsExchange.LOCAL
+    raise AssertionError(f"mode {mode!r} has no statistics exchange")
