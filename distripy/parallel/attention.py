@@ -24,7 +24,7 @@ fused into them later still applies. Both mirror diffusers' ``AttnProcessor2_0``
 How the self-attention's keys and values travel, so that a step makes one copy of them:
 
 * One projection: ``to_q``, ``to_k`` and ``to_v`` of the same input run as one GEMM over their
-  stacked weights (``_FusedProjection``). The stacked weight is the only copy: the three layers'
+  stacked weights (``FusedProjection``). The stacked weight is the only copy: the three layers'
   weights become views of it (same values, no extra memory). A layer replaced or wrapped since (a
   LoRA's layer, a weight assigned anew) is seen, and the three run apart until they are plain again.
 * Keys and values side by side, batch-major: the gathered buffer is ``(B, bands, tallest, 2 x
@@ -40,23 +40,22 @@ How the self-attention's keys and values travel, so that a step makes one copy o
 from typing import Optional, Tuple
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from distripy.errors import InputError, StepError
 from distripy.kernels import attention_with_lse, merge_partial_
 from distripy.parallel.bands import pad_to
 from distripy.parallel.context import ActivationExchange, PatchContext, PatchState
+from distripy.parallel.projection import FusedProjection, KeysValues
 
 __all__ = ["SHIFT_LAUNCH_BYTES", "PatchCrossAttnProcessor", "PatchSelfAttnProcessor"]
 
 SHIFT_LAUNCH_BYTES = 8 << 20
 """The fewest bytes one launch of ``exact``'s ring shifts carries: consecutive shifts go out as one
-``group()`` until they do. A smaller transfer costs a launch's latency (10-25 us on NVLink and
-PCIe) more than its bytes, and the attention of one band's block is too short to hide a latency
-per band: at 1024² on 8 GPUs, SDXL's blocks are 1-3 MB and one shift per band made the step slower
-than ``full_sync``'s one all-gather (the scaling model's table). Blocks of 8 MB and more (2048² and
-up) go one per launch, each hidden behind the block before it."""
+``group()`` until they do. A small transfer costs a launch's latency more than its bytes, and the
+attention of one band's small block is too short to hide a latency per band (the planner's fabric
+profiles hold the launch latencies); large blocks go one per launch, each hidden behind the
+block before it."""
 
 
 def _require_bound(processor) -> None:
@@ -79,7 +78,7 @@ class PatchSelfAttnProcessor(PatchState):
         if context is not None:
             self.attach(context, path)
 
-    def _image_keys_values(self, projected: "_KeysValues") -> Tuple[torch.Tensor, torch.Tensor]:
+    def _image_keys_values(self, projected: "KeysValues") -> Tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of every band, (B, image tokens, inner) each, in band (= image row) order:
         views of the gathered buffer for equal bands (module docstring)."""
         ctx = self.patch_context
@@ -151,20 +150,20 @@ class PatchSelfAttnProcessor(PatchState):
         key, value = self._image_keys_values(projected) if patched else (projected.key, projected.value)
         return tokens.finish(_attend(attn, query, key, value, mask))
 
-    def _project(self, attn, hidden: torch.Tensor) -> Tuple[torch.Tensor, "_KeysValues"]:
+    def _project(self, attn, hidden: torch.Tensor) -> Tuple[torch.Tensor, "KeysValues"]:
         """The query and the keys/values of ``hidden``: one GEMM when the projections are fused
-        (diffusers' ``fuse_projections``, or this processor's ``_FusedProjection``)."""
+        (diffusers' ``fuse_projections``, or this processor's ``FusedProjection``)."""
         if getattr(attn, "fused_projections", False):
             qkv = attn.to_qkv(hidden)
         else:
             fused = self._fused_projection(attn)
             if fused is None:
-                return attn.to_q(hidden), _KeysValues(attn.to_k(hidden), attn.to_v(hidden))
+                return attn.to_q(hidden), KeysValues(attn.to_k(hidden), attn.to_v(hidden))
             qkv = fused(hidden)
         inner = qkv.shape[-1] // 3
-        return qkv[..., :inner], _KeysValues.side_by_side(qkv[..., inner:])
+        return qkv[..., :inner], KeysValues.side_by_side(qkv[..., inner:])
 
-    def _fused_projection(self, attn) -> Optional["_FusedProjection"]:
+    def _fused_projection(self, attn) -> Optional["FusedProjection"]:
         """The processor's fused q/k/v projection of ``attn`` if it still holds, made (again) when
         the three layers allow it; None to run them apart. Not checked while torch.compile traces
         (a traced step runs what the eager checks decided) and not made during a CUDA-graph capture
@@ -183,7 +182,7 @@ class PatchSelfAttnProcessor(PatchState):
         ctx = self.patch_context
         if ctx is not None and ctx.capturing:
             return None
-        self._fused = _FusedProjection.of(attn)
+        self._fused = FusedProjection.of(attn)
         return self._fused
 
     def unfuse(self) -> None:
@@ -193,7 +192,7 @@ class PatchSelfAttnProcessor(PatchState):
         if fused is not None:
             fused.unfuse()
 
-    def _blockwise(self, attn, query: torch.Tensor, projected: "_KeysValues") -> torch.Tensor:
+    def _blockwise(self, attn, query: torch.Tensor, projected: "KeysValues") -> torch.Tensor:
         """The overlapped step's attention (module docstring): one shift per other band (grouped
         into launches of ``SHIFT_LAUNCH_BYTES``), every one issued before any block is computed;
         block ``d`` (band ``index - d``'s) merged once it is in."""
@@ -423,107 +422,3 @@ def _bands_to_sequence(gathered: torch.Tensor, lengths: Tuple[int, ...]) -> torc
     if all(length == tallest for length in lengths):
         return gathered.view(batch, bands * tallest, width)
     return torch.cat([gathered[:, b, :length] for b, length in enumerate(lengths)], dim=1)
-
-
-class _KeysValues:
-    """A band's keys and values, ``(B, tokens, inner)`` each: side by side in one tensor (views of
-    a fused projection's output, or of a gathered buffer), or two tensors."""
-
-    def __init__(self, key: torch.Tensor, value: torch.Tensor, both: Optional[torch.Tensor] = None) -> None:
-        self.key = key
-        self.value = value
-        self.both = both  # (B, tokens, 2 x inner) holding key | value, when they are side by side
-        self.batch, self.tokens, self.inner = key.shape
-
-    @classmethod
-    def side_by_side(cls, both: torch.Tensor) -> "_KeysValues":
-        inner = both.shape[-1] // 2
-        return cls(both[..., :inner], both[..., inner:], both)
-
-    def write_into(self, slot: torch.Tensor) -> None:
-        """Into ``slot`` (B, tokens, 2 x inner): one copy when side by side, two otherwise."""
-        if self.both is not None:
-            slot.copy_(self.both)
-        else:
-            slot[..., : self.inner].copy_(self.key)
-            slot[..., self.inner :].copy_(self.value)
-
-    def block(self) -> torch.Tensor:
-        """``(B, tokens, 2 x inner)`` keys | values in one contiguous tensor (one transfer)."""
-        if self.both is not None:
-            return self.both.contiguous()
-        return torch.cat((self.key, self.value), dim=-1)
-
-
-class _FusedProjection:
-    """``to_q``, ``to_k`` and ``to_v`` as one GEMM over their stacked weights, the three layers'
-    weights made views of the stacked one (no second copy of them; the layers compute what they
-    did). ``holds`` checks that the layers are still those plain ``nn.Linear`` layers, unhooked,
-    over the same storage: a LoRA layer wrapped around one, a weight assigned anew (a safe LoRA
-    merge, ``.to()``) or a hook ends it."""
-
-    def __init__(self, layers: Tuple[nn.Linear, ...], weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-        self.layers = layers
-        self.weight = weight
-        self.bias = bias
-
-    @staticmethod
-    def _plain(layer) -> bool:
-        return type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks)
-
-    @classmethod
-    def of(cls, attn) -> Optional["_FusedProjection"]:
-        """The fused projection of ``attn``'s three layers, or None where they cannot be fused
-        (not plain linear layers, unlike inputs, dtypes or devices, a bias on some only)."""
-        layers = (attn.to_q, attn.to_k, attn.to_v)
-        if not all(cls._plain(layer) for layer in layers):
-            return None
-        weights = [layer.weight for layer in layers]
-        biases = [layer.bias for layer in layers]
-        first = weights[0]
-        if any(w.shape[1] != first.shape[1] or w.dtype != first.dtype or w.device != first.device for w in weights):
-            return None
-        if any(b is None for b in biases) and not all(b is None for b in biases):
-            return None
-        if weights[1].shape != weights[2].shape or weights[0].shape[0] != weights[1].shape[0]:
-            return None  # the query's width must equal the keys' and values' (split in thirds)
-        with torch.no_grad():
-            weight = torch.cat([w.detach() for w in weights])
-            bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-            start = 0
-            for layer in layers:
-                rows = layer.weight.shape[0]
-                layer.weight.data = weight[start : start + rows]
-                if bias is not None:
-                    layer.bias.data = bias[start : start + rows]
-                start += rows
-        return cls(layers, weight, bias)
-
-    def unfuse(self) -> None:
-        """Each layer's weight and bias in storage of its own again, where they still are views of
-        the stacked ones."""
-        with torch.no_grad():
-            for layer in self.layers:
-                for name, stacked in (("weight", self.weight), ("bias", self.bias)):
-                    parameter = getattr(layer, name)
-                    if stacked is not None and parameter is not None and parameter.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr():
-                        parameter.data = parameter.data.clone()
-
-    def holds(self, attn) -> bool:
-        layers = (attn.to_q, attn.to_k, attn.to_v)
-        if any(a is not b or not self._plain(a) for a, b in zip(layers, self.layers)):
-            return False
-        start = 0
-        for layer in layers:
-            rows = layer.weight.shape[0]
-            if layer.weight.data_ptr() != self.weight[start].data_ptr():
-                return False
-            if self.bias is None and layer.bias is not None:
-                return False  # a bias added since
-            if self.bias is not None and (layer.bias is None or layer.bias.data_ptr() != self.bias[start].data_ptr()):
-                return False
-            start += rows
-        return True
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight, self.bias)
