@@ -98,7 +98,6 @@ setup(
     packages=find_packages(include=["distripy", "distripy.*"]) + ["distripy.kernels"],
     package_dir={"distripy.kernels": "kernels"},
     package_data={
-        "distripy.kernels": ["*.json"],
         # the trained tiny pipeline (bench/train_tiny.py): configs, tokenizers, safetensors
         "distripy.pipelines": [
             "models/*/*.json",

@@ -169,7 +169,7 @@ def halo_conv_launch(dtype: str, layout: str, variant: str, channels: int = 640,
     convolution: with its GroupNorm prologue and both halos (a middle rank's ResNet conv), plain
     with halos and bias, or at an image edge without halos (``no_halo``)."""
     import torch
-    from distripy.kernels import halo_conv
+    from distripy.kernels import halo_conv_triton
 
     x = _band((2, channels, 8, width), dtype, layout)
     halo = _band((2, channels, 1, width), dtype, layout) if variant != "no_halo" else None
@@ -178,19 +178,19 @@ def halo_conv_launch(dtype: str, layout: str, variant: str, channels: int = 640,
     prologue = None
     if variant == "prologue":
         stats = torch.empty((2, 32))
-        prologue = halo_conv.GroupNormPrologue(stats, stats, bias, bias, 32, True)
-    conv = halo_conv._band_conv(x, halo, halo, weight, 1, 1, 1, prologue)
-    launch, _ = halo_conv._conv_launch(x, halo, halo, weight, bias, conv, prologue)
+        prologue = halo_conv_triton.GroupNormPrologue(stats, stats, bias, bias, 32, True)
+    conv = halo_conv_triton.band_conv(x, halo, halo, weight, 1, 1, 1, prologue)
+    launch, _ = halo_conv_triton._conv_launch(x, halo, halo, weight, bias, conv, prologue)
     kwargs = {k: v for k, v in launch.kwargs.items() if not k.startswith("BLOCK_")}
-    return launch._replace(kernel=halo_conv._halo_conv2d_kernel, kwargs=kwargs)
+    return launch._replace(kernel=halo_conv_triton._halo_conv2d_kernel, kwargs=kwargs)
 
 
 def halo_conv_jobs(dtypes, capabilities, variants=VARIANTS, layouts=LAYOUTS) -> Iterator[Job]:
     """The halo convolution: every autotune configuration of a dtype x target x variant x layout."""
-    from distripy.kernels import halo_conv
+    from distripy.kernels import halo_conv_triton
 
     for dtype in dtypes:
-        for config in halo_conv.autotune_configs(_torch_dtype(dtype)):
+        for config in halo_conv_triton.autotune_configs(_torch_dtype(dtype)):
             for layout in layouts:
                 for variant in variants:
                     launch = halo_conv_launch(dtype, layout, variant)
@@ -273,13 +273,13 @@ def ci_jobs() -> List[Job]:
     autotune configuration once per target in one representative dtype (fp16 on sm_90a, bf16 on
     sm_80; fp32 for the fp32 tiles), in the variants that need the most registers (the prologue in
     both layouts, the plain convolution channels-last), and every GroupNorm kernel."""
-    from distripy.kernels import halo_conv
+    from distripy.kernels import halo_conv_triton
 
     jobs = list(group_norm_jobs(["fp16"], [90]))
     jobs += list(group_norm_jobs(["bf16"], [80], layouts=["channels_last"]))
-    for family in (halo_conv._CONFIGS_16BIT, halo_conv._CONFIGS_FP32):
+    for family in (halo_conv_triton._CONFIGS_16BIT, halo_conv_triton._CONFIGS_FP32):
         for capability, dtype in ((90, "fp16"), (80, "bf16")):
-            if family is halo_conv._CONFIGS_FP32:
+            if family is halo_conv_triton._CONFIGS_FP32:
                 dtype = "fp32"
             for config in family:
                 overrides = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
@@ -316,7 +316,7 @@ def offset_report() -> List[Dict[str, Any]]:
 
     group_norm_apply = importlib.import_module("distripy.kernels.group_norm_apply")
     group_norm_stats = importlib.import_module("distripy.kernels.group_norm_stats")
-    halo_conv = importlib.import_module("distripy.kernels.halo_conv")
+    halo_conv_triton = importlib.import_module("distripy.kernels.halo_conv_triton")
     halo_pad = importlib.import_module("distripy.kernels.halo_pad")
     shape = (3, 64, 6, 8)
     stats = torch.empty((3, 32))
@@ -325,8 +325,8 @@ def offset_report() -> List[Dict[str, Any]]:
         out = torch.empty(shape, dtype=torch.float16)
         weight = torch.empty((64, 64, 3, 3), dtype=torch.float16)
         halo = torch.empty((3, 64, 1, 8), dtype=torch.float16)
-        conv = halo_conv._band_conv(x, halo, halo, weight, 1, 1, 1, None)
-        conv_launch = halo_conv._conv_launch(x, halo, halo, weight, None, conv, None)[0]
+        conv = halo_conv_triton.band_conv(x, halo, halo, weight, 1, 1, 1, None)
+        conv_launch = halo_conv_triton._conv_launch(x, halo, halo, weight, None, conv, None)[0]
         launches = {
             "group_norm_stats": group_norm_stats.stats_launch(x, 32, chunks=2)[0],
             "group_norm_apply": group_norm_apply._apply_launch(x, stats, stats, None, None, 32, True, out),
@@ -334,7 +334,7 @@ def offset_report() -> List[Dict[str, Any]]:
                 x, halo, halo, 1, 1, halo_pad.GroupNormPrologue(stats, stats, None, None, 32, True), (halo, halo)
             )[0],
             "halo_conv2d": conv_launch._replace(
-                kernel=halo_conv._halo_conv2d_kernel,
+                kernel=halo_conv_triton._halo_conv2d_kernel,
                 kwargs=dict(conv_launch.kwargs, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
             ),
         }

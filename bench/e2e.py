@@ -24,8 +24,10 @@ step by kind (halo, K/V, GroupNorm statistics, output); on a GPU the peak memory
 its steps began: the base model and, for a rank, its parallelised copy); and with CUDA graphs the
 kernels of one replayed step (``torch.profiler``'s CUDA events: count, durations, their sum against
 the step's wall time from CUDA events). The JSON (device, versions, command, rows, and measured
-step profiles for ``bench/scaling.py``) is rewritten after every row, so a run stopped at a time
-limit leaves what it measured; a plot goes next to it at the end.
+step profiles: where each transfer is issued and waited for, ``step_profile.py``) is rewritten
+after every row, so a run stopped at a time limit leaves what it measured; a plot goes next to it
+at the end. ``distripy plan --gpu <this JSON>`` (and ``bench/scaling.py --gpu``) fit the planner's
+GPU profile to its rows.
 
     python bench/e2e.py                          # on a GPU: 1024², 2048², 3840²; N = 2, 4, 8
     python bench/e2e.py --resolutions 1024 --gpus 8 --split no yes --variants graphs
@@ -306,7 +308,7 @@ def _measure_rank(
 ):
     """One rank's median step of an N-way split in ``mode``, its bytes by kind, its peak memory and
     (CUDA graphs) the kernels of one replayed step, and (eager ``corrected_async_gn``) its measured
-    step profiles for the scaling model."""
+    step profiles (where each transfer is issued and waited for)."""
     import distripy
     from distripy.runtime import TrafficLog
 

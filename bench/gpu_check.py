@@ -41,7 +41,7 @@ eager steps, no profiler CUDA events; the JSON has the same structure, the GPU-o
 
 The JSON: ``environment`` (device, versions, command), ``parts`` (status, seconds, limit, command,
 the end of its log), ``rows`` (the ``corrected_async_gn`` rows: what an ``e2e.py`` file holds, so
-``distripy plan --gpu`` and ``bench/scaling.py --measured`` read it), ``exact_rows``, ``replay``,
+``distripy plan --gpu`` and ``bench/scaling.py --gpu`` read it), ``exact_rows``, ``replay``,
 ``efficiency_n8`` (each size's N = 8 efficiency without and with CFG split, next to the target and
 the paper's) and ``complete``. A short table is printed last.
 """

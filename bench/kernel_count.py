@@ -67,7 +67,7 @@ CUSTOM_OPS: Dict[str, int] = {"group_norm_stats": 2}
 and torch's sum over the chunks (the patch GroupNorm uses ``group_norm_partial_stats`` instead)."""
 
 TARGET_RATIO = 0.85
-"""DESIGN.md's target: a band step launches at most this share of the plain UNet's kernels."""
+"""The target (docs/results.md): a band step launches at most this share of the plain UNet's kernels."""
 
 
 def kernels_of(func, args, kwargs) -> int:
@@ -278,7 +278,7 @@ def measure(tiny: bool, latent: int, batch: int, ranks: int, dtype=torch.float16
 
 
 def headline(result: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The row DESIGN.md's target is about: asynchronous step, no CFG split."""
+    """The row the target (docs/results.md) is about: asynchronous step, no CFG split."""
     return next((r for r in result["rows"] if r["step"] == "async" and not r["split_batch"]), None)
 
 

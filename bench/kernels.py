@@ -5,29 +5,28 @@ UNet level: 320, 640, 1280 channels at 1, 1/2, 1/4 of the latent; with ``--shape
 down blocks' channel-raising convs, the up blocks' concatenated inputs and the stride-2
 downsamplers) and the band heights of N = 1, 2, 4, 8 ranks, fp16, channels-last:
 
-* halo conv: the Triton kernel reading separate halo buffers vs cuDNN on the same band with plain
-  zero padding (the halo overhead; target <= 1.05x) and vs the halo-padded buffer + cuDNN (the
-  ``cudnn`` path: ``torch.cat`` + cuDNN without a prologue);
+* halo conv: the experimental fused Triton kernel reading separate halo buffers vs cuDNN on the
+  same band with plain zero padding (the halo overhead; target <= 1.05x) and vs the default
+  ``cudnn`` path (the halo-padded buffer, ``kernels.halo_pad``, + cuDNN, without a prologue);
 * GroupNorm + SiLU + halo conv (a ResNet block's half): the fused Triton kernel (prologue) vs the
-  ``cudnn`` path (Triton GroupNorm apply into the padded buffer, then cuDNN) vs eager torch
-  (``F.group_norm``, ``F.silu``, ``torch.cat``, cuDNN);
+  ``cudnn`` path (GroupNorm applied into the padded buffer by ``halo_pad``, then cuDNN) vs eager
+  torch (``F.group_norm``, ``F.silu``, ``torch.cat``, cuDNN);
 * GroupNorm + SiLU alone: the Triton statistics + apply kernels vs ``F.group_norm`` + ``F.silu``
   (target <= 0.6x);
 * a ResNet block's body (GroupNorm, SiLU, conv, GroupNorm, SiLU, conv) as ``auto`` runs it vs eager
   torch.
 
 Ratios are measured side by side in one run, medians over repetitions (CUDA events). Prints a table
-(which path wins where) and writes ``bench/results/kernels-<host>-<time>.json`` with the device,
-versions and command. ``--write-dispatch`` also writes the per-shape winner of the fused
-convolution (Triton vs cuDNN path) to ``kernels/halo_conv_paths.json``, the table
-``kernel_backend='auto'`` dispatches by (``kernels/halo_conv_dispatch.py``).
-Run: ``python bench/kernels.py [--shapes all] [--write-dispatch]`` on a GPU.
+(which path wins where: ``fused_conv_winner`` per shape) and writes
+``bench/results/kernels-<host>-<time>.json`` with the device, versions and command. The cuDNN path
+is the one default (``DistriConfig.halo_conv_backend``); a per-shape dispatch to the fused kernel
+comes back only where this benchmark shows it winning.
+Run: ``python bench/kernels.py [--shapes all]`` on a GPU.
 ``python bench/kernels.py --compile-report [compile_report options]`` needs no GPU: it runs
 ``bench/compile_report.py`` (every kernel x tile x dtype compiled for sm_90a and sm_80).
 """
 
 import argparse
-import json
 import socket
 import sys
 from pathlib import Path
@@ -37,7 +36,6 @@ import torch.nn.functional as F
 from common import cuda_time_ms, environment, results_path, write_json
 
 from distripy.kernels import GroupNormPrologue, group_norm_apply, group_norm_stats, halo_conv2d, mean_rstd
-from distripy.kernels.halo_conv_dispatch import TABLE_PATH
 
 IMAGES = {1024: 128, 2048: 256, 3840: 480}  # image side -> latent rows
 GROUPS = 32
@@ -176,43 +174,6 @@ def measure(image: int, shape, ranks: int, batch: int, repeats: int) -> dict:
     return row
 
 
-def _dispatch_entry(row: dict, device: str) -> dict:
-    return {
-        "device": device,
-        "dtype": "float16",
-        "batch": row["batch"],
-        "in_channels": row["in_channels"],
-        "out_channels": row["out_channels"],
-        "kernel": [3, 3],
-        "stride": [row["stride"], row["stride"]],
-        "rows": row["band_rows"],
-        "width": row["width"],
-        "path": row["fused_conv_winner"],
-        "triton_ms": row["ms"]["norm_conv_triton"],
-        "cudnn_ms": row["ms"]["norm_conv_cudnn_path"],
-    }
-
-
-def _entry_shape(entry: dict) -> str:
-    """What an entry is about (GPU, dtype, shape), without its outcome."""
-    return json.dumps(
-        {k: v for k, v in entry.items() if k not in ("path", "triton_ms", "cudnn_ms")}, sort_keys=True
-    )
-
-
-def write_dispatch_table(rows, device: str, path: Path = TABLE_PATH, quiet: bool = False) -> None:
-    """Merge this run's winners into the dispatch table: its shapes replace their entries; the
-    other shapes and GPUs are kept (a partial run loses nothing measured before)."""
-    fresh = [_dispatch_entry(row, device) for row in rows]
-    measured = {_entry_shape(entry) for entry in fresh}
-    entries = []
-    if path.exists():
-        entries = [e for e in json.loads(path.read_text())["entries"] if _entry_shape(e) not in measured]
-    write_json(path, {"format": 1, "entries": entries + fresh})
-    if not quiet:
-        print(f"wrote {len(fresh)} dispatch entries for {device} to {path}")
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--compile-report" in argv:
@@ -226,7 +187,6 @@ def main(argv=None) -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--batch", type=int, nargs="+", default=[1], help="per-rank batch (1: CFG split)")
     parser.add_argument("--shapes", choices=["core", "all"], default="core")
-    parser.add_argument("--write-dispatch", action="store_true", help="write kernels/halo_conv_paths.json")
     parser.add_argument(
         "--timing",
         choices=["graph", "eager"],
@@ -240,7 +200,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    from distripy.kernels.halo_conv import autotuned_tiles
+    from distripy.kernels.halo_conv_triton import autotuned_tiles
     from distripy.runtime import native_available
 
     record = environment(native_runtime=native_available(), timing=args.timing)
@@ -252,8 +212,6 @@ def main(argv=None) -> int:
             path,
             {"environment": record, "rows": rows, "triton_tiles": autotuned_tiles(), "complete": complete},
         )
-        if args.write_dispatch and rows:
-            write_dispatch_table(rows, record["device"], quiet=not complete)
 
     rows = []
     shapes = CORE_SHAPES + (MORE_SHAPES if args.shapes == "all" else [])

@@ -3,8 +3,10 @@ direction (more GPUs faster, or slower) as each publication measured?
 
 Each case runs ``distripy.planning.predict`` in the configuration the publication ran (its GPU,
 link, size, steps, synchronous or not, CUDA graphs or not, CFG split or not) for the GPU counts it
-compared, and prints the published latencies beside the predicted ones. Writes
-``bench/results/plan-checks.json`` and ``.md``.
+compared, and prints the published latencies beside the predicted ones (a markdown table). The
+predictions are the planner's, computed in a moment, so nothing is cached under ``bench/results/``
+(which holds measurements only); ``--output FILE.json`` writes the rows and the table (``.md``)
+where you say.
 
     python bench/plan_checks.py
 """
@@ -14,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-from common import RESULTS, environment, write_json
+from common import environment, write_json
 
 from distripy.planning import FABRICS, GPUS, predict
 
@@ -142,11 +144,13 @@ distripy (`bench/e2e.py` with real ranks), which no lent machine has had."""
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=RESULTS / "plan-checks.json")
+    parser.add_argument("--output", type=Path, help="also write the rows (JSON) and the table (.md) here")
     args = parser.parse_args(argv)
     rows = [run_case(case) for case in CASES]
     text = markdown(rows)
     print(text)
+    if args.output is None:
+        return 0
     write_json(args.output, {"environment": environment(), "checks": rows})
     md = args.output.with_suffix(".md")
     tmp = md.with_suffix(".md.tmp")

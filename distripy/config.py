@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "DEFAULT_WARMUP_STEPS",
     "DistriConfig",
+    "HALO_CONV_BACKENDS",
     "KERNEL_BACKENDS",
     "MODE_CHOICES",
     "MODES",
@@ -82,6 +83,12 @@ KERNEL_BACKENDS = ("auto", "triton", "torch")
 """``torch``: the references; ``triton``: the Triton kernels (CUDA); ``auto``: per call, by the
 tensors' device (see ``distripy.kernels``)."""
 
+HALO_CONV_BACKENDS = ("cudnn", "triton")
+"""The halo convolution where the patch layer runs GPU kernels: ``cudnn`` (the default, the measured
+winner: the band written halo-padded by one Triton pass with its GroupNorm prologue fused in,
+``kernels.halo_pad``, then one cuDNN convolution) or ``triton`` (experimental: the fused Triton
+implicit-GEMM kernel reading the halos in place, ``kernels.halo_conv``)."""
+
 CHECK_EVERY_STEP_VARIABLE = "DISTRIPY_CHECK_EVERY_STEP"
 """The environment variable that turns ``DistriConfig.check_every_step`` on by default ("1")."""
 
@@ -117,8 +124,10 @@ class DistriConfig:
     default: the C++ runtime for a model on CUDA when ``distripy._C`` loads, else torch.distributed;
     decided from where the model is when ``parallelize`` is called).
     ``kernel_backend``: ``triton`` (the Triton kernels, CUDA), ``torch`` (the references) or
-    ``auto`` (on CUDA the Triton GroupNorm kernels and, per convolution shape, the faster of the
-    fused Triton halo convolution and a halo-padded buffer + cuDNN; on CPU the references).
+    ``auto`` (on CUDA the Triton kernels, on CPU the references).
+    ``halo_conv_backend``: the band convolutions' path where the kernels are Triton's (``cudnn``,
+    the default: the halo-padded band, GroupNorm fused into its write, then cuDNN; ``triton``:
+    the fused Triton convolution, experimental, opt-in; see ``HALO_CONV_BACKENDS``).
     ``timeout_s``: the longest any wait for a transfer may take before it raises.
     ``use_cuda_graph``: run each UNet step as a replayed CUDA graph (CUDA; with the C++ runtime,
     ``comm_backend='nccl'`` or ``'auto'``, or a ``LoopbackComm``): one graph per input shape and
@@ -127,9 +136,9 @@ class DistriConfig:
     removes the per-step launch cost of the UNet's ~thousand small kernels, which is what limits
     small bands (1024², 8 GPUs); the result equals eager execution. ``None`` (the default): on
     for a model on CUDA whose communicator can join a capture (the C++ runtime, or a given comm
-    that supports graphs), off otherwise (CPU, ``comm_backend='torch'``). On an H100 a rank's
-    step of 8 ran 11x faster at 1024², 3.2x at 2048² and 1.05x at 3840² than eagerly
-    (``bench/results/e2e-h100-*``): the eager step is bound by the host's launches.
+    that supports graphs), off otherwise (CPU, ``comm_backend='torch'``). The smaller the band,
+    the more the eager step is bound by the host's launches, and the more the graphs gain (the
+    measurements: docs/results.md).
 
     ``compile``: compile each step's band forward (the model's own forward on this rank's band;
     the host-side step logic stays eager) with ``torch.compile``'s inductor in its default mode,
@@ -159,6 +168,7 @@ class DistriConfig:
     use_cuda_graph: Optional[bool] = None
     compile: bool = False
     check_every_step: bool = field(default_factory=lambda: os.environ.get(CHECK_EVERY_STEP_VARIABLE) == "1")
+    halo_conv_backend: str = "cudnn"
 
     def __post_init__(self) -> None:
         if (
@@ -172,6 +182,7 @@ class DistriConfig:
             raise ConfigError(f"DistriConfig.split_batch={self.split_batch!r} must be True, False or 'auto'")
         _check_choice("comm_backend", self.comm_backend, COMM_BACKENDS)
         _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        _check_choice("halo_conv_backend", self.halo_conv_backend, HALO_CONV_BACKENDS)
         if not isinstance(self.check_every_step, bool):
             raise ConfigError(
                 f"DistriConfig.check_every_step={self.check_every_step!r} must be True or False"

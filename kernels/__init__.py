@@ -13,10 +13,12 @@ CUDA live beside their reference and are tested against it (on CPU under ``TRITO
   optionally writing the band's sums into buffers besides (+ Triton kernel);
 * ``group_norm_apply``: normalise + affine (+ SiLU), optionally into a view (+ Triton kernel);
 * ``halo_conv``: a band's convolution from the band and its halo rows held apart, optionally
-  with the GroupNorm (+ SiLU) of its input fused in as a prologue (+ Triton kernel, groups=1),
-  whole or by output-row range (the interior rows before the halos arrive, the boundary rows after);
+  with the GroupNorm (+ SiLU) of its input fused in as a prologue, whole or by output-row range
+  (the interior rows before the halos arrive, the boundary rows after); on CUDA the halo-padded
+  band (``halo_pad``) + cuDNN;
+* ``halo_conv_triton``: the same convolution as one fused Triton kernel (groups=1), experimental,
+  run only when asked for (``DistriConfig(halo_conv_backend="triton")``);
 * ``attention_merge``: attention over key/value blocks as they arrive, merged by log-sum-exp;
-* ``halo_conv_dispatch``: per shape, which CUDA path of the halo convolution is faster;
 * ``halo_pad``: a band's halo-padded convolution input in one pass (the band activated, the halos
   around it, the boundary rows its neighbours need written out on the way) (+ Triton kernel).
 
@@ -24,7 +26,7 @@ CUDA live beside their reference and are tested against it (on CPU under ``TRITO
 whole step runs without memory (``bench/kernel_count.py`` counts a GPU step's kernels so).
 
 Every function takes ``backend``: ``torch`` (the reference), ``triton`` or ``auto`` (on CUDA the
-Triton kernels, the convolution's path chosen per shape; on CPU the references).
+Triton kernels, and the cuDNN path for the convolution; on CPU the references).
 """
 
 from distripy.kernels.attention_merge import (
@@ -59,6 +61,7 @@ from distripy.kernels.halo_conv import (
     interior_rows,
     write_sends,
 )
+from distripy.kernels.halo_conv_triton import halo_conv2d_triton  # noqa: F401  (registers its ops)
 from distripy.kernels._backend import meta_as_gpu
 from distripy.kernels.halo_pad import halo_pad, halo_pad_reference
 

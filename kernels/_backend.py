@@ -5,8 +5,7 @@ decided by the tensor's device at each call).
 ``meta_as_gpu()`` makes ``auto`` treat tensors on the ``meta`` device as CUDA tensors: the meta
 device runs a whole model step without memory or compute, and under it each choice is the one a
 GPU would make, so the ops a GPU step dispatches can be counted on a CPU machine
-(``bench/kernel_count.py``). A convolution's CUDA path on meta is the dispatch table's default
-(there is no GPU to name)."""
+(``bench/kernel_count.py``)."""
 
 import contextlib
 import threading

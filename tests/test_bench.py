@@ -1,9 +1,10 @@
 """The performance instruments of ``bench/``: they run (scaled down, on CPU) and compute what they
 claim. Nothing here times anything: the timing is the benchmarks' business.
 
-* ``step_profile``: the roofline clock and the step profiles built from a ``LoopbackComm`` log;
-* ``scaling``: the fabric cost formulas (nccl-tests' conventions), the overlap rules of the
-  simulation on hand-made steps, and the check against the DistriFusion paper;
+* ``results``: ``bench/results/`` holds what its index names (measurements), nothing else;
+* ``scaling``, ``plan_checks``: thin commands over ``distripy.planning`` (whose cost formulas and
+  overlap rules ``tests/test_planning.py`` checks): their tables are the planner's, the check
+  against the DistriFusion paper holds, nothing is written unless asked;
 * ``e2e``: the scaled-down run writes rows, bytes by kind, measured profiles and a plot; a CFG
   split row; the kernel summary of a profiled step;
 * ``gpu_check``: the one-call GPU check dry-runs on CPU, its plan fits its budget, a part is killed
@@ -29,113 +30,86 @@ def bench_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
 
 
-# -- step_profile ---------------------------------------------------------------------------------
+# -- results -------------------------------------------------------------------------------------
 
 
-def test_the_roofline_clock_charges_flops_or_bytes_whichever_is_slower():
-    from step_profile import RooflineClock
+def test_the_results_index_names_every_file_and_only_those():
+    """``bench/results/README.md`` says what each file is and which figure it backs: a file it does
+    not name (a model's output left behind, a stray run) fails, and so does a name with no file."""
+    import re
 
-    a = torch.empty(64, 128, device="meta", dtype=torch.float16)
-    b = torch.empty(128, 32, device="meta", dtype=torch.float16)
-    with RooflineClock(peak_flops=1e3, bandwidth=1e12) as clock:  # compute-bound
-        a @ b
-    assert clock.now() == pytest.approx(2 * 64 * 128 * 32 / 1e3)
-    with RooflineClock(peak_flops=1e30, bandwidth=1e3) as clock:  # bandwidth-bound
-        a.view(128, 64)  # a view moves nothing
-        a + 1.0
-    assert clock.now() == pytest.approx(2 * a.numel() * 2 / 1e3)
-    q = torch.empty(1, 2, 10, 8, device="meta")
-    with RooflineClock(peak_flops=1.0, bandwidth=1e30) as clock:  # attention as one fused kernel
-        torch.nn.functional.scaled_dot_product_attention(q, q, q)
-    assert clock.now() == pytest.approx(4 * 1 * 2 * 10 * 10 * 8)
+    results = BENCH / "results"
+    index = (results / "README.md").read_text()
+    named = set()
+    for row in index.splitlines():
+        if row.startswith("| `"):
+            named.update(re.findall(r"`([^`/]+\.[a-z]+)`", row.split(" | ")[0]))
+    present = {p.name for p in results.iterdir() if p.name != "README.md" and not p.name.startswith(".")}
+    assert not any(p.is_dir() for p in results.iterdir()), "bench/results/ has no subfolders"
+    assert present == named, {"not in the index": present - named, "indexed, missing": named - present}
 
 
-def test_roofline_profiles_of_the_tiny_unet_follow_the_band_geometry():
-    from step_profile import roofline_profiles
-
-    small = roofline_profiles((32, 16), 4, False, tiny=True)
-    wide = roofline_profiles((32, 32), 4, False, tiny=True)
-    tall = roofline_profiles((64, 16), 4, False, tiny=True)
-    for phase in ("sync", "async"):
-        profile = small[phase]
-        assert profile.compute_s > 0 and profile.transfers
-        assert all(0.0 <= t.issued <= 1.0 for t in profile.transfers)
-        sent = profile.bytes_sent()
-        assert all(sent[kind] > 0 for kind in ("halo", "kv", "gn_stats", "output"))
-        # Halo rows are as wide as the image; K/V cover the band's tokens; statistics are fixed.
-        assert wide[phase].bytes_sent()["halo"] == 2 * sent["halo"]
-        assert tall[phase].bytes_sent()["kv"] == 2 * sent["kv"]
-        assert tall[phase].bytes_sent()["gn_stats"] == sent["gn_stats"]
-    assert all(not t.waited_next for t in small["sync"].transfers)
-    stale = [t for t in small["async"].transfers if t.kind != "output"]
-    assert stale and all(t.waited_next for t in stale)
+# -- scaling, plan_checks ---------------------------------------------------------------------------
 
 
-# -- scaling --------------------------------------------------------------------------------------
+def test_the_scaling_command_prints_the_planners_tables(capsys, tmp_path, monkeypatch):
+    """``bench/scaling.py``: every speedup is ``distripy.planning.predict``'s, the paper check holds
+    within 15% per cell, ``--modes`` compares the three modes, and nothing is written unless
+    ``--output`` names a file (``--json`` prints)."""
+    import scaling
 
+    from distripy.planning import FABRICS, GPUS, predict
 
-def _profile(phase, compute, *transfers):
-    from step_profile import ProfiledTransfer, StepProfile
-
-    return StepProfile(phase, compute, [ProfiledTransfer(*t) for t in transfers])
-
-
-def test_fabric_costs_follow_nccl_tests_bus_bandwidth_conventions():
-    from scaling import Fabric, bandwidth_seconds
-    from step_profile import ProfiledTransfer
-
-    fabric = Fabric("test", busbw_gbps=100.0, p2p_gbps=50.0, latency_us=0.0, comm_sm_share=0.0, source="")
-    gather = ProfiledTransfer("kv", "all_gather", 8, 10**9, 7 * 10**9, None, 0.0, None, False)
-    reduce = ProfiledTransfer("gn_stats", "all_reduce", 4, 10**9, 10**9, None, 0.0, None, False)
-    halo = ProfiledTransfer("halo", "halo_exchange", 4, 2 * 10**8, 10**8, None, 0.0, None, False)
-    assert bandwidth_seconds(gather, fabric) == pytest.approx(7 / 100)  # send * (n - 1) / busbw
-    assert bandwidth_seconds(reduce, fabric) == pytest.approx(2 * 3 / 4 / 100)  # S * 2(n-1)/n / busbw
-    assert bandwidth_seconds(halo, fabric) == pytest.approx(0.2 / 50)
-
-
-def test_the_simulation_hides_what_fits_in_a_step_and_exposes_what_does_not():
-    from scaling import Fabric, simulate
-
-    fabric = Fabric("test", busbw_gbps=1.0, p2p_gbps=1.0, latency_us=0.0, comm_sm_share=0.0, source="")
-    second = 10**9  # bytes one link moves in a second (2 ranks: all-gather moves `sent` once)
-
-    def steps(sent, waited, waited_next, phase):
-        transfer = ("kv", "all_gather", 2, sent, sent, None, 0.5, waited, waited_next)
-        return _profile(phase, 1.0, transfer)
-
-    hidden = {"sync": steps(0, 0.5, False, "sync"), "async": steps(second // 2, 0.5, True, "async")}
-    assert simulate(hidden, fabric, steps=5, warmup_steps=1) == pytest.approx([1.0] * 5)
-    # A transfer longer than a step: each async step waits for the previous one's remainder.
-    slow = {"sync": hidden["sync"], "async": steps(3 * second // 2, 0.5, True, "async")}
-    durations = simulate(slow, fabric, steps=5, warmup_steps=1)
-    assert durations[:2] == pytest.approx([1.0, 1.0]) and durations[-1] == pytest.approx(1.5)
-    # Synchronous: waited where issued, so fully exposed.
-    sync = {"sync": steps(second // 2, 0.5, False, "sync"), "async": hidden["async"]}
-    assert simulate(sync, fabric, steps=1, warmup_steps=1) == pytest.approx([1.5])
-    # With graphs a step joins its transfers at its end: half a second fits in the second half.
-    assert simulate(hidden, fabric, steps=3, warmup_steps=1, graphs=True) == pytest.approx([1.0] * 3)
-    assert simulate(slow, fabric, steps=2, warmup_steps=1, graphs=True)[-1] == pytest.approx(2.0)
-
-
-def test_grouped_transfers_pay_one_latency():
-    from scaling import Fabric, simulate
-
-    fabric = Fabric("test", busbw_gbps=1e9, p2p_gbps=1e9, latency_us=1e5, comm_sm_share=0.0, source="")
-    alone = [("gn_stats", "all_reduce", 2, 8, 8, None, 0.0, 0.0, False)] * 3
-    grouped = [("gn_stats", "all_reduce", 2, 8, 8, 7, 0.0, 0.0, False)] * 3
-    for transfers, expected in ((alone, 1.3), (grouped, 1.1)):
-        profiles = {"sync": _profile("sync", 1.0, *transfers), "async": _profile("async", 1.0)}
-        assert simulate(profiles, fabric, steps=1, warmup_steps=1) == pytest.approx([expected])
-
-
-def test_the_model_reproduces_the_papers_latencies_within_15_percent():
-    """From the committed roofline profiles of SDXL (bench/results/profiles)."""
-    from scaling import paper_check
-
-    rows = [r for r in paper_check() if "predicted_s" in r]
-    assert {(r["resolution"], r["gpus"]) for r in rows} == {(1024, 8), (2048, 8), (3840, 8)}
-    for row in rows:
+    before = sorted((BENCH / "results").iterdir())
+    assert scaling.main(["--json", "--fabric", "nvlink4", "pcie4"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert sorted((BENCH / "results").iterdir()) == before
+    check = {(r["resolution"], r["gpus"]): r for r in data["paper_check"]}
+    assert set(check) == {(1024, 8), (2048, 8), (3840, 2), (3840, 4), (3840, 8)}
+    for row in check.values():
         assert abs(row["error"]) <= 0.15, row
+    rows = data["predictions"]
+    assert len(rows) == 2 * 3 * 3 * 2 and data["cuda_graphs"] is True
+    for row in rows:
+        fabric = FABRICS["nvlink4" if row["fabric"] == FABRICS["nvlink4"].name else "pcie4"]
+        latent = (row["resolution"] // 8,) * 2
+        expected = predict(GPUS["h100"], fabric, latent, 50, row["gpus"], row["split_batch"],
+                           "corrected_async_gn", 5, True)  # fmt: skip
+        assert row["speedup"] == pytest.approx(expected.speedup) and row["predicted_s"] == expected.seconds
+    # a measured GPU (e2e.py's file, fitted) and a text table
+    measured = BENCH / "results" / "e2e-h100-20261124T1950Z.json"
+    assert scaling.main(["--gpu", str(measured), "--fabric", "nvlink4", "--skip-check", "--eager"]) == 0
+    table = capsys.readouterr().out
+    assert "DistriFusion" not in table and "(eager, 50 steps" in table and "NVIDIA H100" in table
+    output = tmp_path / "modes.json"
+    monkeypatch.setattr(scaling, "environment", lambda: {"command": "bench/scaling.py"})  # no imports
+    assert scaling.main(["--modes", "--output", str(output)]) == 0
+    assert "exact/corrected" in capsys.readouterr().out
+    modes = json.loads(output.read_text())
+    assert modes["environment"]["command"] and len(modes["modes"]) == 4 * 3 * 3 * 2
+    for row in modes["modes"]:
+        assert set(row["speedup"]) == {"full_sync", "exact", "corrected_async_gn"}
+        assert row["exact_over_corrected"] == pytest.approx(
+            row["seconds"]["exact"] / row["seconds"]["corrected_async_gn"]
+        )
+        if row["gpus"] == 2 and row["split_batch"]:  # one band per image: nothing between bands
+            assert len({round(v, 9) for v in row["seconds"].values()}) == 1
+    assert scaling.main(["--gpu", "v100"]) == 2
+    assert "gpu 'v100'" in capsys.readouterr().err
+
+
+def test_the_plan_checks_print_and_write_only_when_asked(capsys, tmp_path):
+    import plan_checks
+
+    before = sorted((BENCH / "results").iterdir())
+    assert plan_checks.main([]) == 0
+    table = capsys.readouterr().out
+    assert sorted((BENCH / "results").iterdir()) == before
+    paper = next(line for line in table.splitlines() if line.startswith("| DistriFusion paper"))
+    assert paper.endswith("| yes |")
+    assert plan_checks.main(["--output", str(tmp_path / "checks.json")]) == 0
+    rows = json.loads((tmp_path / "checks.json").read_text())["checks"]
+    assert len(rows) == len(plan_checks.CASES) and (tmp_path / "checks.md").read_text() + "\n" == table
 
 
 # -- e2e ------------------------------------------------------------------------------------------
@@ -612,35 +586,10 @@ def test_the_gpu_acceptance_plan_fits_25_minutes_and_names_every_stage(tmp_path)
         "-m cuda",
         "memcheck",
         "racecheck",
-        "--write-dispatch",
+        "--shapes all",
         "3840",
         "comm.py",
         "host_overhead.py",
     ):
         assert needed in commands, needed
     assert set(TARGETS) >= {"efficiency_n8_1024", "halo_conv_vs_cudnn_band", "host_us_per_grouped_op"}
-
-
-def test_the_dispatch_table_merges_a_partial_run(tmp_path):
-    """A run (or a run stopped at its time limit) replaces the entries of the shapes it measured
-    and keeps every other shape and GPU."""
-    import importlib.util
-
-    # by its path: the name ``kernels`` is also the repository's kernel package
-    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH / "kernels.py")
-    kernels_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kernels_bench)
-
-    def row(channels, rows, winner):
-        ms = {"norm_conv_triton": 1.0, "norm_conv_cudnn_path": 2.0}
-        return dict(batch=1, in_channels=channels, out_channels=channels, stride=1, band_rows=rows,
-                    width=128, fused_conv_winner=winner, ms=ms)  # fmt: skip
-
-    table = tmp_path / "paths.json"
-    kernels_bench.write_dispatch_table(
-        [row(320, 16, "cudnn"), row(640, 8, "cudnn")], "GPU A", table, quiet=True
-    )
-    kernels_bench.write_dispatch_table([row(320, 16, "triton")], "GPU B", table, quiet=True)
-    kernels_bench.write_dispatch_table([row(320, 16, "triton")], "GPU A", table, quiet=True)
-    entries = {(e["device"], e["in_channels"]): e["path"] for e in json.loads(table.read_text())["entries"]}
-    assert entries == {("GPU A", 320): "triton", ("GPU A", 640): "cudnn", ("GPU B", 320): "triton"}

@@ -23,7 +23,7 @@ import torch
 REPOSITORY = Path(__file__).resolve().parents[1]
 SHARED_LIMIT_BYTES = {90: 227 * 1024, 80: 163 * 1024}
 
-halo_conv = importlib.import_module("distripy.kernels.halo_conv")
+halo_conv = importlib.import_module("distripy.kernels.halo_conv_triton")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,10 @@ def _context(mode, world_size, rank, warmup_steps=1, kernel_backend="torch"):
     from distripy.parallel import PatchContext
     from distripy.runtime.torch_comm import TorchComm
 
-    context = PatchContext(DistriConfig(mode=mode, warmup_steps=warmup_steps), kernel_backend=kernel_backend)
+    # kernel_backend='triton': the fused Triton convolution too (the experimental opt-in)
+    halo_conv = "triton" if kernel_backend == "triton" else "cudnn"
+    config = DistriConfig(mode=mode, warmup_steps=warmup_steps, halo_conv_backend=halo_conv)
+    context = PatchContext(config, kernel_backend=kernel_backend)
     context.start_generation(TorchComm(timeout_s=60), rank, world_size)
     return context
 

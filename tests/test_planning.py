@@ -1,7 +1,10 @@
 """``distripy.planning``: the traffic walk against what the real model sends, the fits against known
-coefficients and measured files, the predictions against the paper, and ``distripy plan``."""
+coefficients and measured files, the cost of a transfer (nccl-tests' conventions) and the overlap
+rules of each kind of step on hand-made machines, the band rules (``BandGeometry``), the
+predictions against the paper, and ``distripy plan``."""
 
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -10,7 +13,20 @@ import torch
 import distripy
 from distripy.errors import ConfigError
 from distripy.parallel.bands import BandLayout
-from distripy.planning import FABRICS, GPUS, fit_gpu, load_fabric, load_gpu, predict, step_traffic
+from distripy.geometry import BandGeometry
+from distripy.planning import (
+    FABRICS,
+    GPUS,
+    SDXL_UNET,
+    Fabric,
+    band_units,
+    fit_gpu,
+    load_fabric,
+    load_gpu,
+    plan_configurations,
+    predict,
+    step_traffic,
+)
 from distripy.planning.hardware import GpuProfile
 from unet_models import POOLED_DIM, TEXT_DIM, sdxl_conditioning, tiny_sdxl_unet
 
@@ -87,6 +103,132 @@ def test_sdxl_traffic_counts_follow_its_architecture():
     assert sum(t.sent for t in top.transfers if t.kind == "halo") < sum(
         t.sent for t in walk.transfers if t.kind == "halo"
     )  # the top band sends no halo upwards
+
+
+def test_traffic_follows_the_band_geometry():
+    """Halo rows are as wide as the image; keys and values cover the band's tokens; GroupNorm
+    statistics are a fixed size; the output is the band's whole rows."""
+    units = band_units(8, 4)
+    small = step_traffic((32, 16), 2, units, 2).bytes_by_kind()
+    wide = step_traffic((32, 32), 2, units, 2).bytes_by_kind()
+    tall = step_traffic((64, 16), 2, band_units(16, 4), 2).bytes_by_kind()
+    assert all(small[kind] > 0 for kind in ("halo", "kv", "gn_stats", "output"))
+    assert wide["halo"] == 2 * small["halo"] and tall["halo"] == small["halo"]
+    assert wide["kv"] == tall["kv"] == 2 * small["kv"]
+    assert wide["gn_stats"] == tall["gn_stats"] == small["gn_stats"]
+    assert wide["output"] == tall["output"] == 2 * small["output"]
+
+
+# -- the cost of a step, on hand-made machines: every rank's step takes `compute` seconds ------------
+
+LATENT, GPUS_4, MIDDLE = (32, 16), 4, 2  # 8 deepest rows in 4 bands; band 2 has two neighbours
+BETWEEN = ("halo", "gn_stats", "kv")
+
+
+def _flat(compute):
+    """A GPU whose every step takes ``compute`` seconds, whatever it computes; no host bound."""
+    return GpuProfile("flat", 0.0, 0.0, compute, 0.0, 0.0, 0.0, "test")
+
+
+def _link_s(transfers, fabric, bands, ranks):
+    """nccl-tests' conventions: an all-gather moves ``sent (n - 1)`` at the bus bandwidth, an
+    all-reduce ``sent 2 (n - 1) / n``; a neighbour exchange the larger direction at the
+    point-to-point bandwidth. n: the bands, or every rank for the output."""
+    total = 0.0
+    for t in transfers:
+        n = ranks if t.kind == "output" else bands
+        if t.op == "all_gather":
+            total += t.sent * (n - 1) / (fabric.busbw_gbps * 1e9)
+        elif t.op == "all_reduce":
+            total += t.sent * 2 * (n - 1) / n / (fabric.busbw_gbps * 1e9)
+        else:
+            total += max(t.sent, t.received) / (fabric.p2p_gbps * 1e9)
+    return total
+
+
+def _middle(exact=False):
+    return step_traffic(LATENT, 2, band_units(8, GPUS_4), MIDDLE, exact=exact).transfers
+
+
+def _run(compute, fabric, mode, steps, warmup=1, graphs=False):
+    return predict(_flat(compute), fabric, LATENT, steps, GPUS_4, False, mode, warmup, graphs)
+
+
+def test_a_synchronous_step_exposes_every_transfer_at_nccl_tests_costs():
+    fabric = Fabric("test", busbw_gbps=100.0, p2p_gbps=25.0, latency_us=0.0, comm_sm_share=0.0, source="")
+    expected = max(
+        _link_s(step_traffic(LATENT, 2, band_units(8, GPUS_4), index).transfers, fabric, GPUS_4, GPUS_4)
+        for index in range(GPUS_4)
+    )
+    assert expected == _link_s(_middle(), fabric, GPUS_4, GPUS_4)  # the middle band sends the most
+    result = _run(0.01, fabric, "full_sync", 3)
+    assert result.exposed_s == pytest.approx(expected)
+    assert result.seconds == pytest.approx(3 * (0.01 + expected))
+    assert result.step_compute_s == 0.01 and result.speedup == pytest.approx(3 * 0.01 / result.seconds)
+
+
+def test_an_asynchronous_step_hides_what_fits_behind_a_step_and_exposes_the_rest():
+    """After the synchronous warm-up, a step's transfers are waited for in the next step: hidden
+    behind its compute (less the SMs NCCL takes), exposed where longer; with CUDA graphs a step
+    joins its own at its end, so at least its last block's transfers are exposed; ``exact``
+    exposes GroupNorm's all-reduces and hides halos and keys/values only partly."""
+    share = 0.25
+    fabric = Fabric("test", busbw_gbps=1.0, p2p_gbps=1.0, latency_us=0.0, comm_sm_share=share, source="")
+    between = _link_s([t for t in _middle() if t.kind in BETWEEN], fabric, GPUS_4, GPUS_4)
+    long = 1e3 * between  # a step far longer than its transfers
+
+    def gap(compute, **kw):
+        full = _run(compute, fabric, "full_sync", 4, **kw).seconds
+        return full - _run(compute, fabric, "corrected_async_gn", 4, **kw).seconds
+
+    assert gap(long) == pytest.approx(3 * (1 - share) * between)  # 3 async steps hide all but the SMs
+    assert gap(1e-12) == pytest.approx(0.0, abs=1e-9)  # nothing to hide behind: all exposed
+    blocks = [t.block for t in _middle() if t.kind in BETWEEN]
+    last = _link_s([t for t in _middle() if t.block == max(blocks) and t.kind in BETWEEN], fabric, 4, 4)
+    assert 0 < last < between
+    no_sms = Fabric("test", busbw_gbps=1.0, p2p_gbps=1.0, latency_us=0.0, comm_sm_share=0.0, source="")
+    graphs = _run(long, no_sms, "corrected_async_gn", 4, graphs=True).seconds
+    eager = _run(long, no_sms, "corrected_async_gn", 4).seconds
+    assert graphs - eager == pytest.approx(3 * last)
+    exact = _middle(exact=True)
+    norms = _link_s([t for t in exact if t.kind == "gn_stats"], fabric, GPUS_4, GPUS_4)
+    output = _link_s([t for t in exact if t.kind == "output"], fabric, GPUS_4, GPUS_4)
+    assert _run(long, fabric, "exact", 2).exposed_s == pytest.approx(norms + output)
+    everything = _link_s(exact, fabric, GPUS_4, GPUS_4)
+    assert _run(1e-12, fabric, "exact", 2).exposed_s == pytest.approx(everything, rel=1e-6)
+
+
+def test_grouped_transfers_pay_one_launch_latency():
+    """Synchronous: one launch per exchange, a self-attention's keys and values (one all-gather
+    per batch item) as one group; asynchronous: one launch per block, at its checkpoint."""
+    latency = 100.0
+    fabric = Fabric("test", busbw_gbps=1e12, p2p_gbps=1e12, latency_us=latency, comm_sm_share=0.0, source="")
+    transfers = _middle()
+    counts = Counter(t.kind for t in transfers)
+    launches = counts["halo"] + counts["gn_stats"] + counts["kv"] // 2 + 1  # + the output's
+    sync = _run(1e-9, fabric, "full_sync", 2).exposed_s
+    assert sync == pytest.approx(launches * latency * 1e-6, rel=1e-6)
+    blocks = len({t.block for t in transfers if t.kind in BETWEEN})
+    both = _run(1e-9, fabric, "corrected_async_gn", 2).exposed_s  # a sync step, then an async one
+    assert 2 * both - sync == pytest.approx((blocks + 1) * latency * 1e-6, abs=1e-8)  # less the 1 ns step
+
+
+def test_the_planner_cuts_bands_by_band_geometry():
+    """The planner's band rules are ``BandGeometry``'s: sides in whole deepest rows of the VAE and
+    UNet given, a deepest row per band, the CFG split halving the bands."""
+    geometry = BandGeometry.from_configs(SDXL_UNET)
+    assert geometry.pixel_unit == 32
+    with pytest.raises(ConfigError, match=re.escape(geometry.latent_problem(34, 2))):
+        predict(GPUS["h100"], FABRICS["nvlink4"], (34, 32), 50, 2, False, "full_sync", 0, True)
+    with pytest.raises(ConfigError, match="cannot be cut into 5 bands"):
+        predict(GPUS["h100"], FABRICS["nvlink4"], (16, 32), 50, 5, False, "full_sync", 0, True)
+    assert predict(GPUS["h100"], FABRICS["nvlink4"], (16, 32), 50, 8, True, "full_sync", 0, True).gpus == 8
+    planned = plan_configurations(8, (96, 96), 30, [("full_sync", 0)])  # 3 deepest rows
+    assert {(c.gpus, c.split_batch) for c in planned.candidates if c.gpus > 1} == {
+        (2, False), (2, True), (3, False), (4, True), (6, True)
+    }
+    with pytest.raises(ConfigError, match="multiples of 64 pixels"):
+        plan_configurations(2, (96, 96), 30, [("full_sync", 0)], vae_scale=16)
 
 
 def test_fit_recovers_known_coefficients_and_the_measured_file():
@@ -190,11 +332,17 @@ def test_split_auto_follows_the_plan():
     from distripy.parallel.split import machine_of, wants_split
 
     config = distripy.DistriConfig(split_batch="auto")
-    assert wants_split(config, (128, 128), 4, 2, 50, True, "NVIDIA H100 80GB HBM3")
-    assert not wants_split(config, (128, 128), 3, 2, 50, True, None)  # odd: no split possible
-    assert not wants_split(distripy.DistriConfig(split_batch=False), (128, 128), 4, 2, 50, True, None)
+    h100 = machine_of("NVIDIA H100 80GB HBM3")
+    assert h100 == ("h100", "nvlink4")
+    assert wants_split(config, (128, 128), 4, 2, 50, True, h100)
+    assert not wants_split(config, (128, 128), 3, 2, 50, True, h100)  # odd: no split possible
+    assert not wants_split(distripy.DistriConfig(split_batch=False), (128, 128), 4, 2, 50, True, h100)
     assert machine_of("NVIDIA A100-SXM4-80GB") == ("a100", "nvlink3")
-    assert machine_of("NVIDIA L40") == ("l40", "pcie4") and machine_of(None) == ("h100", "nvlink4")
+    assert machine_of("NVIDIA L40") == ("l40", "pcie4")
+    # no profile (an unknown GPU, a CPU run): the plain rule, an even world of 4 or more
+    assert machine_of("NVIDIA B200") is None and machine_of(None) is None
+    assert wants_split(config, (128, 128), 4, 2, 50, True, None)
+    assert not wants_split(config, (128, 128), 2, 2, 50, True, None)
     with pytest.raises(ConfigError, match="split_batch='maybe' must be True, False or 'auto'"):
         distripy.DistriConfig(split_batch="maybe")
 

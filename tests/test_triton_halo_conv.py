@@ -1,4 +1,5 @@
-"""The Triton halo convolution against a float64 convolution of the concatenated rows.
+"""The Triton halo convolution (``kernels.halo_conv_triton``) against a float64 convolution of the
+concatenated rows.
 
 Without a GPU it runs under ``TRITON_INTERPRET=1`` on small shapes: bands of 1-3 rows, odd widths,
 channel counts that do not fill a tile, kernel 1x1 and 3x3, stride 1 and 2, with and without bias,
@@ -6,21 +7,20 @@ the first / a middle / the last band (halos absent at the image's edges), NCHW, 
 band views, each dtype the interpreter supports (bfloat16 on GPUs only); every case draws fresh
 random inputs and every output element is checked. The fused GroupNorm (+ SiLU) prologue is checked
 on every backend (``triton``, ``cudnn``, ``torch``) against a float64 GroupNorm -> SiLU -> conv.
-"""
 
-import json
+The fused kernel is the experimental path: the patch layer runs it only when
+``DistriConfig(halo_conv_backend="triton")`` opts in (checked below); its default on a GPU is the
+halo-padded band + cuDNN. These tests ask for it by name (``backend="triton"``).
+"""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from distripy.kernels.halo_conv import (
-    GroupNormPrologue,
-    halo_conv2d,
-    halo_conv2d_reference,
-    halo_conv2d_triton,
-    halo_rows,
-)
+from distripy import DistriConfig
+from distripy.errors import ConfigError
+from distripy.kernels.halo_conv import GroupNormPrologue, halo_conv2d, halo_conv2d_reference, halo_rows
+from distripy.kernels.halo_conv_triton import halo_conv2d_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -222,60 +222,88 @@ def test_prologue_and_backend_are_checked_before_any_work():
         halo_conv2d(x, None, None, weight, None, 1, 1, prologue=bad, backend="triton")
 
 
-def test_auto_takes_the_reference_on_cpu_and_the_measured_winner_on_cuda(monkeypatch, tmp_path):
-    from distripy.kernels import halo_conv_dispatch
+def test_auto_is_the_reference_on_cpu_and_the_cudnn_path_on_a_gpu_unless_triton_is_asked_for(monkeypatch):
+    """``auto``: the reference on CPU; on a GPU (``meta_as_gpu``: a meta tensor chooses as a CUDA
+    one) the halo-padded band + cuDNN, the measured winner, or the fused Triton kernel only when
+    ``cuda_backend="triton"`` opts in. No table, no per-shape choice."""
+    from distripy.kernels import halo_conv, meta_as_gpu
 
     x = torch.randn(2, 8, 4, 16)
     weight = torch.randn(8, 8, 3, 3)
-    key = halo_conv_dispatch.dispatch_key("Some GPU", x, weight, 1)
-    assert key == ("Some GPU", "float32", 2, 8, 8, 3, 3, 1, 1, 4, 16)
-    table = tmp_path / "paths.json"
-    entry = dict(device="Some GPU", dtype="float32", batch=2, in_channels=8, out_channels=8, kernel=[3, 3])
-    entry.update(stride=[1, 1], rows=4, width=16, path="triton")
-    table.write_text(json.dumps({"entries": [entry]}))
-    assert halo_conv_dispatch.load_table(str(table)) == {key: "triton"}
-    entry["path"] = "cuda"
-    table.write_text(json.dumps({"entries": [entry]}))
-    with pytest.raises(ValueError, match="names path 'cuda'"):
-        halo_conv_dispatch.load_table.__wrapped__(str(table))
-    # on CPU, auto is the reference whatever the table says
-    monkeypatch.setattr(
-        halo_conv_dispatch, "choose_halo_conv_path", lambda *a: pytest.fail("dispatched on CPU")
-    )
     torch.testing.assert_close(
-        halo_conv2d(x, None, None, weight, None, 1, 1, backend="auto"),
+        halo_conv2d(x, None, None, weight, None, 1, 1, backend="auto", cuda_backend="triton"),
         halo_conv2d_reference(x, None, None, weight, None, 1, 1),
         rtol=0,
         atol=0,
     )
+    taken = []
+    cudnn = halo_conv.halo_conv2d_cudnn
+
+    def record(path, function):
+        def run(*args, **kwargs):
+            taken.append(path)
+            return function(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(halo_conv, "halo_conv2d_cudnn", record("cudnn", cudnn))
+    monkeypatch.setattr(halo_conv, "halo_conv2d_reference", record("torch", halo_conv2d_reference))
+    meta_x, meta_weight = x.to("meta"), weight.to("meta")
+    with meta_as_gpu():
+        assert halo_conv2d(meta_x, None, None, meta_weight, None, 1, 1, backend="auto").shape == x.shape
+        out = halo_conv2d(meta_x, None, None, meta_weight, None, 1, 1, backend="auto", cuda_backend="triton")
+        assert out.shape == x.shape and out.is_meta  # the op's fake: neither the cuDNN path nor the reference
+        halo_conv2d(meta_x, None, None, meta_weight, None, 1, 1, backend="auto", cuda_backend="cudnn")
+    assert taken == ["cudnn", "cudnn"]
+    with pytest.raises(ValueError, match="cuda_backend='cutlass'"):
+        halo_conv2d(x, None, None, weight, None, 1, 1, cuda_backend="cutlass")
 
 
-def test_the_benchmark_writes_a_dispatch_table_that_the_dispatcher_reads(monkeypatch, tmp_path):
-    """``bench/kernels.py --write-dispatch`` and ``halo_conv_dispatch`` agree on the table's keys."""
-    import importlib.util
-    from pathlib import Path
+class _Chosen(Exception):
+    """Stops the step at the first band convolution, with the backends it was handed."""
 
-    from distripy.kernels import halo_conv_dispatch
 
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    monkeypatch.syspath_prepend(str(bench))  # for its sibling module timing.py
-    spec = importlib.util.spec_from_file_location("bench_kernels", bench / "kernels.py")
-    bench_kernels = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_kernels)
+def _patch_conv_backends(monkeypatch, kernel_backend, **config):
+    """The ``(backend, cuda_backend)`` a PatchConv2d of the tiny UNet hands ``halo_conv2d`` for a
+    ``DistriConfig(**config)`` and the patch layer's ``kernel_backend`` (its first band convolution,
+    where the step is stopped: every convolution chooses alike)."""
+    import distripy
+    import distripy.parallel.conv as patch_conv
+    from distripy.runtime import LoopbackComm
+    from unet_models import sdxl_conditioning, tiny_sdxl_unet
 
-    row = dict(in_channels=640, out_channels=320, stride=1, batch=1, band_rows=16, width=128)
-    row.update(ms={"norm_conv_triton": 0.1, "norm_conv_cudnn_path": 0.2}, fused_conv_winner="triton")
-    table = tmp_path / "paths.json"
-    bench_kernels.write_dispatch_table([row], "Some GPU", table)
-    x, weight = torch.empty(1, 640, 16, 128, dtype=torch.float16), torch.empty(320, 640, 3, 3)
-    key = halo_conv_dispatch.dispatch_key("Some GPU", x, weight, 1)
-    assert halo_conv_dispatch.load_table.__wrapped__(str(table)) == {key: "triton"}
+    def chosen(*args, backend, cuda_backend, **kwargs):
+        raise _Chosen(backend, cuda_backend)
+
+    monkeypatch.setattr(patch_conv, "halo_conv2d", chosen)
+    unet = tiny_sdxl_unet(0)
+    distripy.parallelize(unet, DistriConfig(split_batch=False, **config), comm=LoopbackComm(1, 2))
+    distripy.api.patch_context(unet).kernel_backend = kernel_backend
+    with torch.no_grad(), pytest.raises(_Chosen) as stopped:
+        unet(torch.randn(2, 4, 16, 16), 900, **sdxl_conditioning(2, 1))
+    return stopped.value.args
+
+
+def test_the_patch_layer_runs_the_cudnn_path_unless_the_config_opts_in_to_triton(monkeypatch):
+    """``DistriConfig.halo_conv_backend``: ``cudnn`` by default wherever the kernels are Triton's
+    (``kernel_backend`` ``triton``, or ``auto`` on CUDA); ``triton`` only when asked for; the
+    references stay the references."""
+    assert DistriConfig().halo_conv_backend == "cudnn"
+    assert _patch_conv_backends(monkeypatch, "auto") == ("auto", "cudnn")
+    assert _patch_conv_backends(monkeypatch, "triton") == ("cudnn", "cudnn")
+    assert _patch_conv_backends(monkeypatch, "torch") == ("torch", "cudnn")
+    opted = dict(halo_conv_backend="triton")
+    assert _patch_conv_backends(monkeypatch, "auto", **opted) == ("auto", "triton")
+    assert _patch_conv_backends(monkeypatch, "triton", **opted) == ("triton", "triton")
+    assert _patch_conv_backends(monkeypatch, "torch", **opted) == ("torch", "triton")
+    with pytest.raises(ConfigError, match="halo_conv_backend='cutlass' is not one of 'cudnn', 'triton'"):
+        DistriConfig(halo_conv_backend="cutlass")
 
 
 def test_the_packed_weight_follows_changes_to_the_weight():
     """The kernel reads a channels-last copy of an OIHW weight, cached per weight: reused while the
     weight is unchanged, re-packed after an in-place change or a new ``.data``, dropped with it."""
-    from distripy.kernels import halo_conv as module
+    from distripy.kernels import halo_conv_triton as module
 
     generator = torch.Generator().manual_seed(11)
     x = torch.randn(1, 8, 4, 6, generator=generator)
@@ -305,11 +333,11 @@ def test_autotuned_tiles_name_the_tuner_key_and_the_tile(monkeypatch):
     """What ``bench/kernels.py`` records beside its times: each autotuned key and its tile."""
     import triton
 
-    from distripy.kernels import halo_conv
+    from distripy.kernels import halo_conv_triton
 
     config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3)
     key = (320, 320, 16, 128, 1, 1, 3, 3, True, "torch.float16", "torch.float16")
-    monkeypatch.setattr(halo_conv._halo_conv2d_tuned, "cache", {key: config}, raising=False)
-    assert halo_conv.autotuned_tiles() == {
+    monkeypatch.setattr(halo_conv_triton._halo_conv2d_tuned, "cache", {key: config}, raising=False)
+    assert halo_conv_triton.autotuned_tiles() == {
         repr(key[:9]): {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
     }

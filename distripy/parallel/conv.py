@@ -12,10 +12,11 @@ that tensor instead: no exchange, exact in every step and mode but ``naive_patch
 
 ``forward(x, prologue)`` takes the *input of a GroupNorm* and that GroupNorm's ``GroupNormPrologue``
 (from ``PatchGroupNorm.prologue``): the band is normalised (+ SiLU) as the convolution reads it
-(``kernels.halo_conv``: into its halo-padded input on the cuDNN path, in the main loop on the
-Triton one), and so are the boundary rows sent to the neighbours: in a stale step the same pass
-writes them (``halo_conv2d``'s ``sends``); a synchronous step needs them before the convolution
-and normalises them on their own. The result is that of ``conv(silu(norm(x)))``.
+(``kernels.halo_conv``: into its halo-padded input on the cuDNN path, the default; in the main
+loop of the experimental Triton one, ``DistriConfig.halo_conv_backend="triton"``), and so are the
+boundary rows sent to the neighbours: in a stale step the same pass writes them
+(``halo_conv2d``'s ``sends``); a synchronous step needs them before the convolution and normalises
+them on their own. The result is that of ``conv(silu(norm(x)))``.
 """
 
 from typing import Optional
@@ -132,7 +133,12 @@ class PatchConv2d(nn.Conv2d, PatchState):
 
     def _conv(self, x, top, bottom, prologue, out=None, rows=None, sends=(None, None)) -> torch.Tensor:
         """The band's convolution (output rows ``rows`` into ``out``, see ``kernels.halo_conv2d``),
-        writing the activated boundary rows into ``sends``."""
+        writing the activated boundary rows into ``sends``. Where the kernels are Triton's, the
+        convolution is ``DistriConfig.halo_conv_backend``'s: the halo-padded band + cuDNN unless
+        the experimental fused Triton kernel is asked for."""
+        ctx = self.patch_context
+        halo_backend = ctx.config.halo_conv_backend
+        backend = halo_backend if ctx.kernel_backend == "triton" else ctx.kernel_backend
         return halo_conv2d(
             x,
             top,
@@ -144,10 +150,11 @@ class PatchConv2d(nn.Conv2d, PatchState):
             self.dilation,
             self.groups,
             prologue=prologue,
-            backend=self.patch_context.kernel_backend,
+            backend=backend,
             out=out,
             rows=rows,
             sends=sends,
+            cuda_backend=halo_backend,
         )
 
     def _overlapped(self, x: torch.Tensor, prologue: Optional[GroupNormPrologue]) -> torch.Tensor:

@@ -9,10 +9,11 @@ configuration, except that a configuration with fewer GPUs is preferred while it
 ``TOLERANCE`` of the fastest: GPUs that buy less than that are better spent on another image.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from distripy.errors import ConfigError
+from distripy.geometry import BandGeometry, bands_per_image
 from distripy.planning.hardware import (
     FABRIC_ALIASES,
     FABRICS,
@@ -109,7 +110,8 @@ class Plan:
 
 
 def _counts(gpus: int, deepest: int) -> List[int]:
-    return [n for n in range(1, gpus + 1) if n <= deepest or n % 2 == 0 and n // 2 <= deepest]
+    """The GPU counts whose bands (with the CFG split or without) get a deepest-level row each."""
+    return [n for n in range(1, gpus + 1) if min(bands_per_image(n, s) for s in (False, True)) <= deepest]
 
 
 def plan_configurations(
@@ -130,16 +132,16 @@ def plan_configurations(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"plan: steps={steps!r} must be an integer >= 1")
     height, width = size
-    levels = len((config or SDXL_UNET)["block_out_channels"])
-    per_row = vae_scale * 2 ** (levels - 1)
-    if height <= 0 or width <= 0 or height % per_row or width % per_row:
+    geometry = replace(BandGeometry.from_configs(config or SDXL_UNET), vae_scale=vae_scale)
+    unit = geometry.pixel_unit
+    if height <= 0 or width <= 0 or height % unit or width % unit:
         raise ConfigError(
             f"plan: height {height} and width {width} are not whole rows at the UNet's deepest level: "
-            f"both must be multiples of {per_row} pixels"
+            f"both must be multiples of {unit} pixels"
         )
     gpu_profile, fabric_profile = resolve_gpu(gpu), resolve_fabric(fabric)
     latent = (height // vae_scale, width // vae_scale)
-    deepest = height // per_row
+    deepest = geometry.deepest_rows(latent[0])
     candidates: List[Prediction] = []
     for count in _counts(gpus, deepest):
         for graphs in (True, False):
@@ -161,8 +163,7 @@ def plan_configurations(
                 )
                 continue
             for split in (False, True) if count % 2 == 0 and batch % 2 == 0 else (False,):
-                bands = count // 2 if split else count
-                if bands > deepest:
+                if bands_per_image(count, split) > deepest:
                     continue
                 for mode, warmup in dict.fromkeys(modes):
                     candidates.append(

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from distripy.errors import ConfigError
+from distripy.geometry import BandGeometry, bands_per_image
 from distripy.planning.hardware import Fabric, GpuProfile
 from distripy.planning.traffic import SDXL_UNET, StepTraffic, band_units, step_traffic
 
@@ -161,14 +162,12 @@ def predict(
             f"plan: the CFG split needs an even number of GPUs and an even batch ({gpus}, {batch})"
         )
     config = SDXL_UNET if config is None else config
-    levels = len(config["block_out_channels"])
-    deepest = latent[0] >> (levels - 1)
-    bands = gpus // 2 if split_batch else gpus
-    if latent[0] % (1 << (levels - 1)) or deepest < bands:
-        raise ConfigError(
-            f"plan: a latent of {latent[0]} rows has {latent[0] / (1 << (levels - 1)):g} rows at the UNet's "
-            f"deepest level: not whole rows for {bands} bands"
-        )
+    geometry = BandGeometry.from_configs(config)
+    bands = bands_per_image(gpus, split_batch)
+    problem = geometry.latent_problem(latent[0], bands)
+    if problem is not None:
+        raise ConfigError(f"plan: {problem}")
+    deepest = geometry.deepest_rows(latent[0])
     pixels = latent[0] * latent[1]
     single = steps * gpu.step_seconds(pixels, batch / 2, graphs, single=True)
     if gpus == 1:
