@@ -190,17 +190,19 @@ class PatchContext:
         shape_key: Hashable = None,
         steps: Optional[int] = None,
         layout: Optional[BandLayout] = None,
+        choice: Optional[ModeChoice] = None,
     ) -> None:
         """Forget every stale buffer: the next step is the first of a new generation. ``shape_key``
         names the generation's input signature (it selects the persistent buffers); ``steps``, its
         number of denoising steps when known, picks the mode and warm-up of ``mode="auto"``;
-        ``layout``, how the rows are cut into the ``band_count`` bands (equal bands if not given)."""
+        ``layout``, how the rows are cut into the ``band_count`` bands (equal bands if not given);
+        ``choice``: the mode the generation runs, when its wrapper chose it already."""
         if not 0 <= band_index < band_count:
             raise InputError(f"band_index {band_index} is outside [0, {band_count})")
         layout = BandLayout((1,) * band_count) if layout is None else layout
         if layout.count != band_count:
             raise InputError(f"a layout of {layout.count} bands for {band_count} bands")
-        choice = choose_mode(self.config, steps)
+        choice = choose_mode(self.config, steps) if choice is None else choice
         self.drain()
         self.choice = choice
         self.comm = comm

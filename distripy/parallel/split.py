@@ -16,7 +16,7 @@ import functools
 from typing import Optional, Tuple
 
 from distripy.config import DistriConfig
-from distripy.parallel.policy import choose_mode
+from distripy.parallel.policy import ModeChoice, choose_mode
 from distripy.planning import plan_configurations
 
 __all__ = ["DEFAULT_STEPS", "machine_of", "wants_split"]
@@ -69,10 +69,12 @@ def wants_split(
     steps: Optional[int],
     graphs: bool,
     machine: Optional[Tuple[str, str]],
+    choice: Optional[ModeChoice] = None,
 ) -> bool:
     """Whether a call whose batch can split (even batch, even world) should: ``config.split_batch``,
     or with ``"auto"`` the planner's choice for ``machine`` (an SDXL-like UNet of ``levels``
-    downsamplings), or the plain rule without one."""
+    downsamplings), or the plain rule without one. ``choice``: the generation's mode, when chosen
+    already (``choose_mode(config, steps)`` otherwise)."""
     if config.split_batch != "auto":
         return bool(config.split_batch)
     factor = 2**levels
@@ -80,7 +82,7 @@ def wants_split(
         return False  # no split possible (the call's input problem, if any, is reported as usual)
     if machine is None or latent[0] % 4 or latent[1] % 4:  # the planner's model: SDXL's UNet
         return world >= 4
-    choice = choose_mode(config, steps)
+    choice = choose_mode(config, steps) if choice is None else choice
     mode = choice.mode if choice.mode in ("exact", "full_sync") else "corrected_async_gn"
     return _split_is_faster(
         tuple(latent),

@@ -35,7 +35,7 @@ from distripy.parallel.compiled import CompiledBandForward
 from distripy.parallel.context import PatchContext
 from distripy.parallel.digest import digest_arguments
 from distripy.parallel.generation import Generation, GenerationTracker
-from distripy.parallel.policy import check_steps
+from distripy.parallel.policy import ModeChoice, check_steps, choose_mode
 from distripy.parallel.split import wants_split
 from distripy.runtime.factory import alone_comm
 
@@ -83,6 +83,7 @@ class PatchUNetForward:
         # compare it, and a CUDA graph captured before it changed must not replay.
         self.model_state: Optional[str] = None
         self._declared_problem: Optional[Tuple[type, str]] = None
+        self._choice: Optional[Tuple[Tuple, ModeChoice, Dict[Tuple, bool]]] = None
 
     # -- generations -----------------------------------------------------------------------------
 
@@ -121,16 +122,28 @@ class PatchUNetForward:
         with this rank's other settings (``alone``, the machine) kept, checked across ranks."""
         self.declare(dataclasses.replace(self.generation, steps=check_steps(steps), agreed=False, declared=True))
 
+    def _mode_choice(self) -> Tuple[ModeChoice, Dict[Tuple, bool]]:
+        """The mode the generation in force runs (``choose_mode``, once per generation and
+        configuration) and its split decisions made so far, by latent size."""
+        key = (self.generation, self.context.config)
+        if self._choice is None or self._choice[0] != key:
+            self._choice = (key, choose_mode(self.context.config, self.generation.steps), {})
+        return self._choice[1], self._choice[2]
+
     def _split_wanted(self, sample: torch.Tensor) -> bool:
         """``DistriConfig.split_batch``, or with ``"auto"`` the choice for this size on the
-        generation's machine (``parallel.split``): for steps run as CUDA graphs whether or not they
-        are (a ControlNet runs eagerly beside a graphed UNet, and both must split alike)."""
+        generation's machine (``parallel.split``), made once per generation and size: for steps
+        run as CUDA graphs whether or not they are (a ControlNet runs eagerly beside a graphed
+        UNet, and both must split alike)."""
         config = self.context.config
         if config.split_batch != "auto":
             return bool(config.split_batch)
-        world = self.world_comm.world_size
+        choice, decided = self._mode_choice()
         shape = tuple(sample.shape[2:])
-        return wants_split(config, shape, world, self.levels, self.steps, True, self.generation.machine)
+        if shape not in decided:
+            world, machine = self.world_comm.world_size, self.generation.machine
+            decided[shape] = wants_split(config, shape, world, self.levels, self.steps, True, machine, choice)
+        return decided[shape]
 
     def _units(self, sample: torch.Tensor) -> Optional[int]:
         """Rows at the deepest level, what bands are counted in (None: not whole rows)."""
@@ -198,6 +211,7 @@ class PatchUNetForward:
             shape_key=signature,
             steps=generation.steps,
             layout=plan.layout,
+            choice=self._mode_choice()[0],
         )
 
     # -- one step --------------------------------------------------------------------------------
