@@ -4,7 +4,7 @@ The reference is the same seeded model run in the test process; each rank runs t
 model through a DDIM loop (10 steps unless a test needs fewer) and returns its final latents
 (every rank must hold the same). Every collective costs milliseconds between processes on a small
 machine, so the 4-rank runs are the ones the contract names, and the rest run on 2 ranks.
-The correctness contract of docs/architecture.md: ``full_sync`` (or warm-up covering every step) equals the
+The correctness contract of docs/guarantees.md: ``full_sync`` (or warm-up covering every step) equals the
 single device (fp32 relative error <= 1e-5); the async modes' errors are ordered
 corrected_async_gn <= stale_gn < naive_patch; bad input raises the same clear error on every rank.
 """
