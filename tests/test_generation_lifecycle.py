@@ -122,6 +122,26 @@ def test_adapters_are_taken_in_only_when_what_is_loaded_changes(monkeypatch):
     assert walks == [1, 1]
 
 
+def test_an_undeclared_generation_refuses_adapters_it_cannot_take_in():
+    """A bare UNet loop that never declares its generations, with a LoRA loaded since: its next
+    generation cannot take the LoRA in, so it raises, naming the remedy, instead of running the
+    LoRA's 3x3 convolutions without halos; declared, it runs."""
+    from peft import LoraConfig
+
+    unet = tiny_sdxl_unet(0)
+    config = distripy.DistriConfig(mode="corrected_async_gn", use_cuda_graph=False, split_batch=False)
+    distripy.parallelize(unet, config, comm=LoopbackComm(0, 2))
+    conditioning = sdxl_conditioning(2, 1)
+    sample = torch.randn(2, 4, 32, 24, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        unet(sample, 500, **conditioning)
+        unet.add_adapter(LoraConfig(r=2, target_modules=["conv1"], init_lora_weights=False))
+        with pytest.raises(distripy.errors.StepError, match=r"distripy.reset\(model"):
+            unet(sample, 999, **conditioning)  # the timestep went up: a generation nobody declared
+        distripy.reset(unet, 2)
+        assert unet(sample, 999, **conditioning).sample.shape == sample.shape
+
+
 def test_a_bare_unet_generation_is_declared_by_the_context_manager():
     unet = tiny_sdxl_unet(0)
     config = distripy.DistriConfig(mode="auto", use_cuda_graph=False, split_batch=False)

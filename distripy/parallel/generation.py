@@ -25,7 +25,7 @@ import torch
 
 from distripy.parallel.policy import check_steps
 
-__all__ = ["Generation", "GenerationTracker", "StepStart", "UndeclaredGenerationWarning"]
+__all__ = ["Generation", "GenerationTracker", "LoadedState", "StepStart", "UndeclaredGenerationWarning"]
 
 
 class UndeclaredGenerationWarning(UserWarning):
@@ -57,6 +57,34 @@ class Generation:
         """The generation a wrapper runs when it recognises one by itself after this one: the same
         settings, nothing agreed above."""
         return dataclasses.replace(self, agreed=False, declared=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedState:
+    """What was loaded into a model when it last took adapters in (``pipelines.registry``): the
+    adapters PEFT records on it (``peft_config``) and its patched attention modules' processors.
+    A generation nobody declared cannot take in what was loaded since (that is the declaring
+    caller's job), so its first step checks that nothing was: a LoRA layer left unswapped would
+    run without halos, a standard processor on the band alone."""
+
+    model: Any
+    adapters: Tuple[str, ...]
+    attentions: Tuple[Any, ...]
+    processors: Tuple[int, ...]
+
+    @classmethod
+    def of(cls, model, attentions) -> "LoadedState":
+        attentions = tuple(attentions)
+        return cls(model, cls.adapters_of(model), attentions, tuple(id(a.processor) for a in attentions))
+
+    @staticmethod
+    def adapters_of(model) -> Tuple[str, ...]:
+        return tuple(sorted(getattr(model, "peft_config", None) or ()))
+
+    def changed(self) -> bool:
+        return self.adapters_of(self.model) != self.adapters or any(
+            id(attention.processor) != processor for attention, processor in zip(self.attentions, self.processors)
+        )
 
 
 class StepStart(NamedTuple):

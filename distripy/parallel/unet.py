@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
+from distripy.errors import StepError
 from distripy.geometry import BandGeometry
 from distripy.parallel.agreement import agree
 from distripy.parallel.band_inputs import agreed_part, input_problem, localize
@@ -34,7 +35,7 @@ from distripy.parallel.bands import BandPlan, gather_bands
 from distripy.parallel.compiled import CompiledBandForward
 from distripy.parallel.context import PatchContext
 from distripy.parallel.digest import digest_arguments
-from distripy.parallel.generation import Generation, GenerationTracker
+from distripy.parallel.generation import Generation, GenerationTracker, LoadedState
 from distripy.parallel.policy import ModeChoice, check_steps, choose_mode
 from distripy.parallel.split import wants_split
 from distripy.runtime.factory import alone_comm
@@ -83,6 +84,7 @@ class PatchUNetForward:
         # compare it, and a CUDA graph captured before it changed must not replay.
         self.model_state: Optional[str] = None
         self._declared_problem: Optional[Tuple[type, str]] = None
+        self.loaded: Optional[LoadedState] = None  # what the model had taken in (``pipelines``)
         self._choice: Optional[Tuple[Tuple, ModeChoice, Dict[Tuple, bool]]] = None
 
     # -- generations -----------------------------------------------------------------------------
@@ -183,6 +185,14 @@ class PatchUNetForward:
     def _start_generation(self, sample, arguments, plan: BandPlan, signature: Tuple, generation: Generation) -> None:
         """Check the input, with every rank unless that was done above, and open the generation."""
         problem, self._declared_problem = self._declared_problem, None
+        if problem is None and not generation.declared and self.loaded is not None and self.loaded.changed():
+            problem = (
+                StepError,
+                f"adapters or attention processors were loaded into the {self.model_name} since its "
+                "last declared generation, and a generation nobody declared cannot take them in: "
+                "call distripy.reset(model, steps=n) before it (or use `with distripy.generation(...)`, "
+                "or a parallelised pipeline)",
+            )
         problem = problem or self._input_problem(sample, arguments, plan)
         if generation.alone or generation.agreed:
             # alone: this rank's request is its own; agreed: every rank was given the same call,

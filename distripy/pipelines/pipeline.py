@@ -42,10 +42,10 @@ from distripy.config import DistriConfig
 from distripy.errors import InputError, InputTypeError
 from distripy.parallel.agreement import agree
 from distripy.parallel.digest import digest_arguments
-from distripy.parallel.generation import Generation
+from distripy.parallel.generation import Generation, LoadedState
 from distripy.pipelines.controlnet import controlnets_of, parallelize_controlnet
 from distripy.pipelines.generation import declare, machine_for, set_alone_model, take_in
-from distripy.pipelines.swap import adapter_state, loaded_adapters, lora_layers
+from distripy.pipelines.swap import adapter_state, lora_layers
 from distripy.pipelines.unet import installed_forward, parallelize_unet, require_installed_forward
 from distripy.pipelines.vae import parallelize_vae, vae_is_parallel
 
@@ -113,7 +113,7 @@ def _lora_state(pipe, record: PipelineRecord) -> Optional[str]:
     for component, model in pipe.components.items():
         if not isinstance(model, torch.nn.Module):
             continue
-        loaded = loaded_adapters(model)
+        loaded = LoadedState.adapters_of(model)
         known = record.adapters.get(component)
         if known is None or known[0] != loaded or known[1] is not model:
             known = record.adapters[component] = (loaded, model, lora_layers(model))

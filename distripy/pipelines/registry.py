@@ -4,8 +4,8 @@ generation can take in what was loaded since and ``unparallelize`` can put it al
 A record holds the band wrapper installed as the model's (or its decoder's) forward, its
 ``PatchContext``, the module swaps (``swap.Surgery``), the checkpoint hooks' handles, and what the
 model had loaded when it last took adapters in. Taking them in (``refresh``) walks the model only
-when the adapters PEFT records on it or its attention processors changed (``loaded_adapters``,
-the processors' identities): a LoRA loaded, deleted or unloaded, an IP-Adapter's processors. A
+when the adapters PEFT records on it or its attention processors changed
+(``parallel.generation.LoadedState``): a LoRA loaded, deleted or unloaded, an IP-Adapter's processors. A
 switch of adapters or scales, or a fuse, changes only the digest of the LoRA layers found then.
 """
 
@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from distripy.errors import InputError
 from distripy.parallel.context import PatchContext
-from distripy.pipelines.swap import Surgery, adapter_state, loaded_adapters, lora_layers, swap_modules, undo_swaps
+from distripy.parallel.generation import LoadedState
+from distripy.pipelines.swap import Surgery, adapter_state, lora_layers, swap_modules, undo_swaps
 
 __all__ = ["ModelRecord", "install", "record_of", "refresh", "uninstall"]
 
@@ -41,7 +42,7 @@ class ModelRecord:
     hooks: List[Any] = dataclasses.field(default_factory=list)
     forward_before: Any = None
     """``target``'s own ``forward`` attribute before (None: its class's)."""
-    watched: Optional[tuple] = None
+    loaded: Optional[LoadedState] = None
     """The loaded adapters and processors when adapters were last taken in."""
     layers: List[tuple] = dataclasses.field(default_factory=list)
     paths: List[str] = dataclasses.field(default_factory=list)
@@ -65,15 +66,12 @@ def install(
     return record
 
 
-def _watched(record: ModelRecord) -> tuple:
-    processors = tuple(id(attention.processor) for attention in record.surgery.attention_modules)
-    return loaded_adapters(record.swapped), processors
-
-
 def _remember(record: ModelRecord) -> None:
     record.layers = lora_layers(record.swapped)
     record.paths = [state.patch_path for state in record.context.states]
-    record.watched = _watched(record)
+    record.loaded = LoadedState.of(record.swapped, record.surgery.attention_modules)
+    if hasattr(record.wrapper, "loaded"):  # a denoiser: its undeclared generations check it
+        record.wrapper.loaded = record.loaded
 
 
 def refresh(record: ModelRecord) -> str:
@@ -81,7 +79,7 @@ def refresh(record: ModelRecord) -> str:
     attention processors), walking it only when that changed, and return a digest of what decides
     its computation besides its weights' values: its patch modules and its adapters' state. Ranks
     must agree on it, and a CUDA graph captured before it changed must not replay."""
-    if _watched(record) != record.watched:
+    if record.loaded is None or record.loaded.changed():
         swap_modules(record.swapped, record.context, record.surgery)
         _remember(record)
     state = (record.paths, adapter_state(record.swapped, record.layers))

@@ -22,8 +22,8 @@ wraps a patch convolution; its ``lora_A``, a convolution as tall as the base one
 the base layer's class, unattached, is swapped and gets halos like it), processors re-created by a loader (diffusers' IP-Adapter loader re-creates
 every self-attention processor as ``type(processor)()``: an unbound patch processor, or a standard
 one, is replaced by a bound one), an unloaded adapter's leftover states (forgotten).
-``pipelines.registry`` does that when a model's loaded adapters or attention processors changed
-(``loaded_adapters``), and digests its patch modules and adapters (their activity, scales, merges),
+``pipelines.registry`` does that when a model's loaded adapters or attention processors changed,
+and digests its patch modules and adapters (their activity, scales, merges),
 which the ranks compare and whose change drops captured CUDA graphs.
 """
 
@@ -43,7 +43,6 @@ __all__ = [
     "REFUSED",
     "Surgery",
     "adapter_state",
-    "loaded_adapters",
     "lora_layers",
     "patch_states",
     "plan_swaps",
@@ -287,12 +286,6 @@ def adapter_state(model: nn.Module, layers: Optional[List[tuple]] = None) -> lis
         )
         for path, module in (lora_layers(model) if layers is None else layers)
     ]
-
-
-def loaded_adapters(model: nn.Module) -> tuple:
-    """The adapters loaded into ``model`` (the names PEFT records on it): read without walking the
-    model, it changes whenever LoRA layers are injected into it or deleted from it."""
-    return tuple(sorted(getattr(model, "peft_config", None) or ()))
 
 
 def patch_states(model: nn.Module) -> List[PatchState]:
