@@ -136,6 +136,7 @@ setup(
             "fastapi>=0.100",
             "uvicorn>=0.23",
             "prometheus-client>=0.17",
+            "openai>=1.76",  # the official client (its gpt-image fields) against `distripy serve`
         ],
         "bench": ["matplotlib>=3.7", f"cupy-cuda12x>=13; {LINUX}", "torchmetrics>=1.3", "clean-fid>=0.1.35"],
     },

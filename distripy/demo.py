@@ -26,8 +26,10 @@ import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from distripy.application.checks import CheckError
 from distripy.config import AUTO_MODE, MODES
-from distripy.errors import InputError
+from distripy.errors import BandGeometryError, InputError
+from distripy.geometry import BandGeometry
 from distripy.parallel.bands import BandLayout
 from distripy.parallel.policy import QualityWarning
 
@@ -35,6 +37,7 @@ __all__ = [
     "GRID_MODES",
     "PROMPT",
     "boundary_rows",
+    "check_demo",
     "compose_demo",
     "psnr",
     "run_demo",
@@ -114,6 +117,29 @@ def seam_visibility(value, reference, bands: int, unit: int = 1) -> float:
 
 
 # -- one world (every rank) ------------------------------------------------------------------------
+
+
+def check_demo(args, world: int) -> None:
+    """Every check the demo can make before any process starts, for a world of ``world`` ranks
+    (``CheckError`` naming the value: the command prints it as one line)."""
+    from distripy.pipelines.tiny import TINY_DOWNSAMPLINGS, TINY_VAE_SCALE, TRAINED_MODEL
+
+    if world < 1:
+        raise CheckError(f"--bands {world}: needs at least 1")
+    if not (TRAINED_MODEL / "model_index.json").is_file():
+        raise CheckError(f"the trained model is missing from {TRAINED_MODEL}; `python bench/train_tiny.py` makes it")
+    if not args.timeout > 0:
+        raise CheckError(f"--timeout {args.timeout:g}: must be a positive number of seconds")
+    geometry = BandGeometry(levels=TINY_DOWNSAMPLINGS, vae_scale=TINY_VAE_SCALE)
+    try:
+        geometry.check_side("--height", args.height, world, world)  # one band per rank (no CFG split)
+        geometry.check_side("--width", args.width, 1, world)
+    except BandGeometryError as error:
+        raise CheckError(str(error)) from None
+    if args.steps < 1 or args.warmup_steps < 0:
+        raise CheckError(f"--steps {args.steps} / --warmup-steps {args.warmup_steps}: too small")
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise CheckError(f"--output-dir {args.output_dir}: exists and is not a folder")
 
 
 def _generate(pipe, args, device):

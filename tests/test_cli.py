@@ -14,8 +14,8 @@ import distripy
 from distripy import cli
 
 
-def _command(*args, timeout=600):
-    environment = dict(os.environ, PYTHONWARNINGS="ignore")
+def _command(*args, timeout=600, env=None):
+    environment = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "distripy.cli", *args],
         capture_output=True,
@@ -159,12 +159,34 @@ def test_demo_writes_the_labelled_grid_and_the_report(tmp_path):
     assert "corrected_async_gn" in result.stdout and "seam" in result.stdout
 
 
-def test_generate_writes_the_image_on_two_processes(tiny_model, tmp_path):
+def _counting_header_opens(folder: Path) -> dict:
+    """An environment whose Python processes (the launcher and its ranks) log each safetensors
+    header that ``distripy.application.checks`` opens, with the opening process: a
+    ``sitecustomize`` first on the path wraps ``safetensors.safe_open``."""
+    (folder / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "import safetensors\n"
+        "_open = safetensors.safe_open\n"
+        "def safe_open(path, *args, **kwargs):\n"
+        "    if sys._getframe(1).f_globals.get('__name__') == 'distripy.application.checks':\n"
+        "        with open(os.environ['DISTRIPY_TEST_OPENS'], 'a') as log:\n"
+        "            log.write(f'{os.getpid()} {path}\\n')\n"
+        "    return _open(path, *args, **kwargs)\n"
+        "safetensors.safe_open = safe_open\n"
+    )
+    path = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
+    return {"PYTHONPATH": path, "DISTRIPY_TEST_OPENS": str(folder / "opens.log")}
+
+
+def test_generate_writes_the_image_on_two_processes_checking_once(tiny_model, tmp_path, tmp_path_factory):
+    """Two ranks write the image; the checks ran once, in the launching process: each safetensors
+    header of the model opened once there, none on the ranks (they get the checked job)."""
+    hook = tmp_path_factory.mktemp("hook")
     output = tmp_path / "image.png"
     result = _command(
         "generate", "--model", str(tiny_model), "--prompt", "a red boat", "--height", "64", "--width", "96",
         "--steps", "3", "--nproc", "2", "--scheduler", "ddim", "--mode", "corrected_async_gn",
-        "--output", str(output),
+        "--output", str(output), env=_counting_header_opens(hook),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     from PIL import Image
@@ -172,6 +194,10 @@ def test_generate_writes_the_image_on_two_processes(tiny_model, tmp_path):
     assert Image.open(output).size == (96, 64)
     assert "per step" in result.stdout and "2 CPU processes" in result.stdout
     assert list(tmp_path.iterdir()) == [output]  # no temporary file left behind
+    opens = [line.split(" ", 1) for line in (hook / "opens.log").read_text().splitlines()]
+    headers = sorted(str(path) for path in tiny_model.rglob("*.safetensors"))
+    assert headers and sorted(path for _, path in opens) == headers, opens
+    assert len({pid for pid, _ in opens}) == 1  # one process: the launcher
     # the layout, and a warning that the mode cannot matter with one band per image
     assert "distripy: 2 ranks, CFG split into 2 groups of 1: 1 band per image" in result.stdout
     assert "distripy: warning: with one band per image" in result.stderr
@@ -181,31 +207,38 @@ def test_generate_writes_the_image_on_two_processes(tiny_model, tmp_path):
 
 
 def test_generate_prints_what_auto_chose(capsys):
-    import argparse
-
-    args = argparse.Namespace(no_split_batch=True, mode="auto")
-    cli._print_layout(args, 2, distripy.choose_mode(distripy.DistriConfig(), 4))
+    cli._print_layout(2, 2, "auto", distripy.choose_mode(distripy.DistriConfig(), 4))
     assert "distripy: mode exact, every step synchronous (auto: 4 steps" in capsys.readouterr().out
-    cli._print_layout(args, 2, distripy.choose_mode(distripy.DistriConfig(), 40))
+    cli._print_layout(2, 2, "auto", distripy.choose_mode(distripy.DistriConfig(), 40))
     out = capsys.readouterr().out
     assert "distripy: mode corrected_async_gn, warm-up" in out and "(auto: 40 steps" in out
 
 
-def test_generate_takes_lightnings_scheduler_setting(tiny_model):
+@pytest.fixture(scope="module")
+def runner(tiny_model):
+    """The tiny model loaded as ``generate`` loads it (one process, the CPU)."""
+    from distripy.application import PipelineSpec, RequestRunner
+
+    return RequestRunner.start(PipelineSpec(str(tiny_model), dtype="float32", device="cpu"))
+
+
+def _run(runner, **fields):
+    from distripy.application import GenerationRequest
+
+    request = GenerationRequest(prompt="a red boat", height=64, width=64, seed=0, **fields)
+    return runner.run(request)[0]
+
+
+def test_generate_takes_lightnings_scheduler_setting(runner):
     """``--scheduler euler --timestep-spacing trailing``: the model's scheduler configuration as an
     Euler scheduler with trailing timesteps (4 steps start at the last training timestep)."""
-    import argparse
-
-    import torch
-
-    args = argparse.Namespace(model=tiny_model, scheduler="euler", timestep_spacing="trailing")
-    pipe = cli._load_pipeline(args, torch.device("cpu"), torch.float32)
-    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
-    pipe.scheduler.set_timesteps(4)
-    assert pipe.scheduler.timesteps.tolist() == [999.0, 749.0, 499.0, 249.0]
-    args = argparse.Namespace(model=tiny_model, scheduler="default", timestep_spacing="leading")
-    pipe = cli._load_pipeline(args, torch.device("cpu"), torch.float32)
-    assert pipe.scheduler.config.timestep_spacing == "leading"
+    _run(runner, steps=4, scheduler="euler", timestep_spacing="trailing")
+    scheduler = runner.pipe.scheduler
+    assert type(scheduler).__name__ == "EulerDiscreteScheduler"
+    scheduler.set_timesteps(4)
+    assert scheduler.timesteps.tolist() == [999.0, 749.0, 499.0, 249.0]
+    _run(runner, steps=1, timestep_spacing="leading")
+    assert runner.pipe.scheduler.config.timestep_spacing == "leading"
 
 
 def _broken_copy(tiny_model, tmp_path, name, damage):
@@ -274,7 +307,9 @@ def test_bad_generate_input_exits_with_one_line_and_no_file(tiny_model, tmp_path
 
 
 def test_more_ranks_than_gpus_is_refused(tiny_model, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_gpu_count", lambda: 2)
+    from distripy.application import checks
+
+    monkeypatch.setattr(checks, "gpu_count", lambda: 2)
     output = tmp_path / "out.png"
     status = cli.main(
         ["generate", "--model", str(tiny_model), "--prompt", "x", "--nproc", "4", "--output", str(output)]
@@ -319,7 +354,7 @@ def test_a_distripy_error_on_a_rank_is_one_line_and_status_2(
     reaches the user as one line, not a traceback."""
     from distripy import errors
 
-    def refuse(args):
+    def refuse(job):
         raise getattr(errors, kind)(text)
 
     monkeypatch.setattr(cli, "run_generate", refuse)
@@ -332,20 +367,11 @@ def test_a_distripy_error_on_a_rank_is_one_line_and_status_2(
 
 
 @pytest.mark.parametrize("scheduler", sorted(cli.SCHEDULERS))
-def test_every_documented_scheduler_runs(tiny_model, scheduler):
+def test_every_documented_scheduler_runs(runner, scheduler):
     """Each ``--scheduler`` the README lists loads (its dependencies installed) and denoises."""
-    import argparse
-
     import numpy as np
-    import torch
 
-    args = argparse.Namespace(model=tiny_model, scheduler=scheduler)
-    pipe = cli._load_pipeline(args, torch.device("cpu"), torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    image = pipe(
-        "a red boat", height=64, width=64, num_inference_steps=4, output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    ).images[0]  # fmt: skip
+    image = _run(runner, steps=4, scheduler=scheduler, extra={"output_type": "np"})
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
 
 
@@ -373,10 +399,7 @@ def test_consecutive_two_process_runs_all_exit_0(tiny_model, addons, tmp_path):
 
 def test_the_layout_line_names_each_bands_rows(capsys):
     """Bands of unequal height are announced as the ranks will cut them (the larger on top)."""
-    import argparse
-
-    args = argparse.Namespace(no_split_batch=True, guidance=5.0, mode="full_sync")
-    cli._print_layout(args, 3, distripy.choose_mode(distripy.DistriConfig(mode="full_sync"), 20), 32)
+    cli._print_layout(3, 3, "full_sync", distripy.choose_mode(distripy.DistriConfig(mode="full_sync"), 20), 32)
     assert "3 ranks, no CFG split: 3 bands per image (11/11/10 rows of the UNet's deepest level)" in (
         capsys.readouterr().out
     )

@@ -1,10 +1,12 @@
 """``distripy.Engine``: 2 gloo rank processes driven from this process (the tiny SDXL pipeline).
 Its images equal the single-device pipeline's in ``full_sync``; size, steps, guidance,
 scheduler, LoRA and mode change between calls without a restart; progress reaches the caller; a
-bad argument is the pipeline's error and the ranks serve on; a rank stopped (SIGSTOP) mid-request
-fails that request at its deadline and every process the engine started is gone (a rank killed
-with SIGKILL, and the next request on restarted ranks: ``tests/test_serve.py``, through HTTP);
-a closed engine refuses requests."""
+bad argument is the pipeline's error, a size the bands cannot take a ``BandGeometryError`` (the
+ranks' error, whole), and the ranks serve on; a rank stopped (SIGSTOP) mid-request fails that
+request at its deadline and every process the engine started is gone; the next request restarts
+the ranks, and a ``CommTimeoutError`` the ranks raise arrives as one and has them restarted (a
+rank killed with SIGKILL, and the next request on restarted ranks: ``tests/test_serve.py``,
+through HTTP); a closed engine refuses requests."""
 
 import functools
 import os
@@ -17,6 +19,7 @@ import pytest
 import torch
 
 import pipeline_variants
+import serving_pipelines
 from distripy.pipelines.tiny import tiny_sdxl_pipeline
 
 SEED = 3
@@ -56,20 +59,27 @@ def _assert_same_image(image, expected):
     )
 
 
-def test_the_engine_serves_single_device_images_and_survives_a_stuck_rank(tmp_path):
+def test_the_engine_serves_single_device_images_and_survives_a_stuck_rank(tmp_path, monkeypatch):
     import distripy
-    from distripy.serving.engine import _running
+    from distripy.errors import BandGeometryError, CommTimeoutError
+    from distripy.serving.http import error_status
+    from distripy.serving.ranks import running
 
     pipeline_variants.make_lora(str(tmp_path / "lora"), ["to_q", "conv1"], 2)
     lora_file = str(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
     config = distripy.DistriConfig(mode="full_sync", split_batch=False, timeout_s=30)
-    engine = distripy.Engine(
-        functools.partial(tiny_sdxl_pipeline, SEED), nproc=2, config=config, timeout_s=120
-    )
+    # the ranks unpickle the factory: they import serving_pipelines from this folder
+    tests = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
+    factory = functools.partial(serving_pipelines.tiny_pipeline_failing_on_one_prompt, SEED)
+    engine = distripy.Engine(factory, nproc=2, config=config, timeout_s=120)
     started = list(engine.pids)
     launcher = engine._ranks.launcher.pid
     try:
-        assert len(started) == 2 and all(_running(pid) for pid in started)
+        assert len(started) == 2 and all(running(pid) for pid in started)
+        # the geometry the ranks reported: 16 pixels per deepest row, 2 bands (no CFG split)
+        assert engine.geometry.pixel_unit == 16 and engine.size_multiples() == (16, 16)
+        assert engine.min_height(5.0) == 32 and engine.default_size == engine.geometry.default_size
         for index, (arguments, scheduler, lora) in enumerate(CALLS):
             steps = []
             loras = [(lora_file, 0.8)] if lora else []
@@ -128,7 +138,11 @@ def test_the_engine_serves_single_device_images_and_survives_a_stuck_rank(tmp_pa
         # a bad argument: the pipeline's error, raised here; the ranks serve on
         with pytest.raises(distripy.errors.InputError, match="divisible by 8"):
             engine("a red boat", height=30, width=32, num_inference_steps=2)
-        assert engine.pids == started and engine.restarts == 0
+        # a size the ranks cannot cut into 2 bands: their BandGeometryError, whole (HTTP 400)
+        with pytest.raises(BandGeometryError, match="cannot be cut into 2 bands") as refused:
+            engine("a red boat", height=16, width=32, num_inference_steps=2)
+        assert type(refused.value) is BandGeometryError and error_status(refused.value)[0] == 400
+        assert engine.pids == started and engine.restarts == 0 and engine.healthy
 
         # a rank stopped mid-request: the request times out at its deadline, then all is stopped
         stopped = list(engine.pids)
@@ -151,8 +165,13 @@ def test_the_engine_serves_single_device_images_and_survives_a_stuck_rank(tmp_pa
             )
         assert 4 <= time.monotonic() - begun < 4 + 15
         assert not engine.healthy and engine.pids == []
-        assert not _running(launcher) and not any(_running(pid) for pid in stopped)
-        # (the next request restarts the ranks: tests/test_serve.py, after a SIGKILL)
+        assert not running(launcher) and not any(running(pid) for pid in stopped)
+        # the next request restarts the ranks; a CommTimeoutError they raise arrives as one (HTTP
+        # 503), and the ranks, whose transfers cannot be trusted any more, are stopped again
+        with pytest.raises(CommTimeoutError, match="staged") as failed:
+            engine(serving_pipelines.FAILING_PROMPT, seed=1, height=64, width=32, num_inference_steps=2)
+        assert type(failed.value) is CommTimeoutError and error_status(failed.value)[0] == 503
+        assert engine.restarts == 1 and engine.failures == 2 and not engine.healthy
     finally:
         engine.close()
     with pytest.raises(distripy.errors.EngineError, match="closed"):

@@ -1,6 +1,8 @@
 """``distripy serve`` as a real process (2 gloo ranks, the tiny SDXL pipeline) answering a real
 HTTP client on 127.0.0.1: 16 concurrent requests all get their single-device images; a full
-queue answers 429 with Retry-After; bad fields are 400s that name them; a rank killed mid-request
+queue answers 429 with Retry-After; bad fields are 400s that name them; the official ``openai``
+client's ``images.generate`` gets its images, with the API's fields (``quality``,
+``output_format``, ...) and the diffusers names in ``extra_body``; a rank killed mid-request
 makes that request a 503 and the ranks restart, after which requests succeed; SIGTERM ends the
 service and every process it started. The tests share one server and run in file order."""
 
@@ -21,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from distripy.serving.engine import _running
+from distripy.serving.ranks import running as _running
 
 SEED = 3
 SIZE = dict(width=32, height=64)
@@ -192,6 +194,11 @@ BAD = [
     (dict(response_format="url"), "response_format"),
     (dict(colour="blue"), "colour"),
     (dict(prompt=""), "prompt"),
+    (dict(stream=True), "stream"),
+    (dict(output_format="gif"), "output_format"),
+    (dict(output_compression=50), "output_compression"),  # png
+    (dict(num_inference_steps=3), "num_inference_steps"),  # beside steps=2
+    (dict(height=48), "height"),  # beside size 32x64
 ]
 
 
@@ -209,6 +216,55 @@ def test_bad_fields_are_400s_that_name_them(server):
     assert status == 400 and answer["error"]["param"] == "body" and "bytes" in answer["error"]["message"]
 
 
+def test_the_openai_client_gets_its_images(server, reference):
+    """``client.images.generate`` as a new user writes it: the API's fields, distripy's and the
+    diffusers names in ``extra_body``; the images are the single-device pipeline's."""
+    import openai
+    from PIL import Image
+
+    url, _ = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="not-needed", max_retries=0, timeout=120)
+    common = dict(prompt="a red boat", model="distripy", size="32x64", user="tester", style="natural")
+    png = client.images.generate(
+        **common, n=1, quality="high", response_format="b64_json", moderation="low", background="opaque",
+        extra_body={"guidance_scale": 5.0, "num_inference_steps": 2, "seed": 11},
+    )  # fmt: skip
+    assert png.output_format == "png" and png.size == "32x64" and png.background == "opaque"
+    assert png.quality is None  # the steps were given: the quality preset did not choose them
+    assert _same_image(_decoded(png.model_dump()), reference(11))
+    jpeg = client.images.generate(
+        **common, quality="low", output_format="jpeg", output_compression=90,
+        extra_body={"guidance_scale": 5.0, "seed": 12, "negative_prompt": "blurry"},
+    )  # fmt: skip
+    assert jpeg.output_format == "jpeg" and jpeg.quality == "low"
+    assert jpeg.model_dump()["distripy"]["steps"] == 15  # quality="low"'s preset
+    (item,) = jpeg.data
+    image = Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
+    assert image.format == "JPEG" and image.size == (32, 64)
+    sized = client.images.generate(
+        prompt="a red boat", output_format="webp",
+        extra_body={"width": 32, "height": 64, "steps": 2, "guidance": 5.0, "seed": 13},
+    )  # fmt: skip
+    (item,) = sized.data
+    assert Image.open(io.BytesIO(base64.b64decode(item.b64_json))).format == "WEBP"
+    # what cannot be served is a 400 the client raises, naming the field
+    refusals = [
+        (dict(extra_body={"stream": True}), "stream"),  # (a client that knows stream=True would await events)
+        (dict(response_format="url"), "response_format"),
+        (dict(background="transparent"), "background"),
+        (dict(output_format="gif"), "output_format"),
+        (dict(extra_body={"guidance_scale": 5.0, "guidance": 7.0}), "guidance_scale"),
+        (dict(extra_body={"colour": "blue"}), "colour"),
+        (dict(size="32x60"), "size"),
+    ]
+    for change, field in refusals:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.images.generate(**dict(common, **change))
+        assert refused.value.status_code == 400 and refused.value.body["param"] == field, change
+    with pytest.raises(openai.BadRequestError, match="guidance=7.0"):
+        client.images.generate(**common, extra_body={"guidance_scale": 5.0, "guidance": 7.0})
+
+
 def test_a_killed_rank_fails_its_request_with_503_then_requests_succeed(server, reference):
     url, _ = server
     status, _, health = _request(url, "/health")
@@ -219,7 +275,7 @@ def test_a_killed_rank_fails_its_request_with_503_then_requests_succeed(server, 
         time.sleep(0.5)  # into its steps (were it not, the request fails all the same)
         os.kill(health["pids"][1], signal.SIGKILL)
         status, _, answer = slow.result(timeout=120)
-    assert status == 503 and answer["error"]["type"] in ("engine_failed", "timeout"), answer
+    assert status == 503 and answer["error"]["type"] in ("engine_failed", "comm_failed", "timeout"), answer
     assert not any(_running(pid) for pid in health["pids"])
     _wait(lambda: _request(url, "/health", timeout=5)[0] == 200, "the ranks to restart", timeout=180)
     status, _, answer = _request(url, "/v1/images/generations", _body(7))

@@ -1,14 +1,18 @@
 """``distripy.init()``: torch.distributed from torchrun's environment, once; ``launch_local``:
-start that environment's processes on this machine (what ``torchrun --standalone`` does)."""
+start that environment's processes on this machine (what ``torchrun --standalone`` does), the one
+launcher of distripy's ranks: ``distripy generate --nproc N`` calls it in its own process, an
+``Engine`` runs it in a process of its own (``launcher_command``: ``python -m
+distripy.runtime.distributed N ARGUMENTS...``), which it can stop with every rank."""
 
 import os
+import sys
 from datetime import timedelta
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from distripy.config import DEFAULT_TIMEOUT_S
 from distripy.errors import LaunchError
 
-__all__ = ["init", "launch_local"]
+__all__ = ["init", "launch_local", "launcher_command"]
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -60,7 +64,6 @@ def launch_local(world: int, arguments: Sequence[str]) -> None:
     ``torchrun --standalone --nproc-per-node world`` does) and wait for them. Each process gets an
     equal share of the CPU cores for its threads unless ``OMP_NUM_THREADS`` says otherwise; this
     process's environment is left as it was. A failed rank raises torch's ``ChildFailedError``."""
-    import sys
     import uuid
 
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -82,3 +85,25 @@ def launch_local(world: int, arguments: Sequence[str]) -> None:
     finally:
         os.environ.clear()
         os.environ.update(before)
+
+
+def launcher_command(world: int, arguments: Sequence[str]) -> List[str]:
+    """The command line of a process that runs ``launch_local(world, arguments)`` and exits with
+    0 when every rank did, else 1 (the ranks' exit statuses printed)."""
+    return [sys.executable, "-m", "distripy.runtime.distributed", str(world), *arguments]
+
+
+def _main(argv: Sequence[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        launch_local(int(argv[0]), list(argv[1:]))
+    except ChildFailedError as error:
+        failures = "; ".join(f"rank {f.local_rank}: exit {f.exitcode}" for f in error.failures.values())
+        print(f"distripy launcher: {failures}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -6,14 +6,18 @@ elastic launcher (``python -m torch.distributed.run --standalone``, as ``distrip
 --nproc`` does), each loading the pipeline and parallelising it once (``serving.worker``), and
 then turns each call into a request that every rank runs, returning the images to the caller.
 
-The engine talks to rank 0 over a local authenticated connection; rank 0 broadcasts each request
-to the other ranks. Every wait is bounded: the start (``start_timeout_s``) and each request (its
-``timeout_s``, by default ``DistriConfig.timeout_s``). A request whose ranks fail (one died: the
-connection closes) raises ``EngineError``; one past its deadline (a rank is stuck) raises
-``EngineTimeoutError``. Either way the rank processes are stopped (every one of them: their
-process ids are known from the start, and the launcher's children are found besides) and started
-again before the next request. ``close()`` (or leaving a ``with`` block, or the interpreter's exit)
-ends them; no process is left behind.
+The engine sends rank 0 typed messages (``serving.messages``) over a local authenticated
+connection; rank 0 passes each request on to the other ranks over the world ``Comm``. Starting,
+watching and stopping the processes is ``serving.ranks``'s job; this module keeps the queue, the
+policy and the flow of each request. Every wait is bounded: the start (``start_timeout_s``) and
+each request (its ``timeout_s``, by default ``DistriConfig.timeout_s``). A request whose ranks
+fail (one died: the connection closes) raises ``EngineError``; one past its deadline (a rank is
+stuck) raises ``EngineTimeoutError``; a transfer between the ranks that failed, the
+``CommError`` the ranks raised. Each time the rank processes are stopped (every one of them) and
+started again before the next request. An error the ranks raised alike (an argument the pipeline
+refused) arrives whole, of its own class (``raised_by_ranks``), and the ranks serve on.
+``close()`` (or leaving a ``with`` block, or the interpreter's exit) ends them; no process is
+left behind.
 
 Calls may come from many threads at once: they wait in one queue, in arrival order, and the
 ``policy`` (``serving.scheduling``) decides how the ranks take them: each on all ranks
@@ -24,261 +28,68 @@ waits fails with ``EngineTimeoutError`` (``in_queue`` true) without touching the
 """
 
 import atexit
-import os
+import math
 import pickle
-import secrets
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import weakref
-from multiprocessing.connection import Listener
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
+from distripy.application import GenerationRequest, PipelineSpec, check_request, check_spec
 from distripy.config import DistriConfig
-from distripy.errors import ConfigError, EngineError, EngineTimeoutError, InputError, InputTypeError
-from distripy.pipelines.schedulers import scheduler_class_name
+from distripy.errors import (
+    ConfigError,
+    DistripyError,
+    EngineError,
+    EngineTimeoutError,
+    InputError,
+    InputTypeError,
+)
+from distripy.geometry import BandGeometry, bands_per_image
+from distripy.serving.messages import Batch, BatchReplies, Failure, Generate, Images, Setup
+from distripy.serving.ranks import STOP_GRACE_S, GroupRanks, LaunchedRanks
 from distripy.serving.scheduling import SpeedupEstimate, check_policy, plan_run
-from distripy.serving.worker import ADDRESS_VARIABLE, AUTHKEY_VARIABLE
 
-__all__ = ["Engine"]
-
-_POLL_S = 0.05
-_STOP_GRACE_S = 5.0
-# A call's errors the ranks raised alike, by the name of their type: raised again as these.
-_REQUEST_ERRORS = {
-    "ValueError": InputError,
-    "TypeError": InputTypeError,
-    "InputError": InputError,
-    "InputTypeError": InputTypeError,
-    "BandGeometryError": InputError,
-    "ConfigError": InputError,
-}
+__all__ = ["Engine", "raised_by_ranks"]
 
 
-def _descendants(pid: int) -> List[int]:
-    """Every process below ``pid`` (Linux: read from /proc)."""
-    children: Dict[int, List[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` is a process that has not ended (a zombie has)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _kill(pids: Sequence[int], wait_s: float = _STOP_GRACE_S) -> None:
-    """SIGKILL each process (and its process group) and wait, bounded, until they have ended."""
-    for pid in pids:
-        for kill in (os.killpg, os.kill):  # a rank leads its own session (torch's launcher)
-            try:
-                kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-    deadline = time.monotonic() + wait_s
-    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
-class _Ranks:
-    """One start of the rank processes: the launcher, the connection to rank 0, the ranks' ids."""
-
-    restartable = True
-
-    def __init__(self, nproc: int, setup: Dict[str, Any], devices, timeout_s: float) -> None:
-        self.log = tempfile.TemporaryFile(mode="w+b")
-        key = secrets.token_bytes(32)
-        self.listener = Listener(("127.0.0.1", 0), authkey=key)
-        host, port = self.listener.address
-        env = dict(os.environ, **{ADDRESS_VARIABLE: f"{host}:{port}", AUTHKEY_VARIABLE: key.hex()})
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        if devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(device) for device in devices)
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "--max-restarts=0", "--monitor-interval=0.1", "-m", "distripy.serving.worker",
-        ]  # fmt: skip
-        self.launcher = subprocess.Popen(
-            command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.pids: List[int] = []
-        self.geometry: Dict[str, int] = {}
-        self.connection = None
-        deadline = time.monotonic() + timeout_s
-        try:
-            self.connection = self._accept(deadline)
-            self.connection.send(setup)
-            reply = self.receive(deadline, "start")
-            if reply[0] != "ready":
-                raise EngineError(f"the ranks did not start: {reply}")
-            self.pids = list(reply[1])
-            self.geometry = dict(reply[2])
-        except BaseException:
-            self.stop()
-            raise
-
-    def _accept(self, deadline: float):
-        accepted: List[Any] = []
-        thread = threading.Thread(target=lambda: accepted.append(self.listener.accept()), daemon=True)
-        thread.start()
-        while thread.is_alive() and time.monotonic() < deadline and self.launcher.poll() is None:
-            thread.join(_POLL_S)
-        if not accepted:
-            raise self.failure("start", timed_out=self.launcher.poll() is None)
-        return accepted[0]
-
-    def log_tail(self, lines: int = 12) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        text = self.log.read().decode(errors="replace").strip().splitlines()
-        return "\n".join(text[-lines:])
-
-    def failure(self, what: str, timed_out: bool) -> EngineError:
-        status = self.launcher.poll()
-        state = "still running" if status is None else f"exit status {status}"
-        kind = EngineTimeoutError if timed_out else EngineError
-        reason = "did not finish in time" if timed_out else "failed"
-        return kind(f"the engine's {what} {reason} (rank launcher {state}); its log ends:\n{self.log_tail()}")
-
-    def receive(self, deadline: float, what: str, on_message: Optional[Callable] = None) -> Tuple:
-        """The next reply from rank 0 that is not a progress message (which go to
-        ``on_message``), by ``deadline``."""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise self.failure(what, timed_out=True)
-            try:
-                ready = self.connection.poll(min(_POLL_S * 4, remaining))
-                message = self.connection.recv() if ready else None
-            except (EOFError, OSError):
-                raise self.failure(what, timed_out=False) from None
-            if message is None:
-                if self.launcher.poll() is not None:
-                    raise self.failure(what, timed_out=False)
-                continue
-            if message[0] == "progress":
-                if on_message is not None:
-                    on_message(*message[1:])
-                continue
-            return message
-
-    def close(self, timeout_s: float) -> None:
-        """Ask the ranks to finish, then stop whatever is left."""
-        try:
-            if self.connection is not None and self.launcher.poll() is None:
-                self.connection.send({"kind": "close"})
-                self.launcher.wait(timeout=timeout_s)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        self.stop()
-
-    def stop(self) -> None:
-        """Kill every rank process and the launcher, and wait for the launcher."""
-        if self.launcher.poll() is None:
-            _kill(self.pids + _descendants(self.launcher.pid))
-            _kill([self.launcher.pid])
-        try:
-            self.launcher.wait(timeout=_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            pass
-        _kill(self.pids)  # ranks left by a launcher that had already exited
-        for closable in (self.connection, self.listener, self.log):
-            try:
-                if closable is not None:
-                    closable.close()
-            except OSError:
-                pass
+def raised_by_ranks(error: BaseException) -> BaseException:
+    """What a call raises for an exception the ranks raised (whole, ``serving.messages``):
+    distripy's own errors as they are (a ``BandGeometryError`` stays one); the pipeline's refusal
+    of an argument (a plain ``ValueError`` / ``TypeError``) as ``InputError`` / ``InputTypeError``;
+    anything else as ``EngineError``. The original is the new error's ``__cause__``."""
+    if isinstance(error, DistripyError):
+        return error
+    if isinstance(error, ValueError):
+        kind = InputError
+    elif isinstance(error, TypeError):
+        kind = InputTypeError
+    else:
+        kind = EngineError
+    converted = kind(f"the pipeline raised {type(error).__name__}: {error}")
+    converted.__cause__ = error
+    return converted
 
 
 class _Waiting:
     """One call in the queue: its request, deadline and progress callback, then its outcome."""
 
-    def __init__(self, request: Dict[str, Any], deadline: float, progress: Optional[Callable]) -> None:
+    def __init__(self, request: Generate, deadline: float, progress: Optional[Callable]) -> None:
         self.request = request
         self.deadline = deadline
         self.progress = progress
-        self.reply: Optional[Tuple] = None  # ("result", images) or ("error", kind, message)
+        self.images: Optional[list] = None
         self.error: Optional[BaseException] = None
         self.done = False
 
     @property
     def kind(self) -> Tuple:
         """What its speed depends on: size, steps, images."""
-        arguments = self.request["arguments"]
-        return tuple(
-            arguments.get(name)
-            for name in ("height", "width", "num_inference_steps", "num_images_per_prompt")
-        )
+        return self.request.kind
 
-    def finish(self, reply: Optional[Tuple] = None, error: Optional[BaseException] = None) -> None:
-        self.reply, self.error, self.done = reply, error, True
-
-
-class _GroupRanks(_Ranks):
-    """The ranks torchrun started, this process being rank 0 (``Engine.of_torchrun_group``): rank
-    0's loop runs on a thread here, linked to the engine in-process; the others run
-    ``serving.worker``'s loop in their own processes, on this node or others. They cannot be
-    restarted from here: after a failure the engine is broken, and the process should exit
-    non-zero so that torchrun (``--max-restarts``) restarts the whole group."""
-
-    restartable = False
-
-    def __init__(self, nproc: int, setup: Dict[str, Any], devices, timeout_s: float) -> None:
-        from distripy.serving.worker import LocalLink, serve
-
-        self.connection, rank_side = LocalLink.pair()
-        self.error: Optional[BaseException] = None
-
-        def run() -> None:
-            try:
-                serve(rank_side, 0)
-            except BaseException as error:  # noqa: BLE001 - reported through failure()
-                self.error = error
-
-        self.thread = threading.Thread(target=run, name="distripy-rank-0", daemon=True)
-        self.thread.start()
-        self.launcher = self  # ``poll()``: None while rank 0's loop runs, as a launcher's
-        self.connection.send(setup)
-        reply = self.receive(time.monotonic() + timeout_s, "start")
-        if reply[0] != "ready":
-            raise EngineError(f"the ranks did not start: {reply}")
-        self.pids = list(reply[1])
-        self.geometry = dict(reply[2])
-
-    def poll(self) -> Optional[int]:
-        return None if self.thread.is_alive() else 1
-
-    def log_tail(self, lines: int = 12) -> str:
-        return repr(self.error) if self.error is not None else "(rank 0's loop ended)"
-
-    def close(self, timeout_s: float) -> None:
-        if self.thread.is_alive():
-            self.connection.send({"kind": "close"})
-            self.thread.join(timeout_s)
-
-    def stop(self) -> None:
-        """Nothing can be killed from here: the link closes, the thread is left to its fate."""
-        self.connection.close()
+    def finish(self, images: Optional[list] = None, error: Optional[BaseException] = None) -> None:
+        self.images, self.error, self.done = images, error, True
 
 
 def _check_model(model) -> Union[str, Callable]:
@@ -293,22 +104,44 @@ def _check_model(model) -> Union[str, Callable]:
         return model
     if not isinstance(model, (str, Path)):
         raise InputTypeError(
-            f"Engine: model must be a diffusers folder or a factory, got {type(model).__name__}"
+            "Engine: model must be a diffusers folder, a factory or a PipelineSpec, got "
+            f"{type(model).__name__}"
         )
-    if not (Path(model) / "model_index.json").is_file():
-        raise InputError(f"Engine: {model} is not a diffusers pipeline folder (no model_index.json)")
     return str(model)
+
+
+def _pipeline_spec(model, config, dtype, controlnets, refiner, loras) -> PipelineSpec:
+    """The spec the ranks load, checked here, once (``application.check_spec``: the folders, the
+    weights' headers, the LoRA files), unless it was already (``distripy serve`` checks it)."""
+    if isinstance(model, PipelineSpec):
+        given = [name for name, value in (("config", config), ("dtype", dtype), ("refiner", refiner))
+                 if value is not None] + [name for name, value in (("controlnets", controlnets),
+                 ("loras", loras)) if value]  # fmt: skip
+        if given:
+            raise InputError(f"Engine: model is a PipelineSpec: give {', '.join(given)} in it")
+        spec = model
+        _check_model(spec.model)
+    else:
+        spec = PipelineSpec(
+            _check_model(model), dtype, controlnets=list(controlnets), refiner=refiner, loras=list(loras),
+            config=DistriConfig() if config is None else config,
+        )  # fmt: skip
+    return check_spec(spec)[0]
 
 
 class Engine:
     """N rank processes serving one parallelised pipeline to this process (module docstring).
 
     ``model``: a local diffusers pipeline folder, or a picklable factory (a module-level function)
-    that returns the pipeline. ``nproc``: ranks (one GPU each where there are GPUs: ``devices``
-    lists which, default all; gloo processes on a CPU). ``config``: the ``DistriConfig`` every rank
-    parallelises with. ``dtype``: ``"float16"``, ``"bfloat16"`` or ``"float32"`` (default: the
-    model's own). ``timeout_s``: a request's deadline unless the call gives one (default the
-    config's ``timeout_s``); ``start_timeout_s``: the ranks' start, loading included.
+    that returns the pipeline, or a whole ``application.PipelineSpec``. ``controlnets``:
+    ``ControlNetModel`` folders (a call then gives ``control_images``, one each); ``refiner``: an
+    SDXL refiner pipeline folder (each image is refined from the call's ``refiner_start``);
+    ``loras``: LoRA files loaded at the start (a call may name others). ``nproc``: ranks (one GPU
+    each where there are GPUs: ``devices`` lists which, default all; gloo processes on a CPU).
+    ``config``: the ``DistriConfig`` every rank parallelises with. ``dtype``: ``"float16"``,
+    ``"bfloat16"`` or ``"float32"`` (default: the model's own). ``timeout_s``: a request's
+    deadline unless the call gives one (default the config's ``timeout_s``); ``start_timeout_s``:
+    the ranks' start, loading included.
     ``policy``: ``latency`` (default), ``throughput`` or ``adaptive`` (``serving.scheduling``;
     may be changed between calls); ``speedup``: the patch-parallel speedup ``adaptive`` switches
     at (default: measured as it serves, from a prior of 0.75 N).
@@ -325,17 +158,22 @@ class Engine:
         start_timeout_s: float = 300.0,
         policy: str = "latency",
         speedup: Optional[float] = None,
+        controlnets: Sequence[str] = (),
+        refiner: Optional[str] = None,
+        loras: Sequence[str] = (),
     ) -> None:
-        self._configure(model, nproc, config, devices, dtype, timeout_s, start_timeout_s, policy, speedup)
+        pipeline = {"controlnets": controlnets, "refiner": refiner, "loras": loras}
+        self._configure(
+            model, nproc, config, devices, dtype, timeout_s, start_timeout_s, policy, speedup, pipeline
+        )
         self._start()
         _LIVE.add(self)
 
     def _configure(
-        self, model, nproc, config, devices, dtype, timeout_s, start_timeout_s, policy, speedup
+        self, model, nproc, config, devices, dtype, timeout_s, start_timeout_s, policy, speedup, pipeline
     ) -> None:
         """Check every setting, before any process starts."""
-        config = DistriConfig() if config is None else config
-        if not isinstance(config, DistriConfig):
+        if config is not None and not isinstance(config, DistriConfig):
             raise InputTypeError(f"Engine: config must be a DistriConfig, got {type(config).__name__}")
         if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
             raise ConfigError(f"Engine: nproc={nproc!r} must be an integer >= 1")
@@ -343,6 +181,8 @@ class Engine:
             raise ConfigError(f"Engine: {nproc} ranks need {nproc} devices, got devices={list(devices)}")
         if dtype not in (None, "float16", "bfloat16", "float32"):
             raise ConfigError(f"Engine: dtype={dtype!r} is not float16, bfloat16 or float32")
+        self.spec = _pipeline_spec(model, config, dtype, **pipeline)
+        config = self.spec.config
         self.nproc = nproc
         self.config = config
         self.policy = check_policy(policy)
@@ -351,14 +191,16 @@ class Engine:
         self._queue_lock = threading.Lock()
         self.timeout_s = float(config.timeout_s if timeout_s is None else timeout_s)
         self.start_timeout_s = float(start_timeout_s)
-        self._setup = {"model": _check_model(model), "config": config, "dtype": dtype}
+        self._setup = Setup(self.spec)
         self._devices = None if devices is None else list(devices)[:nproc]
         self._lock = threading.Lock()
-        self._ranks: Optional[_Ranks] = None
+        self._ranks: Optional[LaunchedRanks] = None
         self._closed = False
         self.restarts = 0
         self.failures = 0
-        self._ranks_class = _Ranks
+        self.start_seconds = 0.0
+        """How long the last start of the ranks took (what a restart is expected to take)."""
+        self._ranks_class = LaunchedRanks
 
     @classmethod
     def of_torchrun_group(
@@ -370,6 +212,9 @@ class Engine:
         start_timeout_s: float = 300.0,
         policy: str = "latency",
         speedup: Optional[float] = None,
+        controlnets: Sequence[str] = (),
+        refiner: Optional[str] = None,
+        loras: Sequence[str] = (),
     ) -> "Engine":
         """An engine over the ranks torchrun started, on this node and others, called on rank 0
         (``torch.distributed`` initialised, e.g. by ``distripy.init()``); every other rank runs
@@ -383,10 +228,12 @@ class Engine:
                 "Engine.of_torchrun_group: call it on rank 0 of an initialised torch.distributed group"
             )
         engine = cls.__new__(cls)
+        pipeline = {"controlnets": controlnets, "refiner": refiner, "loras": loras}
+        world = dist.get_world_size()
         engine._configure(
-            model, dist.get_world_size(), config, None, dtype, timeout_s, start_timeout_s, policy, speedup
+            model, world, config, None, dtype, timeout_s, start_timeout_s, policy, speedup, pipeline
         )
-        engine._ranks_class = _GroupRanks
+        engine._ranks_class = GroupRanks
         engine._start()
         _LIVE.add(engine)
         return engine
@@ -399,8 +246,10 @@ class Engine:
     # -- the rank processes ----------------------------------------------------------------------
 
     def _start(self) -> None:
+        started = time.monotonic()
         self._ranks = self._ranks_class(self.nproc, self._setup, self._devices, self.start_timeout_s)
         self._geometry = self._ranks.geometry
+        self.start_seconds = time.monotonic() - started
 
     def restart(self) -> None:
         """Start the rank processes if they are stopped (after a failure); a no-op while they run.
@@ -408,7 +257,7 @@ class Engine:
         with self._lock:
             self._ensure_started()
 
-    def _ensure_started(self) -> _Ranks:
+    def _ensure_started(self) -> LaunchedRanks:
         if self._closed:
             raise EngineError("the engine is closed")
         if self._ranks is None and not self.restartable:
@@ -430,31 +279,39 @@ class Engine:
         """The rank processes' ids, by rank (empty while they are stopped)."""
         return [] if self._ranks is None else list(self._ranks.pids)
 
+    @property
+    def geometry(self) -> BandGeometry:
+        """Where the model's images may be cut into bands (the ranks report it when they start)."""
+        return self._geometry
+
+    def bands(self, guidance_scale: Optional[float] = None) -> int:
+        """Bands one image is cut into on these ranks: half the ranks each with the CFG split
+        (``guidance_scale > 1``), all of them otherwise; 1 under ``throughput``, where every image
+        is whole on one rank."""
+        if self.policy == "throughput":
+            return 1
+        split = bool(self.config.split_batch) and (guidance_scale or 0) > 1
+        return bands_per_image(self.nproc, split)
+
     def size_multiples(self, guidance_scale: Optional[float] = None) -> Tuple[int, int]:
         """The pixels an image's height and width must be multiples of: whole rows at the UNet's
         deepest level (the bands are cut in them, and may differ by one)."""
-        per_row = self._geometry["vae_scale"] * 2 ** self._geometry["levels"]
-        return per_row, per_row
+        return self._geometry.pixel_unit, self._geometry.pixel_unit
 
     def min_height(self, guidance_scale: Optional[float] = None) -> int:
-        """The shortest image these ranks can cut into bands: one deepest-level row per band (half
-        the ranks each with the CFG split: ``guidance_scale > 1``). Under ``throughput`` every
-        image is whole on one rank."""
-        per_row = self.size_multiples(guidance_scale)[0]
-        if self.policy == "throughput":
-            return per_row
-        split = self.config.split_batch and self.nproc % 2 == 0 and (guidance_scale or 0) > 1
-        return per_row * (self.nproc // 2 if split else self.nproc)
+        """The shortest image these ranks can cut into bands: one deepest-level row per band
+        (``bands``)."""
+        return self._geometry.min_height(self.bands(guidance_scale))
 
     @property
     def default_size(self) -> int:
-        """The model's default image side in pixels."""
-        return self._geometry["default_size"]
+        """The model's default image side in pixels (1024, SDXL's, when its UNet names none)."""
+        return self._geometry.default_size or 128 * self._geometry.vae_scale
 
     @property
     def healthy(self) -> bool:
         """Whether the ranks are running (after a failure they are started at the next request)."""
-        return self._ranks is not None and self._ranks.launcher.poll() is None
+        return self._ranks is not None and self._ranks.alive
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -464,41 +321,46 @@ class Engine:
         *,
         seed: Optional[int] = None,
         scheduler: Optional[str] = None,
+        timestep_spacing: Optional[str] = None,
         mode: Optional[str] = None,
         warmup_steps: Optional[int] = None,
         loras: Sequence[Tuple[str, float]] = (),
+        control_images=(),
+        init_image=None,
+        strength: Optional[float] = None,
+        refiner_start: Optional[float] = None,
         progress: Optional[Callable[[int, Optional[int]], None]] = None,
         timeout_s: Optional[float] = None,
         **arguments,
     ) -> list:
-        """Generate on every rank and return the images (PIL). ``arguments``: the pipeline's own
-        (``height``, ``width``, ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``,
-        images, ...). ``seed``: the generator's seed (default: drawn by rank 0). ``scheduler``:
-        one of ``distripy.pipelines.schedulers.SCHEDULERS``; ``mode`` / ``warmup_steps``: for this
-        request (default: the engine's config); ``loras``: ``(path to a .safetensors, scale)``
-        pairs active for this request (each loaded once). ``progress(step, total)`` is called
-        here as the ranks finish each step. Raises ``EngineError`` / ``EngineTimeoutError`` when
-        the ranks fail or miss the deadline (they are restarted for the next request), and the
-        pipeline's own refusal of a bad argument as ``InputError`` / ``InputTypeError``."""
-        if scheduler is not None:
-            scheduler_class_name(scheduler)
-        if mode is not None or warmup_steps is not None:
-            DistriConfig(mode=mode or self.config.mode, warmup_steps=warmup_steps or 0)  # checks them
-        loras = [(str(Path(path)), float(scale)) for path, scale in loras]
-        for path, _ in loras:
-            if not Path(path).is_file():
-                raise InputError(f"Engine: LoRA {path} is not a file (a .safetensors)")
+        """Generate on every rank and return the images (PIL): what ``distripy generate`` runs
+        (``application.RequestRunner``). ``arguments``: the pipeline's own (``height``,
+        ``width``, ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``,
+        ``mask_image``, ``num_images_per_prompt``, ...). ``seed``: the generator's seed (default:
+        drawn by rank 0). ``scheduler``: one of ``distripy.pipelines.schedulers.SCHEDULERS``,
+        ``timestep_spacing``: ``leading``, ``trailing`` or ``linspace`` (default: its own);
+        ``mode`` / ``warmup_steps``: for this request (default: the engine's config); ``loras``:
+        ``(path, scale)`` pairs (a ``.safetensors`` or its folder) active for this request (each
+        loaded once, named by its path as the command names it). ``control_images``: one
+        condition per ControlNet of the engine (PIL images or files; none: the plain pipeline);
+        ``init_image`` (and ``mask_image``, white repainted; ``strength``): img2img or inpainting,
+        at the image's size unless ``height`` / ``width`` say; ``refiner_start``: where the
+        engine's refiner takes over (default 0.8). Each value is checked here, and a bad one
+        raises ``InputError`` / ``InputTypeError`` naming it before anything runs.
+        ``progress(step, total)`` is called here as the ranks finish each step. Raises
+        ``EngineError`` / ``EngineTimeoutError`` when the ranks fail or miss the deadline, the
+        ``CommError`` of a failed transfer between them (the ranks are restarted for the next
+        request), distripy's own errors the ranks raised alike as themselves
+        (``BandGeometryError`` for a size that cannot be cut into bands), and the pipeline's own
+        refusal of a bad argument as ``InputError`` / ``InputTypeError`` (``raised_by_ranks``)."""
         if prompt is not None:
             arguments["prompt"] = prompt
-        request = {
-            "kind": "generate",
-            "arguments": arguments,
-            "seed": seed,
-            "scheduler": scheduler,
-            "mode": mode,
-            "warmup_steps": warmup_steps,
-            "loras": loras,
-        }
+        call = GenerationRequest.of_call(
+            arguments, seed=seed, scheduler=scheduler, timestep_spacing=timestep_spacing, mode=mode,
+            warmup_steps=warmup_steps, loras=loras, control_images=control_images, init_image=init_image,
+            strength=strength, refiner_start=refiner_start,
+        )  # fmt: skip
+        request = Generate(check_request(call, self.spec))
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else float(timeout_s))
         waiting = _Waiting(request, deadline, progress)
         with self._queue_lock:
@@ -509,11 +371,7 @@ class Engine:
                     self._run_next()
         if waiting.error is not None:
             raise waiting.error
-        reply = waiting.reply
-        if reply[0] == "result":
-            return reply[1]
-        kind, message = reply[1], reply[2]
-        raise _REQUEST_ERRORS.get(kind, EngineError)(f"the pipeline raised {kind}: {message}")
+        return waiting.images
 
     def _take(self) -> Tuple[bool, List[_Waiting]]:
         """The next run's requests, by the policy; those past their deadline fail here."""
@@ -537,13 +395,15 @@ class Engine:
         if not taken:
             return
         started = time.monotonic()
+        deadline = max(w.deadline for w in taken)
         try:
             ranks = self._ensure_started()
             if alone:
-                ranks.connection.send({"kind": "batch", "requests": [w.request for w in taken]})
+                timeout_s = math.ceil(max(0.0, deadline - started))
+                ranks.send(Batch(tuple(w.request for w in taken), float(timeout_s)))
             else:
-                ranks.connection.send(taken[0].request)
-            reply = ranks.receive(max(w.deadline for w in taken), "request", taken[0].progress)
+                ranks.send(taken[0].request)
+            reply = ranks.receive(deadline, "request", taken[0].progress)
         except BaseException as error:  # failed or interrupted: the ranks cannot be trusted now
             self._discard()
             for other in taken:
@@ -553,13 +413,22 @@ class Engine:
             if not isinstance(error, Exception):
                 raise
             return
-        replies = list(reply[1]) if alone and reply[0] == "results" else [reply]
+        if isinstance(reply, BatchReplies) and alone:
+            replies = list(reply.replies)
+        elif isinstance(reply, (Images, Failure)):
+            replies = [reply] * len(taken) if isinstance(reply, Failure) else [reply]
+        else:
+            replies = []
         for waiting, answer in zip(taken, replies):
-            waiting.finish(reply=answer)
-            if answer[0] == "result":
+            if isinstance(answer, Images):
+                waiting.finish(images=answer.images)
                 self.speedups.record(waiting.kind, alone, time.monotonic() - started)
+            else:
+                waiting.finish(error=raised_by_ranks(answer.exception()))
         for waiting in taken[len(replies) :]:  # never left waiting for a reply that will not come
-            waiting.finish(error=EngineError(f"the ranks answered {len(replies)} of {len(taken)} requests"))
+            waiting.finish(error=EngineError(f"the ranks answered {reply!r} to {len(taken)} requests"))
+        if not replies or any(answer.ranks_failed for answer in replies):
+            self._discard()  # the ranks are out of step and ending: restarted for the next request
 
     # -- the end ---------------------------------------------------------------------------------
 
@@ -568,7 +437,7 @@ class Engine:
         with self._lock:
             self._closed = True
             if self._ranks is not None:
-                self._ranks.close(_STOP_GRACE_S)
+                self._ranks.close(STOP_GRACE_S)
                 self._ranks = None
         _LIVE.discard(self)
 

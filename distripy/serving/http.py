@@ -1,10 +1,16 @@
 """``distripy serve``: an ``Engine`` behind HTTP (FastAPI on uvicorn).
 
-* ``POST /v1/images/generations``: shaped like the widely used images API (``prompt``, ``n``,
-  ``size`` "WxH", ``response_format`` ``b64_json``), plus distripy's fields (``steps``,
-  ``guidance``, ``seed``, ``negative_prompt``, ``mode``, ``warmup_steps``, ``scheduler``). Every
-  field is checked before the request is queued: a bad one is a 400 that names it (a size that
-  does not split into the ranks' bands included).
+* ``POST /v1/images/generations``: OpenAI's images API as its clients send it (every field of the
+  request; what each does here, and distripy's own fields with their diffusers names:
+  ``serving.images_api``). Every field is checked before the request is queued: a bad one is a
+  400 that names it (a size that does not split into the ranks' bands included); so is an
+  unknown one. The images come back as ``b64_json`` in the asked ``output_format``.
+* Errors keep their class across the ranks (``serving.messages``) and map to a status by it
+  (``error_status``): an input the pipeline refused (``InputError``, ``BandGeometryError``,
+  ``ConfigError``, ...) 400, naming the field where known; a failed transfer between the ranks
+  (``CommError``, ``CommTimeoutError``), failed ranks (``EngineError``) and a deadline
+  (``EngineTimeoutError``) 503, with a ``Retry-After`` where a wait helps (the queue's, or the
+  ranks' restart); anything else 500.
 * A bounded queue (``queue_size`` requests waiting or running): a full queue answers 429 with a
   ``Retry-After`` from the recent latencies. Each request has a deadline (``request_timeout_s``,
   queueing included): past it, or when the ranks fail, 503; the engine's ranks are then
@@ -19,116 +25,52 @@ The engine queues the requests in arrival order and runs them by its policy (``E
 """
 
 import asyncio
-import base64
-import io
 import json
 import logging
 import math
 import os
-import re
 import signal
 import statistics
 import threading
 import time
 from collections import deque
-from typing import Optional
+from typing import Optional, Tuple
 
-from distripy.config import MODE_CHOICES
-from distripy.errors import EngineError, EngineTimeoutError, InputError
-from distripy.pipelines.schedulers import SCHEDULERS
+from distripy.errors import (
+    BandGeometryError,
+    CommError,
+    CommTimeoutError,
+    ConfigError,
+    EngineError,
+    EngineTimeoutError,
+    InputError,
+    InputTypeError,
+)
+from distripy.serving.images_api import LIMITS, BadRequest, parse_request
 
-__all__ = ["LIMITS", "make_app"]
+__all__ = ["LIMITS", "error_status", "make_app", "parse_request"]
 
-LIMITS = {"n": (1, 8), "steps": (1, 200), "guidance": (0.0, 50.0), "body_bytes": 64 * 1024, "side": 8192}
-"""The largest request the service takes (``n`` images, ``steps``, ``guidance`` range, body size,
-image side in pixels)."""
-
-_SIZE = re.compile(r"^(\d+)x(\d+)$")
 log = logging.getLogger("distripy.serve")
 
 
-class _BadRequest(Exception):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-def _number(body: dict, field: str, kind, default, bounds=None):
-    value = body.get(field, default)
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (kind is int and not float(value).is_integer())
-    ):
-        raise _BadRequest(field, f"must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    value = kind(value)
-    if bounds is not None and not bounds[0] <= value <= bounds[1]:
-        raise _BadRequest(field, f"{value} is outside [{bounds[0]}, {bounds[1]}]")
-    return value
-
-
-def parse_request(body, engine) -> dict:
-    """The engine call a request body asks for; raises ``_BadRequest`` naming the first bad field."""
-    if not isinstance(body, dict):
-        raise _BadRequest("body", "must be a JSON object")
-    known = {"prompt", "n", "size", "response_format", "steps", "guidance", "seed", "negative_prompt",
-             "mode", "warmup_steps", "scheduler", "model", "user"}  # fmt: skip
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise _BadRequest(unknown[0], "unknown field")
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise _BadRequest("prompt", "a non-empty string is required")
-    negative = body.get("negative_prompt")
-    if negative is not None and not isinstance(negative, str):
-        raise _BadRequest("negative_prompt", "must be a string")
-    if body.get("response_format", "b64_json") != "b64_json":
-        raise _BadRequest("response_format", "only 'b64_json' is served")
-    n = _number(body, "n", int, 1, LIMITS["n"])
-    steps = _number(body, "steps", int, 30, LIMITS["steps"])
-    guidance = _number(body, "guidance", float, 5.0, LIMITS["guidance"])
-    seed = _number(body, "seed", int, None, (0, 2**63 - 1))
-    warmup = _number(body, "warmup_steps", int, None, (0, LIMITS["steps"]))
-    mode = body.get("mode")
-    if mode is not None and mode not in MODE_CHOICES:
-        raise _BadRequest("mode", f"{mode!r} is not one of {', '.join(MODE_CHOICES)}")
-    scheduler = body.get("scheduler")
-    if scheduler is not None and scheduler not in SCHEDULERS:
-        raise _BadRequest("scheduler", f"{scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-    default = engine.default_size
-    size = body.get("size", f"{default}x{default}")
-    match = _SIZE.match(size) if isinstance(size, str) else None
-    if match is None:
-        raise _BadRequest("size", f"must be 'WIDTHxHEIGHT', got {size!r}")
-    width, height = int(match.group(1)), int(match.group(2))
-    rows, columns = engine.size_multiples(guidance)
-    if not (0 < width <= LIMITS["side"] and 0 < height <= LIMITS["side"]):
-        raise _BadRequest("size", f"{size}: each side must be in [1, {LIMITS['side']}]")
-    if height % rows or width % columns:
-        raise _BadRequest(
-            "size",
-            f"{size} does not split into this server's bands: the height must be a multiple of {rows} "
-            f"and the width of {columns} pixels",
-        )
-    if height < engine.min_height(guidance):
-        raise _BadRequest(
-            "size",
-            f"{size}: the height must be at least {engine.min_height(guidance)} pixels on this server "
-            f"(one row of {rows} pixels per band)",
-        )
-    return dict(
-        prompt=prompt, negative_prompt=negative, num_images_per_prompt=n, height=height, width=width,
-        num_inference_steps=steps, guidance_scale=guidance, seed=seed, mode=mode, warmup_steps=warmup,
-        scheduler=scheduler,
-    )  # fmt: skip
-
-
-def _png_base64(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+def error_status(error: BaseException) -> Tuple[int, str, Optional[str]]:
+    """``(HTTP status, error type, field)`` for an exception a generation raised: the request's
+    input refused 400 (the field where the error names one: ``size`` for a ``BandGeometryError``),
+    the queue's deadline 503 ``deadline``, the ranks' or their transfers' failures 503, anything
+    else 500."""
+    if isinstance(error, BandGeometryError):
+        return 400, "invalid_request", getattr(error, "field", None) or "size"
+    if isinstance(error, (InputError, InputTypeError, ConfigError)):
+        return 400, "invalid_request", getattr(error, "field", None)
+    if isinstance(error, EngineTimeoutError) and getattr(error, "in_queue", False):
+        return 503, "deadline", None  # the ranks are fine
+    if isinstance(error, (EngineTimeoutError, CommTimeoutError)):
+        return 503, "timeout", None
+    if isinstance(error, CommError):
+        return 503, "comm_failed", None
+    if isinstance(error, EngineError):
+        return 503, "engine_failed", None
+    return 500, "internal_error", None
 
 
 class _Service:
@@ -158,8 +100,13 @@ class _Service:
         self.errors = Counter("distripy_errors", "Failed requests by kind", ["kind"], registry=self.registry)
 
     def retry_after(self) -> int:
+        """Seconds until the queue has likely moved on: the typical latency times its depth."""
         typical = statistics.median(self.latencies) if self.latencies else 1.0
         return max(1, math.ceil(typical * max(1, self.depth)))
+
+    def restart_after(self) -> int:
+        """Seconds until restarted ranks are likely back: their last start's."""
+        return max(1, math.ceil(getattr(self.engine, "start_seconds", 0.0) or 1.0))
 
     def recover(self) -> None:
         """Restart the engine's ranks in the background (after a failure). Ranks that cannot be
@@ -217,37 +164,31 @@ def make_app(engine, queue_size: int = 16, request_timeout_s: float = 300.0):
                 400, "invalid_request", f"body: {len(raw)} bytes, over {LIMITS['body_bytes']}", "body"
             )
         try:
-            call = parse_request(json.loads(raw or b"null"), engine)
+            parsed = parse_request(json.loads(raw or b"null"), engine)
         except ValueError as bad:  # json's JSONDecodeError
             return error(400, "invalid_request", f"body: not JSON ({bad})", "body")
-        except _BadRequest as bad:
+        except BadRequest as bad:
             return error(400, "invalid_request", str(bad), bad.field)
         if service.depth >= service.queue_size:
             headers = {"Retry-After": str(service.retry_after())}
             return error(
                 429, "queue_full", f"{service.depth} requests are queued; retry later", headers=headers
             )
+        call = dict(parsed.call)
+        seed = call.pop("seed")
+        seed = seed if seed is not None else int.from_bytes(os.urandom(7), "big")
         service.depth += 1
         service.queue_gauge.set(service.depth)
         try:
             # The engine queues the calls in arrival order and runs them by its policy.
             remaining = service.request_timeout_s - (time.monotonic() - started)
-            seed = call.pop("seed")
-            seed = seed if seed is not None else int.from_bytes(os.urandom(7), "big")
             images = await asyncio.to_thread(engine, seed=seed, timeout_s=remaining, **call)
-        except InputError as bad:  # what the pipeline itself refused
-            return error(400, "invalid_request", str(bad))
-        except EngineTimeoutError as failed:
-            if getattr(failed, "in_queue", False):  # the ranks are fine
-                return error(503, "deadline", "the request's deadline passed while it was queued")
-            service.recover()
-            return error(503, "timeout", str(failed).splitlines()[0])
-        except EngineError as failed:
-            service.recover()
-            return error(503, "engine_failed", str(failed).splitlines()[0])
+        except Exception as failed:  # noqa: BLE001 - each class has its status (error_status)
+            return failure(failed)
         finally:
             service.depth -= 1
             service.queue_gauge.set(service.depth)
+        data = await asyncio.to_thread(lambda: [{"b64_json": parsed.encode(image)} for image in images])
         seconds = time.monotonic() - started
         service.latencies.append(seconds)
         service.latency.observe(seconds)
@@ -258,9 +199,27 @@ def make_app(engine, queue_size: int = 16, request_timeout_s: float = 300.0):
         )  # fmt: skip
         return {
             "created": int(time.time()),
-            "data": [{"b64_json": _png_base64(image)} for image in images],
-            "distripy": {"seconds": round(seconds, 3), "seed": seed},
+            "data": data,
+            **parsed.response_fields(),
+            "distripy": {"seconds": round(seconds, 3), "seed": seed, "steps": call["num_inference_steps"]},
         }
+
+    def failure(failed: BaseException):
+        """The answer to a generation that raised ``failed`` (``error_status``); failed ranks are
+        restarted in the background."""
+        status, kind, field = error_status(failed)
+        headers = None
+        message = str(failed) if status == 400 else str(failed).splitlines()[0]
+        if kind == "deadline":
+            message = "the request's deadline passed while it was queued"
+            headers = {"Retry-After": str(service.retry_after())}
+        elif status == 503 and not engine.healthy:
+            service.recover()
+            if getattr(engine, "restartable", True):
+                headers = {"Retry-After": str(service.restart_after())}
+        elif status == 500:
+            log.error("a generation failed: %r", failed)
+        return error(status, kind, message, field, headers)
 
     @app.get("/health")
     async def health():

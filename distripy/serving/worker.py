@@ -1,263 +1,210 @@
 """One rank of an ``Engine``: ``python -m distripy.serving.worker``, started by torch's elastic
 launcher (``torch.distributed.run``) with the engine's address and key in its environment.
 
-Rank 0 connects to the engine and receives the setup (the model: a folder or a factory; the
-``DistriConfig``; the dtype), which it broadcasts to the other ranks; every rank loads the
-pipeline on its device and ``parallelize``s it once, then reports ready (with every rank's process
-id, so that the engine can stop them). Then, until told to close: rank 0 receives a request and
-broadcasts it, every rank runs it (``RequestRunner``), rank 0 sends back the images, or the error.
-A request that raised alike on every rank (a bad argument the pipeline refused) is answered with
-the error and serving goes on; a failure of some ranks only (a lost peer, a timeout) ends the
-process, and the engine restarts the ranks. A *batch* (the engine's ``throughput`` and
-``adaptive`` policies) is up to N requests: rank r runs the r-th by itself (``distripy.alone``),
+Rank 0 connects to the engine and receives the ``Setup`` (the checked ``PipelineSpec``), which it
+passes on to the other ranks; every rank loads the pipeline on its device and parallelises it
+once (``application.RequestRunner.start``), then rank 0 reports ``Ready`` (every rank's process
+id, so that the engine can stop them, and the model's ``BandGeometry``). Then, until told to
+``Close``: rank 0 receives a request and passes it on, every rank runs it (the application's
+``RequestRunner``: ControlNets, img2img / inpainting, the refiner, LoRAs, as the command does),
+rank 0 sends back the ``Images``, or the ``Failure`` with the exception itself
+(``serving.messages``). A request that raised alike on every rank (a bad argument the pipeline
+refused) is answered with the error and serving goes on; a failure of some ranks only, or of a
+transfer (a lost peer, a timeout: a ``CommError``), is answered too, marked ``ranks_failed``, and
+ends the process; the engine restarts the ranks. A ``Batch`` (the engine's ``throughput`` and
+``adaptive`` policies) is up to N requests: rank r runs the r-th by itself (``runner.alone()``),
 and rank 0 sends back every rank's images or error, each request's own.
+
+The ranks pass messages over the world ``Comm`` (``all_gather_object``: every wait bounded by
+its timeout, a failure recorded in its health): the engine's ``start_timeout_s`` while they start,
+``DistriConfig.timeout_s`` from then on. While the engine sends nothing, rank 0 passes ``Idle``
+to the others a few times per timeout, so that their wait for the next message is bounded too
+and a rank that is gone is noticed.
 """
 
-import hashlib
 import os
-import queue
 import sys
 from multiprocessing.connection import Client
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, List, Optional
 
-from distripy.errors import EngineError
+from distripy.application import RequestRunner
+from distripy.config import DistriConfig
+from distripy.errors import CommError, EngineError
+from distripy.serving.messages import (
+    ADDRESS_VARIABLE,
+    AUTHKEY_VARIABLE,
+    START_TIMEOUT_VARIABLE,
+    Batch,
+    BatchReplies,
+    Close,
+    Failure,
+    Generate,
+    Idle,
+    Images,
+    Progress,
+    RaisedError,
+    Ready,
+    Setup,
+)
 
-ADDRESS_VARIABLE = "DISTRIPY_ENGINE_ADDRESS"
-AUTHKEY_VARIABLE = "DISTRIPY_ENGINE_AUTHKEY"
+__all__ = ["ADDRESS_VARIABLE", "AUTHKEY_VARIABLE", "RankChannel", "main", "serve"]
 
-
-def _broadcast(value: Any) -> Any:
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather(value: Any) -> List[Any]:
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [value]
-    values: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
-
-
-def load_pipeline(setup: Dict[str, Any]):
-    """The pipeline the setup names, on this rank's device, in its dtype."""
-    import diffusers
-    import torch
-
-    dtype = getattr(torch, setup["dtype"]) if setup.get("dtype") else None
-    device = (
-        torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else None
-    )
-    model = setup["model"]
-    if callable(model):
-        pipe = model()
-        if dtype is not None:
-            pipe = pipe.to(dtype=dtype)
-    else:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True)
-    if device is not None:
-        pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+DEFAULT_START_TIMEOUT_S = 300.0
+"""How long the ranks wait for each other while they start when the engine does not say (the
+ranks of a torchrun group): ``Engine``'s default ``start_timeout_s``."""
+HEARTBEATS_PER_TIMEOUT = 4
 
 
-def geometry(pipe) -> Dict[str, Any]:
-    """What a size check needs: pixels per latent row, the UNet's downsamplings, the default size."""
-    from distripy.pipelines.unet import count_downsamplings
+class RankChannel:
+    """The engine's messages on every rank: rank 0 receives them from the engine (``connection``)
+    and passes them on over the world ``Comm``; rank 0 alone sends the replies. On one rank there is
+    no comm and nothing to pass on."""
 
-    vae_scale = int(getattr(pipe, "vae_scale_factor", 8))
-    sample_size = pipe.unet.config.sample_size
-    sample_size = sample_size if isinstance(sample_size, int) else sample_size[0]
-    return {
-        "vae_scale": vae_scale,
-        "levels": count_downsamplings(pipe.unet),
-        "default_size": sample_size * vae_scale,
-    }
+    def __init__(self, connection, rank: int, timeout_s: float) -> None:
+        self.connection = connection
+        self.rank = rank
+        self.timeout_s = timeout_s
+        self.comm = self.world_comm(timeout_s)
 
+    @staticmethod
+    def world_comm(timeout_s: float):
+        """A comm of every rank (torch.distributed's world) whose waits last at most ``timeout_s``;
+        None on one rank. Host-side objects only, so torch.distributed's, whatever the pipeline's
+        transfers use."""
+        import torch.distributed as dist
 
-class RequestRunner:
-    """What changes between requests without a restart: the scheduler, the mode, the LoRA adapters
-    (each path loaded once, as adapter ``lora<n>``; the request's set active with its scales)."""
+        from distripy.runtime.factory import make_world_comm
 
-    def __init__(self, pipe, config) -> None:
-        self.pipe = pipe
-        self.scheduler_config = pipe.scheduler.config
-        self.scheduler_class = type(pipe.scheduler)
-        self.scheduler = "default"
-        self.default_mode = (config.mode, config.warmup_steps)
-        self.mode = self.default_mode
-        self.adapters: Dict[str, str] = {}  # LoRA path -> adapter name
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return None
+        return make_world_comm(DistriConfig(comm_backend="torch", timeout_s=timeout_s))
 
-    def _set_scheduler(self, name: str) -> None:
-        import diffusers
+    def retime(self, timeout_s: float) -> None:
+        """From now on, wait at most ``timeout_s`` for the other ranks."""
+        self.timeout_s = timeout_s
+        self.comm = self.world_comm(timeout_s)
 
-        from distripy.pipelines.schedulers import scheduler_class_name
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value``, on every rank."""
+        if self.comm is None:
+            return value
+        return self.comm.all_gather_object(value if self.rank == 0 else None)[0]
 
-        if name == self.scheduler:
-            return
-        class_name = scheduler_class_name(name)
-        cls = self.scheduler_class if class_name is None else getattr(diffusers, class_name)
-        self.pipe.scheduler = cls.from_config(self.scheduler_config)
-        self.scheduler = name
+    def gather(self, value: Any, timeout_s: Optional[float] = None) -> List[Any]:
+        """Every rank's ``value``, in rank order (waiting at most ``timeout_s``, by default the
+        channel's)."""
+        if self.comm is None:
+            return [value]
+        comm = self.comm if timeout_s is None or timeout_s <= self.timeout_s else self.world_comm(timeout_s)
+        return comm.all_gather_object(value)
 
-    def _set_mode(self, mode: Optional[str], warmup_steps: Optional[int]) -> None:
-        """The request's mode and warm-up; the engine's configuration's where it names none."""
-        import distripy
-
-        wanted = (
-            mode or self.default_mode[0],
-            self.default_mode[1] if warmup_steps is None else warmup_steps,
-        )
-        if wanted != self.mode:
-            distripy.reconfigure(self.pipe, mode=wanted[0], warmup_steps=wanted[1])
-            self.mode = wanted
-
-    def load_loras(self, paths: List[str]) -> None:
-        """Load the LoRAs not loaded yet. Before a batch every rank loads every request's, so that
-        the ranks keep the same adapters whatever each ran alone."""
-        from pathlib import Path
-
-        for path in paths:
-            if path not in self.adapters:
-                # named by its path, not by the order of loading: ranks that ran different
-                # requests alone must still name the same adapter alike (the ranks compare them)
-                name = "lora_" + hashlib.sha256(path.encode()).hexdigest()[:12]
-                file = Path(path)
-                self.pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
-                self.adapters[path] = name
-
-    def _set_loras(self, loras: List[Tuple[str, float]]) -> None:
-        self.load_loras([path for path, _ in loras])
-        if loras:
-            self.pipe.enable_lora()
-            self.pipe.set_adapters([self.adapters[path] for path, _ in loras], [scale for _, scale in loras])
-        elif self.adapters:
-            self.pipe.disable_lora()
-
-    def run(self, request: Dict[str, Any], progress: Optional[Callable[[int, int], None]]) -> list:
-        import torch
-
-        self._set_scheduler(request.get("scheduler") or "default")
-        self._set_mode(request.get("mode"), request.get("warmup_steps"))
-        self._set_loras(request.get("loras") or [])
-        arguments = dict(request["arguments"])
-        seed = request.get("seed")
-        if seed is not None:
-            arguments["generator"] = torch.Generator().manual_seed(int(seed))
-        # Every rank passes a callback of the same kind (the ranks compare their calls); rank 0's
-        # reports each step.
-        arguments["callback_on_step_end"] = StepProgress(progress, arguments.get("num_inference_steps"))
-        return list(self.pipe(**arguments, output_type="pil").images)
-
-
-class StepProgress:
-    """A pipeline's ``callback_on_step_end`` that reports ``(step, total)`` (or nothing)."""
-
-    def __init__(self, report: Optional[Callable[[int, Optional[int]], None]], total: Optional[int]) -> None:
-        self.report = report
-        self.total = total
-
-    def __call__(self, pipe, step, timestep, callback_kwargs):
-        if self.report is not None:
-            self.report(step + 1, self.total)
-        return callback_kwargs
-
-
-def serve(connection, rank: int) -> None:
-    import distripy
-
-    setup = _broadcast(connection.recv() if rank == 0 else None)
-    pipe = distripy.parallelize(load_pipeline(setup), setup["config"])
-    runner = RequestRunner(pipe, setup["config"])
-    pids = _gather(os.getpid())
-    if rank == 0:
-        connection.send(("ready", pids, geometry(pipe)))
-    while True:
-        request = _broadcast(connection.recv() if rank == 0 else None)
-        if request.get("kind") == "close":
-            return
-        if request.get("kind") == "batch":
-            _run_alone(pipe, runner, request["requests"], rank, connection)
-            continue
-        progress = _progress_reporter(connection, rank)
-        try:
-            reply, failure = ("result", runner.run(request, progress)), None
-        except Exception as error:  # noqa: BLE001 - reported to the caller, then judged below
-            reply, failure = ("error", type(error).__name__, str(error)), (type(error).__name__, str(error))
-        failures = _gather(failure)
-        if rank == 0:
-            connection.send(reply)
-        if failure is not None and any(other != failure for other in failures):
-            # some ranks failed, or failed otherwise: they are out of step; the engine restarts them
-            raise EngineError(f"engine rank {rank}: the ranks failed differently: {failures}")
-
-
-def _progress_reporter(connection, rank: int) -> Optional[Callable[[int, Optional[int]], None]]:
-    """Rank 0's report of each finished step to the engine; the other ranks report nothing."""
-    if rank != 0:
-        return None
-    return lambda step, total: connection.send(("progress", step, total))
-
-
-def _run_alone(pipe, runner: "RequestRunner", requests: List[Dict[str, Any]], rank: int, connection) -> None:
-    """Rank r runs ``requests[r]`` (if there is one) by itself; rank 0 sends every reply, in order."""
-    import distripy
-
-    reply = None
-    runner.load_loras([path for request in requests for path, _ in request.get("loras") or []])
-    if rank < len(requests):
-        try:
-            with distripy.alone(pipe):
-                reply = ("result", runner.run(requests[rank], _progress_reporter(connection, rank)))
-        except Exception as error:  # noqa: BLE001 - this request's own failure, reported
-            reply = ("error", type(error).__name__, str(error))
-    replies = _gather(reply)
-    if rank == 0:
-        connection.send(("results", replies[: len(requests)]))
-
-
-class LocalLink:
-    """One end of an in-process connection (``send``, ``recv``, ``poll``, ``close``, as
-    ``multiprocessing.connection``'s): between an engine and rank 0's loop when rank 0 is this
-    very process (``Engine.of_torchrun_group``)."""
-
-    def __init__(self, inbox: "queue.Queue", outbox: "queue.Queue") -> None:
-        self._inbox, self._outbox = inbox, outbox
-        self._held: List[Any] = []
-        self.closed = False
-
-    @classmethod
-    def pair(cls) -> Tuple["LocalLink", "LocalLink"]:
-        one, two = queue.Queue(), queue.Queue()
-        return cls(one, two), cls(two, one)
+    def next_message(self) -> Any:
+        """The engine's next message, on every rank. While none comes, rank 0 passes ``Idle`` on
+        a few times per timeout: no rank waits longer than the timeout for the others."""
+        heartbeat_s = self.timeout_s / HEARTBEATS_PER_TIMEOUT
+        while True:
+            message = None
+            if self.rank == 0:
+                message = self.connection.recv() if self.connection.poll(heartbeat_s) else Idle()
+            message = self.broadcast(message)
+            if not isinstance(message, Idle):
+                return message
 
     def send(self, message: Any) -> None:
-        if self.closed:
-            raise EngineError("the link to rank 0 is closed")
-        self._outbox.put(message)
+        """To the engine (rank 0; the other ranks send nothing)."""
+        if self.rank == 0:
+            self.connection.send(message)
 
-    def poll(self, timeout: float = 0.0) -> bool:
-        if not self._held:
-            try:
-                self._held.append(self._inbox.get(timeout=max(0.0, timeout)))
-            except queue.Empty:
-                return False
-        return True
+    def progress(self) -> Optional[Callable[[int, Optional[int]], None]]:
+        """Rank 0's report of each finished step to the engine; the other ranks report nothing."""
+        if self.rank != 0:
+            return None
+        return lambda step, total: self.connection.send(Progress(step, total))
 
-    def recv(self) -> Any:
-        if self._held:
-            return self._held.pop()
-        return self._inbox.get()
 
-    def close(self) -> None:
-        self.closed = True
+def serve(connection, rank: int, start_timeout_s: Optional[float] = None) -> None:
+    """Rank ``rank``'s loop (module docstring) until the engine says ``Close``. ``connection``:
+    rank 0's link to the engine (None on the other ranks). ``start_timeout_s``: how long the ranks
+    wait for each other while they start (default: what the engine set in the environment, else
+    ``DEFAULT_START_TIMEOUT_S``)."""
+
+    if start_timeout_s is None:
+        start_timeout_s = float(os.environ.get(START_TIMEOUT_VARIABLE, DEFAULT_START_TIMEOUT_S))
+    channel = RankChannel(connection, rank, start_timeout_s)
+    setup = channel.next_message()
+    if not isinstance(setup, Setup):
+        raise EngineError(f"engine rank {rank}: expected the setup, got {setup!r}")
+    try:
+        runner = RequestRunner.start(setup.spec)
+        geometry = runner.geometry
+    except Exception as error:  # noqa: BLE001 - the engine learns why, then this rank ends
+        channel.send(Failure.of(error, ranks_failed=True))
+        raise
+    pids = channel.gather(os.getpid())
+    channel.send(Ready(tuple(pids), geometry))
+    channel.retime(setup.config.timeout_s)
+    while True:
+        message = channel.next_message()
+        if isinstance(message, Close):
+            return
+        if isinstance(message, Batch):
+            _run_alone(runner, message, channel)
+        elif isinstance(message, Generate):
+            _run_together(runner, message, channel)
+        else:
+            raise EngineError(f"engine rank {rank}: unexpected message {message!r}")
+
+
+def _run_together(runner: RequestRunner, request: Generate, channel: RankChannel) -> None:
+    """Every rank runs ``request``, patch-parallel; rank 0 answers. When the ranks did not fail
+    alike (some failed, or failed otherwise), or a transfer failed, they are out of step: the
+    answer says so and this rank ends (raises)."""
+    images, error = None, None
+    try:
+        images = runner.run(request.as_request(), channel.progress())
+    except Exception as raised:  # noqa: BLE001 - reported to the caller, then judged below
+        error = raised
+    mine = None if error is None else RaisedError.of(error)
+    try:
+        everyone = channel.gather(mine)
+        alike = all(_same_failure(other, mine) for other in everyone)
+    except CommError as lost:  # a rank is gone: nothing more can be done together
+        everyone, alike = None, False
+        error = error if error is not None or images is not None else lost
+        mine = None if error is None else RaisedError.of(error)
+    ranks_failed = not alike or isinstance(error, CommError)
+    channel.send(Images(images, ranks_failed) if mine is None else Failure(mine, ranks_failed))
+    if ranks_failed:
+        raise EngineError(
+            f"engine rank {channel.rank}: the ranks are out of step (their failures: {everyone})"
+        ) from error
+
+
+def _same_failure(one: Optional[RaisedError], other: Optional[RaisedError]) -> bool:
+    if one is None or other is None:
+        return one is other
+    return one.same_as(other)
+
+
+def _run_alone(runner: RequestRunner, batch: Batch, channel: RankChannel) -> None:
+    """Rank r runs ``batch.requests[r]`` (if there is one) by itself; rank 0 sends every reply, in
+    order. A rank that finishes first waits for the others up to the batch's deadline."""
+    requests = batch.requests
+    reply = None
+    runner.prepare([request.as_request() for request in requests])  # the same on every rank
+    if channel.rank < len(requests):
+        try:
+            with runner.alone():
+                images = runner.run(requests[channel.rank].as_request(), channel.progress())
+            reply = Images(images)
+        except Exception as error:  # noqa: BLE001 - this request's own failure, reported
+            reply = Failure.of(error)
+    try:
+        replies = channel.gather(reply, timeout_s=max(batch.timeout_s, channel.timeout_s))
+    except CommError as lost:
+        channel.send(Failure.of(lost, ranks_failed=True))
+        raise
+    channel.send(BatchReplies(tuple(replies[: len(requests)])))
 
 
 def main() -> int:
