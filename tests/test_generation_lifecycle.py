@@ -61,6 +61,12 @@ def _one_round_body(rank, world_size):
         before = counter.rounds
         images.append(_images(pipe, seed))
         rounds.append(counter.rounds - before)
+    before = counter.rounds
+    with distripy.alone(pipe):  # each rank its own request: no round at all, one device's image
+        alone = _images(pipe, 20 + rank)
+    rounds.append(counter.rounds - before)
+    np.testing.assert_allclose(alone, _images(_tiny_pipeline(), 20 + rank), atol=1e-5)
+    rounds.append(None if _images(pipe, 5) is None else counter.rounds - before)  # all ranks again
     distripy.reset(pipe)
     return rounds, images
 
@@ -68,7 +74,7 @@ def _one_round_body(rank, world_size):
 def test_a_pipeline_call_is_one_agreement_round(run_ranks):
     results = run_ranks(_one_round_body, 2, timeout=300)
     for rounds, _ in results:
-        assert rounds == [1, 1, 1]
+        assert rounds == [1, 1, 1, 0, 1]
     # every rank got the same images, rank 0's seed included
     for first, second in zip(results[0][1], results[1][1]):
         np.testing.assert_array_equal(first, second)

@@ -84,14 +84,13 @@ _ATTRIBUTE = "_distripy_pipeline"
 
 @dataclasses.dataclass
 class PipelineRecord:
-    """What ``parallelize`` did to a pipeline: its class before, the comm of its ranks, whether it
-    runs alone, and the LoRA layers found in its models (by component: the adapters PEFT had
+    """What ``parallelize`` did to a pipeline: its class before, the comm of its ranks, and the LoRA
+    layers found in its models (by component: the adapters PEFT had
     recorded on it then, and its layers), walked again only when those adapters change."""
 
     original_class: type
     comm: Any
     progress_bar_config: Optional[dict] = None  # before parallelize changed it (rank > 0)
-    alone: bool = False
     adapters: Dict[str, tuple] = dataclasses.field(default_factory=dict)
 
 
@@ -158,7 +157,7 @@ def _parallel_call(pipe, original, args, kwargs):
     taken = [take_in(model) for model in models]  # what was loaded since: (state, problem) each
     problem = next((problem for _, problem in taken if problem is not None), None)
     machine = machine_for(pipe.unet)
-    alone = record.alone
+    alone = forwards[0].alone  # ``distripy.alone`` is a setting of the models' generations only
     if alone:  # the call is this rank's own: nothing to agree on
         if problem is not None:
             raise problem[0](problem[1])
@@ -201,9 +200,6 @@ def set_alone(model, alone: bool) -> bool:
     which is alone anyway)."""
     if isinstance(model, torch.nn.Module) or getattr(model, "unet", None) is None:
         return set_alone_model(model, alone)
-    record = pipeline_record(model)
-    if record is not None:
-        record.alone = alone
     found = [set_alone_model(part, alone) for part in denoisers(model) + [getattr(model, "vae", None)]]
     return any(found)
 
