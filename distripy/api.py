@@ -50,7 +50,8 @@ def parallelize(model, config: Optional[DistriConfig] = None, *, comm=None):
     SD and SDXL text-to-image, img2img, inpainting, ControlNet, and what ``AutoPipelineFor*``
     make of them), whose calls then give every rank the same images (see ``distripy.pipelines``).
     LoRA adapters (PEFT) and IP-Adapters may be loaded, switched, fused and unloaded before or after
-    this: each generation starts by swapping in what was loaded since.
+    this: each declared generation (a pipeline call, ``reset``, ``generation``) starts by swapping in
+    what was loaded since. ``unparallelize`` undoes it all.
 
     ``comm``: for a UNet, a ``Comm`` of all ranks to use instead of torch.distributed's, e.g.
     ``LoopbackComm(rank, world_size)`` to run one rank's share of an N-way split in this process
