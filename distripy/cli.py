@@ -14,12 +14,13 @@ line and status 2. Rank 0 writes the image whole or not at all.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from distripy.application import DTYPES, REFINER_START, TIMESTEP_SPACINGS, CheckError, GenerateJob
 from distripy.application import GenerationRequest, PipelineSpec
@@ -30,6 +31,7 @@ from distripy.demo import check_demo
 from distripy.errors import DistripyError
 from distripy.geometry import bands_per_image
 from distripy.pipelines.schedulers import SCHEDULERS
+from distripy.serving.pipeline_fields import ServedPipeline
 from distripy.serving.scheduling import POLICIES
 
 __all__ = ["CommandError", "check_demo", "check_generate", "check_serve", "main"]
@@ -58,8 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="generate an image with a local diffusers pipeline")
+    _add_model_arguments(generate, serving=False)
     add = generate.add_argument
-    add("--model", required=True, type=Path, help="a local diffusers pipeline folder")
     add("--prompt", required=True)
     add("--negative-prompt", default=None)
     add("--height", type=int, default=None, help="pixels (default: the model's)")
@@ -67,30 +69,20 @@ def _parser() -> argparse.ArgumentParser:
     add("--steps", type=int, default=50)
     add("--guidance", type=float, default=5.0)
     add("--seed", type=int, default=0)
-    add("--scheduler", default="default", help=f"one of {', '.join(SCHEDULERS)}")
-    add("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=None,
-        help="the scheduler's timesteps (default: its own); trailing: what few-step models such as "
-        "SDXL-Lightning sample with (--steps 4 --scheduler euler --timestep-spacing trailing)")
     _add_parallel_arguments(generate)
-    # ControlNet, img2img, inpainting, LoRA and the SDXL refiner
-    add("--controlnet", type=Path, action="append", default=[], metavar="PATH",
-        help="a ControlNetModel folder; repeat for several, with one --control-image each")
+    # ControlNet, img2img, inpainting and the SDXL refiner
     add("--control-image", type=Path, action="append", default=[], metavar="FILE", help="a ControlNet's condition")
     add("--init-image", type=Path, default=None, metavar="FILE", help="img2img / inpainting start")
     add("--mask-image", type=Path, default=None, metavar="FILE", help="inpaint where white (needs --init-image)")
     add("--strength", type=float, default=None, help="how much of --init-image to repaint, in (0, 1]")
-    add("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-        help="a LoRA (.safetensors or its folder), scale 1 unless given; repeat for several")
-    add("--refiner", type=Path, default=None, metavar="PATH", help="an SDXL refiner pipeline folder")
     add("--refiner-start", type=float, default=REFINER_START,
         help=f"the fraction of the steps after which the refiner takes over (default {REFINER_START})")
-    add("--dtype", choices=DTYPES, default=None, help="default: float16 on GPUs, else float32")
     add("--output", type=Path, default=Path("distripy.png"))
     add("--checked", default=None, help=argparse.SUPPRESS)  # the launch's checked job, for its ranks
 
     serve = commands.add_parser("serve", help="serve a local diffusers pipeline over HTTP on N ranks")
+    _add_model_arguments(serve, serving=True)
     add = serve.add_argument
-    add("--model", required=True, type=Path, help="a local diffusers pipeline folder")
     add("--nproc", type=int, default=None,
         help="ranks to start (one GPU each when present; default 1). Under torchrun, leave it out: "
         "torchrun's processes are the ranks (on several nodes too) and rank 0 serves HTTP")
@@ -103,7 +95,6 @@ def _parser() -> argparse.ArgumentParser:
         help="latency: each request on every rank; throughput: one request per rank at once; "
         "adaptive: the first while the queue is short, the second when it is deep")
     add("--no-split-batch", action="store_true", help="keep CFG's two halves on every rank")
-    add("--dtype", choices=DTYPES, default=None, help="default: float16 on GPUs, else float32")
     _add_timeout_argument(serve)
 
     demo = commands.add_parser(
@@ -134,6 +125,25 @@ def _parser() -> argparse.ArgumentParser:
     add("--top", type=int, default=15, help="table rows (default 15; all with --json)")
     add("--json", action="store_true", help="print the plan as JSON")
     return parser
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, serving: bool) -> None:
+    """The pipeline and what is loaded beside it, alike for ``generate`` and ``serve``."""
+    add = parser.add_argument
+    default = "the default of requests that name none: " if serving else ""
+    add("--model", required=True, type=Path, help="a local diffusers pipeline folder")
+    add("--scheduler", default="default", help=f"{default}one of {', '.join(SCHEDULERS)}")
+    add("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=None,
+        help=f"{default}the scheduler's timesteps (default: its own); trailing: what few-step models such as "
+        "SDXL-Lightning sample with (--steps 4 --scheduler euler --timestep-spacing trailing)")
+    add("--controlnet", type=Path, action="append", default=[], metavar="PATH",
+        help="a ControlNetModel folder; repeat for several, with one "
+        + ("control image each in a request (control_images)" if serving else "--control-image each"))
+    add("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+        help="a LoRA (.safetensors or its folder), scale 1 unless given; repeat for several"
+        + ("; loaded at start, active for requests that name no loras, which may name these only" * serving))
+    add("--refiner", type=Path, default=None, metavar="PATH", help="an SDXL refiner pipeline folder")
+    add("--dtype", choices=DTYPES, default=None, help="default: float16 on GPUs, else float32")
 
 
 def _add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
@@ -263,9 +273,10 @@ def run_generate(job: GenerateJob) -> int:
 # -- serve -----------------------------------------------------------------------------------------
 
 
-def check_serve(args) -> PipelineSpec:
-    """Every check ``serve`` can make before starting the ranks; the checked spec to serve."""
-    from distripy.application import check_spec, check_world
+def check_serve(args) -> Tuple[PipelineSpec, ServedPipeline]:
+    """Every check ``serve`` can make before starting the ranks (the pipeline's as ``generate``
+    makes them, with its messages); the checked spec to serve, and what its requests may ask."""
+    from distripy.application import check_request, check_spec, check_world
 
     _check_timeout(args)
     if _under_torchrun():
@@ -277,8 +288,15 @@ def check_serve(args) -> PipelineSpec:
         args.nproc = 1 if args.nproc is None else args.nproc
         check_world(args.nproc, "--nproc")
     config = DistriConfig(mode=args.mode, split_batch=not args.no_split_batch, timeout_s=args.timeout)
-    dtype = args.dtype or ("float16" if gpu_count() else None)
-    spec, _ = check_spec(PipelineSpec(str(args.model), dtype=dtype, config=config), FLAGS)
+    loras = [(str(path), scale) for path, scale in map(parse_lora, args.lora)]
+    spec = PipelineSpec(
+        str(args.model), dtype=args.dtype or ("float16" if gpu_count() else "float32"), config=config,
+        controlnets=[str(path) for path in args.controlnet], refiner=args.refiner, loras=[p for p, _ in loras]
+    )  # fmt: skip
+    spec, _ = check_spec(spec, FLAGS)
+    defaults = GenerationRequest(scheduler=args.scheduler, timestep_spacing=args.timestep_spacing)
+    check_request(defaults, spec, FLAGS)
+    served = ServedPipeline.of(spec, loras, args.scheduler, args.timestep_spacing)
     if not 0 <= args.port <= 65535:
         raise CommandError(f"--port {args.port}: not a port number")
     if args.queue_size < 1:
@@ -287,24 +305,18 @@ def check_serve(args) -> PipelineSpec:
         raise CommandError(
             f"--request-timeout {args.request_timeout:g}: must be a positive number of seconds"
         )
-    try:
-        import fastapi  # noqa: F401
-        import prometheus_client  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as missing:
-        raise CommandError(f"serve needs {missing.name}: pip install 'distripy[serve]'") from None
-    return spec
+    for name in ("fastapi", "prometheus_client", "uvicorn"):
+        if importlib.util.find_spec(name) is None:
+            raise CommandError(f"serve needs {name}: pip install 'distripy[serve]'")
+    return spec, served
 
 
-def run_serve(args, spec: PipelineSpec) -> int:
+def run_serve(args, spec: PipelineSpec, served: ServedPipeline) -> int:
     """Start the engine's ranks, then serve until SIGTERM or Ctrl-C (which close them)."""
     import logging
-    import signal
-
-    import uvicorn
 
     import distripy
-    from distripy.serving.http import make_app
+    from distripy.serving.http import serve_forever
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = {"timeout_s": args.request_timeout, "policy": args.policy}
@@ -325,16 +337,8 @@ def run_serve(args, spec: PipelineSpec) -> int:
         f"distripy: {ranks} rank{'s' * (ranks > 1)} ready; serving on http://{args.host}:{args.port}",
         flush=True,
     )
-    app = make_app(engine, queue_size=args.queue_size, request_timeout_s=args.request_timeout)
-    # uvicorn shuts down gracefully on SIGTERM / Ctrl-C (the app's shutdown closes the engine, after
-    # the request in progress), then raises the signal again under the handler found before it
-    # started: these make that a normal end (exit status 0) instead of death by the signal.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda number, frame: None)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    finally:
-        engine.close()
+    settings = dict(queue_size=args.queue_size, request_timeout_s=args.request_timeout, served=served)
+    serve_forever(engine, args.host, args.port, **settings)  # until SIGTERM or Ctrl-C: exit status 0
     if not engine.restartable and engine.failures:
         # the torchrun group's ranks failed: a non-zero exit lets torchrun restart the group
         print("distripy: the ranks failed; the service has stopped", file=sys.stderr, flush=True)
@@ -404,7 +408,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     if args.command == "serve":
         try:
-            return run_serve(args, check_serve(args))
+            return run_serve(args, *check_serve(args))
         except DistripyError as error:  # a bad argument, or the engine could not start
             print(_error_line(error), file=sys.stderr)
             return 2

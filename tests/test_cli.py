@@ -403,3 +403,93 @@ def test_the_layout_line_names_each_bands_rows(capsys):
     assert "3 ranks, no CFG split: 3 bands per image (11/11/10 rows of the UNet's deepest level)" in (
         capsys.readouterr().out
     )
+
+
+# -- serve: what it loads, checked as generate checks it -------------------------------------------
+
+
+def _bad_serve_flags(addons, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "weightless").mkdir()
+    (tmp_path / "weightless" / "config.json").write_text("{}")
+    return {
+        "missing controlnet": ["--controlnet", str(tmp_path / "none")],
+        "controlnet without weights": ["--controlnet", str(tmp_path / "weightless")],
+        "missing lora": ["--lora", str(tmp_path / "none.safetensors") + ":0.5"],
+        "empty lora folder": ["--lora", str(tmp_path / "empty")],
+        "missing refiner": ["--refiner", str(tmp_path / "none")],
+        "unknown scheduler": ["--scheduler", "warp"],
+        "second lora missing": ["--lora", addons["lora"], "--lora", str(tmp_path / "none")],
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing controlnet",
+        "controlnet without weights",
+        "missing lora",
+        "empty lora folder",
+        "missing refiner",
+        "unknown scheduler",
+        "second lora missing",
+    ],
+)
+def test_bad_serve_flags_are_refused_before_launching_with_generates_message(
+    tiny_model, addons, tmp_path, capsys, monkeypatch, case
+):
+    """``distripy serve``'s pipeline flags are checked in the launching process, before any rank
+    starts, by the application layer's checks: the same one line as ``generate`` says."""
+    flags = _bad_serve_flags(addons, tmp_path)[case]
+    monkeypatch.setattr(cli, "run_serve", lambda *args: pytest.fail("serve launched after a bad flag"))
+    output = tmp_path / "out.png"
+    generate = ["generate", "--model", str(tiny_model), "--prompt", "x", "--output", str(output)]
+    assert cli.main(generate + ["--nproc", "2", *flags]) == 2
+    generated = capsys.readouterr().err
+    assert cli.main(["serve", "--model", str(tiny_model), "--nproc", "2", *flags]) == 2
+    served = capsys.readouterr().err
+    assert served == generated and served.count("\n") == 1 and served.startswith("distripy: error: --")
+    assert flags[-1].split(":")[0] in served or flags[-1] in served
+    assert not output.exists()
+
+
+def test_serve_loads_what_its_flags_name(tiny_model, addons, monkeypatch, capsys):
+    """The pipeline flags reach the engine's spec (checked, the LoRA file resolved) and what the
+    server's requests may ask (``ServedPipeline``): the ControlNet's images, the refiner's start,
+    the LoRAs by the path given (active at its scale unless a request names its own), the default
+    scheduler and spacing."""
+    import distripy.serving.http as http
+
+    started = {}
+
+    class Engine:
+        nproc, restartable, failures = 2, True, 0
+
+        def __init__(self, spec, nproc, **settings):
+            started.update(spec=spec, nproc=nproc, settings=settings)
+
+        def close(self):
+            started["closed"] = True
+
+    def serve_forever(engine, host, port, **settings):
+        started.update(host=host, port=port, served=settings["served"])
+
+    monkeypatch.setattr(distripy, "Engine", Engine)
+    monkeypatch.setattr(http, "serve_forever", serve_forever)
+    status = cli.main([
+        "serve", "--model", str(tiny_model), "--nproc", "2", "--port", "8123",
+        "--controlnet", addons["controlnet"], "--lora", f"{addons['lora']}:0.7", "--refiner", addons["refiner"], "--scheduler", "euler",
+        "--timestep-spacing", "trailing", "--dtype", "float32", "--mode", "exact", "--policy", "throughput",
+    ])  # fmt: skip
+    assert status == 0, capsys.readouterr().err
+    spec, served = started["spec"], started["served"]
+    lora_file = str(Path(addons["lora"], "pytorch_lora_weights.safetensors").resolve())
+    assert spec.checked and spec.folder == tiny_model and spec.dtype == "float32"
+    assert spec.controlnets == (addons["controlnet"],) and spec.refiner == addons["refiner"]
+    assert spec.loras == (lora_file,) and spec.config.mode == "exact" and started["nproc"] == 2
+    assert started["settings"]["policy"] == "throughput" and started["port"] == 8123
+    assert (served.controlnets, served.refiner, served.image_fields) == (1, True, 3)
+    assert served.default_loras == ((lora_file, 0.7),) and served.lora_names == (addons["lora"],)
+    assert served.loras == {addons["lora"]: lora_file, lora_file: lora_file}
+    assert (served.scheduler, served.timestep_spacing) == ("euler", "trailing")
+    assert "2 ranks ready; serving on http://127.0.0.1:8123" in capsys.readouterr().out

@@ -1,8 +1,10 @@
 """``distripy serve`` as a real process (2 gloo ranks, the tiny SDXL pipeline) answering a real
 HTTP client on 127.0.0.1: 16 concurrent requests all get their single-device images; a full
-queue answers 429 with Retry-After; bad fields are 400s that name them; the official ``openai``
+queue answers 429 with Retry-After; bad fields are 400s that name them (a LoRA the server was not
+started with, a ControlNet image it has no ControlNet for, ... included); the official ``openai``
 client's ``images.generate`` gets its images, with the API's fields (``quality``,
-``output_format``, ...) and the diffusers names in ``extra_body``; a rank killed mid-request
+``output_format``, ...) and the diffusers names in ``extra_body``; an img2img request (a base64
+start image and a strength) gets the single-device pipeline's image; a rank killed mid-request
 makes that request a 503 and the ranks restart, after which requests succeed; SIGTERM ends the
 service and every process it started. The tests share one server and run in file order."""
 
@@ -117,11 +119,17 @@ def server(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model):
+def single_device(tiny_model):
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def reference(single_device):
+    pipe = single_device
 
     def image(seed, steps=2):
         generator = torch.Generator().manual_seed(seed)
@@ -199,6 +207,13 @@ BAD = [
     (dict(output_compression=50), "output_compression"),  # png
     (dict(num_inference_steps=3), "num_inference_steps"),  # beside steps=2
     (dict(height=48), "height"),  # beside size 32x64
+    (dict(loras=[{"path": "/etc/passwd", "scale": 1.0}]), "loras"),  # a server loads no file a client names
+    (dict(control_images=["aGVsbG8="]), "control_images"),  # it loaded no ControlNet
+    (dict(refiner_start=0.5), "refiner_start"),  # nor a refiner
+    (dict(init_image="not base64!"), "init_image"),
+    (dict(init_image="aGVsbG8="), "init_image"),  # base64, but not an image
+    (dict(strength=0.5), "strength"),  # without init_image
+    (dict(timestep_spacing="sideways"), "timestep_spacing"),
 ]
 
 
@@ -263,6 +278,34 @@ def test_the_openai_client_gets_its_images(server, reference):
         assert refused.value.status_code == 400 and refused.value.body["param"] == field, change
     with pytest.raises(openai.BadRequestError, match="guidance=7.0"):
         client.images.generate(**common, extra_body={"guidance_scale": 5.0, "guidance": 7.0})
+
+
+def test_an_img2img_request_gets_the_single_device_image(server, single_device):
+    """A start image sent as base64 (its size the request's), a strength: the image the one-device
+    img2img pipeline makes; one of another size is a 400 naming it."""
+    from diffusers import AutoPipelineForImage2Image
+    from PIL import Image
+
+    url, _ = server
+    rng = np.random.default_rng(4)
+    start = Image.fromarray((rng.random((SIZE["height"], SIZE["width"], 3)) * 255).astype(np.uint8))
+    buffer = io.BytesIO()
+    start.save(buffer, format="PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    # no guidance: no CFG split, so the image is cut into 2 bands (the start image's encoding too)
+    body = dict(prompt="a red boat", init_image=encoded, strength=0.6, steps=3, guidance=1.0, seed=21)
+    status, _, answer = _request(url, "/v1/images/generations", body)
+    assert status == 200, answer
+    assert answer["size"] == "32x64"  # the start image's
+    one = AutoPipelineForImage2Image.from_pipe(single_device)
+    expected = one(
+        "a red boat", image=start, strength=0.6, num_inference_steps=3, guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(21),
+    ).images[0]  # fmt: skip
+    assert _same_image(_decoded(answer), np.asarray(expected, dtype=np.float64))
+    status, _, answer = _request(url, "/v1/images/generations", dict(body, size="64x64"))
+    assert status == 400 and answer["error"]["param"] == "init_image", answer
+    assert "32x64 pixels, but the request's size is 64x64" in answer["error"]["message"]
 
 
 def test_a_killed_rank_fails_its_request_with_503_then_requests_succeed(server, reference):

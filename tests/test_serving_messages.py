@@ -2,9 +2,13 @@
 ``BandGeometryError`` stays one, an exception that cannot be pickled arrives as a ``RemoteError``
 naming its class), each error class has its HTTP status (400 naming the field, 503 with
 Retry-After), every field of OpenAI's images-generation request is read as documented
-(``serving.images_api``), and the ranks' channel over the world ``Comm`` keeps its waits bounded
-(heartbeats while idle, a ``CommTimeoutError`` when rank 0 is gone)."""
+(``serving.images_api``), and so is every field of what ``distripy generate`` takes beside it
+(start, mask and ControlNet images, strength, LoRAs among the server's only, the refiner's start,
+scheduler and spacing: ``serving.pipeline_fields``), and the ranks' channel over the world
+``Comm`` keeps its waits bounded (heartbeats while idle, a ``CommTimeoutError`` when rank 0 is
+gone)."""
 
+import base64
 import io
 import multiprocessing
 import time
@@ -12,6 +16,7 @@ import time
 import pytest
 from PIL import Image
 
+from distripy.application import PipelineSpec
 from distripy.errors import (
     BandGeometryError,
     CommError,
@@ -26,7 +31,14 @@ from distripy.errors import (
 from distripy.geometry import BandGeometry, bands_per_image
 from distripy.serving.engine import raised_by_ranks
 from distripy.serving.http import error_status
-from distripy.serving.images_api import QUALITY_STEPS, BadRequest, encode_image, parse_request
+from distripy.serving.images_api import (
+    LIMITS,
+    QUALITY_STEPS,
+    BadRequest,
+    ServedPipeline,
+    encode_image,
+    parse_request,
+)
 from distripy.serving.messages import Failure, Generate, Images, RaisedError, Ready, RemoteError
 
 
@@ -130,6 +142,7 @@ class FakeEngine:
     start_seconds = 2.5
     restarts = 0
     pids = [1, 2]
+    spec = PipelineSpec("tiny-sdxl")
 
     def __init__(self, raises=None):
         self.geometry = BandGeometry(levels=1, vae_scale=8, sample_size=4)
@@ -158,13 +171,13 @@ class FakeEngine:
         pass
 
 
-def _parsed(**body):
-    return parse_request(dict({"prompt": "a red boat"}, **body), FakeEngine())
+def _parsed(served=None, **body):
+    return parse_request(dict({"prompt": "a red boat"}, **body), FakeEngine(), served)
 
 
-def _refused(field, **body):
+def _refused(field, served=None, **body):
     with pytest.raises(BadRequest) as refused:
-        _parsed(**body)
+        _parsed(served, **body)
     assert refused.value.field == field, (body, refused.value)
     assert field in str(refused.value)
     return str(refused.value)
@@ -175,6 +188,8 @@ def test_every_field_of_the_images_api_is_read_as_documented():
     assert plain.call == dict(
         prompt="a red boat", negative_prompt=None, num_images_per_prompt=1, height=32, width=32,
         num_inference_steps=30, guidance_scale=5.0, seed=None, mode=None, warmup_steps=None, scheduler=None,
+        timestep_spacing=None, init_image=None, mask_image=None, strength=None, control_images=(), loras=(),
+        refiner_start=None,
     )  # fmt: skip
     assert plain.output_format == "png" and plain.quality == "medium"
     assert plain.response_fields() == dict(
@@ -259,6 +274,158 @@ def test_the_diffusers_names_beside_distripys():
     _refused("negative_prompt", negative_prompt=3)
     _refused("colour", colour="blue")  # unknown fields are still refused, by name
     _refused("prompt", prompt="")
+
+
+def _b64(size, image_format="PNG", colour=(10, 120, 200)):
+    """A base64 image file of ``size`` (width, height)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format=image_format)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_the_start_and_mask_images_strength_and_size():
+    start = _b64((32, 64))
+    img2img = _parsed(init_image=start, strength=0.6)
+    call = img2img.call
+    assert (call["width"], call["height"], call["strength"]) == (32, 64, 0.6)  # the start image's size
+    assert call["init_image"].mode == "RGB" and call["init_image"].getpixel((0, 0)) == (10, 120, 200)
+    assert img2img.size == "32x64"
+    # a data: URL, JPEG, WebP, base64 wrapped as MIME wraps it; an explicit size that agrees
+    data_url = "data:image/png;base64," + start
+    assert _parsed(init_image=data_url, size="32x64").call["init_image"].size == (32, 64)
+    assert _parsed(init_image=_b64((32, 64), "JPEG"), strength=1).call["strength"] == 1.0
+    assert _parsed(init_image=_b64((32, 64), "WEBP"), width=32).call["height"] == 64
+    wrapped = "\n".join(start[i : i + 76] for i in range(0, len(start), 76))
+    assert _parsed(init_image=wrapped).call["init_image"].size == (32, 64)
+    inpaint = _parsed(init_image=start, mask_image=_b64((32, 64), colour=(255, 255, 255)), strength=0.9)
+    assert inpaint.call["mask_image"].mode == "L" and inpaint.call["mask_image"].getpixel((0, 0)) == 255
+    # each refused naming its field
+    assert "not valid base64" in _refused("init_image", init_image="not base64!")
+    assert "not a PNG, JPEG or WebP image" in _refused(
+        "init_image", init_image=base64.b64encode(b"hello").decode()
+    )
+    assert "a GIF image" in _refused("init_image", init_image=_b64((32, 64), "GIF"))
+    assert "must be base64" in _refused("init_image", init_image="data:image/png," + start)
+    _refused("init_image", init_image=3)
+    assert "48x64 pixels, but the request's size is 32x64" in _refused(
+        "init_image", init_image=_b64((48, 64)), size="32x64"
+    )
+    _refused("init_image", init_image=_b64((32, 60)))  # its size is not whole deepest rows
+    assert "needs init_image too" in _refused("mask_image", mask_image=start)
+    assert "32x32 pixels" in _refused("mask_image", init_image=start, mask_image=_b64((32, 32)))
+    for strength in (0, 1.5, -0.2):
+        assert "must be in (0, 1]" in _refused("strength", init_image=start, strength=strength)
+    _refused("strength", init_image=start, strength="half")
+    assert "only with init_image" in _refused("strength", strength=0.5)
+    huge = "A" * (LIMITS["image_bytes"] + 4)
+    assert "over" in _refused("init_image", init_image=huge)
+
+
+def test_control_images_one_per_controlnet_the_server_loaded():
+    two = ServedPipeline(controlnets=2)
+    control = _b64((32, 64))
+    call = _parsed(two, control_images=[control, _b64((32, 64), "JPEG")], size="32x64").call
+    assert len(call["control_images"]) == 2 and all(image.mode == "RGB" for image in call["control_images"])
+    assert _parsed(two, control_images=[]).call["control_images"] == ()  # none: the plain pipeline
+    message = _refused("control_images", two, control_images=[control])
+    assert "1 image, but the server loaded 2 ControlNets" in message
+    assert "distripy serve --controlnet" in _refused("control_images", control_images=[control])
+    _refused("control_images", two, control_images=control)  # not a list
+    assert "image 1: not valid base64" in _refused("control_images", two, control_images=[control, "??"])
+    assert "image 1 is 32x32 pixels" in _refused(
+        "control_images", two, control_images=[control, _b64((32, 32))], size="32x64"
+    )
+    # ControlNet img2img: the start image sets the size the conditions must have
+    call = _parsed(ServedPipeline(controlnets=1), control_images=[control], init_image=control).call
+    assert call["init_image"].size == call["control_images"][0].size == (32, 64)
+
+
+def test_loras_only_among_those_the_server_was_started_with():
+    spec = PipelineSpec("tiny-sdxl", loras=["/srv/loras/style.safetensors", "/srv/loras/ink/ink.safetensors"])
+    served = ServedPipeline.of(spec, [("loras/style.safetensors", 0.7), ("loras/ink", 1.0)])
+    style, ink = spec.loras
+    # none named: the server's at their scales; [] none; by the name given at start or the file
+    assert _parsed(served).call["loras"] == ((style, 0.7), (ink, 1.0))
+    assert _parsed(served, loras=[]).call["loras"] == ()
+    assert _parsed(served, loras=[{"path": "loras/ink", "scale": -0.5}]).call["loras"] == ((ink, -0.5),)
+    assert _parsed(served, loras=[{"path": style}]).call["loras"] == ((style, 0.7),)  # the start's scale
+    # an Engine's spec alone: its files may be named, none is active unless named
+    assert _parsed(ServedPipeline.of(spec)).call["loras"] == ()
+    assert _parsed(ServedPipeline.of(spec), loras=[{"path": ink}]).call["loras"] == ((ink, 1.0),)
+    # a server loads no file a request names
+    message = _refused("loras", served, loras=[{"path": "/home/someone/other.safetensors", "scale": 1}])
+    assert "'/home/someone/other.safetensors' is not a LoRA this server was started with" in message
+    assert "loras/style.safetensors, loras/ink" in message
+    assert "it serves: none" in _refused("loras", loras=[{"path": "a.safetensors"}])
+    assert "named twice" in _refused("loras", served, loras=[{"path": "loras/ink"}, {"path": ink}])
+    message = _refused("loras", served, loras=[{"path": ink, "scale": "x"}])
+    assert "scale 'x' must be a finite number" in message
+    for bad in ({"path": ink, "weight": 1}, {"scale": 1}, ink, {"path": 3}):
+        _refused("loras", served, loras=[bad])
+    _refused("loras", served, loras={"path": ink})
+
+
+def test_the_refiner_start_scheduler_and_spacing():
+    refined = ServedPipeline(refiner=True)
+    assert _parsed(refined, refiner_start=0.7).call["refiner_start"] == 0.7
+    assert _parsed(refined).call["refiner_start"] is None  # the refiner's default start
+    assert "there is no refiner" in _refused("refiner_start", refiner_start=0.7)
+    for start in (0, 1, 1.2):
+        assert "must be in (0, 1)" in _refused("refiner_start", refined, refiner_start=start)
+    start = _b64((32, 64))
+    assert _parsed(refined, init_image=start).call["init_image"] is not None  # img2img is refined
+    assert "not inpainting" in _refused("mask_image", refined, init_image=start, mask_image=start)
+    # the scheduler and the spacing: the request's, else the server's defaults
+    defaults = ServedPipeline(scheduler="euler", timestep_spacing="trailing")
+    call = _parsed(defaults).call
+    assert (call["scheduler"], call["timestep_spacing"]) == ("euler", "trailing")
+    chosen = _parsed(defaults, scheduler="ddim", timestep_spacing="leading").call
+    assert (chosen["scheduler"], chosen["timestep_spacing"]) == ("ddim", "leading")
+    _refused("scheduler", scheduler="warp")
+    _refused("timestep_spacing", timestep_spacing="sideways")
+
+
+def test_the_pipeline_fields_reach_the_engine_call_over_http(monkeypatch):
+    """The HTTP layer passes the decoded images, the LoRAs and the rest to the engine's call; a
+    body may carry images beyond the 64 KiB the rest of it may take, up to a limit per image."""
+    from fastapi.testclient import TestClient
+
+    from distripy.serving.http import make_app
+
+    monkeypatch.setitem(LIMITS, "image_bytes", 400_000)
+    engine = FakeEngine()
+    engine.spec = PipelineSpec("tiny-sdxl", controlnets=["net"], loras=["/srv/style.safetensors"])
+    served = ServedPipeline.of(engine.spec, [("style.safetensors", 0.8)], scheduler="euler")
+    noise = Image.effect_noise((128, 256), 80).convert("RGB")
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG")
+    start = base64.b64encode(buffer.getvalue()).decode()
+    assert len(start) > LIMITS["body_bytes"]  # a start image larger than the rest of a body may be
+    body = {
+        "prompt": "a red boat", "init_image": start, "mask_image": _b64((128, 256)), "strength": 0.5,
+        "control_images": [_b64((128, 256))], "loras": [{"path": "style.safetensors"}], "seed": 4,
+        "timestep_spacing": "trailing", "quality": "low",
+    }  # fmt: skip
+    with TestClient(make_app(engine, queue_size=4, request_timeout_s=30, served=served)) as client:
+        answer = client.post("/v1/images/generations", json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["size"] == "128x256"
+        (call,) = engine.calls
+        assert call["init_image"].tobytes() == noise.tobytes() and call["mask_image"].mode == "L"
+        assert (call["strength"], call["loras"], call["seed"]) == (0.5, (("/srv/style.safetensors", 0.8),), 4)
+        assert len(call["control_images"]) == 1 and call["refiner_start"] is None
+        assert (call["scheduler"], call["timestep_spacing"]) == ("euler", "trailing")
+        answer = client.post("/v1/images/generations", json=dict(body, loras=[{"path": "/etc/passwd"}]))
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "loras"
+        assert "/etc/passwd" in answer.json()["error"]["message"]
+        # the rest of the body is still limited, and so is the whole body
+        answer = client.post("/v1/images/generations", json=dict(body, negative_prompt="x" * 70_000))
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "body"
+        assert "bytes besides the images" in answer.json()["error"]["message"]
+        answer = client.post("/v1/images/generations", json=dict(body, init_image="A" * 1_400_000))
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "body"
+        assert "over 1265536" in answer.json()["error"]["message"]  # 64 KiB + 3 images' (2 + 1 ControlNet)
+        assert len(engine.calls) == 1
 
 
 def test_output_compression_is_honoured_in_the_encoded_image():

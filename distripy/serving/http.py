@@ -4,7 +4,10 @@
   request; what each does here, and distripy's own fields with their diffusers names:
   ``serving.images_api``). Every field is checked before the request is queued: a bad one is a
   400 that names it (a size that does not split into the ranks' bands included); so is an
-  unknown one. The images come back as ``b64_json`` in the asked ``output_format``.
+  unknown one. The request may also send what ``distripy generate`` takes for the pipeline the
+  server loaded (a start image and its mask, ControlNet images, the LoRAs it was started with,
+  the refiner's start: ``serving.pipeline_fields``). The images come back as ``b64_json`` in the
+  asked ``output_format``.
 * Errors keep their class across the ranks (``serving.messages``) and map to a status by it
   (``error_status``): an input the pipeline refused (``InputError``, ``BandGeometryError``,
   ``ConfigError``, ...) 400, naming the field where known; a failed transfer between the ranks
@@ -34,6 +37,7 @@ import statistics
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Tuple
 
 from distripy.errors import (
@@ -46,9 +50,9 @@ from distripy.errors import (
     InputError,
     InputTypeError,
 )
-from distripy.serving.images_api import LIMITS, BadRequest, parse_request
+from distripy.serving.images_api import LIMITS, BadRequest, ServedPipeline, parse_request
 
-__all__ = ["LIMITS", "error_status", "make_app", "parse_request"]
+__all__ = ["LIMITS", "ServedPipeline", "error_status", "make_app", "parse_request", "serve_forever"]
 
 log = logging.getLogger("distripy.serve")
 
@@ -130,8 +134,12 @@ class _Service:
         self.restarting.start()
 
 
-def make_app(engine, queue_size: int = 16, request_timeout_s: float = 300.0):
-    """The FastAPI application serving ``engine`` (an ``Engine``, closed when the app shuts down)."""
+def make_app(
+    engine, queue_size: int = 16, request_timeout_s: float = 300.0, served: Optional[ServedPipeline] = None
+):
+    """The FastAPI application serving ``engine`` (an ``Engine``, closed when the app shuts down).
+    ``served``: what its pipeline takes and the defaults of a request that names none
+    (``distripy serve``'s flags; default: its spec's, with no LoRA active unless named)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -139,10 +147,20 @@ def make_app(engine, queue_size: int = 16, request_timeout_s: float = 300.0):
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     service = _Service(engine, queue_size, request_timeout_s)
+    served = ServedPipeline.of(engine.spec) if served is None else served
+    largest = LIMITS["body_bytes"] + LIMITS["image_bytes"] * served.image_fields
+
+    # Requests are read (their images decoded) off the event loop, on threads of their own: the
+    # default executor's may all be waiting in the engine's queue.
+    parsing = ThreadPoolExecutor(2, thread_name_prefix="distripy-parse")
+
+    def parse(raw: bytes):
+        return parse_request(json.loads(raw or b"null"), engine, served, len(raw))
 
     @asynccontextmanager
     async def lifespan(app):
         yield
+        parsing.shutdown(wait=False)
         await asyncio.to_thread(engine.close)  # waits for the request in progress
 
     app = FastAPI(title="distripy", lifespan=lifespan)
@@ -158,13 +176,14 @@ def make_app(engine, queue_size: int = 16, request_timeout_s: float = 300.0):
     @app.post("/v1/images/generations")
     async def generate(request: Request):
         started = time.monotonic()
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > largest:  # refused before it is read
+            return error(400, "invalid_request", f"body: {declared} bytes, over {largest}", "body")
         raw = await request.body()
-        if len(raw) > LIMITS["body_bytes"]:
-            return error(
-                400, "invalid_request", f"body: {len(raw)} bytes, over {LIMITS['body_bytes']}", "body"
-            )
+        if len(raw) > largest:
+            return error(400, "invalid_request", f"body: {len(raw)} bytes, over {largest}", "body")
         try:
-            parsed = parse_request(json.loads(raw or b"null"), engine)
+            parsed = await asyncio.get_running_loop().run_in_executor(parsing, parse, raw)
         except ValueError as bad:  # json's JSONDecodeError
             return error(400, "invalid_request", f"body: not JSON ({bad})", "body")
         except BadRequest as bad:
@@ -244,3 +263,18 @@ def make_app(engine, queue_size: int = 16, request_timeout_s: float = 300.0):
         return response
 
     return app
+
+
+def serve_forever(engine, host: str, port: int, **settings) -> None:
+    """Serve ``engine`` (an app of ``make_app``'s ``settings``) on ``host:port`` until SIGTERM or
+    Ctrl-C, then close it. uvicorn shuts down gracefully on either (the app's shutdown closes the
+    engine, after the request in progress), then raises the signal again under the handler found
+    before it started: the handlers set here make that a normal return, not death by the signal."""
+    import uvicorn
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda number, frame: None)
+    try:
+        uvicorn.run(make_app(engine, **settings), host=host, port=port, log_level="warning")
+    finally:
+        engine.close()

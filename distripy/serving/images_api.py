@@ -9,9 +9,9 @@ The API's fields, and what each does here:
 
 * ``prompt``: the prompt (required, non-empty).
 * ``n``: images per prompt, 1 to ``LIMITS["n"]``.
-* ``size``: ``"WIDTHxHEIGHT"`` in pixels, or ``"auto"`` (the model's default square); each side
-  a multiple of the UNet's deepest row in pixels and the height tall enough for the ranks' bands
-  (``BandGeometry``: a 400 says the sizes that fit).
+* ``size``: ``"WIDTHxHEIGHT"`` in pixels, or ``"auto"`` (the model's default square; with an
+  ``init_image``, its size); each side a multiple of the UNet's deepest row in pixels and the
+  height tall enough for the ranks' bands (``BandGeometry``: a 400 says the sizes that fit).
 * ``quality``: a preset of denoising steps, used when the request names no steps: ``low`` 15,
   ``medium`` 30, ``high`` 50, ``xhigh`` 75, ``max`` 100 (``QUALITY_STEPS``); ``auto`` and the
   legacy ``standard`` are ``medium``, the legacy ``hd`` is ``high``. Steps given explicitly win.
@@ -43,7 +43,27 @@ different values is a 400 naming both):
 * ``guidance`` or ``guidance_scale``: classifier-free guidance (default 5.0);
 * ``width`` / ``height``: the size in pixels, beside (and agreeing with) ``size``;
 * ``seed`` (default: drawn by the server, returned in the response's ``distripy.seed``),
-  ``negative_prompt``, ``mode``, ``warmup_steps``, ``scheduler``.
+  ``negative_prompt``, ``mode``, ``warmup_steps``;
+* ``scheduler`` (a name of ``pipelines.schedulers.SCHEDULERS``) and ``timestep_spacing``
+  (``leading``, ``trailing`` or ``linspace``): default ``distripy serve --scheduler`` /
+  ``--timestep-spacing`` (the pipeline's own unless given).
+
+What ``distripy generate`` takes beside the prompt, for the pipeline the server loaded
+(``serving.pipeline_fields``; images are base64 PNG, JPEG or WebP files, or ``data:`` URLs of
+them, each at the request's size, up to ``LIMITS["image_bytes"]`` characters):
+
+* ``init_image``: img2img's start image (the request's size, unless it names one, is this
+  image's); with ``mask_image`` (white repainted): inpainting; ``strength`` in (0, 1]: how much
+  of it is repainted (default: the pipeline's own);
+* ``control_images``: a list of condition images, one per ControlNet the server loaded
+  (``distripy serve --controlnet``), in their order; none: the plain pipeline;
+* ``loras``: ``[{"path": ..., "scale": ...}, ...]``, the LoRAs active for this request, each one
+  the server was started with (``distripy serve --lora``), named as it was given there or by its
+  resolved file; ``scale`` defaults to the one given there (else 1). A path the server was not
+  started with is refused: a server loads no file a client names. A request that names no
+  ``loras`` gets the server's at their scales; ``[]``: none;
+* ``refiner_start`` in (0, 1): where the server's refiner (``distripy serve --refiner``) takes
+  over (default 0.8); refused without a refiner.
 """
 
 import base64
@@ -54,7 +74,13 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from distripy.config import MODE_CHOICES
 from distripy.errors import BandGeometryError
-from distripy.pipelines.schedulers import SCHEDULERS
+from distripy.serving.pipeline_fields import (
+    BadRequest,
+    ServedPipeline,
+    call_arguments,
+    image_chars,
+    read_images,
+)
 
 __all__ = [
     "ALIASES",
@@ -65,13 +91,17 @@ __all__ = [
     "QUALITY_STEPS",
     "BadRequest",
     "ImageRequest",
+    "ServedPipeline",
     "encode_image",
     "parse_request",
 ]
 
-LIMITS = {"n": (1, 8), "steps": (1, 200), "guidance": (0.0, 50.0), "body_bytes": 64 * 1024, "side": 8192}
-"""The largest request the service takes (``n`` images, ``steps``, ``guidance`` range, body size,
-image side in pixels)."""
+LIMITS = {
+    "n": (1, 8), "steps": (1, 200), "guidance": (0.0, 50.0), "body_bytes": 64 * 1024, "side": 8192,
+    "image_bytes": 32 * 1024 * 1024,
+}  # fmt: skip
+"""The largest request the service takes (``n`` images, ``steps``, ``guidance`` range, the body's
+size besides its images, image side in pixels, base64 characters per image sent)."""
 
 QUALITY_STEPS = {"low": 15, "medium": 30, "high": 50, "xhigh": 75, "max": 100}
 """The denoising steps of each ``quality`` (when the request names no steps)."""
@@ -92,20 +122,13 @@ OPENAI_FIELDS = (
 )  # fmt: skip
 DISTRIPY_FIELDS = (
     "steps", "num_inference_steps", "guidance", "guidance_scale", "seed", "negative_prompt",
-    "width", "height", "mode", "warmup_steps", "scheduler",
+    "width", "height", "mode", "warmup_steps", "scheduler", "timestep_spacing", "init_image",
+    "mask_image", "strength", "control_images", "loras", "refiner_start",
 )  # fmt: skip
 FIELDS = frozenset(OPENAI_FIELDS + DISTRIPY_FIELDS)
 """Every field a request may hold; any other is refused."""
 
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
-
-
-class BadRequest(Exception):
-    """A request field the service refuses: a 400 naming ``field``."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,9 +229,10 @@ def _named(body: dict, name: str, alias: str) -> str:
     return alias if _given(body, alias) and not _given(body, name) else name
 
 
-def _size(body: dict, default: int) -> Tuple[Tuple[int, str], Tuple[int, str]]:
+def _size(body: dict, default: int, start=None) -> Tuple[Tuple[int, str], Tuple[int, str]]:
     """``((width, its field), (height, its field))`` from ``size`` and ``width`` / ``height``,
-    which must agree (the default: the model's own square)."""
+    which must agree (the default: ``start``, the start image's (width, height), else the model's
+    own square)."""
     size = body.get("size")
     from_size: Optional[Tuple[int, int]] = None
     if size is not None and size != "auto":
@@ -223,8 +247,10 @@ def _size(body: dict, default: int) -> Tuple[Tuple[int, str], Tuple[int, str]]:
             raise BadRequest(name, f"{name}={value} and size={size!r} disagree: give one of them")
         if value is not None:
             sides.append((value, name))
+        elif from_size is not None:
+            sides.append((from_size[index], "size"))
         else:
-            sides.append((default if from_size is None else from_size[index], "size"))
+            sides.append((default, "size") if start is None else (start[index], "init_image"))
     for value, field in sides:
         if not 0 < value <= LIMITS["side"]:
             raise BadRequest(field, f"{value} pixels: each side must be in [1, {LIMITS['side']}]")
@@ -244,15 +270,23 @@ def _check_sides(engine, width: Tuple[int, str], height: Tuple[int, str], guidan
 # -- the request --------------------------------------------------------------------------------
 
 
-def parse_request(body, engine) -> ImageRequest:
+def parse_request(
+    body, engine, served: Optional[ServedPipeline] = None, body_bytes: Optional[int] = None
+) -> ImageRequest:
     """The engine call a request body asks for, and how to answer it; raises ``BadRequest``
     naming the first bad field. ``engine``: an ``Engine`` (its ``geometry``, ``bands``,
-    ``nproc`` and ``default_size``)."""
+    ``nproc``, ``default_size`` and ``spec``); ``served``: what its pipeline takes and the
+    server's defaults (default: its spec's, none active); ``body_bytes``: the body's size, which
+    besides its images may be at most ``LIMITS["body_bytes"]``."""
     if not isinstance(body, dict):
         raise BadRequest("body", "must be a JSON object")
+    besides = None if body_bytes is None else body_bytes - image_chars(body)
+    if besides is not None and besides > LIMITS["body_bytes"]:
+        raise BadRequest("body", f"{besides} bytes besides the images, over {LIMITS['body_bytes']}")
     unknown = sorted(set(body) - FIELDS)
     if unknown:
         raise BadRequest(unknown[0], "unknown field")
+    served = ServedPipeline.of(engine.spec) if served is None else served
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise BadRequest("prompt", "a non-empty string is required")
@@ -297,13 +331,13 @@ def parse_request(body, engine) -> ImageRequest:
     seed = _number(body, "seed", int, None, (0, 2**63 - 1))
     warmup = _number(body, "warmup_steps", int, None, (0, LIMITS["steps"]))
     mode = _choice(body, "mode", MODE_CHOICES)
-    scheduler = _choice(body, "scheduler", tuple(SCHEDULERS))
-    width, height = _size(body, engine.default_size)
+    images = read_images(body, served, LIMITS["image_bytes"])
+    width, height = _size(body, engine.default_size, images.start_size)
     _check_sides(engine, width, height, guidance)
     identifier = body.get("safety_identifier") or body.get("user") or None
     call = dict(
         prompt=prompt, negative_prompt=negative, num_images_per_prompt=n, height=height[0], width=width[0],
         num_inference_steps=steps, guidance_scale=guidance, seed=seed, mode=mode, warmup_steps=warmup,
-        scheduler=scheduler,
+        **call_arguments(body, served, images, width[0], height[0]),
     )  # fmt: skip
     return ImageRequest(call, output_format, compression, quality, identifier)
