@@ -1,5 +1,7 @@
 """One rank of a 2-rank run in which rank 1 fails on purpose; run by ``tests/test_failures.py`` as a
-plain process (torchrun's environment variables), so the test can see when it exits.
+process of its own (torchrun's environment variables), so the test can see when it exits: forked
+from the suite's preloaded fork server (``run_forked``), or as a plain process
+(``python tests/failure_peer.py``), which runs the same ``main`` and leaves the same way.
 
 Environment: ``PATH_KIND`` (``unet``: a bare UNet loop; ``pipeline``: pipeline calls),
 ``FAILURE`` (``stop``: SIGSTOP; ``kill``: SIGKILL), ``FAIL_AT`` (the step of the second generation
@@ -14,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -77,6 +79,33 @@ class PipelineRun:
         )
 
 
+def run_forked(environment: Dict[str, str], log_path: str) -> None:
+    """A rank started by ``tests/multirank.py``'s ``process_context`` (forked from a server that
+    has imported torch and diffusers, so it starts in a fraction of a second): the environment a
+    plain process would have been given, its output into ``log_path``, then what a plain process
+    runs, and the same exit."""
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    os.environ.update(environment)
+    torch.set_num_threads(1)  # what OMP_NUM_THREADS=1 gives a plain process
+    main()
+    _leave()
+
+
+def _leave() -> None:
+    # The report main() printed is what the test checks. Past it, the interpreter's teardown would
+    # destroy a gloo process group whose peer was killed -- torch's teardown, not distripy's failure
+    # path (the command destroys its group explicitly; tests/test_failures.py's command test):
+    # leave without it. Once in many CI runs a survivor ended in std::terminate ("terminate called
+    # without an active exception") with no Python error; should it recur, the test's message
+    # shows whether the report came first (teardown) or not (the failure path).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main() -> None:
     timeout_s = float(os.environ["T"])
     fail_at = int(os.environ["FAIL_AT"])
@@ -103,11 +132,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # The report above is what the test checks. Past it, the interpreter's teardown would destroy
-    # a gloo process group whose peer was killed -- torch's teardown, not distripy's failure path
-    # (the command destroys its group explicitly; tests/test_failures.py's command test): leave
-    # without it. Once in many CI runs a survivor ended in std::terminate ("terminate called
-    # without an active exception") with no Python error; should it recur, the test's message
-    # shows whether the report came first (teardown) or not (the failure path).
-    sys.stderr.flush()
-    os._exit(0)
+    _leave()

@@ -113,8 +113,10 @@ def _report(connection, report) -> None:
         connection.close()
 
 
-def _process_context():
-    """Processes start from a fork server that has imported torch once, so each rank starts in
+def process_context():
+    """The multiprocessing context ranks start from (``tests/failure_peer.py``'s ranks too).
+
+    Processes start from a fork server that has imported torch once, so each rank starts in
     well under a second instead of re-importing torch (seconds per rank on a small machine), and
     diffusers' UNet and schedulers (about ten seconds more). The server never touches CUDA, so
     ranks may use it, and it is single-threaded, so forking it is safe. A preload that fails to
@@ -174,7 +176,7 @@ def run_on_ranks(
         wait_for_workers=False,
         timeout=timedelta(seconds=timeout),
     )
-    context = _process_context()
+    context = process_context()
     processes, connections = [], []
     for rank in range(world_size):
         receiver, sender = context.Pipe(duplex=False)

@@ -131,7 +131,7 @@ def test_compile_config_runs_the_band_forward_through_inductor():
                 frames_before = counters["stats"]["unique_graphs"]
             got = compiled(x, torch.tensor(t), **conditioning).sample
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"step {step}: {m}")
-    assert installed_forward(compiled)._compiled_forward is not None  # made once, at the first step
+    assert installed_forward(compiled)._compiled is not None  # made once, at the first step
     assert counters["inductor"], "inductor compiled nothing"
     assert counters["stats"]["unique_graphs"] == frames_before  # the steady step: no recompile
     reasons = list(counters["graph_break"])

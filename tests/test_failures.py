@@ -1,9 +1,10 @@
 """Never a hang past the timeout: a peer that stops (SIGSTOP) or dies (SIGKILL) between images or
 in the middle of one makes the survivor raise a ``CommError`` within the timeout plus a little,
 ``distripy.reset`` then return at once, and the process exit soon after -- in the bare-UNet and the
-pipeline paths. Each run is two plain processes (``tests/failure_peer.py``), so the test sees when
-the survivor's process ends; the times compared are measured from the start of the failing
-generation (CLOCK_MONOTONIC is system-wide), so the processes' start-up does not count."""
+pipeline paths. Each run is two processes of their own (``tests/failure_peer.py``, forked from the
+suite's fork server, which has imported torch and diffusers once: ``tests/multirank.py``), so the
+test sees when the survivor's process ends; the times compared are measured from the start of the
+failing generation (CLOCK_MONOTONIC is system-wide), so the processes' start-up does not count."""
 
 import json
 import os
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-PEER = Path(__file__).with_name("failure_peer.py")
 TIMEOUT_S = 3.0
 
 
@@ -26,9 +26,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_pair(path_kind: str, failure: str, fail_at: int):
-    env = dict(
-        os.environ,
+def _run_pair(path_kind: str, failure: str, fail_at: int, logs: Path):
+    import failure_peer
+    from multirank import process_context
+
+    environment = dict(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(_free_port()),
         WORLD_SIZE="2",
@@ -37,30 +39,31 @@ def _run_pair(path_kind: str, failure: str, fail_at: int):
         FAILURE=failure,
         FAIL_AT=str(fail_at),
         T=str(TIMEOUT_S),
-        OMP_NUM_THREADS="1",
     )
+    context = process_context()
 
-    def start(rank: int) -> subprocess.Popen:
-        rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))
-        return subprocess.Popen(
-            [sys.executable, str(PEER)],
-            env=rank_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+    def start(rank: int):
+        rank_environment = dict(environment, RANK=str(rank), LOCAL_RANK=str(rank))
+        process = context.Process(
+            target=failure_peer.run_forked, args=(rank_environment, str(logs / f"rank{rank}.log")), daemon=True
         )
+        process.start()
+        return process
 
     peer, survivor = start(1), start(0)
     try:
-        out, err = survivor.communicate(timeout=240)
+        survivor.join(240)
         exited = time.monotonic()
+        hung = survivor.is_alive()
     finally:
         for process in (survivor, peer):
-            if process.poll() is None:
-                process.send_signal(signal.SIGCONT)
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGCONT)
                 process.kill()
-            process.communicate()
-    assert survivor.returncode == 0, f"stdout: {out[-1000:]}\nstderr: {err[-3000:]}"
+            process.join()
+    out = (logs / "rank0.log").read_text()
+    assert not hung, f"rank 0 still ran after 240 s:\n{out[-3000:]}"
+    assert survivor.exitcode == 0, f"rank 0 exit code {survivor.exitcode}:\n{out[-3000:]}"
     report = json.loads(out.strip().splitlines()[-1])
     return report, exited - report["started"]
 
@@ -76,8 +79,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("path_kind, failure, fail_at", CASES)
-def test_a_failed_peer_makes_the_survivor_raise_reset_and_exit_in_time(path_kind, failure, fail_at):
-    report, exit_after = _run_pair(path_kind, failure, fail_at)
+def test_a_failed_peer_makes_the_survivor_raise_reset_and_exit_in_time(path_kind, failure, fail_at, tmp_path):
+    report, exit_after = _run_pair(path_kind, failure, fail_at, tmp_path)
     print(
         f"{path_kind} {failure} at {fail_at}: exited {exit_after:.2f} s after the generation began; {report}"
     )

@@ -106,7 +106,12 @@ def _run(unet, case: Case):
     if "controlnet" in extras:
         kwargs.update(_controlnet_residuals(model_batch, height, seed))
     if "gate" in extras:
+        import distripy
+
         _gate_cross_attention(unet)
+        # processors set after parallelize: the loop declares its generation, which takes them in
+        # (nothing to do for the single-device reference)
+        distripy.reset(unet, steps=steps)
         kwargs["cross_attention_kwargs"] = {"gate": 0.6}
     make_conditioning = sd15_conditioning if model == "sd15" else sdxl_conditioning
     latents, conditioning = _latents(batch, height, seed), make_conditioning(model_batch, seed + 1)
