@@ -76,6 +76,7 @@ from distripy.config import MODE_CHOICES
 from distripy.errors import BandGeometryError
 from distripy.serving.pipeline_fields import (
     BadRequest,
+    choice_field,
     ServedPipeline,
     call_arguments,
     image_chars,
@@ -204,15 +205,6 @@ def _string(body: dict, field: str) -> Optional[str]:
     return value
 
 
-def _choice(body: dict, field: str, choices: Sequence[str], default: Optional[str] = None) -> Optional[str]:
-    value = body.get(field)
-    if value is None:
-        return default
-    if value not in choices:
-        raise BadRequest(field, f"{value!r} is not one of {', '.join(choices)}")
-    return value
-
-
 def _refused(body: dict, field: str, message: str) -> None:
     if _given(body, field):
         raise BadRequest(field, message)
@@ -294,30 +286,30 @@ def parse_request(
     for name in ("model", "user", "safety_identifier"):
         _string(body, name)
     # what cannot be served, refused clearly
-    if _choice(body, "response_format", ("b64_json", "url"), "b64_json") == "url":
+    if choice_field(body, "response_format", ("b64_json", "url"), "b64_json") == "url":
         raise BadRequest("response_format", "'url' is not served: this server hosts no files; use 'b64_json'")
     if body.get("stream") not in (None, False):
         raise BadRequest(
             "stream", "streaming is not served: leave it out (the images come whole, in one response)"
         )
-    output_format = _choice(body, "output_format", ("png", "jpeg", "webp", "gif", "svg"), "png")
+    output_format = choice_field(body, "output_format", ("png", "jpeg", "webp", "gif", "svg"), "png")
     if output_format in ("gif", "svg"):
         raise BadRequest("output_format", f"{output_format!r} is not served: use png, jpeg or webp")
     for name in ("frame_count", "frame_duration_ms", "svg"):
         wanted = "svg" if name == "svg" else "gif"
         _refused(body, name, f"is for output_format {wanted}, which is not served")
-    if _choice(body, "background", ("transparent", "opaque", "auto")) == "transparent":
+    if choice_field(body, "background", ("transparent", "opaque", "auto")) == "transparent":
         raise BadRequest("background", "'transparent' is not served: the pipeline makes opaque images")
     compression = _number(body, "output_compression", int, 100, (0, 100))
     if _given(body, "output_compression") and output_format == "png":
         raise BadRequest("output_compression", "applies to output_format jpeg and webp, not png")
     # accepted, checked, and ignored (module docstring)
-    _choice(body, "style", ("vivid", "natural"))
-    _choice(body, "moderation", ("low", "auto"))
-    _choice(body, "complexity", ("low", "medium", "high"))
+    choice_field(body, "style", ("vivid", "natural"))
+    choice_field(body, "moderation", ("low", "auto"))
+    choice_field(body, "complexity", ("low", "medium", "high"))
     _number(body, "partial_images", int, None, (0, 3))
     # the generation
-    quality = _choice(body, "quality", tuple(QUALITY_STEPS) + tuple(_QUALITY_NAMES))
+    quality = choice_field(body, "quality", tuple(QUALITY_STEPS) + tuple(_QUALITY_NAMES))
     quality = _QUALITY_NAMES.get(quality, quality) if quality is not None else "medium"
     steps_field = _named(body, "steps", "num_inference_steps")
     guidance_field = _named(body, "guidance", "guidance_scale")
@@ -330,7 +322,7 @@ def parse_request(
     n = _number(body, "n", int, 1, LIMITS["n"])
     seed = _number(body, "seed", int, None, (0, 2**63 - 1))
     warmup = _number(body, "warmup_steps", int, None, (0, LIMITS["steps"]))
-    mode = _choice(body, "mode", MODE_CHOICES)
+    mode = choice_field(body, "mode", MODE_CHOICES)
     images = read_images(body, served, LIMITS["image_bytes"])
     width, height = _size(body, engine.default_size, images.start_size)
     _check_sides(engine, width, height, guidance)

@@ -24,6 +24,7 @@ __all__ = [
     "IMAGE_FORMATS",
     "BadRequest",
     "RequestImages",
+    "choice_field",
     "ServedPipeline",
     "call_arguments",
     "decode_image",
@@ -230,9 +231,10 @@ def _loras(body: Mapping[str, Any], served: ServedPipeline) -> Tuple[Tuple[str, 
     return tuple(chosen.items())
 
 
-def _choice(
-    body: Mapping[str, Any], field: str, choices: Sequence[str], default: Optional[str]
+def choice_field(
+    body: Mapping[str, Any], field: str, choices: Sequence[str], default: Optional[str] = None
 ) -> Optional[str]:
+    """``body[field]`` if it is one of ``choices`` (``default`` when absent); a 400 naming it otherwise."""
     value = body.get(field)
     if value is None:
         return default
@@ -275,6 +277,6 @@ def call_arguments(
         control_images=tuple(_pixels("control_images", image, "RGB") for image in images.control_images),
         loras=_loras(body, served),
         refiner_start=refiner_start,
-        scheduler=_choice(body, "scheduler", tuple(SCHEDULERS), served.scheduler),
-        timestep_spacing=_choice(body, "timestep_spacing", TIMESTEP_SPACINGS, served.timestep_spacing),
+        scheduler=choice_field(body, "scheduler", tuple(SCHEDULERS), served.scheduler),
+        timestep_spacing=choice_field(body, "timestep_spacing", TIMESTEP_SPACINGS, served.timestep_spacing),
     )
