@@ -242,7 +242,7 @@ def count_band(
 
 def kv_copy_bytes(summary: Dict[str, Any]) -> int:
     """Copy bytes issued by the self-attention processor (keys and values)."""
-    return sum(b for line, b in summary["copy_bytes_by_line"].items() if "parallel/attention.py" in line)
+    return sum(b for line, b in summary["copy_bytes_by_line"].items() if "parallel/attention.py" in line or "parallel/projection.py" in line)
 
 
 def measure(tiny: bool, latent: int, batch: int, ranks: int, dtype=torch.float16) -> Dict[str, Any]:
