@@ -130,7 +130,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",
-            "pytest-xdist>=3.6",  # the README's `-n 2`, and --no-loadscope-reorder
+            "pytest-xdist>=3.6",  # the README's `-n 3`, and --no-loadscope-reorder
             "cmake>=3.18",
             "wheel",
             "matplotlib>=3.7",

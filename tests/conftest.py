@@ -4,7 +4,7 @@
   none (every CPU-only machine, CI included).
 * Triton: on a machine without a GPU, ``TRITON_INTERPRET=1`` is set so that the Triton kernels
   run (slowly, on small shapes) in Triton's interpreter.
-* pytest-xdist (the README's ``-n 2``): each worker's torch, and what it starts, gets its share
+* pytest-xdist (the README's ``-n 3``): each worker's torch, and what it starts, gets its share
   of the cores; the longest files are handed out first (``LONGEST_FIRST``).
 * ``run_ranks`` fixture: ``run_ranks(fn, world_size, *args, timeout=..., **kwargs)`` runs
   ``fn(rank, world_size, *args, **kwargs)`` on that many real processes joined by a gloo process
@@ -35,10 +35,12 @@ if "TRITON_INTERPRET" not in os.environ and not _cuda_available():
 
 
 def _share_the_cores_among_workers() -> None:
-    """Under pytest-xdist (the README's ``-n 2``) each worker gets its share of the cores for
-    torch's thread pool, and so do the processes it starts (ranks, commands): a pool per worker
-    as wide as the machine would spin against the other worker's and slow both. An explicit
-    ``OMP_NUM_THREADS`` is kept."""
+    """Under pytest-xdist (the README's ``-n 3``) each worker gets its share of the cores for
+    torch's thread pool (at least one thread), and so do the processes it starts (ranks,
+    commands): a pool per worker as wide as the machine would spin against the other workers' and
+    slow them all. An explicit ``OMP_NUM_THREADS`` is kept. (Three workers even on two cores: a
+    large part of the suite waits -- interpreters starting, a stopped peer's timeout, a server
+    coming up -- and a third worker computes meanwhile.)"""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers <= 1 or "OMP_NUM_THREADS" in os.environ:
         return
@@ -56,10 +58,10 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped when torch sees none")
 
 
-# The files that take longest, longest first. The README runs the suite on two pytest-xdist
+# The files that take longest, longest first. The README runs the suite on three pytest-xdist
 # workers that take one file at a time (``--dist loadfile --no-loadscope-reorder`` in
 # pyproject.toml: a file's module fixtures and shared worlds stay in one process), in collection
-# order: these go first, so that no long file starts last while the other worker has nothing left
+# order: these go first, so that no long file starts last while the other workers have nothing left
 # to do. The other files follow in pytest's order. Only the order changes, never what runs.
 LONGEST_FIRST = (
     "test_compile.py",
