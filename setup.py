@@ -1,7 +1,6 @@
 """Build and install distripy.
 
 The native runtime ``distripy._C`` is built by CMake (``CMakeLists.txt``), driven from here.
-``kernels/`` is installed as the subpackage ``distripy.kernels``.
 
 Environment variables:
   DISTRIPY_SKIP_EXT=1     install the pure-Python part only (no CUDA/NCCL needed)
@@ -95,8 +94,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=find_packages(include=["distripy", "distripy.*"]) + ["distripy.kernels"],
-    package_dir={"distripy.kernels": "kernels"},
+    packages=find_packages(include=["distripy", "distripy.*"]),
     package_data={
         # the trained tiny pipeline (bench/train_tiny.py): configs, tokenizers, safetensors
         "distripy.pipelines": [

@@ -1,4 +1,4 @@
-"""What every Triton kernel of ``kernels/`` compiles to on a GPU target, without a GPU.
+"""What every Triton kernel of ``distripy/kernels/`` compiles to on a GPU target, without a GPU.
 
 Triton's compiler runs on a CPU-only machine for an explicit ``GPUTarget`` (``ptxas`` ships in the
 triton wheel). Each kernel is compiled from the launch its op builds (``Launch``, on CPU tensors of
@@ -13,7 +13,7 @@ that do not fit at launch, silently. ``tests/test_compile_targets.py`` asserts t
 
     python bench/compile_report.py                 # the full matrix, written as JSON
     python bench/compile_report.py --dtypes fp16   # fewer
-    python bench/kernels.py --compile-report       # the same
+    python bench/kernel_speed.py --compile-report       # the same
 
 Writes ``bench/results/compile-report-<time>.json``.
 """

@@ -25,7 +25,7 @@ The op -> kernel map (an assumption about the GPU libraries, stated once here):
 Ops on host tensors (a timestep read on the CPU) launch nothing on the GPU and are not counted.
 Transfers (what the ``LoopbackComm`` does for an all-gather, all-reduce or halo exchange; with
 NCCL, one grouped launch per checkpoint) are counted apart. Each kernel is attributed to the source
-line that issued it (the first frame outside torch and ``kernels/``), and copies (``copy_``,
+line that issued it (the first frame outside torch and ``distripy/kernels/``), and copies (``copy_``,
 ``clone``, ``cat``, ``_to_copy``) record the bytes they move (read + write).
 
     python bench/kernel_count.py                 # SDXL, 1024² (latent 128), batch 2, rank of 8
@@ -53,7 +53,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 TORCH_DIR = os.path.realpath(Path(torch.__file__).parent)
-KERNELS_DIR = os.path.realpath(REPOSITORY / "kernels")
+KERNELS_DIR = os.path.realpath(REPOSITORY / "distripy" / "kernels")
 
 VIEWS = frozenset(
     """view _unsafe_view _reshape_alias reshape transpose permute expand slice select unsqueeze squeeze
@@ -86,7 +86,7 @@ def kernels_of(func, args, kwargs) -> int:
 
 
 def _issuer() -> str:
-    """``file:line (function)`` of the first frame outside torch, this file and ``kernels/``."""
+    """``file:line (function)`` of the first frame outside torch, this file and ``distripy/kernels/``."""
     frame = sys._getframe(2)
     here = os.path.realpath(__file__)
     while frame is not None:

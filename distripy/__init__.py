@@ -21,8 +21,7 @@ import pkgutil
 
 # In a source checkout with a regular (non-editable) install, ``import distripy`` from the
 # checkout's root finds these sources first; extending the package path lets the installed copy
-# supply what only an install has: the built ``distripy._C`` and ``distripy.kernels`` (whose
-# sources live in the top-level ``kernels/`` folder).
+# supply what only an install has: the built ``distripy._C``.
 __path__ = pkgutil.extend_path(__path__, __name__)
 
 from distripy._version import __version__  # noqa: E402

@@ -2,7 +2,7 @@
 imports another's private name, and there is no import circle.
 
 Every ``import`` counts, at module level or inside a function (a lazy import is still a
-dependency). ``kernels/`` is read as the package ``distripy.kernels`` it is installed as.
+dependency).
 """
 
 import ast
@@ -56,12 +56,12 @@ BELOW = {
 def _modules() -> Dict[str, Path]:
     """Every source module of the installed package, by dotted name."""
     modules = {}
-    for folder, package in ((ROOT / "distripy", "distripy"), (ROOT / "kernels", "distripy.kernels")):
-        for path in folder.rglob("*.py"):
-            parts = list(path.relative_to(folder).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            modules[".".join([package] + parts)] = path
+    folder = ROOT / "distripy"
+    for path in folder.rglob("*.py"):
+        parts = list(path.relative_to(folder).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(["distripy"] + parts)] = path
     return modules
 
 

@@ -1,4 +1,4 @@
-"""The torch references in ``kernels/`` against computations done another way, in float64.
+"""The torch references in ``distripy/kernels/`` against computations done another way, in float64.
 
 These functions define the math the Triton kernels must match, so they are checked here against
 independent formulations: torch's own GroupNorm and a convolution of the whole image.

@@ -13,10 +13,41 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_kernels_folder_is_the_distripy_kernels_subpackage():
-    import distripy.kernels
+def _importable_names(folder: Path):
+    """The top-level names ``import`` finds in ``folder`` when it is on ``sys.path``."""
+    for path in folder.iterdir():
+        if path.suffix == ".py":
+            yield path.stem
+        elif path.is_dir() and (path / "__init__.py").exists():
+            yield path.name
 
-    assert Path(distripy.kernels.__file__).read_text() == (ROOT / "kernels" / "__init__.py").read_text()
+
+def test_nothing_in_the_checkout_shadows_an_installed_package():
+    """A command run from the checkout's root (``python -m distripy.cli``, ``python -m pytest``)
+    has the root on ``sys.path`` first, a bench script its folder, a test its own: a module or
+    package there named like an installed distribution's would be imported in its place by
+    whatever imports that (transformers imports the ``kernels`` package when it is installed, and
+    a top-level ``kernels/`` folder broke every pipeline run from the root)."""
+    from importlib.metadata import packages_distributions
+
+    installed = packages_distributions()
+    for folder in (ROOT, ROOT / "bench", ROOT / "tests"):
+        clashes = {
+            name: installed[name] for name in _importable_names(folder) if name in installed and name != "distripy"
+        }
+        assert not clashes, f"{folder} shadows installed packages: {clashes}"
+
+
+def test_transformers_imports_from_the_checkout_root():
+    """What the demo's ranks do first, from the root as the README runs it."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import transformers.activations, diffusers.models.attention"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The Triton GroupNorm kernels against their torch references (``kernels/group_norm_*.py``).
+"""The Triton GroupNorm kernels against their torch references (``distripy/kernels/group_norm_*.py``).
 
 Without a GPU they run under ``TRITON_INTERPRET=1`` (set in conftest.py) on small shapes: odd
 widths, bands of 1-3 rows, channel groups that do not fill a tile, NCHW, channels-last and band

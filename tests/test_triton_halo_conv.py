@@ -330,7 +330,7 @@ def test_the_packed_weight_follows_changes_to_the_weight():
 
 
 def test_autotuned_tiles_name_the_tuner_key_and_the_tile(monkeypatch):
-    """What ``bench/kernels.py`` records beside its times: each autotuned key and its tile."""
+    """What ``bench/kernel_speed.py`` records beside its times: each autotuned key and its tile."""
     import triton
 
     from distripy.kernels import halo_conv_triton

@@ -1,7 +1,6 @@
 """distripy.kernels: the math of the patch-parallel modules, one op per file.
 
-Installed as the subpackage ``distripy.kernels`` from the top-level ``kernels/`` folder. Each file
-holds an op's plain-torch reference, which defines the op; the fused Triton kernels that run on
+Each file holds an op's plain-torch reference, which defines the op; the fused Triton kernels that run on
 CUDA live beside their reference and are tested against it (on CPU under ``TRITON_INTERPRET=1``).
 
 * ``group_norm_stats``: per (batch, group) sum and sum of squares of a band (+ Triton kernel);

@@ -2,7 +2,7 @@
 
 ``DistriConfig(halo_conv_backend="triton")`` (or ``halo_conv2d(backend="triton")``) runs it; the
 default on a GPU is the halo-padded band + cuDNN (``kernels.halo_conv``), the winner of every shape
-``bench/kernels.py`` has measured. It is kept, tested against float64
+``bench/kernel_speed.py`` has measured. It is kept, tested against float64
 (``tests/test_triton_halo_conv.py``) and compiled for sm_90a and sm_80 (``bench/compile_report.py``)
 so that a benchmark can show where it wins; a per-shape dispatch to it returns only then.
 

@@ -33,7 +33,7 @@ convolution), ``triton`` (the fused kernel of ``kernels.halo_conv_triton``, thro
 ``distripy::halo_conv2d`` and ``distripy::halo_conv2d_rows_``, registered with the package).
 ``auto`` takes the reference on CPU and, on CUDA, ``cuda_backend``: ``cudnn`` unless the caller
 opts in to ``triton`` (``DistriConfig(halo_conv_backend="triton")``). The cuDNN path is the
-default because it is the measured winner (``bench/kernels.py``; the figures:
+default because it is the measured winner (``bench/kernel_speed.py``; the figures:
 ``bench/results/README.md``); the fused kernel is experimental, kept, tested and compiled for
 every target so that a benchmark can show where it wins.
 """

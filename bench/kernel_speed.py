@@ -1,4 +1,4 @@
-"""Kernel benchmark: the Triton kernels of ``kernels/`` vs cuDNN / torch, at SDXL's shapes.
+"""Kernel benchmark: the Triton kernels of ``distripy/kernels/`` vs cuDNN / torch, at SDXL's shapes.
 
 For latents of 1024², 2048² and 3840² images (128, 256, 480 rows) at SDXL's 3x3 convolutions (per
 UNet level: 320, 640, 1280 channels at 1, 1/2, 1/4 of the latent; with ``--shapes all`` also the
@@ -21,8 +21,8 @@ Ratios are measured side by side in one run, medians over repetitions (CUDA even
 ``bench/results/kernels-<host>-<time>.json`` with the device, versions and command. The cuDNN path
 is the one default (``DistriConfig.halo_conv_backend``); a per-shape dispatch to the fused kernel
 comes back only where this benchmark shows it winning.
-Run: ``python bench/kernels.py [--shapes all]`` on a GPU.
-``python bench/kernels.py --compile-report [compile_report options]`` needs no GPU: it runs
+Run: ``python bench/kernel_speed.py [--shapes all]`` on a GPU.
+``python bench/kernel_speed.py --compile-report [compile_report options]`` needs no GPU: it runs
 ``bench/compile_report.py`` (every kernel x tile x dtype compiled for sm_90a and sm_80).
 """
 
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     global TIMING
     TIMING = args.timing
     if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
+        print("bench/kernel_speed.py needs a CUDA GPU", file=sys.stderr)
         return 2
     from distripy.kernels.halo_conv_triton import autotuned_tiles
     from distripy.runtime import native_available
