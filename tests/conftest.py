@@ -64,7 +64,10 @@ def pytest_configure(config):
 # order: these go first, so that no long file starts last while the other workers have nothing left
 # to do. The other files follow in pytest's order. Only the order changes, never what runs.
 LONGEST_FIRST = (
+    "test_compile_inductor.py",
     "test_compile.py",
+    "test_compile_ranks.py",
+    "test_compile_graphs.py",
     "test_cli.py",
     "test_failures.py",
     "test_patch_unet.py",
