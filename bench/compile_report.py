@@ -268,15 +268,39 @@ def group_norm_jobs(dtypes, capabilities, layouts=LAYOUTS) -> Iterator[Job]:
         yield Job(launch, record)
 
 
+def codec_jobs(dtypes, capabilities, bits=(1, 2)) -> Iterator[Job]:
+    """The residual exchange codec's three kernels (sums, encode, decode) on a band's keys and
+    values at SDXL's 1024² middle level (1024 tokens x 2 x 640 channels)."""
+    import torch
+
+    from distripy.kernels import residual_codec
+
+    rows, cols = 1024, 1280
+    for dtype in dtypes:
+        x, baseline = torch.empty((rows, cols), dtype=_torch_dtype(dtype)), torch.empty(
+            (rows, cols), dtype=_torch_dtype(dtype)
+        )
+        for width in bits:
+            packed = torch.empty(residual_codec.residual_layout(rows, cols, width).nbytes, dtype=torch.uint8)
+            sums, _, encode = residual_codec.encode_launches(x, baseline, packed, width)
+            decode = residual_codec.decode_launch(packed, baseline, width)
+            for variant, launch in (("sums", sums), ("encode", encode), ("decode", decode)):
+                for capability in capabilities:
+                    record = Compiled("residual_codec", f"{variant}_{width}bit", f"R{rows}_C{cols}", dtype, capability, "-")
+                    yield Job(launch, record)
+
+
 def ci_jobs() -> List[Job]:
     """The subset CI compiles (``tests/test_compile_targets.py``, about a minute on 2 cores): every
     autotune configuration once per target in one representative dtype (fp16 on sm_90a, bf16 on
     sm_80; fp32 for the fp32 tiles), in the variants that need the most registers (the prologue in
-    both layouts, the plain convolution channels-last), and every GroupNorm kernel."""
+    both layouts, the plain convolution channels-last), every GroupNorm kernel, and the residual
+    codec's three kernels (2 bits on sm_90a, 1 bit on sm_80)."""
     from distripy.kernels import halo_conv_triton
 
     jobs = list(group_norm_jobs(["fp16"], [90]))
     jobs += list(group_norm_jobs(["bf16"], [80], layouts=["channels_last"]))
+    jobs += list(codec_jobs(["fp16"], [90], bits=(2,))) + list(codec_jobs(["bf16"], [80], bits=(1,)))
     for family in (halo_conv_triton._CONFIGS_16BIT, halo_conv_triton._CONFIGS_FP32):
         for capability, dtype in ((90, "fp16"), (80, "bf16")):
             if family is halo_conv_triton._CONFIGS_FP32:
@@ -419,6 +443,7 @@ def main(argv=None) -> int:
     else:
         jobs = list(group_norm_jobs(args.dtypes, args.capabilities, args.layouts))
         jobs += list(halo_conv_jobs(args.dtypes, args.capabilities, layouts=args.layouts))
+        jobs += list(codec_jobs(args.dtypes, args.capabilities))
     records = run(jobs, args.workers)
     rows = [dict(asdict(r), fits=r.fits, spills=r.spills, problems=problems(r)) for r in records]
     report = {"environment": environment(), "kernels": rows, "offsets": offset_report()}

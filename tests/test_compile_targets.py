@@ -75,6 +75,11 @@ def test_every_kernel_and_configuration_was_compiled_for_both_targets(report):
                     _name(config),
                     capability,
                 )
+    for variant, capability in (("2bit", 90), ("1bit", 80)):
+        for kernel_part in ("sums", "encode", "decode"):
+            assert any(
+                k == "residual_codec" and v == f"{kernel_part}_{variant}" and c == capability for k, v, _, c in seen
+            ), (kernel_part, variant, capability)
     dtypes = {r["dtype"] for r in report["kernels"] if r["kernel"] == "halo_conv2d"}
     assert dtypes == {"fp16", "bf16", "fp32"}
 

@@ -19,7 +19,10 @@ CUDA live beside their reference and are tested against it (on CPU under ``TRITO
   run only when asked for (``DistriConfig(halo_conv_backend="triton")``);
 * ``attention_merge``: attention over key/value blocks as they arrive, merged by log-sum-exp;
 * ``halo_pad``: a band's halo-padded convolution input in one pass (the band activated, the halos
-  around it, the boundary rows its neighbours need written out on the way) (+ Triton kernel).
+  around it, the boundary rows its neighbours need written out on the way) (+ Triton kernel);
+* ``residual_codec``: an exchanged tensor as its 1- or 2-bit change since the baseline sender and
+  receivers share, with rank-1 scales and error feedback, packed for one transfer (+ Triton
+  kernels: encode and decode, each one pass with the baseline's update).
 
 ``meta_as_gpu()`` makes ``auto`` choose the GPU paths for tensors on the ``meta`` device, where a
 whole step runs without memory (``bench/kernel_count.py`` counts a GPU step's kernels so).
@@ -63,8 +66,13 @@ from distripy.kernels.halo_conv import (
 from distripy.kernels.halo_conv_triton import halo_conv2d_triton  # noqa: F401  (registers its ops)
 from distripy.kernels._backend import meta_as_gpu
 from distripy.kernels.halo_pad import halo_pad, halo_pad_reference
+from distripy.kernels.residual_codec import nonfinite_rows, residual_decode_, residual_encode_, residual_layout
 
 __all__ = [
+    "nonfinite_rows",
+    "residual_decode_",
+    "residual_encode_",
+    "residual_layout",
     "halo_pad",
     "halo_pad_reference",
     "meta_as_gpu",
