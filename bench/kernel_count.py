@@ -240,9 +240,14 @@ def count_band(
     return {"ranks": ranks, "split_batch": split, "mode": mode, "steps": results}
 
 
+def issued_for_keys_values(line: str) -> bool:
+    """Whether an issuing line (``_issuer``) is the self-attention processor's or its projections'."""
+    return "parallel/attention.py" in line or "parallel/projection.py" in line
+
+
 def kv_copy_bytes(summary: Dict[str, Any]) -> int:
     """Copy bytes issued by the self-attention processor (keys and values)."""
-    return sum(b for line, b in summary["copy_bytes_by_line"].items() if "parallel/attention.py" in line or "parallel/projection.py" in line)
+    return sum(b for line, b in summary["copy_bytes_by_line"].items() if issued_for_keys_values(line))
 
 
 def measure(tiny: bool, latent: int, batch: int, ranks: int, dtype=torch.float16) -> Dict[str, Any]:

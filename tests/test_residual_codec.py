@@ -130,35 +130,36 @@ def test_the_triton_kernels_equal_the_reference(dtype, bits, shape):
     torch.testing.assert_close(receiver["triton"], receiver["torch"], rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("bits", RESIDUAL_BITS)
-def test_error_feedback_keeps_the_error_from_growing(backend, bits):
-    """A slowly changing tensor sent for 50 steps: the receivers' baseline follows it, its error
-    does not grow step over step, and two bits track it more closely than one."""
-    generator = torch.Generator().manual_seed(bits)
+def _tracking_errors(bits, backend, seed, steps=50):
+    """A slowly changing tensor (a drift plus noise, one draw per seed) sent for ``steps`` steps
+    from a full-precision start (the warm-up's exchange): the receivers' relative error per step."""
+    generator = torch.Generator().manual_seed(seed)
     start = torch.randn(24, 48, generator=generator)
     drift = torch.randn(24, 48, generator=generator)
-    layout = residual_layout(24, 48, bits)
-    packed = torch.empty(layout.nbytes, dtype=torch.uint8)
-    baseline = start.clone()  # the warm-up's full-precision exchange
+    packed = torch.empty(residual_layout(24, 48, bits).nbytes, dtype=torch.uint8)
+    baseline = start.clone()
     errors = []
-    for step in range(1, 51):
+    for step in range(1, steps + 1):
         x = start + 0.02 * step * drift + 0.01 * torch.randn(24, 48, generator=generator)
         residual_encode_(x, baseline, packed, bits, backend=backend)
         errors.append(float((baseline - x).norm() / x.norm()))
+    return errors
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bits", RESIDUAL_BITS)
+def test_error_feedback_keeps_the_error_from_growing(backend, bits):
+    """Over 50 steps the receivers' baseline follows the tensor and its error does not grow step
+    over step."""
+    errors = _tracking_errors(bits, backend, seed=bits)
     assert max(errors[25:]) <= 1.5 * max(errors[:25]), errors
     assert errors[-1] < 0.1, errors
-    if bits == 2:
-        one_bit = []
-        baseline = start.clone()
-        packed1 = torch.empty(residual_layout(24, 48, 1).nbytes, dtype=torch.uint8)
-        generator = torch.Generator().manual_seed(bits)
-        torch.randn(24, 48, generator=generator), torch.randn(24, 48, generator=generator)
-        for step in range(1, 51):
-            x = start + 0.02 * step * drift + 0.01 * torch.randn(24, 48, generator=generator)
-            residual_encode_(x, baseline, packed1, 1, backend=backend)
-            one_bit.append(float((baseline - x).norm() / x.norm()))
-        assert np.mean(errors) < np.mean(one_bit), (np.mean(errors), np.mean(one_bit))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_bits_track_more_closely_than_one(backend):
+    two, one = (_tracking_errors(bits, backend, seed=2) for bits in (2, 1))
+    assert np.mean(two) < np.mean(one), (np.mean(two), np.mean(one))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -35,7 +35,7 @@ the encoder (residual, codes, packing and the sender's baseline update, in one p
 between the first two is plain torch (``_scales``), shared with the reference.
 """
 
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -121,9 +121,12 @@ def residual_layout(rows: int, cols: int, bits: int) -> ResidualLayout:
     return ResidualLayout(rows, cols, bits)
 
 
-def _check(x: torch.Tensor, baseline: torch.Tensor, layout: ResidualLayout, op: str) -> None:
-    if baseline.dim() != 2 or tuple(baseline.shape) != (layout.rows, layout.cols):
-        raise InputError(f"{op}: baseline must be ({layout.rows}, {layout.cols}), got {tuple(baseline.shape)}")
+def _checked(op: str, x: Optional[torch.Tensor], baseline: torch.Tensor, packed: torch.Tensor, bits: int):
+    """The layout of ``baseline`` at ``bits``, after checking ``baseline``, ``x`` (when given)
+    and ``packed`` against it: every op's arguments, checked once, before any work."""
+    if baseline.dim() != 2:
+        raise InputError(f"{op}: the baseline must be 2-D (rows, cols), got {tuple(baseline.shape)}")
+    layout = residual_layout(*baseline.shape, bits)
     if baseline.dtype not in DTYPES + (torch.float64,):
         raise InputError(f"{op}: baseline dtype {baseline.dtype} is not a floating type the codec takes")
     if baseline.stride(-1) != 1:
@@ -136,6 +139,8 @@ def _check(x: torch.Tensor, baseline: torch.Tensor, layout: ResidualLayout, op: 
             )
         if x.stride(-1) != 1:
             raise InputError(f"{op}: x rows must be contiguous (stride 1 along the columns)")
+    layout.views(packed)
+    return layout
 
 
 def _scales(row_means: torch.Tensor, col_sums: torch.Tensor, bad: torch.Tensor, rows: int):
@@ -189,10 +194,10 @@ def residual_encode_reference_(x: torch.Tensor, baseline: torch.Tensor, packed: 
     """Plain torch: ``x``'s residual against ``baseline`` into ``packed`` (``residual_layout``),
     and the sender's ``baseline`` updated as its receivers' will be. Computes in fp32 (fp64 for
     fp64 tensors)."""
-    layout = residual_layout(*baseline.shape, bits) if baseline.dim() == 2 else None
-    if layout is None:
-        raise InputError(f"residual codec: x and baseline must be 2-D (rows, cols), got {tuple(baseline.shape)}")
-    _check(x, baseline, layout, "residual_encode")
+    _encode_reference(x, baseline, packed, _checked("residual_encode", x, baseline, packed, bits))
+
+
+def _encode_reference(x, baseline, packed, layout: ResidualLayout) -> None:
     row_scales, col_scales, codes = layout.views(packed)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     r = x.to(compute) - baseline.to(compute)
@@ -200,7 +205,7 @@ def residual_encode_reference_(x: torch.Tensor, baseline: torch.Tensor, packed: 
     magnitude = torch.where(bad[:, None], 0.0, r.abs())
     a, c = _scales(magnitude.mean(dim=1), (magnitude / layout.rows).sum(dim=0), bad, layout.rows)
     s = a.to(compute)[:, None] * c.to(compute)[None, :]
-    element_codes = torch.where(bad[:, None], 0, _codes_reference(r, s, bits)).to(torch.uint8)
+    element_codes = torch.where(bad[:, None], 0, _codes_reference(r, s, layout.bits)).to(torch.uint8)
     row_scales.copy_(a)
     col_scales.copy_(c)
     codes.copy_(_pack_reference(element_codes, layout))
@@ -209,10 +214,10 @@ def residual_encode_reference_(x: torch.Tensor, baseline: torch.Tensor, packed: 
 
 def residual_decode_reference_(packed: torch.Tensor, baseline: torch.Tensor, bits: int) -> None:
     """Plain torch: the change ``packed`` carries added to a receiver's ``baseline``."""
-    if baseline.dim() != 2:
-        raise InputError(f"residual codec: the baseline must be 2-D (rows, cols), got {tuple(baseline.shape)}")
-    layout = residual_layout(*baseline.shape, bits)
-    _check(None, baseline, layout, "residual_decode")
+    _decode_reference(packed, baseline, _checked("residual_decode", None, baseline, packed, bits))
+
+
+def _decode_reference(packed, baseline, layout: ResidualLayout) -> None:
     row_scales, col_scales, codes = layout.views(packed)
     _add_change_reference(baseline, _unpack_reference(codes, layout), row_scales, col_scales, layout)
 
@@ -446,26 +451,18 @@ def residual_encode_(
     ``residual_layout(rows, cols, bits).nbytes``) and update ``baseline`` as the receivers will.
     ``backend``: ``torch`` (the reference), ``triton`` (the op ``distripy::residual_encode_``) or
     ``auto`` (Triton on CUDA). Triton takes fp16, bf16 and fp32; fp64 runs the reference."""
-    if x.dim() != 2 or baseline.dim() != 2:
-        raise InputError(f"residual_encode: x and baseline must be 2-D (rows, cols), got {tuple(x.shape)}")
-    layout = residual_layout(*baseline.shape, bits)
-    _check(x, baseline, layout, "residual_encode")
-    layout.views(packed)
+    layout = _checked("residual_encode", x, baseline, packed, bits)
     if use_triton(backend, x, "residual_encode") and x.dtype != torch.float64:
         torch.ops.distripy.residual_encode_(x, baseline, packed, bits)
     else:
-        residual_encode_reference_(x, baseline, packed, bits)
+        _encode_reference(x, baseline, packed, layout)
 
 
 def residual_decode_(packed: torch.Tensor, baseline: torch.Tensor, bits: int, backend: str = "torch") -> None:
     """Add the change ``packed`` carries to a receiver's ``baseline`` (rows, cols). ``backend`` as
     ``residual_encode_``'s."""
-    if baseline.dim() != 2:
-        raise InputError(f"residual_decode: the baseline must be 2-D (rows, cols), got {tuple(baseline.shape)}")
-    layout = residual_layout(*baseline.shape, bits)
-    _check(None, baseline, layout, "residual_decode")
-    layout.views(packed)
+    layout = _checked("residual_decode", None, baseline, packed, bits)
     if use_triton(backend, baseline, "residual_decode") and baseline.dtype != torch.float64:
         torch.ops.distripy.residual_decode_(packed, baseline, bits)
     else:
-        residual_decode_reference_(packed, baseline, bits)
+        _decode_reference(packed, baseline, layout)

@@ -70,7 +70,7 @@ import base64
 import dataclasses
 import io
 import re
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from distripy.config import MODE_CHOICES
 from distripy.errors import BandGeometryError
