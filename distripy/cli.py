@@ -448,18 +448,16 @@ def _under_torchrun() -> bool:
 
 def _launch(world: int, argv: List[str]) -> int:
     """Run this command on ``world`` local processes (``runtime.distributed.launch_local``)."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
+    from distripy.application import RANK_MODULES
+    from distripy.errors import RanksFailedError
     from distripy.runtime.distributed import launch_local
 
     try:
-        launch_local(world, ["-m", "distripy.cli", *argv])
-    except ChildFailedError as error:
-        codes = [f.exitcode for f in error.failures.values()]
-        if all(code == 2 for code in codes):  # each said why, in one line
+        launch_local(world, ["-m", "distripy.cli", *argv], preload=RANK_MODULES + ("distripy.demo",))
+    except RanksFailedError as error:
+        if all(code == 2 for code in error.exit_codes.values()):  # each said why, in one line
             return 2
-        failures = "; ".join(f"rank {f.local_rank}: exit {f.exitcode}" for f in error.failures.values())
-        print(f"distripy: {failures} (see the rank's message above)", file=sys.stderr)
+        print(f"distripy: {error} (see the rank's message above)", file=sys.stderr)
         return 1
     return 0
 

@@ -20,6 +20,7 @@ __all__ = [
     "LaunchError",
     "NativeRuntimeUnavailable",
     "RankMismatchError",
+    "RanksFailedError",
     "StepError",
     "UnsupportedModuleError",
 ]
@@ -61,6 +62,17 @@ class RankMismatchError(DistripyError, RuntimeError):
 
 class LaunchError(DistripyError, RuntimeError):
     """The process cannot join its ranks: a partial torchrun environment, a missing GPU."""
+
+
+class RanksFailedError(LaunchError):
+    """Ranks that ``launch_local`` started did not all exit with 0. ``exit_codes`` maps each rank
+    that failed to its exit status (negative: the signal that ended it), every failed rank, not
+    only the first."""
+
+    def __init__(self, exit_codes):
+        self.exit_codes = dict(sorted(exit_codes.items()))
+        described = "; ".join(f"rank {rank}: exit {code}" for rank, code in self.exit_codes.items())
+        super().__init__(described or "no rank failed")
 
 
 class NativeRuntimeUnavailable(DistripyError, ImportError):

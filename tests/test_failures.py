@@ -97,25 +97,35 @@ def test_a_failed_peer_makes_the_survivor_raise_reset_and_exit_in_time(path_kind
 # -- the command ---------------------------------------------------------------------------------------
 
 
-def _children(pid: int):
-    """The direct child processes of ``pid`` (from /proc)."""
-    children = []
+def _descendants(pid: int):
+    """Every process below ``pid`` (from /proc)."""
+    children = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == pid:
-                children.append(int(entry.name))
-    return children
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def _rank_of(pid: int):
+    """The rank a process is: its name (``distripy-rank<N>``, what a rank forked from the
+    launcher's server calls itself, ``runtime.distributed.run_python``), else ``RANK`` in the
+    environment it was started with (a rank started as a fresh interpreter)."""
     try:
+        name = (Path("/proc") / str(pid) / "comm").read_text().strip()
         environment = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
     except OSError:
         return None
+    if name.startswith("distripy-rank"):
+        return int(name[len("distripy-rank") :])
     ranks = [item[5:] for item in environment if item.startswith(b"RANK=")]
     return int(ranks[0]) if ranks else None
 
@@ -165,7 +175,7 @@ def test_a_stopped_rank_under_the_command_makes_rank_0_fail_and_exit_in_time(tin
         while b"it/s" not in errors and b"s/it" not in errors:  # rank 0's progress bar: generating
             assert launcher.poll() is None and time.monotonic() < deadline, errors.decode()[-3000:]
             time.sleep(0.05)
-        ranks = {_rank_of(pid): pid for pid in _children(launcher.pid)}
+        ranks = {_rank_of(pid): pid for pid in _descendants(launcher.pid)}
         assert {0, 1} <= set(ranks), ranks
         os.kill(ranks[1], signal.SIGSTOP)
         stopped.append(ranks[1])

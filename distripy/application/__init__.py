@@ -20,7 +20,7 @@ from distripy.application.checks import (
     check_world,
 )
 from distripy.application.generate import GenerateJob, GenerateResult, check_job, read_job, run_job, write_job
-from distripy.application.loader import LoadedPipeline, load, rank_device
+from distripy.application.loader import RANK_MODULES, LoadedPipeline, load, rank_device
 from distripy.application.progress import StepProgress
 from distripy.application.request import REFINER_START, TIMESTEP_SPACINGS, GenerationRequest, adapter_names
 from distripy.application.runner import RequestRunner
@@ -34,6 +34,7 @@ __all__ = [
     "GenerationRequest",
     "LoadedPipeline",
     "PipelineSpec",
+    "RANK_MODULES",
     "REFINER_START",
     "RequestRunner",
     "SpecFacts",

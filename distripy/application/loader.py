@@ -15,7 +15,20 @@ from distripy.application.request import adapter_names
 from distripy.application.spec import PipelineSpec
 from distripy.geometry import BandGeometry
 
-__all__ = ["LoadedPipeline", "load", "rank_device", "torch_dtype"]
+__all__ = ["LoadedPipeline", "RANK_MODULES", "load", "rank_device", "torch_dtype"]
+
+RANK_MODULES = (
+    "torch",
+    "torch.distributed",
+    "distripy.api",
+    "distripy.application.generate",
+    "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
+    "transformers.models.clip.modeling_clip",
+    "transformers.models.clip.tokenization_clip",
+)
+"""The modules a rank that loads and runs a pipeline imports first (the launcher's ``preload``,
+``runtime.distributed.launch_local``): imported once for all ranks where they fork from one
+server. A module missing here is imported by the rank itself."""
 
 
 @dataclasses.dataclass

@@ -28,6 +28,7 @@ from multiprocessing.connection import Listener
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from distripy.application import RANK_MODULES
 from distripy.errors import EngineError, EngineTimeoutError
 from distripy.runtime.distributed import launcher_command
 from distripy.geometry import BandGeometry
@@ -144,7 +145,7 @@ class LaunchedRanks:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(device) for device in devices)
         # distripy's one launcher (``launch_local``, as ``distripy generate --nproc``), in a process
         # of its own that ``stop`` can end with every rank
-        command = launcher_command(nproc, ["-m", "distripy.serving.worker"])
+        command = launcher_command(nproc, ["-m", "distripy.serving.worker"], preload=RANK_MODULES)
         self.launcher = subprocess.Popen(
             command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
