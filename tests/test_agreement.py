@@ -168,6 +168,28 @@ def test_digests_tell_apart_what_a_sum_alone_would_not():
     assert plain["kwargs"] == ("dict", (("scale", 1),))
 
 
+def test_images_are_digested_by_their_pixels_without_a_warning():
+    """A PIL image (a control or init image) and an array: the same pixels, the same digest; one
+    pixel changed, another. A PIL image's array is read-only, which torch would warn about."""
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from distripy.parallel.digest import digest_arguments
+
+    pixels = np.random.default_rng(87).integers(0, 256, (8, 6, 3), dtype=np.uint8)
+    changed = pixels.copy()
+    changed[3, 2, 1] ^= 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        digests = [
+            digest_arguments({"image": image})["image"]
+            for image in (Image.fromarray(pixels), Image.fromarray(pixels.copy()), Image.fromarray(changed), pixels)
+        ]
+    assert digests[0] == digests[1] == digests[3] != digests[2]
+
+
 class _LoraLike(torch.nn.Module):
     """What the agreement reads of a PEFT LoRA layer: its active adapters and their scales."""
 

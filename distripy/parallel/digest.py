@@ -34,7 +34,7 @@ def _as_tensor(value: Any):
     if type(value).__module__.startswith("PIL.") or type(value).__name__ == "ndarray":
         import numpy as np
 
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(value)))
+        return torch.from_numpy(np.array(value, order="C"))  # a copy: a PIL image's array is read-only
     return None
 
 
