@@ -290,17 +290,35 @@ def codec_jobs(dtypes, capabilities, bits=(1, 2)) -> Iterator[Job]:
                     yield Job(launch, record)
 
 
+def fp8_codec_jobs(dtypes, capabilities) -> Iterator[Job]:
+    """The fp8 exchange codec's two kernels (encode, decode) on the same band's keys and values."""
+    import torch
+
+    from distripy.kernels import fp8_codec
+
+    rows, cols = 1024, 1280
+    for dtype in dtypes:
+        x = torch.empty((rows, cols), dtype=_torch_dtype(dtype))
+        packed = torch.empty(fp8_codec.fp8_layout(rows, cols).nbytes, dtype=torch.uint8)
+        launches = (("encode", fp8_codec.encode_launch(x, packed)), ("decode", fp8_codec.decode_launch(packed, x)))
+        for variant, launch in launches:
+            for capability in capabilities:
+                yield Job(launch, Compiled("fp8_codec", variant, f"R{rows}_C{cols}", dtype, capability, "-"))
+
+
 def ci_jobs() -> List[Job]:
     """The subset CI compiles (``tests/test_compile_targets.py``, about a minute on 2 cores): every
     autotune configuration once per target in one representative dtype (fp16 on sm_90a, bf16 on
     sm_80; fp32 for the fp32 tiles), in the variants that need the most registers (the prologue in
-    both layouts, the plain convolution channels-last), every GroupNorm kernel, and the residual
-    codec's three kernels (2 bits on sm_90a, 1 bit on sm_80)."""
+    both layouts, the plain convolution channels-last), every GroupNorm kernel, the residual
+    codec's three kernels (2 bits on sm_90a, 1 bit on sm_80) and the fp8 codec's two (fp16 on
+    sm_90a, bf16 on sm_80)."""
     from distripy.kernels import halo_conv_triton
 
     jobs = list(group_norm_jobs(["fp16"], [90]))
     jobs += list(group_norm_jobs(["bf16"], [80], layouts=["channels_last"]))
     jobs += list(codec_jobs(["fp16"], [90], bits=(2,))) + list(codec_jobs(["bf16"], [80], bits=(1,)))
+    jobs += list(fp8_codec_jobs(["fp16"], [90])) + list(fp8_codec_jobs(["bf16"], [80]))
     for family in (halo_conv_triton._CONFIGS_16BIT, halo_conv_triton._CONFIGS_FP32):
         for capability, dtype in ((90, "fp16"), (80, "bf16")):
             if family is halo_conv_triton._CONFIGS_FP32:
@@ -444,6 +462,7 @@ def main(argv=None) -> int:
         jobs = list(group_norm_jobs(args.dtypes, args.capabilities, args.layouts))
         jobs += list(halo_conv_jobs(args.dtypes, args.capabilities, layouts=args.layouts))
         jobs += list(codec_jobs(args.dtypes, args.capabilities))
+        jobs += list(fp8_codec_jobs(args.dtypes, args.capabilities))
     records = run(jobs, args.workers)
     rows = [dict(asdict(r), fits=r.fits, spills=r.spills, problems=problems(r)) for r in records]
     report = {"environment": environment(), "kernels": rows, "offsets": offset_report()}

@@ -80,6 +80,12 @@ def test_every_kernel_and_configuration_was_compiled_for_both_targets(report):
             assert any(
                 k == "residual_codec" and v == f"{kernel_part}_{variant}" and c == capability for k, v, _, c in seen
             ), (kernel_part, variant, capability)
+    for variant in ("encode", "decode"):
+        for capability in (90, 80):  # fp8 in integer arithmetic: sm_80 has no fp8 type
+            assert any(k == "fp8_codec" and v == variant and c == capability for k, v, _, c in seen), (
+                variant,
+                capability,
+            )
     dtypes = {r["dtype"] for r in report["kernels"] if r["kernel"] == "halo_conv2d"}
     assert dtypes == {"fp16", "bf16", "fp32"}
 

@@ -22,7 +22,10 @@ CUDA live beside their reference and are tested against it (on CPU under ``TRITO
   around it, the boundary rows its neighbours need written out on the way) (+ Triton kernel);
 * ``residual_codec``: an exchanged tensor as its 1- or 2-bit change since the baseline sender and
   receivers share, with rank-1 scales and error feedback, packed for one transfer (+ Triton
-  kernels: encode and decode, each one pass with the baseline's update).
+  kernels: encode and decode, each one pass with the baseline's update);
+* ``fp8_codec``: an exchanged tensor as e4m3 bytes with a power-of-two scale per row, packed for
+  one transfer (+ Triton kernels: encode and decode, each one pass; integer arithmetic, so that they
+  compile for sm_80 too).
 
 ``meta_as_gpu()`` makes ``auto`` choose the GPU paths for tensors on the ``meta`` device, where a
 whole step runs without memory (``bench/kernel_count.py`` counts a GPU step's kernels so).
@@ -67,8 +70,12 @@ from distripy.kernels.halo_conv_triton import halo_conv2d_triton  # noqa: F401  
 from distripy.kernels._backend import meta_as_gpu
 from distripy.kernels.halo_pad import halo_pad, halo_pad_reference
 from distripy.kernels.residual_codec import nonfinite_rows, residual_decode_, residual_encode_, residual_layout
+from distripy.kernels.fp8_codec import fp8_decode_, fp8_encode_, fp8_layout
 
 __all__ = [
+    "fp8_decode_",
+    "fp8_encode_",
+    "fp8_layout",
     "nonfinite_rows",
     "residual_decode_",
     "residual_encode_",

@@ -5,7 +5,9 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["flat_spatial_strides", "needs_64_bit_offsets", "next_power_of_2"]
+from distripy.errors import InputError
+
+__all__ = ["check_packed", "flat_spatial_strides", "needs_64_bit_offsets", "next_power_of_2"]
 
 INT32_LIMIT = 2**31 - 1
 
@@ -41,3 +43,14 @@ def needs_64_bit_offsets(*tensors: torch.Tensor) -> bool:
         if extent > INT32_LIMIT or x.numel() > INT32_LIMIT:
             return True
     return False
+
+
+def check_packed(codec: str, packed: torch.Tensor, nbytes: int, what: str) -> None:
+    """An exchange codec's packed buffer: contiguous uint8 ``(nbytes,)`` (``what`` says for which
+    tensor, in the error)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != nbytes:
+        raise InputError(
+            f"{codec}: the packed buffer must be uint8 ({nbytes},) for {what}, got {packed.dtype} {tuple(packed.shape)}"
+        )
+    if not packed.is_contiguous():
+        raise InputError(f"{codec}: the packed buffer must be contiguous")

@@ -44,7 +44,7 @@ import triton.language as tl
 from distripy.errors import InputError
 from distripy.kernels._backend import use_triton
 from distripy.kernels._launch import Launch
-from distripy.kernels._layout import needs_64_bit_offsets
+from distripy.kernels._layout import check_packed, needs_64_bit_offsets
 
 __all__ = [
     "RESIDUAL_BITS",
@@ -99,13 +99,7 @@ class ResidualLayout(NamedTuple):
     def views(self, packed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(row_scales, col_scales, codes)`` of ``packed``: fp32 ``(rows,)``, fp32 ``(cols,)``,
         uint8 ``(rows, row_bytes)``, views sharing its memory."""
-        if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != self.nbytes:
-            raise InputError(
-                f"residual codec: the packed buffer must be uint8 ({self.nbytes},) for {self.rows} x "
-                f"{self.cols} at {self.bits} bits, got {packed.dtype} {tuple(packed.shape)}"
-            )
-        if not packed.is_contiguous():
-            raise InputError("residual codec: the packed buffer must be contiguous")
+        check_packed("residual codec", packed, self.nbytes, f"{self.rows} x {self.cols} at {self.bits} bits")
         row_scales = packed[: self.col_scales_at].view(torch.float32)
         col_scales = packed[self.col_scales_at : self.codes_at].view(torch.float32)
         codes = packed[self.codes_at : self.codes_at + self.rows * self.row_bytes].view(self.rows, self.row_bytes)
