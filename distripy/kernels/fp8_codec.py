@@ -30,7 +30,7 @@ import triton.language as tl
 from distripy.errors import InputError
 from distripy.kernels._backend import use_triton
 from distripy.kernels._launch import Launch
-from distripy.kernels._layout import needs_64_bit_offsets
+from distripy.kernels._layout import check_packed, needs_64_bit_offsets
 from distripy.kernels.residual_codec import nonfinite_rows
 
 __all__ = [
@@ -68,13 +68,7 @@ class Fp8Layout(NamedTuple):
     def views(self, packed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(scales, codes)`` of ``packed``: fp32 ``(rows,)`` and uint8 ``(rows, cols)``, views
         sharing its memory."""
-        if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != self.nbytes:
-            raise InputError(
-                f"fp8 codec: the packed buffer must be uint8 ({self.nbytes},) for {self.rows} x {self.cols}, "
-                f"got {packed.dtype} {tuple(packed.shape)}"
-            )
-        if not packed.is_contiguous():
-            raise InputError("fp8 codec: the packed buffer must be contiguous")
+        check_packed("fp8 codec", packed, self.nbytes, f"{self.rows} x {self.cols}")
         scales = packed[: self.codes_at].view(torch.float32)
         codes = packed[self.codes_at : self.codes_at + self.rows * self.cols].view(self.rows, self.cols)
         return scales, codes
