@@ -35,7 +35,8 @@ WIDTH = 16
 
 def _logged_step(world, rank, height, split, mode):
     """What rank ``rank`` of ``world`` sends in its second step (asynchronous after a 1-step
-    warm-up), as a ``LoopbackComm`` logs it while the tiny UNet runs."""
+    warm-up), as a ``LoopbackComm`` logs it while the tiny UNet runs, and the bytes its modules
+    keep for the next step after it (every registered module's exchange buffers)."""
     from distripy.runtime import LoopbackComm, TrafficLog
 
     unet = tiny_sdxl_unet(0)
@@ -47,8 +48,16 @@ def _logged_step(world, rank, height, split, mode):
         for step, timestep in enumerate((900, 800)):
             log.step = step
             unet(sample, timestep, **sdxl_conditioning(2, 1))
+    (context,) = {id(m.patch_context): m.patch_context for m in unet.modules() if hasattr(m, "patch_context")}.values()
+    kept = sum(
+        tensor.numel() * tensor.element_size()
+        for state in context.states
+        if state.exchange is not None
+        for tensor in state.exchange.buffers
+        if tensor is not None
+    )
     distripy.reset(unet)
-    return [t for t in log.transfers if t.step == 1]
+    return [t for t in log.transfers if t.step == 1], kept
 
 
 @pytest.mark.parametrize(
@@ -64,7 +73,7 @@ def _logged_step(world, rank, height, split, mode):
 def test_traffic_walk_equals_what_the_model_sends(world, rank, height, split, mode):
     from distripy.pipelines.tiny import tiny_sdxl_unet_config
 
-    logged = _logged_step(world, rank, height, split, mode)
+    logged, kept = _logged_step(world, rank, height, split, mode)
     bands = world // 2 if split else world
     layout = BandLayout.split(height // 4, bands)
     walk = step_traffic(
@@ -74,6 +83,8 @@ def test_traffic_walk_equals_what_the_model_sends(world, rank, height, split, mo
     assert Counter((t.op, t.sent, t.received) for t in logged) == Counter(
         (t.op, t.sent, t.received) for t in walk.transfers
     )
+    assert walk.kept_bytes() == kept  # the stale buffers (in exact: the GroupNorm sums alone)
+    assert (kept > 0) == (bands > 1)
     if mode == "corrected_async_gn":  # the same transfers leave together at each checkpoint
         by_group, by_block = {}, {}
         for t in logged:

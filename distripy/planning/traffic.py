@@ -52,16 +52,36 @@ class Transfer:
 
 @dataclass(frozen=True)
 class StepTraffic:
-    """One rank's transfers in one step, and how many checkpoints (blocks) the step has."""
+    """One rank's transfers in one step, how many checkpoints (blocks) the step has, and whether
+    it is an ``exact`` step (halos overlapped with the interior, keys and values by ring shifts)."""
 
     transfers: Tuple[Transfer, ...]
     blocks: int
+    exact: bool = False
 
     def bytes_by_kind(self) -> Dict[str, int]:
         totals = {"halo": 0, "gn_stats": 0, "kv": 0, "output": 0}
         for transfer in self.transfers:
             totals[transfer.kind] += transfer.sent
         return totals
+
+    def kept_bytes(self) -> int:
+        """The bytes this rank keeps from a step for the next, when that step exchanges as this
+        traffic does and keeps what it received (an asynchronous step: its stale buffers): each
+        convolution's received halo rows, each GroupNorm's image and band sums (twice the
+        all-reduce's payload), each self-attention's keys and values of every band (the whole
+        all-gather); nothing of the output. With CUDA graphs there are two such sets, one per step
+        parity. An ``exact`` step keeps only its GroupNorm sums: its halos and ring shifts' blocks
+        serve this step alone."""
+        kept = 0
+        for transfer in self.transfers:
+            if transfer.kind == "halo" and not self.exact:
+                kept += transfer.received
+            elif transfer.kind == "gn_stats":
+                kept += 2 * transfer.sent
+            elif transfer.kind == "kv" and transfer.op == "all_gather":
+                kept += transfer.sent + transfer.received
+        return kept
 
     def count_by_kind(self) -> Dict[str, int]:
         counts = {"halo": 0, "gn_stats": 0, "kv": 0, "output": 0}
@@ -179,7 +199,7 @@ def step_traffic(
     if len(units) == 1:  # one band: nothing between bands; the halves' outputs are gathered
         if halves > 1:
             walk.output(config.get("out_channels", 4))
-        return StepTraffic(tuple(walk.transfers), 2 * levels + 2)
+        return StepTraffic(tuple(walk.transfers), 2 * levels + 2, exact)
 
     for i, kind in enumerate(config["down_block_types"]):  # conv_in: halos from the latent itself
         inner, outer = channels[max(i - 1, 0)], channels[i]
@@ -220,4 +240,4 @@ def step_traffic(
     walk.conv(channels[0], 0)
     walk.block += 1
     walk.output(config.get("out_channels", 4))
-    return StepTraffic(tuple(walk.transfers), walk.block)
+    return StepTraffic(tuple(walk.transfers), walk.block, exact)
