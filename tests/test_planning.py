@@ -68,6 +68,7 @@ def _logged_step(world, rank, height, split, mode):
         (6, 4, 28, True, "exact"),  # CFG split: bands 3, 2, 2 per half; ring shifts
         (6, 5, 28, True, "corrected_async_gn"),  # the bottom band of the second half
         (2, 1, 32, True, "corrected_async_gn"),  # one band per half: only the output travels
+        (4, 2, 32, False, "sync_gn"),  # stale activations, fresh statistics
     ],
 )
 def test_traffic_walk_equals_what_the_model_sends(world, rank, height, split, mode):
@@ -83,8 +84,13 @@ def test_traffic_walk_equals_what_the_model_sends(world, rank, height, split, mo
     assert Counter((t.op, t.sent, t.received) for t in logged) == Counter(
         (t.op, t.sent, t.received) for t in walk.transfers
     )
-    assert walk.kept_bytes() == kept  # the stale buffers (in exact: the GroupNorm sums alone)
-    assert (kept > 0) == (bands > 1)
+    # the stale buffers; full_sync and exact keep nothing (no step of theirs reads them), sync_gn
+    # no GroupNorm sums (every step's are fresh)
+    from distripy.parallel.step_policy import keeps_activations, keeps_statistics
+
+    expected = walk.kept_bytes(statistics=keeps_statistics(mode)) if keeps_activations(mode) else 0
+    assert kept == expected
+    assert (kept > 0) == (bands > 1 and mode not in ("full_sync", "exact"))
     if mode == "corrected_async_gn":  # the same transfers leave together at each checkpoint
         by_group, by_block = {}, {}
         for t in logged:

@@ -98,7 +98,8 @@ class PatchSelfAttnProcessor(PatchState):
                 works = [ctx.comm.all_gather(send[item], gathered[item]) for item in range(batch)]
             for work in works:
                 work.wait()
-            self.keep_exchange((), gathered)
+            if ctx.keeps_activations:  # for a stale step to come
+                self.keep_exchange((), gathered)
         elif exchange is ActivationExchange.STALE:
             (gathered,) = self.take_stale()
             if torch.is_grad_enabled() and projected.key.requires_grad:

@@ -314,6 +314,16 @@ class PatchContext:
         return step_policy.statistics_exchange(self.mode, self._synchronous)
 
     @property
+    def keeps_activations(self) -> bool:
+        """Whether a synchronous step keeps its exchanged activations (``step_policy``)."""
+        return step_policy.keeps_activations(self.mode)
+
+    @property
+    def keeps_statistics(self) -> bool:
+        """Whether a synchronous step keeps its GroupNorm sums (``step_policy``)."""
+        return step_policy.keeps_statistics(self.mode)
+
+    @property
     def has_neighbours(self) -> bool:
         return self.active and self.band_count > 1
 

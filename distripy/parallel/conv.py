@@ -116,7 +116,8 @@ class PatchConv2d(nn.Conv2d, PatchState):
             buffers = self._halo_buffers(x, prologue)
             ctx.comm.halo_exchange(*buffers).wait()
             top, bottom = buffers[2], buffers[3]
-            self.keep_exchange((), top, bottom)
+            if ctx.keeps_activations:  # for a stale step to come
+                self.keep_exchange((), top, bottom)
         elif exchange is ActivationExchange.STALE:
             top, bottom = self.take_stale()
             # This step's boundary rows, for the next step: written by the convolution below.

@@ -7,7 +7,18 @@ The asynchronous steps of each mode then use the previous step's, as the tables 
 
 import enum
 
-__all__ = ["ActivationExchange", "StatisticsExchange", "activation_exchange", "statistics_exchange", "synchronous"]
+__all__ = [
+    "ALWAYS_SYNCHRONOUS",
+    "ActivationExchange",
+    "StatisticsExchange",
+    "activation_exchange",
+    "keeps_activations",
+    "keeps_statistics",
+    "statistics_exchange",
+    "synchronous",
+]
+
+ALWAYS_SYNCHRONOUS = ("full_sync", "exact")
 
 
 class ActivationExchange(str, enum.Enum):
@@ -30,7 +41,23 @@ class StatisticsExchange(str, enum.Enum):
 
 def synchronous(mode: str, warmup_steps: int, step: int) -> bool:
     """Whether step ``step`` (from 0) exchanges fresh values."""
-    return mode in ("full_sync", "exact") or step < max(1, warmup_steps)
+    return mode in ALWAYS_SYNCHRONOUS or step < max(1, warmup_steps)
+
+
+def keeps_activations(mode: str) -> bool:
+    """Whether a synchronous step keeps the activations it exchanged (halo rows, keys and values)
+    for the next step: only where a later step reads them stale. Kept for nothing, they would hold
+    a whole stale-buffer set of memory (``planning.StepTraffic.kept_bytes``) in every step."""
+    return mode not in ALWAYS_SYNCHRONOUS and activation_exchange(mode, False) is ActivationExchange.STALE
+
+
+def keeps_statistics(mode: str) -> bool:
+    """Whether a synchronous step keeps its GroupNorm sums: only where a later step combines them
+    with its own (``corrected_async_gn``, ``stale_gn``)."""
+    return mode not in ALWAYS_SYNCHRONOUS and statistics_exchange(mode, False) in (
+        StatisticsExchange.CORRECTED,
+        StatisticsExchange.STALE,
+    )
 
 
 def activation_exchange(mode: str, synchronous_step: bool) -> ActivationExchange:

@@ -65,19 +65,21 @@ class StepTraffic:
             totals[transfer.kind] += transfer.sent
         return totals
 
-    def kept_bytes(self) -> int:
-        """The bytes this rank keeps from a step for the next, when that step exchanges as this
-        traffic does and keeps what it received (an asynchronous step: its stale buffers): each
-        convolution's received halo rows, each GroupNorm's image and band sums (twice the
-        all-reduce's payload), each self-attention's keys and values of every band (the whole
-        all-gather); nothing of the output. With CUDA graphs there are two such sets, one per step
-        parity. An ``exact`` step keeps only its GroupNorm sums: its halos and ring shifts' blocks
-        serve this step alone."""
+    def kept_bytes(self, statistics: bool = True) -> int:
+        """The bytes this rank keeps from a step for the next in a mode whose later steps read the
+        previous step's values (the asynchronous modes: their stale buffers): each convolution's
+        received halo rows, each self-attention's keys and values of every band (the whole
+        all-gather), and with ``statistics`` (``corrected_async_gn``, ``stale_gn``) each
+        GroupNorm's image and band sums (twice the all-reduce's payload); nothing of the output.
+        With CUDA graphs there are two such sets, one per step parity. ``full_sync`` and ``exact``
+        keep nothing (``parallel.step_policy.keeps_activations``)."""
+        if self.exact:
+            return 0
         kept = 0
         for transfer in self.transfers:
-            if transfer.kind == "halo" and not self.exact:
+            if transfer.kind == "halo":
                 kept += transfer.received
-            elif transfer.kind == "gn_stats":
+            elif transfer.kind == "gn_stats" and statistics:
                 kept += 2 * transfer.sent
             elif transfer.kind == "kv" and transfer.op == "all_gather":
                 kept += transfer.sent + transfer.received
