@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from distripy.serving.ranks import descendants
+
 TIMEOUT_S = 3.0
 
 
@@ -97,24 +99,6 @@ def test_a_failed_peer_makes_the_survivor_raise_reset_and_exit_in_time(path_kind
 # -- the command ---------------------------------------------------------------------------------------
 
 
-def _descendants(pid: int):
-    """Every process below ``pid`` (from /proc)."""
-    children = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _rank_of(pid: int):
     """The rank a process is: its name (``distripy-rank<N>``, what a rank forked from the
     launcher's server calls itself, ``runtime.distributed.run_python``), else ``RANK`` in the
@@ -175,7 +159,7 @@ def test_a_stopped_rank_under_the_command_makes_rank_0_fail_and_exit_in_time(tin
         while b"it/s" not in errors and b"s/it" not in errors:  # rank 0's progress bar: generating
             assert launcher.poll() is None and time.monotonic() < deadline, errors.decode()[-3000:]
             time.sleep(0.05)
-        ranks = {_rank_of(pid): pid for pid in _descendants(launcher.pid)}
+        ranks = {_rank_of(pid): pid for pid in descendants(launcher.pid)}
         assert {0, 1} <= set(ranks), ranks
         os.kill(ranks[1], signal.SIGSTOP)
         stopped.append(ranks[1])
