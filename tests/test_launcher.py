@@ -63,14 +63,28 @@ def _launch(world, arguments, tmp_path, preload=("torch", "torch.distributed"), 
     )
 
 
-@pytest.mark.parametrize("form", ["script", "module"])
+@pytest.mark.parametrize("form", ["script", "module", "preloaded module"])
 def test_every_rank_runs_as_main_with_torchruns_variables_and_meets_the_others(form, tmp_path):
+    """``preloaded module``: a package's module the server imported (as ``distripy.cli`` is for
+    the command's ranks) runs again as ``__main__``, as ``python -m`` runs it, without runpy's
+    warning about finding it imported."""
     (tmp_path / "rank_program.py").write_text(RANK_CODE)
+    (tmp_path / "rank_package").mkdir()
+    (tmp_path / "rank_package" / "__init__.py").write_text("")
+    guarded = "\n".join("    " + line for line in RANK_CODE.splitlines())
+    (tmp_path / "rank_package" / "program.py").write_text(f"if __name__ == '__main__':\n{guarded}\n")
     out = tmp_path / "out"
     out.mkdir()
-    program = [str(tmp_path / "rank_program.py")] if form == "script" else ["-m", "rank_program"]
-    result = _launch(3, [*program, str(out), "first", "second"], tmp_path, threads="2")
+    program, preload = {
+        "script": ([str(tmp_path / "rank_program.py")], ()),
+        "module": (["-m", "rank_program"], ()),
+        "preloaded module": (["-m", "rank_package.program"], ("rank_package.program",)),
+    }[form]
+    result = _launch(
+        3, [*program, str(out), "first", "second"], tmp_path, ("torch", "torch.distributed", *preload), threads="2"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "RuntimeWarning" not in result.stderr, result.stderr[-3000:]
     for rank in range(3):
         world, total, local_rank, name, module, threads, *rest = (out / f"rank{rank}").read_text().split(" ")
         assert (world, total, local_rank, module, rest) == ("3", "6", str(rank), "__main__", ["first", "second"])

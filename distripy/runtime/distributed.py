@@ -5,7 +5,9 @@ launcher of distripy's ranks: ``distripy generate --nproc N`` calls it in its ow
 distripy.runtime.distributed N ARGUMENTS...``), which it can stop with every rank."""
 
 import os
+import re
 import sys
+import warnings
 from datetime import timedelta
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -197,6 +199,11 @@ def run_python(*arguments: str) -> None:
         torch.set_num_threads(int(threads))
     if arguments[0] == "-m":
         sys.argv = [arguments[1], *arguments[2:]]
+        # The server preloaded the module; running it again as ``__main__`` is what ``python -m``
+        # does, and runpy's warning about it would be printed by every rank of every launch.
+        warnings.filterwarnings(
+            "ignore", message=f"'{re.escape(arguments[1])}' found in sys.modules", category=RuntimeWarning
+        )
         runpy.run_module(arguments[1], run_name="__main__", alter_sys=True)
     else:
         sys.argv = list(arguments)
