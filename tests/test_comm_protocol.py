@@ -118,6 +118,10 @@ def _group_body(rank, world_size, kind):
             works[0].wait()
     for work in works:
         work.synchronize(30)
+    for work in works:  # waiting again on a completed Work returns at once (a synchronous step's)
+        work.wait()
+        work.synchronize(30)
+        assert work.done()
     for kind_, i, value in recvs:
         if kind_ == "reduce":
             expected = sum(_rank_data(r, (i % 5 + 1, 3), seed=10 + i).double() for r in range(world_size))

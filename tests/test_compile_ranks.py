@@ -3,16 +3,24 @@ steps, a synchronous then an asynchronous one, equal the eager ones (``test_comp
 the compile tests check and why they use dynamo's ``eager`` backend)."""
 
 import torch
-from test_compile import TIMESTEPS, small_unet, step_inputs
+from test_compile import ONE_LEVEL_UNET, TIMESTEPS
+from unet_models import sdxl_conditioning, tiny_sdxl_unet
+
+import distripy
+
+
+def _unet(comm):
+    config = distripy.DistriConfig(warmup_steps=1, split_batch=False)
+    return distripy.parallelize(tiny_sdxl_unet(0, **ONE_LEVEL_UNET), config, comm=comm)
 
 
 def _compiled_on_ranks(rank, world_size):
     from distripy.runtime import TorchComm
 
-    torch.manual_seed(0)
-    latents, conditioning = step_inputs()
-    eager = small_unet(TorchComm())
-    compiled = torch.compile(small_unet(TorchComm()), backend="eager")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    conditioning = sdxl_conditioning(2, 1)
+    eager = _unet(TorchComm())
+    compiled = torch.compile(_unet(TorchComm()), backend="eager")
     with torch.no_grad():
         for step, t in enumerate(TIMESTEPS[:2]):  # the synchronous step, then an asynchronous one
             x = latents + 0.01 * step

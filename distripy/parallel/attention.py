@@ -99,7 +99,7 @@ class PatchSelfAttnProcessor(PatchState):
             for work in works:
                 work.wait()
             if ctx.keeps_activations:  # for a stale step to come
-                self.keep_exchange((), gathered)
+                self.keep_exchange(works, gathered)
         elif exchange is ActivationExchange.STALE:
             (gathered,) = self.take_stale()
             if torch.is_grad_enabled() and projected.key.requires_grad:

@@ -35,7 +35,12 @@ __all__ = ["ActivationExchange", "Exchange", "PatchContext", "PatchState", "Stat
 @dataclass(frozen=True)
 class Exchange:
     """What one module's exchange of a step leaves for the next step: the ``Work`` handles of the
-    transfers (none once complete) and the buffers they fill, in the module's own order."""
+    transfers and the buffers they fill, in the module's own order.
+
+    A synchronous step keeps its handles too, already waited for (waiting again is free): the next
+    step then meets the same structure after a synchronous step as after an asynchronous one, and a
+    compiled stale step is traced once, not once more for the first stale step of a generation.
+    Handles a CUDA graph captured are dropped after it (``completed``)."""
 
     works: Tuple = ()
     buffers: Tuple[Optional[torch.Tensor], ...] = ()

@@ -114,10 +114,11 @@ class PatchConv2d(nn.Conv2d, PatchState):
             top, bottom = whole.halos(self.halo_top, self.halo_bottom)
         elif exchange is ActivationExchange.SYNC:
             buffers = self._halo_buffers(x, prologue)
-            ctx.comm.halo_exchange(*buffers).wait()
+            work = ctx.comm.halo_exchange(*buffers)
+            work.wait()
             top, bottom = buffers[2], buffers[3]
             if ctx.keeps_activations:  # for a stale step to come
-                self.keep_exchange((), top, bottom)
+                self.keep_exchange((work,), top, bottom)
         elif exchange is ActivationExchange.STALE:
             top, bottom = self.take_stale()
             # This step's boundary rows, for the next step: written by the convolution below.

@@ -64,9 +64,10 @@ class PatchGroupNorm(nn.GroupNorm, PatchState):
         if exchange is StatisticsExchange.SYNC:
             image, local = self._kept_sums(partials)
             group_norm_sum_partials(partials, sums_out=(image, local), backend=backend)
-            ctx.comm.all_reduce(image).wait()
+            work = ctx.comm.all_reduce(image)
+            work.wait()
             if ctx.keeps_statistics:  # for a corrected or stale step to come
-                self.keep_exchange((), image, local)
+                self.keep_exchange((work,), image, local)
             return group_norm_mean_rstd(image, count=total, eps=self.eps, backend=backend)
         image_prev, local_prev = self.take_stale()
         if exchange is StatisticsExchange.CORRECTED:

@@ -27,7 +27,9 @@ bands, in band order). Every operation is asynchronous and returns a ``Work``:
 ``Work.wait()`` orders what the caller does next after the transfer: on CUDA the caller's current
 stream waits on the GPU (no host block); on CPU the caller blocks, for at most the comm's timeout.
 ``Work.synchronize(timeout_s)`` blocks the host and raises ``CommTimeoutError`` at the timeout.
-Buffers must not be touched between issue and ``wait``.
+Buffers must not be touched between issue and ``wait``. A ``Work`` may be waited for (or
+synchronised) again after it completed; that returns at once (a synchronous step keeps its handles
+for the next step, which waits on them as on an asynchronous step's).
 
 ``broken``: true once a transfer of this comm or of the comm it is a subgroup of failed (see
 ``runtime.health``); from then on every operation and wait raises ``CommError`` at once, and

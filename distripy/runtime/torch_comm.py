@@ -44,6 +44,9 @@ class TorchWork:
         self._on_cuda = on_cuda
         self._timeout_s = timeout_s
         self._health = health
+        # Waited for on the host once: gloo's point-to-point works wait for one more completion
+        # at each wait, so a second wait on a completed one would block until the timeout.
+        self._complete = False
 
     def wait(self) -> None:
         if self._on_cuda:
@@ -55,11 +58,15 @@ class TorchWork:
             self.synchronize(self._timeout_s)
 
     def synchronize(self, timeout_s: Optional[float] = None) -> None:
+        if self._complete:
+            self._health.check(f"waiting for {self._op}")
+            return
         timeout_s = self._timeout_s if timeout_s is None else timeout_s
         _wait_until(self._works, self._op, time.monotonic() + timeout_s, timeout_s, self._health)
+        self._complete = True
 
     def done(self) -> bool:
-        return all(work.is_completed() for work in self._works)
+        return self._complete or all(work.is_completed() for work in self._works)
 
 
 def _wait_until(works: List, op: str, deadline: float, timeout_s: float, health: CommHealth) -> None:
