@@ -90,6 +90,63 @@ def test_every_operation_moves_the_right_data(run_ranks, kind, world_size):
     assert run_ranks(_ops_body, world_size, kind, timeout=60) == [True] * world_size
 
 
+def _coalescing_body(rank, world_size):
+    """On CPU a ``group()`` scope's all-reduces of one dtype leave as one operation, and so do its
+    all-gathers and its halo exchanges; each part lands in its own buffer (a rank passing ``None``
+    for a side included), and a lone operation or another dtype leaves on its own."""
+    comm = _make_comm("torch")
+    first, last = rank == 0, rank == world_size - 1
+    reduced = [_rank_data(rank, (i + 1, 3), seed=40 + i) for i in range(3)]
+    reduced.append(_rank_data(rank, (4, 2, 3), seed=43))
+    doubles = [_rank_data(rank, (2,), seed=44 + i).double() for i in range(2)]
+    counts = torch.tensor([rank + 1, 10 * rank])  # int64: alone in its batch
+    sends = [_rank_data(rank, (3, 2), seed=50), _rank_data(rank, (2, 5), seed=51)]
+    recvs = [torch.empty(world_size, 3, 2), torch.empty(world_size, 2, 5)]
+    halos = []
+    with comm.group():
+        works = [comm.all_reduce(buf) for buf in reduced + doubles + [counts]]
+        works += [comm.all_gather(send, recv) for send, recv in zip(sends, recvs)]
+        for i in range(3):
+            up = None if first else _rank_data(rank, (i + 1, 2), seed=60 + i)
+            down = None if last or i == 1 else _rank_data(rank, (i + 2, 2), seed=70 + i)  # 1: nothing down
+            top = None if first or i == 1 else torch.empty(i + 2, 2)
+            bottom = None if last else torch.empty(i + 1, 2)
+            halos.append((top, bottom))
+            works.append(comm.halo_exchange(up, down, top, bottom))
+    issued = [getattr(work, "issued", None) for work in works]  # None: a halo with nothing to move
+    assert len({id(w) for w in issued[:4]}) == 1 and len({id(w) for w in issued[4:6]}) == 1
+    assert issued[0] is not issued[4] and issued[6] not in issued[:6]  # by dtype; int64 alone
+    assert issued[7] is issued[8] and issued[7] not in issued[:7]
+    halo_works = {id(w) for w in issued[9:] if w is not None}
+    assert len(halo_works) == 1 and not halo_works & {id(w) for w in issued[:9]}
+    works[-1].wait()  # one wait completes the whole coalesced operation; the others then return
+    for work in works:
+        work.wait()
+        assert work.done()
+    for i, buf in enumerate(reduced):
+        shape = (i + 1, 3) if i < 3 else (4, 2, 3)
+        expected = sum(_rank_data(r, shape, seed=40 + i).double() for r in range(world_size))
+        torch.testing.assert_close(buf.double(), expected, rtol=1e-6, atol=1e-6)
+    for i, buf in enumerate(doubles):
+        expected = sum(_rank_data(r, (2,), seed=44 + i).double() for r in range(world_size))
+        torch.testing.assert_close(buf, expected, rtol=0, atol=1e-12)
+    assert counts.tolist() == [sum(r + 1 for r in range(world_size)), sum(10 * r for r in range(world_size))]
+    for seed, (send, recv) in enumerate(zip(sends, recvs), start=50):
+        expected = torch.stack([_rank_data(r, tuple(send.shape), seed=seed) for r in range(world_size)])
+        torch.testing.assert_close(recv, expected, rtol=0, atol=0)
+    for i, (top, bottom) in enumerate(halos):
+        if top is not None:  # the rank above's "down"
+            torch.testing.assert_close(top, _rank_data(rank - 1, (i + 2, 2), seed=70 + i), rtol=0, atol=0)
+        if bottom is not None:  # the rank below's "up"
+            torch.testing.assert_close(bottom, _rank_data(rank + 1, (i + 1, 2), seed=60 + i), rtol=0, atol=0)
+    return True
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_groups_operations_on_cpu_leave_coalesced_and_land_in_their_buffers(run_ranks, world_size):
+    assert run_ranks(_coalescing_body, world_size, timeout=60) == [True] * world_size
+
+
 def _group_body(rank, world_size, kind):
     """100 operations of mixed kinds in one group() scope, issued when it closes."""
     device = _device(kind, rank)

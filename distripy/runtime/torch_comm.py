@@ -2,13 +2,20 @@
 
 On CPU it runs on gloo, which is how every multi-rank test runs; on GPUs on torch's NCCL process
 group, the baseline the C++ runtime (``NcclComm``) is measured against.
+
+gloo runs every operation as a collective of its own, a few round trips each, and an asynchronous
+step issues dozens of small ones together (``group()``, at each checkpoint). So on CPU the
+all-reduces of one ``group()`` scope with one dtype leave as one all-reduce of their concatenation,
+and so do its all-gathers; each operation's ``Work`` copies its part back when waited for. (NCCL
+fuses a group's operations itself: on GPUs each leaves as it is.)
 """
 
 import contextlib
 import pickle
 import time
 from datetime import timedelta
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -38,12 +45,23 @@ class TorchWork:
     """Handle of one protocol operation: the torch.distributed works it was issued as. A failure
     is recorded in the comm family's ``CommHealth``."""
 
-    def __init__(self, works: List, op: str, on_cuda: bool, timeout_s: float, health: CommHealth) -> None:
+    def __init__(
+        self,
+        works: List,
+        op: str,
+        on_cuda: bool,
+        timeout_s: float,
+        health: CommHealth,
+        finish: Optional[Callable[[], None]] = None,
+    ) -> None:
+        """``finish``: run once, on the host, when the works are complete (a coalesced operation's
+        copy of each part back into its own buffers); only for works on CPU tensors."""
         self._works = works
         self._op = op
         self._on_cuda = on_cuda
         self._timeout_s = timeout_s
         self._health = health
+        self._finish = finish
         # Waited for on the host once: gloo's point-to-point works wait for one more completion
         # at each wait, so a second wait on a completed one would block until the timeout.
         self._complete = False
@@ -63,10 +81,18 @@ class TorchWork:
             return
         timeout_s = self._timeout_s if timeout_s is None else timeout_s
         _wait_until(self._works, self._op, time.monotonic() + timeout_s, timeout_s, self._health)
+        if self._finish is not None:
+            self._finish()
         self._complete = True
 
     def done(self) -> bool:
-        return self._complete or all(work.is_completed() for work in self._works)
+        if self._complete:
+            return True
+        if not all(work.is_completed() for work in self._works):
+            return False
+        if self._finish is not None:
+            self.synchronize()  # complete: this copies the parts back, without waiting
+        return True
 
 
 def _wait_until(works: List, op: str, deadline: float, timeout_s: float, health: CommHealth) -> None:
@@ -116,6 +142,20 @@ class _GroupedWork:
         return self.issued is not None and self.issued.done()
 
 
+@dataclass
+class _Pending:
+    """An operation called inside ``group()``, issued when the scope closes. ``batch``: for an
+    operation on CPU tensors that may leave coalesced with others of its kind, ``(kind, dtype)``;
+    ``tensors``: what the coalesced operation reads and fills (see ``TorchComm._coalesced``)."""
+
+    op: str
+    start: Callable[[], List]
+    on_cuda: bool
+    grouped: _GroupedWork
+    batch: Optional[Tuple[str, torch.dtype]] = None
+    tensors: Tuple[torch.Tensor, ...] = ()
+
+
 class TorchComm:
     """The ``Comm`` protocol for the ranks of a torch.distributed process group, in group-rank order."""
 
@@ -143,7 +183,7 @@ class TorchComm:
         self.health = health if health is not None else CommHealth()
         self._global_ranks = [dist.get_global_rank(self.process_group, r) for r in range(self.world_size)]
         self._tag = 0
-        self._pending: Optional[List[Callable[[], None]]] = None
+        self._pending: Optional[List[_Pending]] = None
 
     # -- issue, immediately or at the end of a group() scope --------------------------------------
 
@@ -152,24 +192,73 @@ class TorchComm:
         """Whether a transfer of this comm or of its family failed (``runtime.health``)."""
         return self.health.broken
 
-    def _issue(self, op: str, start: Callable[[], List], on_cuda: bool):
-        def make() -> TorchWork:
-            self.health.check(op)
-            try:
-                works = start()
-            except RuntimeError as error:  # e.g. a peer whose connection is gone
-                raise self.health.record(_comm_error(op, self.timeout_s, error)) from error
-            return TorchWork(works, op, on_cuda, self.timeout_s, self.health)
+    def _start(
+        self, op: str, start: Callable[[], List], on_cuda: bool, finish: Optional[Callable[[], None]] = None
+    ) -> TorchWork:
+        self.health.check(op)
+        try:
+            works = start()
+        except RuntimeError as error:  # e.g. a peer whose connection is gone
+            raise self.health.record(_comm_error(op, self.timeout_s, error)) from error
+        return TorchWork(works, op, on_cuda, self.timeout_s, self.health, finish)
 
+    def _issue(self, op: str, start: Callable[[], List], on_cuda: bool, batch=None, tensors=()):
+        """Issue now, or (inside ``group()``) when the scope closes; ``batch`` and ``tensors`` as in
+        ``_Pending``."""
         if self._pending is None:
-            return make()
+            return self._start(op, start, on_cuda)
         grouped = _GroupedWork(op)
-
-        def issue_later() -> None:
-            grouped.issued = make()
-
-        self._pending.append(issue_later)
+        self._pending.append(_Pending(op, start, on_cuda, grouped, None if on_cuda else batch, tensors))
         return grouped
+
+    def _issue_group(self, pending: List[_Pending]) -> None:
+        """Issue a closed scope's operations in the order they were called; those of one batch
+        (two or more) as one coalesced operation, where its first one was called. Every rank makes
+        the same calls, so every rank issues the same operations in the same order."""
+        batches: Dict[Tuple[str, torch.dtype], List[_Pending]] = {}
+        for entry in pending:
+            if entry.batch is not None:
+                batches.setdefault(entry.batch, []).append(entry)
+        issued = set()
+        for entry in pending:
+            members = batches.get(entry.batch) if entry.batch is not None else None
+            if not members or len(members) == 1:
+                entry.grouped.issued = self._start(entry.op, entry.start, entry.on_cuda)
+            elif entry.batch not in issued:
+                issued.add(entry.batch)
+                work = self._coalesced(entry.batch[0], [member.tensors for member in members])
+                for member in members:
+                    member.grouped.issued = work
+
+    def _coalesced(self, kind: str, parts: List[Tuple[torch.Tensor, ...]]) -> TorchWork:
+        """One operation for several of ``kind`` on CPU tensors: ``all_reduce`` parts are
+        ``(buf,)``, ``all_gather`` parts ``(send, recv)``, ``halo_exchange`` parts its four
+        arguments. The sends are read now (concatenated), the receiving buffers written when the
+        work completes."""
+        if kind == "halo_exchange":
+            return self._coalesced_halos(parts)
+        group = self.process_group
+        flat_send = torch.cat([part[0].reshape(-1) for part in parts])
+        sizes = [part[0].numel() for part in parts]
+        if kind == "all_reduce":
+
+            def finish() -> None:
+                for (buf,), piece in zip(parts, torch.split(flat_send, sizes)):
+                    buf.copy_(piece.view(buf.shape))
+
+            op = f"all_reduce of {len(parts)} tensors coalesced ({flat_send.numel()} {flat_send.dtype})"
+            start = lambda: [dist.all_reduce(flat_send, group=group, async_op=True)]  # noqa: E731
+        else:
+            flat_recv = flat_send.new_empty((self.world_size * flat_send.numel(),))
+
+            def finish() -> None:
+                by_rank = flat_recv.view(self.world_size, -1)
+                for (_, recv), piece in zip(parts, torch.split(by_rank, sizes, dim=1)):
+                    recv.copy_(piece.view(recv.shape))  # splits the part's columns only: a view
+
+            op = f"all_gather of {len(parts)} tensors coalesced ({flat_send.numel()} {flat_send.dtype})"
+            start = lambda: [_all_gather_flat(flat_recv, flat_send, group=group, async_op=True)]  # noqa: E731
+        return self._start(f"{op} over {self.world_size} ranks", start, False, finish)
 
     @contextlib.contextmanager
     def group(self) -> Iterator[None]:
@@ -183,8 +272,36 @@ class TorchComm:
             self._pending = None
             raise
         pending, self._pending = self._pending, None
-        for issue in pending:
-            issue()
+        self._issue_group(pending)
+
+    def _coalesced_halos(self, parts: List[Tuple[Optional[torch.Tensor], ...]]) -> TorchWork:
+        """Halo exchanges as one message each way per neighbour: what this rank sends up is the
+        concatenation of the parts' ``top_send`` in call order, which the rank above receives as
+        the concatenation of its ``bottom_recv`` (the same calls, the same sizes), and so down."""
+        tag = self._tag
+        self._tag = (self._tag + 1) % _TAG_SPACE
+        ops, unpack = [], []
+        for side, peer in ((0, self.rank - 1), (1, self.rank + 1)):
+            if not 0 <= peer < self.world_size:
+                continue
+            sends = [p[side] for p in parts if p[side] is not None and p[side].numel() > 0]
+            recvs = [p[2 + side] for p in parts if p[2 + side] is not None and p[2 + side].numel() > 0]
+            source = self._global_ranks[peer]
+            if sends:
+                flat = torch.cat([t.reshape(-1) for t in sends])
+                ops.append(dist.P2POp(dist.isend, flat, source, self.process_group, tag))
+            if recvs:
+                flat = recvs[0].new_empty((sum(t.numel() for t in recvs),))
+                ops.append(dist.P2POp(dist.irecv, flat, source, self.process_group, tag))
+                unpack.append((recvs, flat))
+
+        def finish() -> None:
+            for recvs, flat in unpack:
+                for recv, piece in zip(recvs, torch.split(flat, [t.numel() for t in recvs])):
+                    recv.copy_(piece.view(recv.shape))
+
+        op = f"{len(parts)} halo_exchanges coalesced on rank {self.rank} of {self.world_size}"
+        return self._start(op, lambda: dist.batch_isend_irecv(ops), False, finish)
 
     # -- operations ------------------------------------------------------------------------------
 
@@ -195,6 +312,8 @@ class TorchComm:
             f"all_gather of {tuple(send.shape)} {send.dtype} over {self.world_size} ranks",
             lambda: [_all_gather_flat(flat_recv, send, group=self.process_group, async_op=True)],
             send.is_cuda,
+            ("all_gather", send.dtype),
+            (send, recv),
         )
 
     def all_reduce(self, buf: torch.Tensor):
@@ -203,6 +322,8 @@ class TorchComm:
             f"all_reduce of {tuple(buf.shape)} {buf.dtype} over {self.world_size} ranks",
             lambda: [dist.all_reduce(buf, group=self.process_group, async_op=True)],
             buf.is_cuda,
+            ("all_reduce", buf.dtype),
+            (buf,),
         )
 
     def halo_exchange(self, top_send, bottom_send, top_recv, bottom_recv):
@@ -228,6 +349,8 @@ class TorchComm:
             f"halo_exchange on rank {self.rank} of {self.world_size}",
             lambda: dist.batch_isend_irecv(ops),
             on_cuda,
+            ("halo_exchange", ops[0].tensor.dtype),
+            (top_send, bottom_send, top_recv, bottom_recv),
         )
 
     def shift(self, send: torch.Tensor, recv: torch.Tensor, distance: int):
