@@ -8,11 +8,11 @@ weights are shared, not copied); ``distripy.pipelines`` holds how, for each kind
 
 import contextlib
 import dataclasses
-from typing import Iterator, Optional, Tuple, Union
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
-from distripy.config import DistriConfig
+from distripy.config import COMPRESS_CHOICES, DistriConfig
 from distripy.errors import InputTypeError
 from distripy.parallel.context import PatchContext
 from distripy.parallel.policy import ModeChoice, QualityWarning, choose_mode, warn_if_error_grows
@@ -190,6 +190,7 @@ def plan(
     fabric=None,
     gpu=None,
     guidance: bool = True,
+    compress: Union[str, Sequence[str]] = ("none",),
 ) -> Plan:
     """The configurations of up to ``gpus`` GPUs for one image of ``size`` (pixels: a side, or
     (height, width)) in ``steps`` steps, ranked by predicted latency, and the one to use
@@ -201,11 +202,15 @@ def plan(
     (a batch of 2 per UNet call, which the CFG split can share). The modes compared are what
     ``mode="auto"`` runs for ``steps`` (``choose_mode``) and the two that equal one GPU (``exact``,
     ``full_sync``). The model and its built-in numbers are described in ``distripy.planning``;
-    ``Plan.assumptions`` lists the ones a measured file did not replace."""
+    ``Plan.assumptions`` lists the ones a measured file did not replace. ``compress``: the
+    ``DistriConfig.compress`` settings to compare for the asynchronous mode: names, one string
+    of them comma-separated, or ``"all"``."""
+    if isinstance(compress, str):
+        compress = COMPRESS_CHOICES if compress == "all" else tuple(compress.split(","))
     height, width = (size, size) if isinstance(size, int) else size
     choice = choose_mode(DistriConfig(), steps)
     auto = choice.mode if choice.mode in ("exact", "full_sync") else "corrected_async_gn"
     modes = [(auto, choice.warmup_steps), ("exact", 0), ("full_sync", 0)]
     return plan_configurations(
-        gpus, (height, width), steps, modes, fabric=fabric, gpu=gpu, batch=2 if guidance else 1
+        gpus, (height, width), steps, modes, fabric=fabric, gpu=gpu, batch=2 if guidance else 1, compress=compress
     )

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from distripy.application import DTYPES, REFINER_START, TIMESTEP_SPACINGS, CheckError, GenerateJob
-from distripy.application import GenerationRequest, PipelineSpec
+from distripy.application import GenerationRequest, PipelineSpec, parse_lora
 from distripy.application.checks import gpu_count
-from distripy.config import AUTO_MODE, DEFAULT_MODE, DEFAULT_TIMEOUT_S, DEFAULT_WARMUP_STEPS, MODE_CHOICES
-from distripy.config import DistriConfig
+from distripy.config import AUTO_MODE, COMPRESS_CHOICES, DEFAULT_MODE, DEFAULT_TIMEOUT_S, DEFAULT_WARMUP_STEPS
+from distripy.config import MODE_CHOICES, DistriConfig
 from distripy.demo import check_demo
-from distripy.errors import DistripyError
+from distripy.errors import ConfigError, DistripyError
 from distripy.geometry import bands_per_image
 from distripy.pipelines.schedulers import SCHEDULERS
 from distripy.serving.pipeline_fields import ServedPipeline
@@ -95,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         help="latency: each request on every rank; throughput: one request per rank at once; "
         "adaptive: the first while the queue is short, the second when it is deep")
     add("--no-split-batch", action="store_true", help="keep CFG's two halves on every rank")
+    _add_compress_argument(serve)
     _add_timeout_argument(serve)
 
     demo = commands.add_parser(
@@ -122,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--fabric", default="nvlink4", help="nvlink4 (default), nvlink3, pcie5, pcie4, or a bench/comm.py JSON file")
     add("--gpu", default="h100", help="h100 (default), a100, l40, or a bench/e2e.py JSON file")
     add("--no-guidance", action="store_true", help="no classifier-free guidance (batch 1, no CFG split)")
+    add("--compress", default="none", metavar="CODECS",
+        help=f"the asynchronous mode's key/value compression to compare: comma-separated, of "
+        f"{', '.join(COMPRESS_CHOICES)}, or all (default none)")
     add("--top", type=int, default=15, help="table rows (default 15; all with --json)")
     add("--json", action="store_true", help="print the plan as JSON")
     return parser
@@ -156,8 +160,18 @@ def _add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"synchronous steps at the start, for a --mode other than {AUTO_MODE} (default "
         f"{DEFAULT_WARMUP_STEPS}; the reference's W is W + 1 here)")
     add("--no-split-batch", action="store_true", help="keep CFG's two halves on every rank")
+    _add_compress_argument(parser)
     add("--nproc", type=int, default=None, help="ranks to launch (one GPU each when present)")
     _add_timeout_argument(parser)
+
+
+def _add_compress_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--compress", choices=COMPRESS_CHOICES, default="none",
+        help="send the asynchronous steps' attention keys/values compressed (default none): fp8, or "
+        "residual2 / residual1 (the 2- or 1-bit change since the last step); for PCIe machines "
+        "(distripy plan --compress all predicts the gain)",
+    )
 
 
 def _add_timeout_argument(parser: argparse.ArgumentParser) -> None:
@@ -169,16 +183,6 @@ def _add_timeout_argument(parser: argparse.ArgumentParser) -> None:
 
 
 # -- generate --------------------------------------------------------------------------------------
-
-
-def parse_lora(value: str):
-    """``PATH[:SCALE]`` -> (path, scale): the scale is what follows the last colon when it is a
-    number (a path may hold colons), else 1."""
-    path, _, scale = value.rpartition(":")
-    try:
-        return (Path(path), float(scale)) if path else (Path(value), 1.0)
-    except ValueError:
-        return Path(value), 1.0
 
 
 def _check_timeout(args) -> None:
@@ -201,9 +205,13 @@ def check_generate(args, world: int) -> GenerateJob:
     from distripy.application import check_job
 
     loras = [parse_lora(value) for value in args.lora]
-    config = DistriConfig(
-        mode=args.mode, warmup_steps=warmup, split_batch=not args.no_split_batch, timeout_s=args.timeout
-    )
+    try:
+        config = DistriConfig(
+            mode=args.mode, warmup_steps=warmup, split_batch=not args.no_split_batch, timeout_s=args.timeout,
+            compress=args.compress,
+        )
+    except ConfigError as error:
+        raise CommandError(str(error)) from None
     spec = PipelineSpec(
         str(args.model), dtype=args.dtype or ("float16" if gpu_count() else "float32"),
         controlnets=[str(path) for path in args.controlnet], refiner=args.refiner,
@@ -287,7 +295,9 @@ def check_serve(args) -> Tuple[PipelineSpec, ServedPipeline]:
     else:
         args.nproc = 1 if args.nproc is None else args.nproc
         check_world(args.nproc, "--nproc")
-    config = DistriConfig(mode=args.mode, split_batch=not args.no_split_batch, timeout_s=args.timeout)
+    config = DistriConfig(
+        mode=args.mode, split_batch=not args.no_split_batch, timeout_s=args.timeout, compress=args.compress
+    )
     loras = [(str(path), scale) for path, scale in map(parse_lora, args.lora)]
     spec = PipelineSpec(
         str(args.model), dtype=args.dtype or ("float16" if gpu_count() else "float32"), config=config,
@@ -364,28 +374,11 @@ def run_plan(args) -> int:
     try:
         planned = plan(
             args.gpus, (int(height), int(width)), args.steps, fabric=args.fabric, gpu=args.gpu,
-            guidance=not args.no_guidance,
+            guidance=not args.no_guidance, compress=args.compress,
         )  # fmt: skip
     except DistripyError as error:
         raise CommandError(str(error).removeprefix("plan: ")) from None
-    if args.json:
-        print(json.dumps(planned.as_dict(), indent=2))
-        return 0
-    best = planned.recommended
-    print(
-        f"distripy plan: {width}x{height}, {args.steps} steps, up to {args.gpus} GPUs: "
-        f"{planned.gpu.name} ({'measured' if planned.gpu.measured else 'built in'}), "
-        f"{planned.fabric.name} ({'measured' if planned.fabric.measured else 'built in'})"
-    )
-    print(planned.table(args.top))
-    split = "with" if best.split_batch else "without"
-    how = "one GPU" if best.gpus == 1 else f"{best.gpus} GPUs, {split} the CFG split, mode {best.mode}"
-    print(
-        f"\nrecommended (*): {how}, CUDA graphs {'on' if best.graphs else 'off'}: "
-        f"{best.seconds:.2f} s, {best.speedup:.2f}x one GPU"
-    )
-    for assumption in planned.assumptions:
-        print(f"assumed: {assumption}")
+    print(json.dumps(planned.as_dict(), indent=2) if args.json else planned.report(args.top))
     return 0
 
 

@@ -14,6 +14,7 @@ __all__ = [
     "AUTO_MODE",
     "CHECK_EVERY_STEP_VARIABLE",
     "COMM_BACKENDS",
+    "COMPRESS_CHOICES",
     "DEFAULT_MODE",
     "DEFAULT_TIMEOUT_S",
     "DEFAULT_WARMUP_STEPS",
@@ -89,6 +90,12 @@ winner: the band written halo-padded by one Triton pass with its GroupNorm prolo
 ``kernels.halo_pad``, then one cuDNN convolution) or ``triton`` (experimental: the fused Triton
 implicit-GEMM kernel reading the halos in place, ``kernels.halo_conv``)."""
 
+COMPRESS_CHOICES = ("none", "fp8", "residual2", "residual1")
+"""How the asynchronous steps send the self-attention's keys and values (``DistriConfig.compress``):
+``none``, at the model's precision; ``fp8``, e4m3 with a power-of-two scale per token
+(``kernels.fp8_codec``); ``residual2`` / ``residual1``, the 2- or 1-bit change since what the
+receivers already hold, with error feedback (``kernels.residual_codec``)."""
+
 CHECK_EVERY_STEP_VARIABLE = "DISTRIPY_CHECK_EVERY_STEP"
 """The environment variable that turns ``DistriConfig.check_every_step`` on by default ("1")."""
 
@@ -150,6 +157,16 @@ class DistriConfig:
     per input shape and step kind. Never ``reduce-overhead``: its CUDA graphs would nest inside
     ``use_cuda_graph``'s.
 
+    ``compress``: how the asynchronous steps send the self-attention's keys and values (one of
+    ``COMPRESS_CHOICES``; ``"none"``, the default, sends them at the model's precision). The
+    warm-up steps exchange at full precision, so the receivers start from the exact keys and
+    values; after it each rank sends its band's keys and values compressed, and the others attend
+    over what they decode. ``residual2`` and ``residual1`` send only the change since the last
+    step's (quantised to 2 or 1 bits per element with error feedback: what one step's quantisation
+    loses, the next step's change carries); ``fp8`` sends each step's values as e4m3. It changes
+    the image a little (a trade of its own, measured by ``bench/quality.py``); it applies to the
+    stale exchanges only, so ``full_sync`` and ``exact``, whose exchanges are fresh, refuse it.
+
     ``check_every_step``: the ranks compare every step's latent and timestep, not only each
     generation's inputs (one copy to the host and one object exchange per step: for debugging a
     loop that may diverge across ranks). Its default is true when the environment sets
@@ -169,6 +186,7 @@ class DistriConfig:
     compile: bool = False
     check_every_step: bool = field(default_factory=lambda: os.environ.get(CHECK_EVERY_STEP_VARIABLE) == "1")
     halo_conv_backend: str = "cudnn"
+    compress: str = "none"
 
     def __post_init__(self) -> None:
         if (
@@ -183,6 +201,12 @@ class DistriConfig:
         _check_choice("comm_backend", self.comm_backend, COMM_BACKENDS)
         _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _check_choice("halo_conv_backend", self.halo_conv_backend, HALO_CONV_BACKENDS)
+        _check_choice("compress", self.compress, COMPRESS_CHOICES)
+        if self.compress != "none" and self.mode in ("full_sync", "exact"):
+            raise ConfigError(
+                f"DistriConfig.compress={self.compress!r} with mode={self.mode!r}: compression applies to "
+                "the stale exchanges of the asynchronous modes, and this mode exchanges fresh at every step"
+            )
         if not isinstance(self.check_every_step, bool):
             raise ConfigError(
                 f"DistriConfig.check_every_step={self.check_every_step!r} must be True or False"

@@ -72,6 +72,7 @@ LONGEST_FIRST = (
     "test_failures.py",
     "test_patch_unet.py",
     "test_pipeline_variants.py",
+    "test_compressed_exchange.py",
     "test_serve.py",
     "test_bench.py",
     "test_engine.py",

@@ -268,6 +268,8 @@ def _bad(tiny_model, tmp_path):
                               "unet/diffusion_pytorch_model.safetensors is unreadable"),
         "no ranks": (["--nproc", "0"], "--nproc 0: needs at least 1"),
         "timeout": (["--timeout", "0"], "--timeout 0: must be a positive number of seconds"),
+        "compressed full_sync": (["--mode", "full_sync", "--compress", "fp8"],
+                                 "compress='fp8' with mode='full_sync'"),
         "missing model": (["--model", str(tmp_path / "nowhere")], "no such folder"),
         "malformed model": (["--model", str(malformed)], "model_index.json is not valid JSON"),
         "height rows": (["--model", str(tiny_model), "--height", "72", "--nproc", "2", "--no-split-batch"],
@@ -293,6 +295,7 @@ def _bad(tiny_model, tmp_path):
         "truncated weights",
         "no ranks",
         "timeout",
+        "compressed full_sync",
     ],
 )
 def test_bad_generate_input_exits_with_one_line_and_no_file(tiny_model, tmp_path, capsys, case):

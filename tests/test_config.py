@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import distripy
-from distripy.config import COMM_BACKENDS, KERNEL_BACKENDS, MODES
+from distripy.config import COMM_BACKENDS, COMPRESS_CHOICES, KERNEL_BACKENDS, MODES
+from distripy.errors import ConfigError
 
 
 def test_defaults():
@@ -14,6 +15,7 @@ def test_defaults():
     assert (config.warmup_steps, config.mode, config.split_batch) == (5, "auto", True)
     assert (config.comm_backend, config.kernel_backend) == ("auto", "auto")
     assert config.compile is False  # until a GPU run confirms it pays
+    assert config.compress == "none"  # until a GPU run shows the win
     assert (config.rank, config.world_size) == (0, 1)  # torch.distributed not initialised
 
 
@@ -23,6 +25,7 @@ def test_defaults():
         ("mode", "async", MODES),
         ("comm_backend", "mpi", COMM_BACKENDS),
         ("kernel_backend", "cuda", KERNEL_BACKENDS),
+        ("compress", "int4", COMPRESS_CHOICES),
     ],
 )
 def test_a_bad_choice_names_the_field_and_the_allowed_values(field, value, allowed):
@@ -49,6 +52,15 @@ def test_a_bad_choice_names_the_field_and_the_allowed_values(field, value, allow
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"DistriConfig.{field}={value!r}"):
         distripy.DistriConfig(**{field: value})
+
+
+@pytest.mark.parametrize("mode", ["full_sync", "exact"])
+def test_compression_is_refused_by_the_modes_without_stale_exchanges(mode):
+    with pytest.raises(ConfigError, match=f"compress='fp8' with mode='{mode}'"):
+        distripy.DistriConfig(mode=mode, compress="fp8")
+    for compress in COMPRESS_CHOICES:  # the asynchronous modes and auto take every one
+        for other in ("auto", "corrected_async_gn", "stale_gn"):
+            assert distripy.DistriConfig(mode=other, compress=compress).compress == compress
 
 
 def test_config_is_frozen():

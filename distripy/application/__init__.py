@@ -24,7 +24,7 @@ from distripy.application.loader import RANK_MODULES, LoadedPipeline, load, rank
 from distripy.application.progress import StepProgress
 from distripy.application.request import REFINER_START, TIMESTEP_SPACINGS, GenerationRequest, adapter_names
 from distripy.application.runner import RequestRunner
-from distripy.application.spec import DTYPES, PipelineSpec
+from distripy.application.spec import DTYPES, PipelineSpec, parse_lora
 
 __all__ = [
     "CheckError",
@@ -47,6 +47,7 @@ __all__ = [
     "check_spec",
     "check_world",
     "load",
+    "parse_lora",
     "rank_device",
     "read_job",
     "run_job",

@@ -14,9 +14,19 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 from distripy.config import DistriConfig
 from distripy.errors import InputError, InputTypeError
 
-__all__ = ["DTYPES", "PipelineSpec"]
+__all__ = ["DTYPES", "PipelineSpec", "parse_lora"]
 
 DTYPES = ("float16", "bfloat16", "float32")
+
+
+def parse_lora(value: str) -> Tuple[Path, float]:
+    """A LoRA as the commands name it, ``PATH[:SCALE]`` -> (path, scale): the scale is what
+    follows the last colon when it is a number (a path may hold colons), else 1."""
+    path, _, scale = value.rpartition(":")
+    try:
+        return (Path(path), float(scale)) if path else (Path(value), 1.0)
+    except ValueError:
+        return Path(value), 1.0
 
 
 def _folder(name: str, value: Any) -> str:

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from distripy.errors import InputError, StepError
 from distripy.kernels import attention_with_lse, merge_partial_
 from distripy.parallel.bands import pad_to
+from distripy.parallel.compression import CompressedKeysValues, codec_for
 from distripy.parallel.context import ActivationExchange, PatchContext, PatchState
 from distripy.parallel.projection import FusedProjection, KeysValues
 
@@ -90,6 +91,7 @@ class PatchSelfAttnProcessor(PatchState):
         tallest = max(lengths)
         batch, width = projected.batch, 2 * projected.inner
         like = projected.key
+        compressed = self._compressed(ctx, lengths, width)
         if exchange is ActivationExchange.SYNC:
             gathered = ctx.new_buffer(self, "keys_values", (batch, ctx.band_count, tallest, width), like)
             send = ctx.new_buffer(self, "send", (batch, tallest, width), like)
@@ -98,8 +100,12 @@ class PatchSelfAttnProcessor(PatchState):
                 works = [ctx.comm.all_gather(send[item], gathered[item]) for item in range(batch)]
             for work in works:
                 work.wait()
-            if ctx.keeps_activations:  # for a stale step to come
+            if ctx.keeps_activations and compressed is not None:  # the baselines of the stale steps
+                compressed.keep_warm(works, gathered)
+            elif ctx.keeps_activations:  # for a stale step to come
                 self.keep_exchange(works, gathered)
+        elif exchange is ActivationExchange.STALE and compressed is not None:
+            gathered = compressed.stale_step(projected)
         elif exchange is ActivationExchange.STALE:
             (gathered,) = self.take_stale()
             if torch.is_grad_enabled() and projected.key.requires_grad:
@@ -120,6 +126,12 @@ class PatchSelfAttnProcessor(PatchState):
             raise AssertionError(f"unhandled activation exchange {exchange!r}")
         sequence = _bands_to_sequence(gathered, lengths)
         return sequence[..., : projected.inner], sequence[..., projected.inner :]
+
+    def _compressed(self, ctx: PatchContext, lengths: Tuple[int, ...], width: int) -> Optional[CompressedKeysValues]:
+        """The compressed exchange of this module's keys and values, if ``compress`` asks for one
+        (``parallel.compression``)."""
+        codec = codec_for(ctx.config.compress)
+        return None if codec is None else CompressedKeysValues(codec, self, ctx, lengths, width)
 
     def __call__(
         self,

@@ -211,7 +211,7 @@ class PatchUNetForward:
                     digest_arguments(agreed_part(arguments, plan, self.spatial_arguments)),
                     layout=signature,
                     modules=self.model_state,
-                    settings=(config.mode, config.warmup_steps, generation.steps),
+                    settings=(config.mode, config.warmup_steps, config.compress, generation.steps),
                 )
             agree(self.world_comm, description, problem)
         self.context.start_generation(

@@ -168,7 +168,12 @@ def _parallel_call(pipe, original, args, kwargs):
                 _call_description(pipe, bound.arguments, record),
                 models=tuple(state for state, _ in taken),
                 settings=tuple(
-                    (f.context.config.mode, f.context.config.warmup_steps, str(f.context.config.split_batch))
+                    (
+                        f.context.config.mode,
+                        f.context.config.warmup_steps,
+                        str(f.context.config.split_batch),
+                        f.context.config.compress,
+                    )
                     for f in forwards
                 ),
                 plan=(steps, machine),

@@ -4,7 +4,8 @@ predicted latency, and the one to use.
 Candidates: 1 to ``gpus`` GPUs (every count the image's deepest-level rows can be cut into), with
 and without the CFG split (even counts, an even batch), each mode given (``modes``: the mode and
 warm-up each runs; the caller passes what ``mode="auto"`` would run for the step count, and the
-modes that equal one GPU), with and without CUDA graphs. The recommendation is the fastest
+modes that equal one GPU), the asynchronous mode with each exchange codec asked for
+(``compress``), with and without CUDA graphs. The recommendation is the fastest
 configuration, except that a configuration with fewer GPUs is preferred while it is within
 ``TOLERANCE`` of the fastest: GPUs that buy less than that are better spent on another image.
 """
@@ -12,6 +13,7 @@ configuration, except that a configuration with fewer GPUs is preferred while it
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from distripy.config import COMPRESS_CHOICES
 from distripy.errors import ConfigError
 from distripy.geometry import BandGeometry, bands_per_image
 from distripy.planning.hardware import (
@@ -88,10 +90,31 @@ class Plan:
             "assumptions": list(self.assumptions),
         }
 
+    def report(self, limit: Optional[int] = None) -> str:
+        """What ``distripy plan`` prints: the machine, the table (``limit`` rows), the recommended
+        configuration and the assumptions."""
+        best = self.recommended
+        height, width = self.size
+        how = "one GPU"
+        if best.gpus > 1:
+            split = "with" if best.split_batch else "without"
+            how = f"{best.gpus} GPUs, {split} the CFG split, mode {best.mode}"
+            how += f", compress {best.compress}" if best.compress != "none" else ""
+        lines = [
+            f"distripy plan: {width}x{height}, {self.steps} steps, up to {self.gpus} GPUs: "
+            f"{self.gpu.name} ({'measured' if self.gpu.measured else 'built in'}), "
+            f"{self.fabric.name} ({'measured' if self.fabric.measured else 'built in'})",
+            self.table(limit),
+            "",
+            f"recommended (*): {how}, CUDA graphs {'on' if best.graphs else 'off'}: "
+            f"{best.seconds:.2f} s, {best.speedup:.2f}x one GPU",
+        ]
+        return "\n".join(lines + [f"assumed: {assumption}" for assumption in self.assumptions])
+
     def table(self, limit: Optional[int] = None) -> str:
         """The candidates as a text table, the recommended one marked."""
         header = (
-            f"{'':2}{'GPUs':>4} {'CFG split':>9} {'mode':<26} {'graphs':>6} {'latency s':>10} "
+            f"{'':2}{'GPUs':>4} {'CFG split':>9} {'mode':<36} {'graphs':>6} {'latency s':>10} "
             f"{'speedup':>8} {'compute ms/step':>16} {'exposed comm ms/step':>21}"
         )
         lines = [header]
@@ -100,8 +123,10 @@ class Plan:
             mode = candidate.mode if candidate.gpus > 1 else "one GPU"
             if candidate.gpus > 1 and candidate.mode == "corrected_async_gn":
                 mode = f"{candidate.mode} (w{candidate.warmup_steps})"
+                if candidate.compress != "none":
+                    mode = f"{mode} {candidate.compress}"
             lines.append(
-                f"{mark}{candidate.gpus:>4} {'yes' if candidate.split_batch else 'no':>9} {mode:<26} "
+                f"{mark}{candidate.gpus:>4} {'yes' if candidate.split_batch else 'no':>9} {mode:<36} "
                 f"{'yes' if candidate.graphs else 'no':>6} {candidate.seconds:>10.3f} "
                 f"{candidate.speedup:>7.2f}x {candidate.step_compute_s * 1e3:>16.2f} "
                 f"{candidate.exposed_s * 1e3:>21.3f}"
@@ -124,9 +149,15 @@ def plan_configurations(
     batch: int = 2,
     vae_scale: int = 8,
     config: Optional[Dict] = None,
+    compress: Sequence[str] = ("none",),
 ) -> Plan:
     """Every configuration of up to ``gpus`` GPUs for an image of ``size`` (height, width pixels)
-    and ``steps`` steps, for the ``modes`` given as (mode, warm-up steps)."""
+    and ``steps`` steps, for the ``modes`` given as (mode, warm-up steps); the asynchronous mode's
+    once for each of ``compress`` (``DistriConfig.compress``)."""
+    compress = tuple(dict.fromkeys(compress))
+    unknown = [name for name in compress if name not in COMPRESS_CHOICES]
+    if not compress or unknown:
+        raise ConfigError(f"plan: compress {list(compress)!r}: each must be one of {', '.join(COMPRESS_CHOICES)}")
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
         raise ConfigError(f"plan: gpus={gpus!r} must be an integer >= 1")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -166,11 +197,13 @@ def plan_configurations(
                 if bands_per_image(count, split) > deepest:
                     continue
                 for mode, warmup in dict.fromkeys(modes):
-                    candidates.append(
-                        predict(
-                            gpu_profile, fabric_profile, latent, steps, count, split, mode, warmup, graphs, batch, config
-                        )
-                    )  # fmt: skip
+                    for codec in compress if mode == "corrected_async_gn" else ("none",):
+                        candidates.append(
+                            predict(
+                                gpu_profile, fabric_profile, latent, steps, count, split, mode, warmup, graphs,
+                                batch, config, compress=codec,
+                            )
+                        )  # fmt: skip
     # ties: fewer GPUs, then fewer bytes (the CFG split), then CUDA graphs
     ranked = tuple(
         sorted(candidates, key=lambda c: (round(c.seconds, 9), c.gpus, c.sent_bytes, not c.graphs))

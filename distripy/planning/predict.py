@@ -24,17 +24,23 @@ measured files replace them.
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
+from distripy.config import COMPRESS_CHOICES
 from distripy.errors import ConfigError
 from distripy.geometry import BandGeometry, bands_per_image
 from distripy.planning.hardware import Fabric, GpuProfile
 from distripy.planning.traffic import SDXL_UNET, StepTraffic, band_units, step_traffic
 
-__all__ = ["EXACT_HIDDEN_SHARE", "Prediction", "predict"]
+__all__ = ["CODEC_BYTES_PER_S", "EXACT_HIDDEN_SHARE", "Prediction", "predict"]
 
 EXACT_HIDDEN_SHARE = {"halo": 0.35, "kv": 0.2}
 """The share of an ``exact`` step's compute each kind of transfer can hide behind: a halo only
 behind its convolution's interior rows (convolutions: about a third of SDXL's step), keys and
 values only behind the attention over the blocks already received (assumed)."""
+
+CODEC_BYTES_PER_S = 1.0e12
+"""How fast the exchange codecs move memory (``Transfer.codec_bytes``), assumed until a GPU
+measures them: one elementwise pass each way, memory-bound, at about a third of an H100's HBM
+bandwidth (small passes over a band's keys and values do not reach the peak)."""
 
 MODES = ("corrected_async_gn", "exact", "full_sync")
 """The modes the planner predicts (``sync_gn``, ``stale_gn``, ... cost what ``corrected_async_gn``
@@ -54,7 +60,8 @@ class Prediction:
     single_seconds: float  # the same on one GPU (plain diffusers)
     step_compute_s: float  # one rank's compute per step (the slowest rank's)
     exposed_s: float  # communication not hidden, per step (averaged over the steps)
-    sent_bytes: int  # bytes one rank sends per step (the busiest rank's)
+    sent_bytes: int  # bytes one rank sends per step (the busiest rank's; an asynchronous step's)
+    compress: str = "none"  # the asynchronous steps' keys and values (DistriConfig.compress)
 
     @property
     def speedup(self) -> float:
@@ -77,6 +84,7 @@ class Prediction:
             "step_compute_ms": self.step_compute_s * 1e3,
             "exposed_comm_ms_per_step": self.exposed_s * 1e3,
             "sent_mb_per_step": self.sent_bytes / 1e6,
+            "compress": self.compress,
         }
 
 
@@ -149,12 +157,18 @@ def predict(
     graphs: bool,
     batch: int = 2,
     config: Optional[Dict] = None,
+    compress: str = "none",
 ) -> Prediction:
     """The generation of ``steps`` steps of an SDXL-like UNet (``config``; default SDXL) on a
     ``latent`` (rows, columns) with ``batch`` images per UNet call (2: one image with CFG), on
-    ``gpus`` GPUs."""
+    ``gpus`` GPUs; ``compress``: the asynchronous steps' keys and values sent so (their codecs'
+    time added to the step's compute, ``CODEC_BYTES_PER_S``)."""
     if mode not in MODES:
         raise ConfigError(f"plan: mode {mode!r} is not one of {', '.join(MODES)}")
+    if compress not in COMPRESS_CHOICES:
+        raise ConfigError(f"plan: compress {compress!r} is not one of {', '.join(COMPRESS_CHOICES)}")
+    if compress != "none" and mode != "corrected_async_gn":
+        raise ConfigError(f"plan: compress {compress!r} applies to the asynchronous mode, not {mode}")
     if gpus < 1 or steps < 1:
         raise ConfigError(f"plan: {gpus} GPUs and {steps} steps; both must be >= 1")
     if split_batch and (gpus % 2 or batch % 2):
@@ -180,10 +194,16 @@ def predict(
         fraction = units[index] / deepest * per_band / 2
         compute = gpu.step_seconds(pixels, fraction, graphs)
         kinds = ("exact",) if mode == "exact" else ("sync", "async")
-        traffic = step_traffic(
-            latent, per_band, units, index, config, exact=mode == "exact", halves=2 if split_batch else 1
-        )
-        times = {kind: _step_seconds(traffic, compute, fabric, bands, gpus, kind, graphs) for kind in kinds}
+        halves = 2 if split_batch else 1
+        traffic = step_traffic(latent, per_band, units, index, config, exact=mode == "exact", halves=halves)
+        per_kind = {kind: traffic for kind in kinds}
+        computes = {kind: compute for kind in kinds}
+        if compress != "none":  # the asynchronous steps' keys and values compressed
+            per_kind["async"] = step_traffic(latent, per_band, units, index, config, halves=halves, compress=compress)
+            computes["async"] += sum(t.codec_bytes for t in per_kind["async"].transfers) / CODEC_BYTES_PER_S
+        times = {
+            kind: _step_seconds(per_kind[kind], computes[kind], fabric, bands, gpus, kind, graphs) for kind in kinds
+        }
         if mode == "exact":
             count = {"exact": steps}
         elif mode == "full_sync":
@@ -193,9 +213,10 @@ def predict(
             count = {"sync": synchronous, "async": steps - synchronous}
         seconds = sum(times[kind][0] * n for kind, n in count.items())
         exposed = sum(times[kind][1] * n for kind, n in count.items()) / steps
-        sent = sum(t.sent for t in traffic.transfers)
-        candidate = (seconds, compute, exposed, sent)
+        steady = "async" if count.get("async") else kinds[0]  # the kind of most steps' traffic
+        sent = sum(t.sent for t in per_kind[steady].transfers)
+        candidate = (seconds, computes[steady], exposed, sent)
         if worst is None or candidate[0] > worst[0]:
             worst = candidate
     seconds, compute, exposed, sent = worst
-    return Prediction(gpus, split_batch, mode, warmup_steps, graphs, seconds, single, compute, exposed, sent)
+    return Prediction(gpus, split_batch, mode, warmup_steps, graphs, seconds, single, compute, exposed, sent, compress)

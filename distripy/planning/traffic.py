@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from distripy.errors import InputError
 
-__all__ = ["SDXL_UNET", "StepTraffic", "Transfer", "band_units", "step_traffic"]
+__all__ = ["SDXL_UNET", "StepTraffic", "Transfer", "band_units", "packed_bytes", "step_traffic"]
 
 SDXL_UNET: Dict = {
     "in_channels": 4,
@@ -41,13 +41,15 @@ class Transfer:
     """One transfer of a step: ``op`` (``halo_exchange``, ``all_reduce``, ``all_gather``,
     ``shift``), ``kind`` (``halo``, ``gn_stats``, ``kv``, ``output``), the bytes this rank puts on
     the link (``sent``) and takes off it (``received``; an all-reduce counts its payload both
-    ways), and ``block``: the checkpoint it leaves at in an asynchronous step."""
+    ways), ``block``: the checkpoint it leaves at in an asynchronous step, and ``codec_bytes``: for
+    compressed keys and values, the bytes the encoder and the decoders move in memory."""
 
     op: str
     kind: str
     sent: int
     received: int
     block: int
+    codec_bytes: int = 0  # the memory the codecs read and write to send and receive it (compressed)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ class StepTraffic:
         keep nothing (``parallel.step_policy.keeps_activations``)."""
         if self.exact:
             return 0
+        if any(transfer.codec_bytes for transfer in self.transfers):
+            raise InputError("kept_bytes: the traffic of a compressed step; ask the uncompressed (warm-up) step's")
         kept = 0
         for transfer in self.transfers:
             if transfer.kind == "halo":
@@ -90,6 +94,24 @@ class StepTraffic:
         for transfer in self.transfers:
             counts[transfer.kind] += 1
         return counts
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // 4) * 4
+
+
+def packed_bytes(rows: int, cols: int, compress: str) -> int:
+    """The bytes one ``rows x cols`` tensor travels as under ``compress`` (``DistriConfig.compress``;
+    ``kernels.residual_codec.ResidualLayout``, ``kernels.fp8_codec.Fp8Layout``: this layer does not
+    import the kernels; ``tests/test_compressed_exchange.py`` checks the two agree through what a
+    model's transfers log): fp32 scales per row (and per column for a residual), then the codes."""
+    if compress == "fp8":
+        return 4 * rows + _aligned(rows * cols)
+    bits = {"residual2": 2, "residual1": 1}.get(compress)
+    if bits is None:
+        raise InputError(f"packed_bytes: compress {compress!r} is not a codec (fp8, residual2, residual1)")
+    per_byte = 8 // bits
+    return 4 * rows + 4 * cols + _aligned(rows * -(-cols // per_byte))
 
 
 def band_units(total: int, count: int) -> Tuple[int, ...]:
@@ -111,8 +133,9 @@ def _per_block(value, blocks: int, name: str) -> List:
 class _Walk:
     """Adds the transfers of each module, at its level (0: the latent's resolution)."""
 
-    def __init__(self, height, width, batch, units, index, dtype_bytes, exact, halves) -> None:
+    def __init__(self, height, width, batch, units, index, dtype_bytes, exact, halves, compress) -> None:
         self.height, self.width, self.batch, self.halves = height, width, batch, halves
+        self.compress = compress
         self.units, self.index = tuple(units), index
         self.bytes = dtype_bytes
         self.exact = exact
@@ -127,8 +150,8 @@ class _Walk:
     def columns(self, level: int) -> int:
         return -(-self.width // (1 << level))
 
-    def add(self, op, kind, sent, received) -> None:
-        self.transfers.append(Transfer(op, kind, sent, received, self.block))
+    def add(self, op, kind, sent, received, codec_bytes=0) -> None:
+        self.transfers.append(Transfer(op, kind, sent, received, self.block, codec_bytes))
 
     def conv(self, channels: int, level: int, above: int = 1, below: int = 1) -> None:
         """A convolution reading ``above`` rows over its band and ``below`` under it; it sends its
@@ -151,6 +174,14 @@ class _Walk:
         if self.exact:  # keys and values together, one shift per other band
             for _ in range(others):
                 self.add("shift", "kv", self.batch * item, self.batch * item)
+        elif self.compress != "none":  # every item packed, one all-gather (parallel.compression)
+            own = self.rows(level) * self.columns(level)
+            slot = packed_bytes(tallest * self.columns(level), 2 * channels, self.compress)
+            width = 2 * channels * self.bytes
+            # encode: read the values and the baseline, write the baseline and the bytes; decode,
+            # per other band: read its bytes and its baseline, write the baseline
+            codec = self.batch * (3 * own * width + slot + others * (2 * tallest * self.columns(level) * width + slot))
+            self.add("all_gather", "kv", self.batch * slot, self.batch * slot * others, codec)
         else:  # keys and values side by side, one all-gather per batch item (batch-major)
             for _ in range(self.batch):
                 self.add("all_gather", "kv", item, item * others)
@@ -182,12 +213,14 @@ def step_traffic(
     dtype_bytes: int = 2,
     exact: bool = False,
     halves: int = 1,
+    compress: str = "none",
 ) -> StepTraffic:
     """The transfers of band ``index`` of a step whose latent is ``latent`` (rows, columns), with
     ``batch`` images per band (half the CFG batch with the split), bands of ``units`` deepest-level
     rows (``BandLayout.units``), a UNet of ``config`` (default ``SDXL_UNET``), ``dtype_bytes`` per
     activation; ``exact``: keys and values by ring shifts; ``halves``: 2 with the CFG split (the
-    output is gathered from both groups)."""
+    output is gathered from both groups); ``compress``: an asynchronous step's keys and values
+    under that codec (``DistriConfig.compress``; the warm-up steps send them uncompressed)."""
     config = SDXL_UNET if config is None else config
     channels = list(config["block_out_channels"])
     levels = len(channels)
@@ -197,7 +230,9 @@ def step_traffic(
     groups = config.get("norm_num_groups", 32)
     layers = _per_block(config.get("layers_per_block", 2), levels, "layers_per_block")
     depth = _per_block(config.get("transformer_layers_per_block", 1), levels, "transformer_layers_per_block")
-    walk = _Walk(height, width, batch, units, index, dtype_bytes, exact, halves)
+    if compress != "none" and exact:
+        raise InputError(f"step_traffic: compress {compress!r} with exact: exact steps exchange uncompressed")
+    walk = _Walk(height, width, batch, units, index, dtype_bytes, exact, halves, compress)
     if len(units) == 1:  # one band: nothing between bands; the halves' outputs are gathered
         if halves > 1:
             walk.output(config.get("out_channels", 4))

@@ -1,0 +1,228 @@
+"""``DistriConfig(compress=...)``: the asynchronous steps' self-attention keys and values sent
+compressed (``parallel.compression``), on real gloo ranks with the tiny SDXL-architecture UNet.
+
+Each rank runs one warm-up step and stale steps on the same inputs (teacher forcing: the inputs are
+given, not the loop's own), then reports, per self-attention module, what the last step left: its
+own band's fresh keys and values, its own baseline (``residual``), and the other bands' slots with
+the bytes they sent at the end of the last step decoded in (as the next step would). Checked
+across ranks, and against the codecs' references run here on the senders' values:
+
+* ``residual2`` / ``residual1``: what every receiver holds for band ``p`` is, bit for bit, band
+  ``p``'s own baseline (sender and receivers apply the same change), and the baseline tracks the
+  band's keys and values (error feedback);
+* ``fp8``: what every receiver holds for band ``p`` is, exactly, the fp8 reference's round trip of
+  band ``p``'s keys and values;
+* the compressed steps' output is close to the uncompressed asynchronous steps', and differs from
+  it (the decoded values are what the receivers attend over); the first stale step, which attends
+  over the warm-up's full-precision keys and values, equals it.
+
+Equal bands on 2 ranks, unequal on 3 (8 rows of the deepest level: 3, 3, 2).
+"""
+
+import functools
+
+import pytest
+import torch
+
+from multirank import run_on_ranks
+from unet_models import relative_error, sdxl_conditioning, tiny_sdxl_unet
+
+WIDTH = 16
+HEIGHT = 32
+TIMESTEPS = (900.0, 850.0, 800.0, 750.0, 700.0)
+CODECS = ("fp8", "residual2", "residual1")
+
+
+def _run(compress):
+    """One generation of ``TIMESTEPS`` on this rank, and what its self-attention modules keep."""
+    import distripy
+    from distripy.parallel import PatchSelfAttnProcessor
+    from distripy.pipelines.unet import installed_forward
+
+    config = distripy.DistriConfig(mode="corrected_async_gn", warmup_steps=1, split_batch=False, compress=compress)
+    unet = distripy.parallelize(tiny_sdxl_unet(0), config)
+    latents = torch.randn(1, 4, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(11))
+    conditioning = sdxl_conditioning(1, 12)
+    outputs = []
+    with torch.no_grad():
+        distripy.reset(unet, steps=len(TIMESTEPS))
+        for step, t in enumerate(TIMESTEPS):
+            outputs.append(unet(latents + 0.05 * step, torch.tensor(t), **conditioning).sample)
+    context = installed_forward(unet).context
+    modules = []
+    for state in context.states:
+        if not isinstance(state, PatchSelfAttnProcessor) or compress == "none":
+            continue
+        gathered, own, received = state.exchange.buffers
+        for work in state.exchange.works:
+            work.wait()
+        width = gathered.shape[-1]
+        lengths = context.layout.sizes(gathered.shape[2], 0)  # band 0 is the tallest
+        me = context.band_index
+        compressed = state._compressed(context, lengths, width)
+        held = gathered.clone()
+        for band, length in enumerate(lengths):
+            if band != me:
+                size = compressed.codec.nbytes(length, width)
+                compressed.codec.decode(received[band, 0, :size], held[0, band, :length], "torch")
+        modules.append(
+            {
+                "fresh": gathered[0, me, : lengths[me]].clone(),
+                "own": None if own is None else own[0, : lengths[me]].clone(),
+                "held": [held[0, band, :length].clone() for band, length in enumerate(lengths)],
+                "before": [gathered[0, band, :length].clone() for band, length in enumerate(lengths)],
+            }
+        )
+    return {"outputs": outputs, "modules": modules}
+
+
+def _body(rank, world_size):
+    return {compress: _run(compress) for compress in ("none",) + CODECS}
+
+
+@functools.lru_cache(maxsize=None)
+def _world(world_size):
+    """Every rank's runs (one launch per world size, shared by the tests)."""
+    return run_on_ranks(_body, world_size)
+
+
+def _fp8_round_trip(x):
+    from distripy.kernels.fp8_codec import fp8_decode_reference_, fp8_encode_reference_, fp8_layout
+
+    packed = torch.empty(fp8_layout(*x.shape).nbytes, dtype=torch.uint8)
+    fp8_encode_reference_(x, packed)
+    out = torch.full_like(x, float("nan"))
+    fp8_decode_reference_(packed, out)
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_compressed_keys_values_arrive_as_the_codec_sends_them(world_size):
+    ranks = _world(world_size)
+    for compress in CODECS:
+        per_rank = [result[compress]["modules"] for result in ranks]
+        assert len(per_rank[0]) > 0
+        for index in range(len(per_rank[0])):
+            for sender in range(world_size):
+                source = per_rank[sender][index]
+                if compress == "fp8":
+                    expected = _fp8_round_trip(source["fresh"])
+                else:
+                    expected = source["own"]
+                    # the step's change brought the baseline closer to the keys and values it was
+                    # sent for (what a receiver held before the step's change: the baseline before)
+                    before = per_rank[(sender + 1) % world_size][index]["before"][sender]
+                    error, error_before = (relative_error(b, source["fresh"]) for b in (expected, before))
+                    assert 0 < error < 0.8 * error_before, (compress, index, sender, error, error_before)
+                for receiver in range(world_size):
+                    if receiver != sender:
+                        held = per_rank[receiver][index]["held"][sender]
+                        assert torch.equal(held, expected), (compress, index, sender, receiver)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_compressed_steps_stay_close_to_the_uncompressed_steps(world_size, record_property):
+    ranks = _world(world_size)
+    plain = ranks[0]["none"]["outputs"]
+    errors = {}
+    for compress in CODECS:
+        outputs = ranks[0][compress]["outputs"]
+        for rank in range(1, world_size):  # every rank holds the whole output
+            for a, b in zip(outputs, ranks[rank][compress]["outputs"]):
+                assert torch.equal(a, b), (compress, rank)
+        # the warm-up step and the first stale step (over the warm-up's exact keys and values)
+        for step in (0, 1):
+            assert torch.equal(outputs[step], plain[step]), (compress, step)
+        errors[compress] = [relative_error(outputs[step], plain[step]) for step in range(2, len(TIMESTEPS))]
+    record_property("relative_error_vs_uncompressed", errors)
+    for compress, per_step in errors.items():
+        assert all(0 < error < 0.02 for error in per_step), (compress, per_step)
+    assert max(errors["fp8"]) < max(errors["residual2"]) <= max(errors["residual1"]) * 1.5, errors
+
+
+def _loopback_unet(compress, **settings):
+    import distripy
+    from test_compile import ONE_LEVEL_UNET
+
+    from distripy.runtime import LoopbackComm
+
+    config = distripy.DistriConfig(
+        mode="corrected_async_gn", warmup_steps=1, split_batch=False, compress=compress, use_cuda_graph=False, **settings
+    )
+    return distripy.parallelize(tiny_sdxl_unet(0, **ONE_LEVEL_UNET), config, comm=LoopbackComm(1, 2))
+
+
+def _generations(unet, count, check=None):
+    import distripy
+
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    conditioning = sdxl_conditioning(2, 1)
+    with torch.no_grad():
+        for generation in range(count):
+            distripy.reset(unet)
+            for step, t in enumerate(TIMESTEPS[:4]):
+                out = unet(latents + 0.01 * step, torch.tensor(t), **conditioning).sample
+                if check is not None:
+                    check(generation, step, out)
+
+
+def test_a_compressed_step_compiles_once_and_equals_eager(monkeypatch):
+    """Under ``compile=True`` (dynamo's ``eager`` backend: what decides recompiles is its guards)
+    a compressed stale step is traced once: the first stale step (which decodes the warm-up's
+    no-change bytes) and the later ones run the same code; the compiled steps equal the eager ones."""
+    from torch._dynamo.utils import counters
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **dict(kw, backend="eager")))
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = _loopback_unet("residual2"), _loopback_unet("residual2", compile=True)
+    expected = []
+    _generations(eager, 2, lambda generation, step, out: expected.append(out))
+    graphs = []
+
+    def check(generation, step, out):
+        assert torch.equal(out, expected[4 * generation + step]), (generation, step)
+        graphs.append(counters["stats"]["unique_graphs"])
+
+    _generations(compiled, 2, check)
+    assert graphs[1] > graphs[0] and len(set(graphs[1:])) == 1, graphs  # nothing after the first stale step
+
+
+@pytest.mark.parametrize("compress", ["residual2", "fp8"])
+def test_under_cuda_graphs_a_compressed_exchange_keeps_one_buffer_set(monkeypatch, compress):
+    """With persistent buffers (CUDA graphs; ``torch.cuda``'s graph entry points faked as in
+    ``test_graph_bookkeeping``): every buffer a compressed step uses exists before its capture, and
+    the self-attention modules keep one set of whole-image keys and values, where uncompressed
+    they keep one per step parity."""
+    from test_graph_bookkeeping import FakeCuda
+
+    from distripy.parallel import PatchSelfAttnProcessor
+    from distripy.parallel.graphs import StepGraphs
+    from distripy.pipelines.unet import installed_forward
+
+    fake = FakeCuda()
+    for name in ("Stream", "CUDAGraph", "graph", "current_stream", "stream"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    kept = {}
+    for codec in ("none", compress):
+        unet = _loopback_unet(codec)
+        forward = installed_forward(unet)
+        forward.context.static_buffers = True
+        forward.graphs = StepGraphs(forward.context, [forward.context.comm or forward.world_comm], eager_runs=1)
+        monkeypatch.setattr(forward, "_input_problem", lambda *args: None)  # it wants a CUDA sample
+        _generations(unet, 3)
+        assert forward.graphs.captures == 3 and forward.graphs.replays > 0, (codec, forward.graphs.captures)
+        attention = {state.patch_path for state in forward.context.states if isinstance(state, PatchSelfAttnProcessor)}
+        pool = forward.context.buffers._buffers
+        kept[codec] = sum(
+            tensor.numel() * tensor.element_size()
+            for buffers in pool.values()
+            for key, tensor in buffers.items()
+            if key[0] in attention and tensor.dtype != torch.uint8
+        )
+    # S: one whole-image set of keys and values, S / 2 one band's (2 bands). Uncompressed: a set
+    # per step parity and the warm-up's send buffer; compressed: the warm-up's set, updated in
+    # place, its send buffer, and for a residual the sender's own baseline
+    whole = kept["none"] / 2.5
+    assert kept[compress] == whole * (2 if compress.startswith("residual") else 1.5), kept
