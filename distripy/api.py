@@ -12,7 +12,7 @@ from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
-from distripy.config import COMPRESS_CHOICES, DistriConfig
+from distripy.config import EXCHANGE_CODECS, DistriConfig
 from distripy.errors import InputTypeError
 from distripy.parallel.context import PatchContext
 from distripy.parallel.policy import ModeChoice, QualityWarning, choose_mode, warn_if_error_grows
@@ -206,7 +206,7 @@ def plan(
     ``DistriConfig.compress`` settings to compare for the asynchronous mode: names, one string
     of them comma-separated, or ``"all"``."""
     if isinstance(compress, str):
-        compress = COMPRESS_CHOICES if compress == "all" else tuple(compress.split(","))
+        compress = EXCHANGE_CODECS if compress == "all" else tuple(compress.split(","))
     height, width = (size, size) if isinstance(size, int) else size
     choice = choose_mode(DistriConfig(), steps)
     auto = choice.mode if choice.mode in ("exact", "full_sync") else "corrected_async_gn"

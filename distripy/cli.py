@@ -26,7 +26,7 @@ from distripy.application import DTYPES, REFINER_START, TIMESTEP_SPACINGS, Check
 from distripy.application import GenerationRequest, PipelineSpec, parse_lora
 from distripy.application.checks import gpu_count
 from distripy.config import AUTO_MODE, COMPRESS_CHOICES, DEFAULT_MODE, DEFAULT_TIMEOUT_S, DEFAULT_WARMUP_STEPS
-from distripy.config import MODE_CHOICES, DistriConfig
+from distripy.config import EXCHANGE_CODECS, MODE_CHOICES, DistriConfig
 from distripy.demo import check_demo
 from distripy.errors import ConfigError, DistripyError
 from distripy.geometry import bands_per_image
@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--no-guidance", action="store_true", help="no classifier-free guidance (batch 1, no CFG split)")
     add("--compress", default="none", metavar="CODECS",
         help=f"the asynchronous mode's key/value compression to compare: comma-separated, of "
-        f"{', '.join(COMPRESS_CHOICES)}, or all (default none)")
+        f"{', '.join(EXCHANGE_CODECS)}, or all (default none)")
     add("--top", type=int, default=15, help="table rows (default 15; all with --json)")
     add("--json", action="store_true", help="print the plan as JSON")
     return parser
@@ -169,8 +169,8 @@ def _add_compress_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compress", choices=COMPRESS_CHOICES, default="none",
         help="send the asynchronous steps' attention keys/values compressed (default none): fp8, or "
-        "residual2 / residual1 (the 2- or 1-bit change since the last step); for PCIe machines "
-        "(distripy plan --compress all predicts the gain)",
+        "residual2 / residual1 (the 2- or 1-bit change since the last step); auto: residual2 where "
+        "the planner predicts the link cannot hide them (distripy plan --compress all)",
     )
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "CHECK_EVERY_STEP_VARIABLE",
     "COMM_BACKENDS",
     "COMPRESS_CHOICES",
+    "EXCHANGE_CODECS",
     "DEFAULT_MODE",
     "DEFAULT_TIMEOUT_S",
     "DEFAULT_WARMUP_STEPS",
@@ -90,11 +91,15 @@ winner: the band written halo-padded by one Triton pass with its GroupNorm prolo
 ``kernels.halo_pad``, then one cuDNN convolution) or ``triton`` (experimental: the fused Triton
 implicit-GEMM kernel reading the halos in place, ``kernels.halo_conv``)."""
 
-COMPRESS_CHOICES = ("none", "fp8", "residual2", "residual1")
-"""How the asynchronous steps send the self-attention's keys and values (``DistriConfig.compress``):
-``none``, at the model's precision; ``fp8``, e4m3 with a power-of-two scale per token
-(``kernels.fp8_codec``); ``residual2`` / ``residual1``, the 2- or 1-bit change since what the
-receivers already hold, with error feedback (``kernels.residual_codec``)."""
+EXCHANGE_CODECS = ("none", "fp8", "residual2", "residual1")
+"""How an asynchronous step can send the self-attention's keys and values: ``none``, at the
+model's precision; ``fp8``, e4m3 with a power-of-two scale per token (``kernels.fp8_codec``);
+``residual2`` / ``residual1``, the 2- or 1-bit change since what the receivers already hold, with
+error feedback (``kernels.residual_codec``)."""
+
+COMPRESS_CHOICES = EXCHANGE_CODECS + (AUTO_MODE,)
+"""What ``DistriConfig.compress`` accepts: one of ``EXCHANGE_CODECS``, or ``"auto"``: per
+generation, ``parallel.compress_choice`` decides from the planner's prediction for the machine."""
 
 CHECK_EVERY_STEP_VARIABLE = "DISTRIPY_CHECK_EVERY_STEP"
 """The environment variable that turns ``DistriConfig.check_every_step`` on by default ("1")."""
@@ -158,7 +163,9 @@ class DistriConfig:
     ``use_cuda_graph``'s.
 
     ``compress``: how the asynchronous steps send the self-attention's keys and values (one of
-    ``COMPRESS_CHOICES``; ``"none"``, the default, sends them at the model's precision). The
+    ``EXCHANGE_CODECS``; ``"none"``, the default, sends them at the model's precision; ``"auto"``:
+    ``residual2`` for a generation whose keys and values the planner predicts its machine's link
+    cannot hide, ``none`` otherwise and on a machine it has no profile of). The
     warm-up steps exchange at full precision, so the receivers start from the exact keys and
     values; after it each rank sends its band's keys and values compressed, and the others attend
     over what they decode. ``residual2`` and ``residual1`` send only the change since the last

@@ -226,3 +226,87 @@ def test_under_cuda_graphs_a_compressed_exchange_keeps_one_buffer_set(monkeypatc
     # place, its send buffer, and for a residual the sender's own baseline
     whole = kept["none"] / 2.5
     assert kept[compress] == whole * (2 if compress.startswith("residual") else 1.5), kept
+
+
+def test_auto_compresses_where_the_planner_says_the_link_cannot_hide_keys_and_values(monkeypatch):
+    """``compress="auto"``: per generation, ``residual2`` where the planner predicts it faster by
+    more than ``AUTO_GAIN`` on the generation's machine (8 GPUs on PCIe Gen4 without the CFG split,
+    2048²), ``none`` where the link hides them (NVLink), on a machine without a profile, and for a
+    generation that runs no stale step; a codec named is kept. Through a parallelised UNet (on
+    ``meta``: a 2048²-sized latent without memory) the generation's context gets the choice."""
+    import distripy
+    from distripy.kernels import meta_as_gpu
+    from distripy.parallel.compress_choice import AUTO_CODEC, chosen_codec
+    from distripy.parallel.policy import ModeChoice
+    from distripy.pipelines import generation as generations
+    from distripy.pipelines.unet import installed_forward
+    from distripy.runtime import LoopbackComm
+
+    auto = distripy.DistriConfig(mode="corrected_async_gn", warmup_steps=5, compress="auto")
+    stale, exact = ModeChoice("corrected_async_gn", 5, ""), ModeChoice("exact", 0, "")
+    pcie, nvlink = ("l40", "pcie4"), ("h100", "nvlink4")
+    latent = (256, 256)
+    assert chosen_codec(auto, latent, 8, False, 8, 50, True, pcie, stale) == AUTO_CODEC
+    assert chosen_codec(auto, latent, 8, False, 8, 50, True, nvlink, stale) == "none"
+    assert chosen_codec(auto, latent, 8, False, 8, 50, True, None, stale) == "none"
+    assert chosen_codec(auto, latent, 8, False, 8, 50, True, pcie, exact) == "none"
+    assert chosen_codec(auto, latent, 2, True, 1, 50, True, pcie, stale) == "none"  # one band per image
+    named = distripy.DistriConfig(compress="fp8")
+    assert chosen_codec(named, latent, 8, False, 8, 50, True, None, exact) == "fp8"
+
+    for machine, expected in ((pcie, AUTO_CODEC), (nvlink, "none")):
+        monkeypatch.setattr(generations, "machine_for", lambda model: machine)
+        config = distripy.DistriConfig(mode="corrected_async_gn", warmup_steps=5, split_batch=False, compress="auto")
+        unet = distripy.parallelize(tiny_sdxl_unet(0).to("meta"), config, comm=LoopbackComm(0, 8))
+        conditioning = sdxl_conditioning(1, 1)
+        conditioning = {
+            "encoder_hidden_states": conditioning["encoder_hidden_states"].to("meta"),
+            "added_cond_kwargs": {k: v.to("meta") for k, v in conditioning["added_cond_kwargs"].items()},
+        }
+        with torch.no_grad(), meta_as_gpu(), distripy.generation(unet, steps=50):
+            unet(torch.empty(1, 4, *latent, device="meta"), torch.tensor(900.0), **conditioning)
+            assert installed_forward(unet).context.compress == expected, machine
+
+
+@pytest.mark.parametrize("compress", ["residual2", "fp8"])
+def test_a_non_finite_row_never_reaches_what_the_receivers_keep(monkeypatch, compress):
+    """A non-finite value in a band's keys and values (written into its slot in place of the
+    projection's, at the second stale step of one module) is found where it is encoded: its row
+    is sent marked, and neither the sender's own baseline nor what a receiver decodes takes it in;
+    the other rows travel as usual."""
+    from distripy.kernels.residual_codec import nonfinite_rows
+    from distripy.parallel import PatchSelfAttnProcessor
+    from distripy.parallel.compression import CompressedKeysValues, ExchangeCodec
+    from distripy.pipelines.unet import installed_forward
+
+    stale_step, encode = CompressedKeysValues.stale_step, ExchangeCodec.encode
+    poisoned, marked = [], []
+
+    def counting(self, x, baseline, packed, backend):
+        encode(self, x, baseline, packed, backend)
+        marked.append(int(nonfinite_rows(packed, x.shape[0])))
+
+    def poisoning(self, projected):
+        gathered = stale_step(self, projected)
+        if self.ctx.step == 2 and not poisoned:
+            gathered[0, self.ctx.band_index, 0, 0] = float("nan")
+            poisoned.append(self.state)
+        return gathered
+
+    monkeypatch.setattr(CompressedKeysValues, "stale_step", poisoning)
+    monkeypatch.setattr(ExchangeCodec, "encode", counting)
+    unet = _loopback_unet(compress)  # rank 1 of 2 on a loopback: the other band's slot decodes its own bytes
+    _generations(unet, 1)
+    assert len(poisoned) == 1 and sum(marked) == 1 and len(marked) > 1, marked  # the one row, marked
+    context = installed_forward(unet).context
+    for module in context.states:
+        if not isinstance(module, PatchSelfAttnProcessor):
+            continue
+        gathered, own, received = module.exchange.buffers
+        peer, other = gathered[:, 1 - context.band_index].clone(), 1 - context.band_index
+        codec = module._compressed(context, (gathered.shape[2],) * 2, gathered.shape[-1]).codec
+        for item in range(peer.shape[0]):  # what the next step would decode
+            codec.decode(received[other, item, : codec.nbytes(*peer.shape[1:])], peer[item], "torch")
+        assert torch.isfinite(peer).all(), module.patch_path
+        if own is not None:
+            assert torch.isfinite(own).all() and torch.equal(own, peer), module.patch_path

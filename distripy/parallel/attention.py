@@ -130,7 +130,7 @@ class PatchSelfAttnProcessor(PatchState):
     def _compressed(self, ctx: PatchContext, lengths: Tuple[int, ...], width: int) -> Optional[CompressedKeysValues]:
         """The compressed exchange of this module's keys and values, if ``compress`` asks for one
         (``parallel.compression``)."""
-        codec = codec_for(ctx.config.compress)
+        codec = codec_for(ctx.compress)
         return None if codec is None else CompressedKeysValues(codec, self, ctx, lengths, width)
 
     def __call__(

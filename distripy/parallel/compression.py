@@ -38,7 +38,7 @@ _RESIDUAL_BITS = {"residual2": 2, "residual1": 1}
 
 
 class ExchangeCodec:
-    """One of ``config.COMPRESS_CHOICES`` other than ``none``, as the exchange uses it."""
+    """One of ``config.EXCHANGE_CODECS`` other than ``none``, as the exchange uses it."""
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -122,6 +122,9 @@ class PatchContext:
         # computed from it alone (cross-attention keys and values) are then computed again.
         self.refresh_conditioning = True
         self.parity = 0  # the current step's parity (``begin_step``)
+        # How this generation's asynchronous steps send keys and values (``parallel.compression``):
+        # the configured codec, or what ``compress="auto"`` chose for it (``start_generation``).
+        self.compress = "none" if config.compress == "auto" else config.compress
 
     @property
     def kernel_backend(self) -> str:
@@ -196,12 +199,15 @@ class PatchContext:
         steps: Optional[int] = None,
         layout: Optional[BandLayout] = None,
         choice: Optional[ModeChoice] = None,
+        compress: Optional[str] = None,
     ) -> None:
         """Forget every stale buffer: the next step is the first of a new generation. ``shape_key``
         names the generation's input signature (it selects the persistent buffers); ``steps``, its
         number of denoising steps when known, picks the mode and warm-up of ``mode="auto"``;
         ``layout``, how the rows are cut into the ``band_count`` bands (equal bands if not given);
-        ``choice``: the mode the generation runs, when its wrapper chose it already."""
+        ``choice``: the mode the generation runs, when its wrapper chose it already; ``compress``:
+        the codec of its asynchronous steps' keys and values (``config.compress``'s unless given;
+        ``"auto"`` without one compresses nothing)."""
         if not 0 <= band_index < band_count:
             raise InputError(f"band_index {band_index} is outside [0, {band_count})")
         layout = BandLayout((1,) * band_count) if layout is None else layout
@@ -210,6 +216,9 @@ class PatchContext:
         choice = choose_mode(self.config, steps) if choice is None else choice
         self.drain()
         self.choice = choice
+        if compress is None:
+            compress = "none" if self.config.compress == "auto" else self.config.compress
+        self.compress = compress
         self.comm = comm
         self.band_index = band_index
         self.band_count = band_count

@@ -37,6 +37,7 @@ from distripy.parallel.context import PatchContext
 from distripy.parallel.digest import digest_arguments
 from distripy.parallel.generation import Generation, GenerationTracker, LoadedState
 from distripy.parallel.policy import ModeChoice, check_steps, choose_mode
+from distripy.parallel.compress_choice import chosen_codec
 from distripy.parallel.split import wants_split
 from distripy.runtime.factory import alone_comm
 
@@ -214,6 +215,7 @@ class PatchUNetForward:
                     settings=(config.mode, config.warmup_steps, config.compress, generation.steps),
                 )
             agree(self.world_comm, description, problem)
+        choice = self._mode_choice()[0]
         self.context.start_generation(
             self._generation_comm(plan),
             plan.band_index,
@@ -221,8 +223,12 @@ class PatchUNetForward:
             shape_key=signature,
             steps=generation.steps,
             layout=plan.layout,
-            choice=self._mode_choice()[0],
-        )
+            choice=choice,
+            compress=chosen_codec(
+                self.context.config, tuple(sample.shape[2:]), self.world_comm.world_size, plan.split_batch,
+                plan.band_count, generation.steps, self.graphs is not None, generation.machine, choice,
+            ),
+        )  # fmt: skip
 
     # -- one step --------------------------------------------------------------------------------
 

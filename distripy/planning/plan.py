@@ -13,7 +13,7 @@ configuration, except that a configuration with fewer GPUs is preferred while it
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from distripy.config import COMPRESS_CHOICES
+from distripy.config import EXCHANGE_CODECS
 from distripy.errors import ConfigError
 from distripy.geometry import BandGeometry, bands_per_image
 from distripy.planning.hardware import (
@@ -155,9 +155,9 @@ def plan_configurations(
     and ``steps`` steps, for the ``modes`` given as (mode, warm-up steps); the asynchronous mode's
     once for each of ``compress`` (``DistriConfig.compress``)."""
     compress = tuple(dict.fromkeys(compress))
-    unknown = [name for name in compress if name not in COMPRESS_CHOICES]
+    unknown = [name for name in compress if name not in EXCHANGE_CODECS]
     if not compress or unknown:
-        raise ConfigError(f"plan: compress {list(compress)!r}: each must be one of {', '.join(COMPRESS_CHOICES)}")
+        raise ConfigError(f"plan: compress {list(compress)!r}: each must be one of {', '.join(EXCHANGE_CODECS)}")
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
         raise ConfigError(f"plan: gpus={gpus!r} must be an integer >= 1")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:

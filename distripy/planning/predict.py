@@ -24,7 +24,7 @@ measured files replace them.
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
-from distripy.config import COMPRESS_CHOICES
+from distripy.config import EXCHANGE_CODECS
 from distripy.errors import ConfigError
 from distripy.geometry import BandGeometry, bands_per_image
 from distripy.planning.hardware import Fabric, GpuProfile
@@ -165,8 +165,8 @@ def predict(
     time added to the step's compute, ``CODEC_BYTES_PER_S``)."""
     if mode not in MODES:
         raise ConfigError(f"plan: mode {mode!r} is not one of {', '.join(MODES)}")
-    if compress not in COMPRESS_CHOICES:
-        raise ConfigError(f"plan: compress {compress!r} is not one of {', '.join(COMPRESS_CHOICES)}")
+    if compress not in EXCHANGE_CODECS:
+        raise ConfigError(f"plan: compress {compress!r} is not one of {', '.join(EXCHANGE_CODECS)}")
     if compress != "none" and mode != "corrected_async_gn":
         raise ConfigError(f"plan: compress {compress!r} applies to the asynchronous mode, not {mode}")
     if gpus < 1 or steps < 1:

@@ -41,8 +41,10 @@ class Transfer:
     """One transfer of a step: ``op`` (``halo_exchange``, ``all_reduce``, ``all_gather``,
     ``shift``), ``kind`` (``halo``, ``gn_stats``, ``kv``, ``output``), the bytes this rank puts on
     the link (``sent``) and takes off it (``received``; an all-reduce counts its payload both
-    ways), ``block``: the checkpoint it leaves at in an asynchronous step, and ``codec_bytes``: for
-    compressed keys and values, the bytes the encoder and the decoders move in memory."""
+    ways), ``block``: the checkpoint it leaves at in an asynchronous step, and for compressed keys
+    and values ``codec_bytes``, the bytes the encoder and the decoders move in memory, and
+    ``kept``, the bytes the module keeps for the next step (``parallel.compression``: the whole
+    image's keys and values, the sender's own baseline for a residual, the packed bytes received)."""
 
     op: str
     kind: str
@@ -50,6 +52,7 @@ class Transfer:
     received: int
     block: int
     codec_bytes: int = 0  # the memory the codecs read and write to send and receive it (compressed)
+    kept: int = 0  # compressed keys/values: what the module keeps for the next step
 
 
 @dataclass(frozen=True)
@@ -71,14 +74,12 @@ class StepTraffic:
         """The bytes this rank keeps from a step for the next in a mode whose later steps read the
         previous step's values (the asynchronous modes: their stale buffers): each convolution's
         received halo rows, each self-attention's keys and values of every band (the whole
-        all-gather), and with ``statistics`` (``corrected_async_gn``, ``stale_gn``) each
+        all-gather; compressed, ``Transfer.kept``), and with ``statistics`` (``corrected_async_gn``, ``stale_gn``) each
         GroupNorm's image and band sums (twice the all-reduce's payload); nothing of the output.
         With CUDA graphs there are two such sets, one per step parity. ``full_sync`` and ``exact``
         keep nothing (``parallel.step_policy.keeps_activations``)."""
         if self.exact:
             return 0
-        if any(transfer.codec_bytes for transfer in self.transfers):
-            raise InputError("kept_bytes: the traffic of a compressed step; ask the uncompressed (warm-up) step's")
         kept = 0
         for transfer in self.transfers:
             if transfer.kind == "halo":
@@ -86,7 +87,7 @@ class StepTraffic:
             elif transfer.kind == "gn_stats" and statistics:
                 kept += 2 * transfer.sent
             elif transfer.kind == "kv" and transfer.op == "all_gather":
-                kept += transfer.sent + transfer.received
+                kept += transfer.kept or transfer.sent + transfer.received
         return kept
 
     def count_by_kind(self) -> Dict[str, int]:
@@ -150,8 +151,8 @@ class _Walk:
     def columns(self, level: int) -> int:
         return -(-self.width // (1 << level))
 
-    def add(self, op, kind, sent, received, codec_bytes=0) -> None:
-        self.transfers.append(Transfer(op, kind, sent, received, self.block, codec_bytes))
+    def add(self, op, kind, sent, received, codec_bytes=0, kept=0) -> None:
+        self.transfers.append(Transfer(op, kind, sent, received, self.block, codec_bytes, kept))
 
     def conv(self, channels: int, level: int, above: int = 1, below: int = 1) -> None:
         """A convolution reading ``above`` rows over its band and ``below`` under it; it sends its
@@ -181,7 +182,10 @@ class _Walk:
             # encode: read the values and the baseline, write the baseline and the bytes; decode,
             # per other band: read its bytes and its baseline, write the baseline
             codec = self.batch * (3 * own * width + slot + others * (2 * tallest * self.columns(level) * width + slot))
-            self.add("all_gather", "kv", self.batch * slot, self.batch * slot * others, codec)
+            whole = self.batch * (others + 1) * item  # every band's slot, padded to the tallest
+            baseline = self.batch * item if self.compress.startswith("residual") else 0
+            kept = whole + baseline + self.batch * (others + 1) * slot
+            self.add("all_gather", "kv", self.batch * slot, self.batch * slot * others, codec, kept)
         else:  # keys and values side by side, one all-gather per batch item (batch-major)
             for _ in range(self.batch):
                 self.add("all_gather", "kv", item, item * others)
