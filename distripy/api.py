@@ -17,7 +17,7 @@ from distripy.errors import InputTypeError
 from distripy.parallel.context import PatchContext
 from distripy.parallel.policy import ModeChoice, QualityWarning, choose_mode, warn_if_error_grows
 from distripy.pipelines import parallelize_controlnet, parallelize_pipeline, parallelize_unet, parallelize_vae
-from distripy.pipelines.generation import declare
+from distripy.pipelines.generation import check_generation, declare
 from distripy.pipelines.pipeline import denoisers, set_alone, unparallelize_pipeline
 from distripy.pipelines.registry import uninstall
 from distripy.pipelines.unet import installed_forward, require_installed_forward
@@ -113,10 +113,13 @@ def generation(model, steps: Optional[int] = None) -> Iterator[None]:
     """``with distripy.generation(unet, steps=n):`` around a bare-UNet loop's ``n`` steps of one
     image: declares the generation on entering (``reset(model, steps)``) and ends it on leaving
     (its last transfers waited for), so that the loop's timesteps are never needed to tell where
-    an image begins."""
+    an image begins. A block that ends normally checks the generation with every rank (a
+    compressed exchange that met non-finite keys or values raises ``StepError``)."""
     reset(model, steps)
     try:
         yield
+        for part in _parts(model):  # the block ended on every rank: the generation is checked
+            check_generation(part)
     finally:
         reset(model)
 

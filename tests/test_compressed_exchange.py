@@ -76,8 +76,42 @@ def _run(compress):
     return {"outputs": outputs, "modules": modules}
 
 
+def _poisoned_generation(rank):
+    """One ``distripy.generation`` in which only rank 0's keys and values turn non-finite, at its
+    last step (so that nothing non-finite reaches another rank's keys and values: what they
+    receive of rank 0's band is from the step before): what each rank's block raised, or None."""
+    import distripy
+    from distripy.errors import StepError
+    from distripy.parallel.compression import CompressedKeysValues
+
+    stale_step = CompressedKeysValues.stale_step
+
+    def poisoning(self, projected):
+        gathered = stale_step(self, projected)
+        if rank == 0 and self.ctx.step == 3:
+            gathered[0, self.ctx.band_index, 0, 0] = float("nan")
+        return gathered
+
+    config = distripy.DistriConfig(mode="corrected_async_gn", warmup_steps=1, split_batch=False, compress="residual2")
+    unet = distripy.parallelize(tiny_sdxl_unet(0), config)
+    latents = torch.randn(1, 4, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(11))
+    conditioning = sdxl_conditioning(1, 12)
+    CompressedKeysValues.stale_step = poisoning
+    try:
+        with torch.no_grad(), distripy.generation(unet, steps=4):
+            for step, t in enumerate(TIMESTEPS[:4]):
+                unet(latents + 0.05 * step, torch.tensor(t), **conditioning)
+    except StepError as error:
+        return str(error)
+    finally:
+        CompressedKeysValues.stale_step = stale_step
+    return None
+
+
 def _body(rank, world_size):
-    return {compress: _run(compress) for compress in ("none",) + CODECS}
+    runs = {compress: _run(compress) for compress in ("none",) + CODECS}
+    runs["poisoned"] = _poisoned_generation(rank)
+    return runs
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,6 +172,13 @@ def test_compressed_steps_stay_close_to_the_uncompressed_steps(world_size, recor
     for compress, per_step in errors.items():
         assert all(0 < error < 0.02 for error in per_step), (compress, per_step)
     assert max(errors["fp8"]) < max(errors["residual2"]) <= max(errors["residual1"]) * 1.5, errors
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_non_finite_keys_and_values_on_one_rank_raise_on_every_rank(world_size):
+    """Only rank 0 met non-finite keys and values; the generation's end raises on every rank."""
+    raised = [result["poisoned"] for result in _world(world_size)]
+    assert all(message is not None and "non-finite" in message and "residual2" in message for message in raised), raised
 
 
 def _loopback_unet(compress, **settings):
@@ -310,3 +351,37 @@ def test_a_non_finite_row_never_reaches_what_the_receivers_keep(monkeypatch, com
         assert torch.isfinite(peer).all(), module.patch_path
         if own is not None:
             assert torch.isfinite(own).all() and torch.equal(own, peer), module.patch_path
+
+
+def test_a_generation_whose_keys_and_values_were_non_finite_raises_when_it_ends(monkeypatch):
+    """The rows the encoders marked are counted on the device; a ``distripy.generation`` block that
+    ends raises, naming the model and the codec, when any was (on a clean generation: nothing)."""
+    import distripy
+    from distripy.errors import StepError
+    from distripy.parallel.compression import CompressedKeysValues
+
+    stale_step = CompressedKeysValues.stale_step
+    poison = {"on": False}
+
+    def poisoning(self, projected):
+        gathered = stale_step(self, projected)
+        if poison["on"] and self.ctx.step == 2:
+            gathered[0, self.ctx.band_index, 0, 0] = float("inf")
+        return gathered
+
+    monkeypatch.setattr(CompressedKeysValues, "stale_step", poisoning)
+    unet = _loopback_unet("residual2")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    conditioning = sdxl_conditioning(2, 1)
+
+    def generation():
+        with torch.no_grad(), distripy.generation(unet, steps=4):
+            for step, t in enumerate(TIMESTEPS[:4]):
+                unet(latents + 0.01 * step, torch.tensor(t), **conditioning)
+
+    generation()  # clean: nothing counted, nothing raised
+    poison["on"] = True
+    with pytest.raises(StepError, match=r"rows of self-attention keys and values were non-finite .*compress='residual2'"):
+        generation()
+    poison["on"] = False
+    generation()  # the count starts afresh with each generation

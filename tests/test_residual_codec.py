@@ -203,6 +203,10 @@ def test_a_non_finite_value_marks_its_row_and_never_reaches_a_baseline(backend, 
     residual_encode_(x, sender, packed, 2, backend=backend)
     residual_decode_(packed, receiver, 2, backend=backend)
     assert int(nonfinite_rows(packed, 20)) == 2
+    clean = torch.empty_like(packed)
+    residual_encode_(torch.randn(20, 33), baseline.clone(), clean, 2, backend=backend)
+    # a batch of packed buffers (items, nbytes): one count over every item
+    assert int(nonfinite_rows(torch.stack([packed, clean, packed]), 20)) == 4
     assert torch.isfinite(sender).all() and torch.isfinite(receiver).all()
     for row in (3, 17):  # left as they were, on both sides
         assert torch.equal(sender[row], baseline[row]) and torch.equal(receiver[row], baseline[row])

@@ -217,9 +217,11 @@ def _decode_reference(packed, baseline, layout: ResidualLayout) -> None:
 
 
 def nonfinite_rows(packed: torch.Tensor, rows: int) -> torch.Tensor:
-    """How many rows of a packed residual were marked non-finite (a 0-d int64 tensor on the
-    packed buffer's device: reading it is the caller's synchronisation)."""
-    return torch.isnan(packed[: 4 * rows].view(torch.float32)).sum()
+    """How many rows of a packed residual (or fp8) buffer were marked non-finite, summed over its
+    leading dimensions (``(..., nbytes)``: one count for every item of a batch, so a step adds one
+    reduction per module, not one per item). A 0-d int64 tensor on the packed buffer's device:
+    reading it is the caller's synchronisation."""
+    return torch.isnan(packed[..., : 4 * rows].view(torch.float32)).sum()
 
 
 # -- the Triton kernels ----------------------------------------------------------------------------

@@ -16,7 +16,10 @@ gathered buffer, whose slots of the other bands are what it attends over:
 
 Sender and receivers apply the same change with the same function, so the baselines stay
 bit-identical (``kernels.residual_codec``). A row the encoder finds non-finite is sent marked and
-left as it was on both sides: the baseline is never poisoned. A packed buffer whose row scales
+left as it was on both sides: the baseline is never poisoned. The marked rows are counted on the
+device (``PatchContext.count_nonfinite``), and the generation's end raises, on every rank, when
+any was (``PatchUNetForward.check_nonfinite``): the model made non-finite keys and values, so its
+image is not to be trusted. A packed buffer whose row scales
 are all marked decodes to no change: the first stale step decodes such a buffer, so every stale
 step runs the same code (one compiled trace, one CUDA graph per parity).
 
@@ -30,7 +33,7 @@ import torch
 
 from distripy.errors import ConfigError
 from distripy.kernels.fp8_codec import fp8_decode_, fp8_encode_, fp8_layout
-from distripy.kernels.residual_codec import residual_decode_, residual_encode_, residual_layout
+from distripy.kernels.residual_codec import nonfinite_rows, residual_decode_, residual_encode_, residual_layout
 
 __all__ = ["CompressedKeysValues", "ExchangeCodec", "codec_for"]
 
@@ -145,6 +148,7 @@ class CompressedKeysValues:
             for item in range(batch):
                 baseline = None if own is None else own[item, :mine]
                 codec.encode(slot[item, :mine], baseline, send[item, :size], backend)
+            ctx.count_nonfinite(nonfinite_rows(send[:, :size], mine))
             work = ctx.comm.all_gather(send, received_next)
             self.state.keep_exchange([work], gathered, own, received_next)
 

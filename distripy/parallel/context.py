@@ -125,6 +125,10 @@ class PatchContext:
         # How this generation's asynchronous steps send keys and values (``parallel.compression``):
         # the configured codec, or what ``compress="auto"`` chose for it (``start_generation``).
         self.compress = "none" if config.compress == "auto" else config.compress
+        # Rows the exchange codecs found non-finite in this generation, counted on the device
+        # (``count_nonfinite``); made at the first count, outside any capture, and zeroed in place
+        # at each generation's start so that captured graphs keep adding into it.
+        self._nonfinite: Optional[torch.Tensor] = None
 
     @property
     def kernel_backend(self) -> str:
@@ -219,6 +223,8 @@ class PatchContext:
         if compress is None:
             compress = "none" if self.config.compress == "auto" else self.config.compress
         self.compress = compress
+        if self._nonfinite is not None:
+            self._nonfinite.zero_()
         self.comm = comm
         self.band_index = band_index
         self.band_count = band_count
@@ -364,6 +370,19 @@ class PatchContext:
                 "buffers per module and step, so a module may run only once per call"
             )
         self._seen[key] = path
+
+    # -- what the exchange codecs found -----------------------------------------------------------
+
+    def count_nonfinite(self, rows: torch.Tensor) -> None:
+        """Add ``rows``, a 0-d count on the device (``kernels.residual_codec.nonfinite_rows``), to the
+        generation's non-finite rows: no host read."""
+        if self._nonfinite is None:
+            self._nonfinite = torch.zeros((), dtype=torch.int64, device=rows.device)
+        self._nonfinite += rows
+
+    def nonfinite_count(self) -> Optional[torch.Tensor]:
+        """The generation's count of non-finite rows (``count_nonfinite``; None: nothing counted)."""
+        return self._nonfinite
 
     # -- inputs every rank holds whole ------------------------------------------------------------
 

@@ -344,6 +344,27 @@ class PatchUNetForward:
             return None
         return self._assemble(band, plan)
 
+    def check_nonfinite(self) -> None:
+        """At the end of a generation (every rank together: the parallelised pipeline's call, or
+        ``distripy.generation``'s block, having returned): raise, on every rank, if an exchange codec
+        found non-finite keys or values in it on any rank. One small all-reduce and one host read
+        per generation, and only when a compressed exchange ran."""
+        count = self.context.nonfinite_count()
+        if count is None or count.is_meta:
+            return
+        if not self.alone:
+            total = count.clone()
+            self.world_comm.all_reduce(total).wait()
+            count = total
+        rows = int(count)
+        if rows:
+            raise StepError(
+                f"{self.model_name}: {rows} rows of self-attention keys and values were non-finite (inf "
+                f"or nan) when compressed (compress={self.context.compress!r}) in this generation: the "
+                "ranks kept them out of what they hold, but the model made non-finite activations and "
+                "its output is not to be trusted"
+            )
+
     def _assemble(self, band, plan: BandPlan):
         """The whole output, on every rank, from this rank's band of it."""
         if self.alone:

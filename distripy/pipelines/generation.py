@@ -21,7 +21,7 @@ from distripy.parallel.policy import check_steps
 from distripy.parallel.split import machine_of
 from distripy.pipelines.registry import record_of, refresh
 
-__all__ = ["declare", "machine_for", "set_alone_model"]
+__all__ = ["check_generation", "declare", "machine_for", "set_alone_model"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,6 +67,14 @@ def declare(model, steps: Optional[int] = None, **settings) -> bool:
     else:  # a VAE decoder: one call per generation, no steps
         wrapper.declare(Generation(**{k: v for k, v in settings.items() if k in ("alone", "agreed")}))
     return True
+
+
+def check_generation(model) -> None:
+    """At the end of a parallelised denoiser's generation, every rank together: raise what its
+    exchanges found wrong (``PatchUNetForward.check_nonfinite``). Nothing for another model."""
+    record = record_of(model)
+    if record is not None and hasattr(record.wrapper, "check_nonfinite"):
+        record.wrapper.check_nonfinite()
 
 
 def set_alone_model(model, alone: bool) -> bool:

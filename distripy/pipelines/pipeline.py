@@ -189,7 +189,10 @@ def _parallel_call(pipe, original, args, kwargs):
     vae = getattr(pipe, "vae", None)
     declare(vae, alone=alone, agreed=not alone) if vae is not None else None
     try:
-        return original(*bound.args, **bound.kwargs)
+        result = original(*bound.args, **bound.kwargs)
+        for forward in forwards:  # the call returned on every rank: its image is checked, together
+            forward.check_nonfinite()
+        return result
     finally:
         # ended: wait for the last step's transfers; what runs next outside a call is checked again
         for forward in forwards:
