@@ -21,6 +21,12 @@ Rank 0 scores, per setting and mean over the prompts:
 * LPIPS (torchmetrics, AlexNet) and FID (clean-fid) with ``--perceptual``, where their weights are
   at hand (otherwise the reason each is missing).
 
+``--compress`` adds rows of the exchange codecs (``DistriConfig(compress=...)``) for the
+asynchronous modes (``full_sync`` and ``exact`` refuse a codec): each row says its ``compress``,
+the policy and the plots use the uncompressed rows only, and the summary gains a table of each
+codec's image PSNR beside the same setting's uncompressed one. ``--name`` names the results (so
+that a codec study does not replace the mode study's).
+
 Run without torchrun it is the whole study: it launches one world per ``--bands`` value (CPU
 processes, an equal share of the cores each, or one GPU each), then merges their results into
 ``bench/results/quality-study-<time>.json``, the plots (``-psnr.png``: final PSNR against the
@@ -28,6 +34,8 @@ number of steps, one line per mode; ``-trajectory.png``: the error step by step 
 ``-warmup.png``: PSNR against the warm-up) and a summary table.
 
     python bench/quality.py --model distripy/pipelines/models/tiny-shapes   # the committed study
+    python bench/quality.py --model distripy/pipelines/models/tiny-shapes --modes corrected_async_gn \\
+        --warmups 25% --steps 16 50 --compress none fp8 residual2 residual1 --name quality-codecs
     torchrun --nproc-per-node 2 bench/quality.py --model ./sdxl-base --height 1024 --width 1024 \\
         --steps 8 50 --samplers euler-trailing --prompts prompts.txt        # one world
 """
@@ -43,6 +51,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from common import RESULTS, environment, timestamp, write_json
 
+from distripy.config import EXCHANGE_CODECS
 from distripy.config import MODES as ALL_MODES
 from distripy.demo import boundary_rows, psnr, seam_score, seam_visibility  # the demo's metrics
 
@@ -252,14 +261,16 @@ def run(args) -> Optional[Dict]:
         for sampler, steps in cases:
             base.scheduler = scheduler_for(scheduler_config, sampler)
             references[sampler, steps] = [_generate(base, p, args, i, steps) for i, p in enumerate(prompts)]
-    # One parallelised pipeline per (mode, warm-up); every case that setting applies to.
-    plan: Dict[Tuple[str, int], List[Tuple[str, int, List[str]]]] = {}
+    # One parallelised pipeline per (mode, warm-up, codec); every case that setting applies to.
+    plan: Dict[Tuple[str, int, str], List[Tuple[str, int, List[str]]]] = {}
     for sampler, steps in cases:
         for mode, warmup, specs in settings(args.modes, args.warmups, steps, args.sweep_modes):
-            plan.setdefault((mode, warmup), []).append((sampler, steps, specs))
+            for compress in args.compress:
+                if compress == "none" or mode in ASYNC_MODES:  # the fresh exchanges refuse a codec
+                    plan.setdefault((mode, warmup, compress), []).append((sampler, steps, specs))
     rows = []
-    for (mode, warmup), applies in plan.items():
-        config = distripy.DistriConfig(mode=mode, warmup_steps=warmup, split_batch=False)
+    for (mode, warmup, compress), applies in plan.items():
+        config = distripy.DistriConfig(mode=mode, warmup_steps=warmup, split_batch=False, compress=compress)
         pipe = distripy.parallelize(copy.deepcopy(base), config)
         for sampler, steps, specs in applies:
             pipe.scheduler = scheduler_for(scheduler_config, sampler)
@@ -272,6 +283,7 @@ def run(args) -> Optional[Dict]:
                         sampler=sampler,
                         steps=steps,
                         mode=mode,
+                        compress=compress,
                         warmup_steps=warmup,
                         warmup_specs=specs,
                         growth=None  # nothing stale is used: float rounding only
@@ -366,13 +378,14 @@ def _score(outputs, references, bands: int, args) -> Dict:
 
 def table(rows: Sequence[Dict], bands: int) -> str:
     lines = [
-        f"{'bands':>5} {'sampler':<15} {'steps':>5} {'mode':<19} {'warm-up':>7} {'PSNR lat':>9} "
+        f"{'bands':>5} {'sampler':<15} {'steps':>5} {'mode':<19} {'compress':<9} {'warm-up':>7} {'PSNR lat':>9} "
         f"{'PSNR img':>9} {'seam img':>9} {'seam vis img':>12} {'growth':>7}"
     ]
     for row in rows:
         growth = "-" if row["growth"] is None else f"{row['growth']:.2f}"
         lines.append(
-            f"{bands:>5} {row['sampler']:<15} {row['steps']:>5} {row['mode']:<19} {row['warmup_steps']:>7} "
+            f"{bands:>5} {row['sampler']:<15} {row['steps']:>5} {row['mode']:<19} "
+            f"{row.get('compress', 'none'):<9} {row['warmup_steps']:>7} "
             f"{_db(row['psnr_latent_db']):>9} {_db(row['psnr_image_db']):>9} {row['seam_image']:>9.2f} "
             f"{row['seam_visibility_image']:>12.2e} {growth:>7}"
         )
@@ -417,6 +430,7 @@ def derive_policy(rows: Sequence[Dict], target_db: float, fractions: Sequence[st
       second most to the most steps, in most (sampler, bands) runs, has an error that builds up
       with the steps instead (a stale mode at its first warm-up spec; ``naive_patch``).
     """
+    rows = uncompressed(rows)
     corrected = [r for r in rows if r["mode"] == "corrected_async_gn"]
     all_steps = sorted({r["steps"] for r in rows})
 
@@ -464,6 +478,86 @@ def derive_policy(rows: Sequence[Dict], target_db: float, fractions: Sequence[st
     }
 
 
+def uncompressed(rows: Sequence[Dict]) -> List[Dict]:
+    """The rows without a codec (what the policy and the plots are about)."""
+    return [r for r in rows if r.get("compress", "none") == "none"]
+
+
+def codec_rows(rows: Sequence[Dict]) -> List[Dict]:
+    """Each codec's rows, with ``psnr_image_db_uncompressed``: the image PSNR of the uncompressed
+    row of the same sampler, steps, bands, mode and warm-up (``delta_db``: the codec's less the
+    uncompressed one; None where either is identical to the single device or is missing)."""
+    plain = {
+        (r["sampler"], r["steps"], r.get("bands"), r["mode"], r["warmup_steps"]): r for r in uncompressed(rows)
+    }
+    found = []
+    for r in rows:
+        if r.get("compress", "none") == "none":
+            continue
+        base = plain.get((r["sampler"], r["steps"], r.get("bands"), r["mode"], r["warmup_steps"]))
+        before = None if base is None else base["psnr_image_db"]
+        after = r["psnr_image_db"]
+        delta = None if before is None or after is None else after - before
+        found.append(dict(r, psnr_image_db_uncompressed=before, delta_db=delta))
+    return found
+
+
+def codecs_markdown(rows: Sequence[Dict]) -> List[str]:
+    """The summary's codec section: per sampler, each (mode, codec)'s image PSNR and its change
+    from the uncompressed row, and its error's growth at the most steps."""
+    found = codec_rows(rows)
+    if not found:
+        return []
+    lines = [
+        "",
+        "## The exchange codecs (`compress`)",
+        "",
+        "Image PSNR (dB) against the single device, and in brackets its change from the same setting "
+        "uncompressed; then the error's growth at the most steps (last step / halfway through the "
+        "asynchronous ones). `full_sync` and `exact` refuse a codec (their exchanges are fresh).",
+        "",
+    ]
+    steps_all = sorted({r["steps"] for r in found})
+    bands = sorted({r.get("bands") for r in found})
+    for sampler in sorted({r["sampler"] for r in found}):
+        lines += [f"### {sampler}", ""]
+        lines.append(
+            "| mode | codec | warm-up | "
+            + " | ".join(f"{s} steps, N={n}" for s in steps_all for n in bands)
+            + " | growth, "
+            + ", ".join(f"N={n}" for n in bands)
+            + " |"
+        )
+        lines.append("|" + " --- |" * (4 + len(steps_all) * len(bands)))
+        keys = sorted({(r["mode"], r["compress"]) for r in found if r["sampler"] == sampler})
+        for mode, compress in sorted(keys, key=lambda k: (k[0], EXCHANGE_CODECS.index(k[1]))):
+            mine = [r for r in found if r["sampler"] == sampler and (r["mode"], r["compress"]) == (mode, compress)]
+            cells = []
+            for steps in steps_all:
+                for n in bands:
+                    match = [r for r in mine if r["steps"] == steps and r.get("bands") == n]
+                    if not match:
+                        cells.append("-")
+                        continue
+                    value = "=" if match[0]["psnr_image_db"] is None else f"{match[0]['psnr_image_db']:.1f}"
+                    delta = "" if match[0]["delta_db"] is None else f" ({match[0]['delta_db']:+.1f})"
+                    cells.append(value + delta)
+            growth = []
+            for n in bands:
+                match = [r for r in mine if r["steps"] == steps_all[-1] and r.get("bands") == n]
+                growth.append("-" if not match or match[0]["growth"] is None else f"{match[0]['growth']:.2f}")
+            specs = sorted({spec for r in mine for spec in r["warmup_specs"]})
+            lines.append(
+                f"| `{mode}` | `{compress}` | {', '.join(specs) or '-'} | "
+                + " | ".join(cells)
+                + " | "
+                + ", ".join(growth)
+                + " |"
+            )
+        lines.append("")
+    return lines
+
+
 def _line_rows(rows: Sequence[Dict], sampler: str, bands: int, mode: str, spec: str) -> List[Dict]:
     """The rows of one line of the PSNR plot: a mode at warm-up ``spec`` (others: their one run)."""
     chosen = [
@@ -478,13 +572,14 @@ def _line_rows(rows: Sequence[Dict], sampler: str, bands: int, mode: str, spec: 
 
 
 def plot_study(rows: Sequence[Dict], stem: Path, spec: str) -> List[Path]:
-    """The three figures (see the module docstring); returns their paths."""
+    """The three figures (see the module docstring), of the uncompressed rows; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    rows = uncompressed(rows)
     samplers = sorted({r["sampler"] for r in rows})
     bands = sorted({r["bands"] for r in rows})
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
@@ -573,7 +668,9 @@ def _save(figure, stem: Path, name: str) -> Path:
 def summary_markdown(
     rows: Sequence[Dict], policy: Dict, record: Path, plots: Sequence[Path], spec: str
 ) -> str:
-    """``quality-study.md``: the policy, how it follows, and the tables behind it."""
+    """``quality-study.md``: the policy, how it follows, and the tables behind it (and the codecs')."""
+    codecs = codecs_markdown(rows)
+    rows = uncompressed(rows)
     samplers = sorted({r["sampler"] for r in rows})
     bands = sorted({r["bands"] for r in rows})
     steps_all = sorted({r["steps"] for r in rows})
@@ -591,13 +688,22 @@ def summary_markdown(
         f"Target: image PSNR >= {policy['target_psnr_image_db']:g} dB against the single device, for "
         "every sampler and band count measured.",
         "",
-        f"- `exact` below **{policy['exact_below_steps']}** steps: below it `corrected_async_gn` with that "
-        "warm-up misses the target at some measured setting;",
-        f"- `corrected_async_gn` from {policy['exact_below_steps']} steps on, with a warm-up of "
-        f"**{policy['warmup_fraction']:.0%}** of the steps (rounded up): of the shares measured that meet "
-        f"the target at {steps_all[-1]} steps, the one whose threshold and warm-ups make the fewest "
-        "steps with full exchanges (warm-up steps, and every step of an `exact` generation) over the "
-        f"measured step counts ({', '.join(map(str, steps_all))});",
+        *(
+            [
+                f"- no measured share of the steps as warm-up keeps `corrected_async_gn` at the target at "
+                f"{steps_all[-1]} steps: the measurements support no asynchronous policy;"
+            ]
+            if policy["warmup_fraction"] is None
+            else [
+                f"- `exact` below **{policy['exact_below_steps']}** steps: below it `corrected_async_gn` with "
+                "that warm-up misses the target at some measured setting;",
+                f"- `corrected_async_gn` from {policy['exact_below_steps']} steps on, with a warm-up of "
+                f"**{policy['warmup_fraction']:.0%}** of the steps (rounded up): of the shares measured that "
+                f"meet the target at {steps_all[-1]} steps, the one whose threshold and warm-ups make the "
+                "fewest steps with full exchanges (warm-up steps, and every step of an `exact` generation) "
+                f"over the measured step counts ({', '.join(map(str, steps_all))});",
+            ]
+        ),
         "- the error grows step over step (the latent PSNR gains less than "
         f"{SHRINK_DB:g} dB from {steps_all[-2] if len(steps_all) > 1 else '-'} to {steps_all[-1]} steps, "
         "though each asynchronous step is then less stale, in most runs) for: "
@@ -641,7 +747,7 @@ def summary_markdown(
                 match = [r for r in _line_rows(rows, sampler, n, mode, spec) if r["steps"] == most]
                 cells.append("-" if not match or match[0]["growth"] is None else f"{match[0]['growth']:.2f}")
         lines.append(f"| `{mode}` | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + codecs) + "\n"
 
 
 def study(args, argv: Sequence[str]) -> Dict:
@@ -654,10 +760,10 @@ def study(args, argv: Sequence[str]) -> Dict:
     rows = [dict(row, bands=world["bands"]) for world in worlds for row in world["rows"]]
     policy = derive_policy(rows, args.target_db, [s for s in args.warmups if s.endswith("%")])
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.results_dir / "quality-study"
+    stem = args.results_dir / args.name
     plots = plot_study(rows, stem, args.plot_warmup)
     record = write_json(
-        args.results_dir / f"quality-study-{timestamp()}.json",
+        args.results_dir / f"{args.name}-{timestamp()}.json",
         {
             "environment": environment(),
             "model": worlds[0]["model"],
@@ -670,7 +776,7 @@ def study(args, argv: Sequence[str]) -> Dict:
             "rows": rows,
         },
     )
-    markdown = args.results_dir / "quality-study.md"
+    markdown = args.results_dir / f"{args.name}.md"
     partial = markdown.with_name(markdown.name + ".partial")
     partial.write_text(summary_markdown(rows, policy, record, plots, args.plot_warmup))
     partial.replace(markdown)
@@ -687,6 +793,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=Path, help="a text file, one prompt per line")
     p.add_argument("--max-prompts", type=int, default=1000)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument(
+        "--compress",
+        nargs="+",
+        default=["none"],
+        choices=EXCHANGE_CODECS,
+        help="the exchange codecs to run the asynchronous modes with (none: uncompressed)",
+    )
+    p.add_argument("--name", default="quality-study", help="the results' file name stem")
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
     p.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
     p.add_argument(

@@ -374,7 +374,7 @@ def _quality_body(rank, world_size, output_dir):
         [
             "--height", "256", "--width", "64", "--steps", "3", "6", "--warmups", "1", "50%",
             "--samplers", "euler-trailing", "--modes", "full_sync", "corrected_async_gn", "naive_patch",
-            "--max-prompts", "1", "--output-dir", str(output_dir),
+            "--compress", "none", "residual2", "--max-prompts", "1", "--output-dir", str(output_dir),
         ]
     )  # fmt: skip
     return quality.run(args)
@@ -382,7 +382,16 @@ def _quality_body(rank, world_size, output_dir):
 
 def test_quality_run_on_two_ranks(run_ranks, tmp_path):
     report = run_ranks(_quality_body, 2, tmp_path, timeout=300)[0]
-    rows = {(r["steps"], r["mode"], r["warmup_steps"]): r for r in report["rows"]}
+    codecs = {(r["steps"], r["warmup_steps"]): r for r in report["rows"] if r["compress"] == "residual2"}
+    rows = {(r["steps"], r["mode"], r["warmup_steps"]): r for r in report["rows"] if r["compress"] == "none"}
+    # a codec for the asynchronous mode only (full_sync and naive_patch's exchanges are fresh or none)
+    assert set(codecs) == {(3, 1), (3, 2), (6, 1), (6, 3)}
+    # the warm-up and the first stale step (over the warm-up's full-precision keys and values) are
+    # the uncompressed ones; the later steps attend over decoded ones
+    for (steps, warmup), row in codecs.items():
+        plain = rows[steps, "corrected_async_gn", warmup]["step_errors"]
+        assert row["step_errors"][: warmup + 1] == plain[: warmup + 1], (steps, warmup)
+        assert all(a != b for a, b in zip(row["step_errors"][warmup + 1 :], plain[warmup + 1 :])), (steps, warmup)
     # warm-ups: 1 step, and half the steps rounded up (2 of 3: one asynchronous step; 3 of 6)
     assert set(rows) == {
         (3, "full_sync", 0), (3, "naive_patch", 0), (3, "corrected_async_gn", 1), (3, "corrected_async_gn", 2),
@@ -411,7 +420,7 @@ def test_quality_run_on_two_ranks(run_ranks, tmp_path):
 
 
 def test_quality_warmups_and_the_policy_from_rows():
-    from quality import derive_policy, settings, warmup_steps
+    from quality import codec_rows, codecs_markdown, derive_policy, settings, warmup_steps
 
     assert [warmup_steps(s, 50) for s in ("1", "10%", "25%")] == [1, 5, 13]
     assert [warmup_steps(s, 4) for s in ("10%", "25%", "50%")] == [1, 1, 2]
@@ -448,6 +457,21 @@ def test_quality_warmups_and_the_policy_from_rows():
     assert (looser["exact_below_steps"], looser["warmup_fraction"]) == (8, 0.1)
     unreachable = derive_policy(rows, 50.0, ["10%", "25%"])
     assert unreachable["exact_below_steps"] is None and unreachable["warmup_fraction"] is None
+    # a codec's rows are reported beside the uncompressed ones and never move the policy
+    compressed = [
+        dict(row(50, "corrected_async_gn", 12.0, ["10%"], latent=12.0), compress="residual2", warmup_steps=5, growth=1.0),
+        dict(row(50, "corrected_async_gn", None, ["10%"], latent=None), compress="fp8", warmup_steps=5, growth=None),
+    ]
+    for r in rows:
+        r.update(warmup_steps={"10%": 5, "25%": 13}.get((r["warmup_specs"] or [""])[0], 0), growth=1.0)
+    assert derive_policy(rows + compressed, 30.0, ["10%", "25%"]) == policy
+    residual, fp8 = codec_rows(rows + compressed)
+    assert (residual["psnr_image_db_uncompressed"], residual["delta_db"]) == (34.0, -22.0)
+    assert fp8["delta_db"] is None  # identical to the single device: no difference in dB
+    markdown = "\n".join(codecs_markdown(rows + compressed))
+    assert "| `corrected_async_gn` | `fp8` | 10% | = | -" in markdown
+    assert "| `corrected_async_gn` | `residual2` | 10% | 12.0 (-22.0) | 1.00 |" in markdown
+    assert codecs_markdown(rows) == []
     # one run of two says it grows: not most of them
     rows.append(row(16, "naive_patch", 15.0, latent=15.0, sampler="euler-trailing"))
     rows.append(row(50, "naive_patch", 15.0, latent=20.0, sampler="euler-trailing"))

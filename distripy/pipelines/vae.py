@@ -28,7 +28,8 @@ def parallelize_vae(vae, config: DistriConfig, comm=None):
     check_backends(config, comm)
     if config.world_size == 1:
         return vae
-    decode_config = dataclasses.replace(config, mode="exact", split_batch=False, use_cuda_graph=False)
+    # the decode runs once per image with fresh exchanges: no stale steps, nothing to compress
+    decode_config = dataclasses.replace(config, mode="exact", split_batch=False, use_cuda_graph=False, compress="none")
     context = PatchContext(decode_config)
     surgery = Surgery()
     swap_modules(vae.decoder, context, surgery)
