@@ -194,6 +194,7 @@ def plan(
     gpu=None,
     guidance: bool = True,
     compress: Union[str, Sequence[str]] = ("none",),
+    memory: Optional[float] = None,
 ) -> Plan:
     """The configurations of up to ``gpus`` GPUs for one image of ``size`` (pixels: a side, or
     (height, width)) in ``steps`` steps, ranked by predicted latency, and the one to use
@@ -207,7 +208,10 @@ def plan(
     ``full_sync``). The model and its built-in numbers are described in ``distripy.planning``;
     ``Plan.assumptions`` lists the ones a measured file did not replace. ``compress``: the
     ``DistriConfig.compress`` settings to compare for the asynchronous mode: names, one string
-    of them comma-separated, or ``"all"``."""
+    of them comma-separated, or ``"all"``. ``memory``: each GPU's memory in GiB (a "24 GB" card:
+    24): the configurations whose fullest GPU's predicted peak exceeds it are left out
+    (``Plan.left_out``; each prediction's ``memory`` says what a rank holds:
+    ``distripy.planning.memory``)."""
     if isinstance(compress, str):
         compress = EXCHANGE_CODECS if compress == "all" else tuple(compress.split(","))
     height, width = (size, size) if isinstance(size, int) else size
@@ -215,5 +219,6 @@ def plan(
     auto = choice.mode if choice.mode in ("exact", "full_sync") else "corrected_async_gn"
     modes = [(auto, choice.warmup_steps), ("exact", 0), ("full_sync", 0)]
     return plan_configurations(
-        gpus, (height, width), steps, modes, fabric=fabric, gpu=gpu, batch=2 if guidance else 1, compress=compress
-    )
+        gpus, (height, width), steps, modes, fabric=fabric, gpu=gpu, batch=2 if guidance else 1, compress=compress,
+        memory_gib=memory,
+    )  # fmt: skip

@@ -126,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--compress", default="none", metavar="CODECS",
         help=f"the asynchronous mode's key/value compression to compare: comma-separated, of "
         f"{', '.join(EXCHANGE_CODECS)}, or all (default none)")
+    add("--memory", type=float, metavar="GIB",
+        help="each GPU's memory in GiB (a 24 GB card: 24): leave out what would not fit, and say why")
     add("--top", type=int, default=15, help="table rows (default 15; all with --json)")
     add("--json", action="store_true", help="print the plan as JSON")
     return parser
@@ -371,10 +373,12 @@ def run_plan(args) -> int:
         raise CommandError(f"--gpus {args.gpus}: needs at least 1")
     if args.steps < 1:
         raise CommandError(f"--steps {args.steps}: needs at least 1")
+    if args.memory is not None and not 0 < args.memory < float("inf"):
+        raise CommandError(f"--memory {args.memory:g}: must be a positive number of GiB")
     try:
         planned = plan(
             args.gpus, (int(height), int(width)), args.steps, fabric=args.fabric, gpu=args.gpu,
-            guidance=not args.no_guidance, compress=args.compress,
+            guidance=not args.no_guidance, compress=args.compress, memory=args.memory,
         )  # fmt: skip
     except DistripyError as error:
         raise CommandError(str(error).removeprefix("plan: ")) from None

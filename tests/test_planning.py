@@ -465,3 +465,163 @@ def test_compressed_keys_values_of_sdxl_are_several_times_smaller(latent, bands)
     assert kv["none"] / kv["residual2"] >= 7, kv
     assert kv["none"] / kv["fp8"] >= 1.9, kv
     assert kv["none"] / kv["residual1"] >= 12, kv
+
+
+# -- memory ------------------------------------------------------------------------------------------
+
+
+def _persistent(world, rank, height, split, mode, compress, graphs):
+    """The bytes a parallelised tiny UNet's patch modules keep after a generation of 5 steps (2 of
+    warm-up: both step parities of each kind run): with ``graphs``, every persistent buffer of its
+    pool (``BufferPool.nbytes``); without, the stale buffers its modules hold. And the prompt's
+    tokens."""
+    from distripy.pipelines.unet import installed_forward
+    from distripy.runtime import LoopbackComm
+
+    unet = tiny_sdxl_unet(0)
+    config = distripy.DistriConfig(mode=mode, warmup_steps=2, split_batch=split, compress=compress, use_cuda_graph=False)
+    distripy.parallelize(unet, config, comm=LoopbackComm(rank, world))
+    context = installed_forward(unet).context
+    context.static_buffers = graphs  # what CUDA graphs make them (tests/test_step_graphs.py)
+    conditioning = sdxl_conditioning(2, 1)
+    sample = torch.randn(2, 4, height, WIDTH, generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():  # the generation left open: its stale buffers still held
+        distripy.reset(unet, steps=5)
+        for step in range(5):
+            unet(sample + 0.01 * step, 900 - 50 * step, **conditioning)
+    if graphs:
+        held = context.buffers.nbytes()
+    else:
+        held = sum(
+            t.numel() * t.element_size()
+            for state in context.states
+            if state.exchange is not None
+            for t in state.exchange.buffers
+            if t is not None
+        )
+    return held, conditioning["encoder_hidden_states"].shape[1]
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize(
+    "world, rank, height, split, mode, compress",
+    [
+        (3, 1, 32, False, "corrected_async_gn", "none"),  # bands 3, 3, 2: a middle band
+        (3, 1, 32, False, "corrected_async_gn", "residual2"),
+        (6, 5, 28, True, "corrected_async_gn", "fp8"),  # CFG split, the bottom (shortest) band
+        (4, 0, 32, False, "corrected_async_gn", "residual1"),  # the top band
+        (5, 0, 24, False, "full_sync", "none"),
+        (6, 4, 28, True, "exact", "none"),  # ring shifts: a block per other band
+    ],
+)
+def test_predicted_persistent_memory_equals_what_the_model_allocates(world, rank, height, split, mode, compress, graphs):
+    """``planning.memory.persistent_bytes`` from the step walks, byte for byte against the buffers
+    the tiny UNet's modules hold: its stale buffers, or under CUDA graphs every persistent buffer of
+    its pool (one per step parity; a compressed exchange's gathered keys and values one in all)."""
+    from distripy.pipelines.tiny import tiny_sdxl_unet_config
+    from distripy.planning.memory import persistent_bytes
+
+    held, tokens = _persistent(world, rank, height, split, mode, compress, graphs)
+    bands = world // 2 if split else world
+    layout = BandLayout.split(height // 4, bands)
+    common = dict(
+        latent=(height, WIDTH), batch=1 if split else 2, units=layout.units, index=rank % bands,
+        config=tiny_sdxl_unet_config(TEXT_DIM, POOLED_DIM), dtype_bytes=4, halves=2 if split else 1,
+    )  # fmt: skip
+    if mode == "exact":
+        walks = [step_traffic(exact=True, **common)]
+    else:
+        walks = [step_traffic(**common)] + ([step_traffic(compress=compress, **common)] if mode != "full_sync" else [])
+    keeps = mode == "corrected_async_gn"
+    assert held == persistent_bytes(walks, graphs, keeps, keeps, tokens) and (held > 0) == (graphs or keeps)
+
+
+def test_compressed_keys_and_values_under_cuda_graphs_keep_less():
+    """SDXL at 2048² on 4 ranks: under CUDA graphs a compressed exchange holds one set of the
+    image's keys and values where the uncompressed one holds one per step parity, so it keeps less
+    though it adds its packed bytes (and a residual its own baseline); without graphs it keeps more
+    (the same one set, and those)."""
+    from distripy.planning.memory import persistent_bytes
+
+    units = band_units(32, 4)
+    kept = {}
+    for compress in ("none", "fp8", "residual2"):
+        walks = [step_traffic((256, 256), 2, units, 1)]
+        walks.append(step_traffic((256, 256), 2, units, 1, compress=compress))
+        kept[compress] = {graphs: persistent_bytes(walks, graphs, True, True) for graphs in (False, True)}
+    for codec in ("fp8", "residual2"):
+        assert kept[codec][True] < kept["none"][True] and kept[codec][False] > kept["none"][False], kept
+    # the keys and values dominate: the graphs' second set about doubles what is kept
+    assert 1.8 < kept["none"][True] / kept["none"][False] < 2.6
+
+
+def test_sdxl_parameter_counts_are_its_models():
+    """``SDXL_PARAMETERS``, the planner's weights: the UNet, both text encoders and the VAE of SDXL
+    base built on ``meta`` from their published configurations, their parameters counted."""
+    import sys
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from distripy.planning.memory import SDXL_PARAMETERS, SDXL_VAE
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from sdxl import build_unet
+
+    def count(model):
+        return sum(p.numel() for p in model.parameters())
+
+    text = dict(vocab_size=49408, max_position_embeddings=77)
+    with torch.device("meta"):
+        models = {
+            "unet": build_unet("meta"),
+            "text_encoder": CLIPTextModel(
+                CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                               projection_dim=768, hidden_act="quick_gelu", **text)  # fmt: skip
+            ),
+            "text_encoder_2": CLIPTextModelWithProjection(
+                CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                               projection_dim=1280, hidden_act="gelu", **text)  # fmt: skip
+            ),
+            "vae": AutoencoderKL(
+                in_channels=3, out_channels=3, latent_channels=SDXL_VAE["latent_channels"],
+                block_out_channels=SDXL_VAE["block_out_channels"], layers_per_block=SDXL_VAE["layers_per_block"],
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            ),  # fmt: skip
+        }
+    assert {name: count(model) for name, model in models.items()} == SDXL_PARAMETERS
+
+
+def test_plan_leaves_out_what_does_not_fit_and_says_why(capsys):
+    from distripy import cli
+    from distripy.planning.memory import GIB
+
+    whole = distripy.plan(8, (2048, 2048), 50, fabric="pcie4")
+    fitting = distripy.plan(8, (2048, 2048), 50, fabric="pcie4", memory=24)
+    assert all(c.memory.peak <= 24 * GIB for c in fitting.candidates)
+    assert fitting.left_out and all(c.memory.peak > 24 * GIB for c in fitting.left_out)
+    assert len(fitting.candidates) + len(fitting.left_out) == len(whole.candidates)
+    assert 1 not in {c.gpus for c in fitting.candidates}  # one GPU decodes the whole image
+    for c in whole.candidates:  # the parts add up; more GPUs never need more per GPU
+        m = c.memory
+        assert m.peak == m.weights + m.persistent + m.graph_pool + max(m.activations, m.vae_decode)
+        assert (m.graph_pool > 0) == c.graphs and (m.persistent > 0) == (c.gpus > 1 and (c.graphs or c.mode == "corrected_async_gn") and not (c.split_batch and c.gpus == 2))
+        for other in whole.candidates:
+            if (other.split_batch, other.mode, other.graphs, other.compress) == (c.split_batch, c.mode, c.graphs, c.compress) and other.gpus > c.gpus > 1:
+                assert other.memory.peak < m.peak, (c, other)
+    with pytest.raises(ConfigError, match=r"no configuration of up to 2 GPUs fits in 24 GiB per GPU for 3840x3840: the smallest, .* needs \d+\.\d GiB: weights"):
+        distripy.plan(2, 3840, 50, memory=24)
+    for bad in (0, -1, float("nan"), "24", True):
+        with pytest.raises(ConfigError, match="memory=.* must be a positive number of GiB"):
+            distripy.plan(2, 1024, 50, memory=bad)
+    assert cli.main(["plan", "--gpus", "4", "--size", "2048x2048", "--fabric", "pcie4", "--memory", "24"]) == 0
+    table = capsys.readouterr().out
+    assert "peak GiB/GPU" in table and "its fullest GPU: " in table
+    assert re.search(r"left out, over 24 GiB per GPU \(\d+; the fastest\):\n  \d GPUs?.*: \d+\.\d GiB: weights", table)
+    assert cli.main(["plan", "--gpus", "4", "--memory", "0"]) == 2
+    assert "--memory 0: must be a positive number of GiB" in capsys.readouterr().err
+    assert cli.main(["plan", "--gpus", "4", "--size", "2048x2048", "--memory", "24", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["memory_gib"] == 24 and planned["left_out"]
+    assert all(c["memory"]["peak_gib"] <= 24 for c in planned["candidates"])

@@ -93,8 +93,13 @@ class PatchSelfAttnProcessor(PatchState):
         like = projected.key
         compressed = self._compressed(ctx, lengths, width)
         if exchange is ActivationExchange.SYNC:
-            gathered = ctx.new_buffer(self, "keys_values", (batch, ctx.band_count, tallest, width), like)
-            send = ctx.new_buffer(self, "send", (batch, tallest, width), like)
+            # Under CUDA graphs: the keys and values a compressed exchange's stale steps update in
+            # place are one buffer for both step parities (whichever parity the warm-up ends on,
+            # the stale steps' graphs read the buffer it wrote); what is sent is read within the step.
+            in_place = compressed is not None and ctx.keeps_activations
+            shape = (batch, ctx.band_count, tallest, width)
+            gathered = ctx.new_buffer(self, "keys_values", shape, like, per_parity=not in_place)
+            send = ctx.new_buffer(self, "send", (batch, tallest, width), like, per_parity=False)
             projected.write_into(send[:, :own])
             with ctx.comm.group():
                 works = [ctx.comm.all_gather(send[item], gathered[item]) for item in range(batch)]

@@ -8,6 +8,8 @@ modes that equal one GPU), the asynchronous mode with each exchange codec asked 
 (``compress``), with and without CUDA graphs. The recommendation is the fastest
 configuration, except that a configuration with fewer GPUs is preferred while it is within
 ``TOLERANCE`` of the fastest: GPUs that buy less than that are better spent on another image.
+With ``memory_gib`` (the GPUs' memory), a configuration whose fullest rank's predicted peak
+(``planning.memory``) does not fit is left out, and the plan says why.
 """
 
 from dataclasses import dataclass, field, replace
@@ -25,6 +27,7 @@ from distripy.planning.hardware import (
     load_fabric,
     load_gpu,
 )
+from distripy.planning.memory import GIB
 from distripy.planning.predict import Prediction, predict
 from distripy.planning.traffic import SDXL_UNET
 
@@ -73,6 +76,8 @@ class Plan:
     candidates: Tuple[Prediction, ...]
     recommended: Prediction
     assumptions: Tuple[str, ...] = field(default=())
+    memory_gib: Optional[float] = None  # the GPUs' memory the candidates were checked against
+    left_out: Tuple[Prediction, ...] = field(default=())  # over memory_gib, fastest first
 
     def as_dict(self) -> Dict:
         return {
@@ -87,6 +92,8 @@ class Plan:
             },
             "recommended": self.recommended.as_dict(),
             "candidates": [candidate.as_dict() for candidate in self.candidates],
+            "memory_gib": self.memory_gib,
+            "left_out": [candidate.as_dict() for candidate in self.left_out],
             "assumptions": list(self.assumptions),
         }
 
@@ -109,13 +116,18 @@ class Plan:
             f"recommended (*): {how}, CUDA graphs {'on' if best.graphs else 'off'}: "
             f"{best.seconds:.2f} s, {best.speedup:.2f}x one GPU",
         ]
+        if best.memory is not None:
+            lines.append(f"its fullest GPU: {best.memory.describe()}")
+        if self.left_out:
+            lines.append(f"left out, over {self.memory_gib:g} GiB per GPU ({len(self.left_out)}; the fastest):")
+            lines += [f"  {_name(candidate)}: {candidate.memory.describe()}" for candidate in self.left_out[:limit]]
         return "\n".join(lines + [f"assumed: {assumption}" for assumption in self.assumptions])
 
     def table(self, limit: Optional[int] = None) -> str:
         """The candidates as a text table, the recommended one marked."""
         header = (
             f"{'':2}{'GPUs':>4} {'CFG split':>9} {'mode':<36} {'graphs':>6} {'latency s':>10} "
-            f"{'speedup':>8} {'compute ms/step':>16} {'exposed comm ms/step':>21}"
+            f"{'speedup':>8} {'compute ms/step':>16} {'exposed comm ms/step':>21} {'peak GiB/GPU':>13}"
         )
         lines = [header]
         for candidate in self.candidates[:limit]:
@@ -129,9 +141,21 @@ class Plan:
                 f"{mark}{candidate.gpus:>4} {'yes' if candidate.split_batch else 'no':>9} {mode:<36} "
                 f"{'yes' if candidate.graphs else 'no':>6} {candidate.seconds:>10.3f} "
                 f"{candidate.speedup:>7.2f}x {candidate.step_compute_s * 1e3:>16.2f} "
-                f"{candidate.exposed_s * 1e3:>21.3f}"
+                f"{candidate.exposed_s * 1e3:>21.3f} "
+                f"{'-' if candidate.memory is None else f'{candidate.memory.peak / GIB:.1f}':>13}"
             )
         return "\n".join(lines)
+
+
+def _name(candidate: Prediction) -> str:
+    """``"4 GPUs, CFG split, corrected_async_gn (w13) residual2, graphs"``."""
+    if candidate.gpus == 1:
+        return f"1 GPU{', graphs' if candidate.graphs else ''}"
+    mode = candidate.mode
+    if mode == "corrected_async_gn":
+        mode = f"{mode} (w{candidate.warmup_steps})" + (f" {candidate.compress}" if candidate.compress != "none" else "")
+    split = ", CFG split" if candidate.split_batch else ""
+    return f"{candidate.gpus} GPUs{split}, {mode}{', graphs' if candidate.graphs else ''}"
 
 
 def _counts(gpus: int, deepest: int) -> List[int]:
@@ -150,10 +174,14 @@ def plan_configurations(
     vae_scale: int = 8,
     config: Optional[Dict] = None,
     compress: Sequence[str] = ("none",),
+    memory_gib: Optional[float] = None,
+    weights_bytes: Optional[int] = None,
 ) -> Plan:
     """Every configuration of up to ``gpus`` GPUs for an image of ``size`` (height, width pixels)
     and ``steps`` steps, for the ``modes`` given as (mode, warm-up steps); the asynchronous mode's
-    once for each of ``compress`` (``DistriConfig.compress``)."""
+    once for each of ``compress`` (``DistriConfig.compress``). ``memory_gib``: each GPU's memory
+    (GiB); the configurations whose fullest rank would not fit are left out (``Plan.left_out``).
+    ``weights_bytes``: the pipeline's weights (default: SDXL's in fp16)."""
     compress = tuple(dict.fromkeys(compress))
     unknown = [name for name in compress if name not in EXCHANGE_CODECS]
     if not compress or unknown:
@@ -162,6 +190,14 @@ def plan_configurations(
         raise ConfigError(f"plan: gpus={gpus!r} must be an integer >= 1")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"plan: steps={steps!r} must be an integer >= 1")
+    if memory_gib is not None and (
+        isinstance(memory_gib, bool) or not isinstance(memory_gib, (int, float)) or not 0 < memory_gib < float("inf")
+    ):
+        raise ConfigError(f"plan: memory={memory_gib!r} must be a positive number of GiB")
+    if weights_bytes is not None and (
+        isinstance(weights_bytes, bool) or not isinstance(weights_bytes, int) or weights_bytes < 0
+    ):
+        raise ConfigError(f"plan: weights_bytes={weights_bytes!r} must be a non-negative integer")
     height, width = size
     geometry = replace(BandGeometry.from_configs(config or SDXL_UNET), vae_scale=vae_scale)
     unit = geometry.pixel_unit
@@ -190,6 +226,7 @@ def plan_configurations(
                         graphs,
                         batch,
                         config,
+                        weights_bytes=weights_bytes,
                     )
                 )
                 continue
@@ -201,13 +238,23 @@ def plan_configurations(
                         candidates.append(
                             predict(
                                 gpu_profile, fabric_profile, latent, steps, count, split, mode, warmup, graphs,
-                                batch, config, compress=codec,
+                                batch, config, compress=codec, weights_bytes=weights_bytes,
                             )
                         )  # fmt: skip
     # ties: fewer GPUs, then fewer bytes (the CFG split), then CUDA graphs
-    ranked = tuple(
-        sorted(candidates, key=lambda c: (round(c.seconds, 9), c.gpus, c.sent_bytes, not c.graphs))
-    )
+    ordered = sorted(candidates, key=lambda c: (round(c.seconds, 9), c.gpus, c.sent_bytes, not c.graphs))
+    left_out: Tuple[Prediction, ...] = ()
+    if memory_gib is not None:
+        budget = memory_gib * GIB
+        left_out = tuple(c for c in ordered if c.memory.peak > budget)
+        ordered = [c for c in ordered if c.memory.peak <= budget]
+        if not ordered:
+            least = min(left_out, key=lambda c: c.memory.peak)
+            raise ConfigError(
+                f"plan: no configuration of up to {gpus} GPUs fits in {memory_gib:g} GiB per GPU for "
+                f"{width}x{height}: the smallest, {_name(least)}, needs {least.memory.describe()}"
+            )
+    ranked = tuple(ordered)
     fastest = ranked[0].seconds
     recommended = min(
         (c for c in ranked if c.seconds <= fastest * (1 + TOLERANCE)), key=lambda c: (c.gpus, c.seconds)
@@ -221,6 +268,12 @@ def plan_configurations(
         "SDXL's UNet steps only (the text encoders and the VAE decode are left out); batch "
         f"{batch} per call (one image with classifier-free guidance)"
     )
-    return Plan(
-        (height, width), steps, gpus, gpu_profile, fabric_profile, ranked, recommended, tuple(assumptions)
+    weights = "SDXL's pipeline weights in fp16" if weights_bytes is None else f"{weights_bytes / GIB:.1f} GiB of weights"
+    assumptions.append(
+        f"memory: {weights} on every GPU; a band step's activations and the VAE decode estimated "
+        "(planning.memory), not measured on a GPU"
     )
+    return Plan(
+        (height, width), steps, gpus, gpu_profile, fabric_profile, ranked, recommended, tuple(assumptions),
+        memory_gib, left_out,
+    )  # fmt: skip

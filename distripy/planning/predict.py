@@ -28,6 +28,13 @@ from distripy.config import EXCHANGE_CODECS
 from distripy.errors import ConfigError
 from distripy.geometry import BandGeometry, bands_per_image
 from distripy.planning.hardware import Fabric, GpuProfile
+from distripy.planning.memory import (
+    SDXL_PARAMETERS,
+    MemoryEstimate,
+    persistent_bytes,
+    unet_activation_bytes,
+    vae_decode_bytes,
+)
 from distripy.planning.traffic import SDXL_UNET, StepTraffic, band_units, step_traffic
 
 __all__ = ["CODEC_BYTES_PER_S", "EXACT_HIDDEN_SHARE", "Prediction", "predict"]
@@ -62,6 +69,7 @@ class Prediction:
     exposed_s: float  # communication not hidden, per step (averaged over the steps)
     sent_bytes: int  # bytes one rank sends per step (the busiest rank's; an asynchronous step's)
     compress: str = "none"  # the asynchronous steps' keys and values (DistriConfig.compress)
+    memory: Optional[MemoryEstimate] = None  # the fullest rank's (planning.memory)
 
     @property
     def speedup(self) -> float:
@@ -85,6 +93,7 @@ class Prediction:
             "exposed_comm_ms_per_step": self.exposed_s * 1e3,
             "sent_mb_per_step": self.sent_bytes / 1e6,
             "compress": self.compress,
+            "memory": None if self.memory is None else self.memory.as_dict(),
         }
 
 
@@ -158,11 +167,13 @@ def predict(
     batch: int = 2,
     config: Optional[Dict] = None,
     compress: str = "none",
+    weights_bytes: Optional[int] = None,
 ) -> Prediction:
     """The generation of ``steps`` steps of an SDXL-like UNet (``config``; default SDXL) on a
     ``latent`` (rows, columns) with ``batch`` images per UNet call (2: one image with CFG), on
     ``gpus`` GPUs; ``compress``: the asynchronous steps' keys and values sent so (their codecs'
-    time added to the step's compute, ``CODEC_BYTES_PER_S``)."""
+    time added to the step's compute, ``CODEC_BYTES_PER_S``). Its ``memory``: the fullest rank's
+    (``planning.memory``), with ``weights_bytes`` of weights (default: SDXL's pipeline in fp16)."""
     if mode not in MODES:
         raise ConfigError(f"plan: mode {mode!r} is not one of {', '.join(MODES)}")
     if compress not in EXCHANGE_CODECS:
@@ -184,12 +195,17 @@ def predict(
     deepest = geometry.deepest_rows(latent[0])
     pixels = latent[0] * latent[1]
     single = steps * gpu.step_seconds(pixels, batch / 2, graphs, single=True)
+    weights = 2 * sum(SDXL_PARAMETERS.values()) if weights_bytes is None else weights_bytes
+    images = max(1, batch // 2)
     if gpus == 1:
-        return Prediction(1, False, "single", 0, graphs, single, single, single / steps, 0.0, 0)
+        step = unet_activation_bytes(latent, batch, (deepest,), 0, config, synchronous=False)
+        memory = MemoryEstimate(weights, 0, step, step if graphs else 0, vae_decode_bytes(latent, images, 1))
+        return Prediction(1, False, "single", 0, graphs, single, single, single / steps, 0.0, 0, memory=memory)
     fabric = fabric.for_ranks(gpus)
     units = band_units(deepest, bands)
     per_band = batch // 2 if split_batch else batch
-    worst = None
+    worst, memory = None, None
+    decode = vae_decode_bytes(latent, images, gpus)
     for index in sorted({0, bands // 2, bands - 1}):  # the edges, and a band with two neighbours
         fraction = units[index] / deepest * per_band / 2
         compute = gpu.step_seconds(pixels, fraction, graphs)
@@ -204,6 +220,11 @@ def predict(
         times = {
             kind: _step_seconds(per_kind[kind], computes[kind], fabric, bands, gpus, kind, graphs) for kind in kinds
         }
+        keeps = mode == "corrected_async_gn"  # the planner's modes: only it reads stale values
+        kept = persistent_bytes([per_kind[kind] for kind in kinds], graphs, keeps, keeps)
+        step = unet_activation_bytes(latent, per_band, units, index, config, synchronous=mode != "exact")
+        rank = MemoryEstimate(weights, kept, step, step if graphs else 0, decode)
+        memory = rank if memory is None or rank.peak > memory.peak else memory
         if mode == "exact":
             count = {"exact": steps}
         elif mode == "full_sync":
@@ -219,4 +240,6 @@ def predict(
         if worst is None or candidate[0] > worst[0]:
             worst = candidate
     seconds, compute, exposed, sent = worst
-    return Prediction(gpus, split_batch, mode, warmup_steps, graphs, seconds, single, compute, exposed, sent, compress)
+    return Prediction(
+        gpus, split_batch, mode, warmup_steps, graphs, seconds, single, compute, exposed, sent, compress, memory
+    )

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from distripy.errors import InputError
 
-__all__ = ["SDXL_UNET", "StepTraffic", "Transfer", "band_units", "packed_bytes", "step_traffic"]
+__all__ = ["SDXL_UNET", "StepTraffic", "Transfer", "band_units", "packed_bytes", "per_block", "step_traffic"]
 
 SDXL_UNET: Dict = {
     "in_channels": 4,
@@ -42,9 +42,11 @@ class Transfer:
     ``shift``), ``kind`` (``halo``, ``gn_stats``, ``kv``, ``output``), the bytes this rank puts on
     the link (``sent``) and takes off it (``received``; an all-reduce counts its payload both
     ways), ``block``: the checkpoint it leaves at in an asynchronous step, and for compressed keys
-    and values ``codec_bytes``, the bytes the encoder and the decoders move in memory, and
-    ``kept``, the bytes the module keeps for the next step (``parallel.compression``: the whole
-    image's keys and values, the sender's own baseline for a residual, the packed bytes received)."""
+    and values ``codec_bytes``, the bytes the encoder and the decoders move in memory, ``kept``,
+    the bytes the module keeps for the next step (``parallel.compression``: the whole image's keys
+    and values, the sender's own baseline for a residual, the packed bytes received), and
+    ``shared``, the buffers of a compressed exchange that both step parities share under CUDA
+    graphs (its own baseline, the packed bytes sent and received; ``planning.memory``)."""
 
     op: str
     kind: str
@@ -53,6 +55,7 @@ class Transfer:
     block: int
     codec_bytes: int = 0  # the memory the codecs read and write to send and receive it (compressed)
     kept: int = 0  # compressed keys/values: what the module keeps for the next step
+    shared: int = 0  # compressed keys/values: the buffers both step parities share (graphs)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ class StepTraffic:
     transfers: Tuple[Transfer, ...]
     blocks: int
     exact: bool = False
+    attention_channels: Tuple[int, ...] = ()  # each transformer layer's channels, in order
+    batch: int = 1  # images per band
+    dtype_bytes: int = 2
 
     def bytes_by_kind(self) -> Dict[str, int]:
         totals = {"halo": 0, "gn_stats": 0, "kv": 0, "output": 0}
@@ -89,6 +95,11 @@ class StepTraffic:
             elif transfer.kind == "kv" and transfer.op == "all_gather":
                 kept += transfer.kept or transfer.sent + transfer.received
         return kept
+
+    def context_bytes(self, text_tokens: int) -> int:
+        """The prompt's keys and values of every cross-attention (one per transformer layer), kept
+        once under CUDA graphs (``PatchCrossAttnProcessor``): ``text_tokens`` each."""
+        return sum(self.batch * text_tokens * 2 * channels * self.dtype_bytes for channels in self.attention_channels)
 
     def count_by_kind(self) -> Dict[str, int]:
         counts = {"halo": 0, "gn_stats": 0, "kv": 0, "output": 0}
@@ -122,7 +133,8 @@ def band_units(total: int, count: int) -> Tuple[int, ...]:
     return tuple(base + 1 if index < extra else base for index in range(count))
 
 
-def _per_block(value, blocks: int, name: str) -> List:
+def per_block(value, blocks: int, name: str) -> List:
+    """A UNet config's per-block setting (an int for every block, or one entry each), as a list."""
     if isinstance(value, int):
         return [value] * blocks
     value = list(value)
@@ -142,6 +154,12 @@ class _Walk:
         self.exact = exact
         self.block = 0
         self.transfers: List[Transfer] = []
+        self.attention_channels: List[int] = []
+
+    def traffic(self, blocks: int) -> StepTraffic:
+        return StepTraffic(
+            tuple(self.transfers), blocks, self.exact, tuple(self.attention_channels), self.batch, self.bytes
+        )
 
     def rows(self, level: int, band: Optional[int] = None) -> int:
         """A band's rows at ``level`` (rows per unit x its units)."""
@@ -151,8 +169,8 @@ class _Walk:
     def columns(self, level: int) -> int:
         return -(-self.width // (1 << level))
 
-    def add(self, op, kind, sent, received, codec_bytes=0, kept=0) -> None:
-        self.transfers.append(Transfer(op, kind, sent, received, self.block, codec_bytes, kept))
+    def add(self, op, kind, sent, received, codec_bytes=0, kept=0, shared=0) -> None:
+        self.transfers.append(Transfer(op, kind, sent, received, self.block, codec_bytes, kept, shared))
 
     def conv(self, channels: int, level: int, above: int = 1, below: int = 1) -> None:
         """A convolution reading ``above`` rows over its band and ``below`` under it; it sends its
@@ -169,6 +187,7 @@ class _Walk:
         self.add("all_reduce", "gn_stats", size, size)
 
     def self_attention(self, channels: int, level: int) -> None:
+        self.attention_channels.append(channels)
         tallest = max(self.rows(level, band) for band in range(len(self.units)))
         item = tallest * self.columns(level) * 2 * channels * self.bytes  # keys | values, one item
         others = len(self.units) - 1
@@ -184,8 +203,10 @@ class _Walk:
             codec = self.batch * (3 * own * width + slot + others * (2 * tallest * self.columns(level) * width + slot))
             whole = self.batch * (others + 1) * item  # every band's slot, padded to the tallest
             baseline = self.batch * item if self.compress.startswith("residual") else 0
-            kept = whole + baseline + self.batch * (others + 1) * slot
-            self.add("all_gather", "kv", self.batch * slot, self.batch * slot * others, codec, kept)
+            received = self.batch * (others + 1) * slot  # every band's slot, its own included
+            kept = whole + baseline + received
+            shared = baseline + self.batch * slot + received
+            self.add("all_gather", "kv", self.batch * slot, self.batch * slot * others, codec, kept, shared)
         else:  # keys and values side by side, one all-gather per batch item (batch-major)
             for _ in range(self.batch):
                 self.add("all_gather", "kv", item, item * others)
@@ -232,15 +253,15 @@ def step_traffic(
     if height % ((1 << (levels - 1)) * sum(units)):
         raise InputError(f"step_traffic: latent height {height} is not whole rows of bands {tuple(units)}")
     groups = config.get("norm_num_groups", 32)
-    layers = _per_block(config.get("layers_per_block", 2), levels, "layers_per_block")
-    depth = _per_block(config.get("transformer_layers_per_block", 1), levels, "transformer_layers_per_block")
+    layers = per_block(config.get("layers_per_block", 2), levels, "layers_per_block")
+    depth = per_block(config.get("transformer_layers_per_block", 1), levels, "transformer_layers_per_block")
     if compress != "none" and exact:
         raise InputError(f"step_traffic: compress {compress!r} with exact: exact steps exchange uncompressed")
     walk = _Walk(height, width, batch, units, index, dtype_bytes, exact, halves, compress)
     if len(units) == 1:  # one band: nothing between bands; the halves' outputs are gathered
         if halves > 1:
             walk.output(config.get("out_channels", 4))
-        return StepTraffic(tuple(walk.transfers), 2 * levels + 2, exact)
+        return walk.traffic(2 * levels + 2)
 
     for i, kind in enumerate(config["down_block_types"]):  # conv_in: halos from the latent itself
         inner, outer = channels[max(i - 1, 0)], channels[i]
@@ -281,4 +302,4 @@ def step_traffic(
     walk.conv(channels[0], 0)
     walk.block += 1
     walk.output(config.get("out_channels", 4))
-    return StepTraffic(tuple(walk.transfers), walk.block, exact)
+    return walk.traffic(walk.block)
