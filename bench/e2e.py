@@ -21,7 +21,10 @@ plain UNet at batch 2, with or without split: the work a rank stands in for is t
 next to the paper's (42% / 72% / 82% at 1024² / 2048² / 3840², N = 8); the bytes the rank sends per
 step by kind (halo, K/V, GroupNorm statistics, output); on a GPU the peak memory of its steps
 (``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, with the memory held when
-its steps began: the base model and, for a rank, its parallelised copy); and with CUDA graphs the
+its steps began: the base model and, for a rank, its parallelised copy) beside the planner's
+estimate of a band step's activations (``planning.memory``); the bytes the rank's patch modules
+keep across steps (its stale buffers, or under CUDA graphs every persistent buffer), measured and
+as the planner predicts them; and with CUDA graphs the
 kernels of one replayed step (``torch.profiler``'s CUDA events: count, durations, their sum against
 the step's wall time from CUDA events). The JSON (device, versions, command, rows, and measured
 step profiles: where each transfer is issued and waited for, ``step_profile.py``) is rewritten
@@ -323,6 +326,7 @@ def _measure_rank(
         last = log.step
         replay = _replay_record(step, timesteps[-1], clock.cuda and graphs and args.kernel_count)
         extras = _extras(memory, at_start, replay)
+        extras.update(_kept(unet, graphs), **_predicted_memory(base, latents, n, split, mode, graphs, conditioning))
         sent = {kind: 0 for kind in KINDS}
         for transfer in log.transfers:
             if transfer.step == last:
@@ -333,6 +337,42 @@ def _measure_rank(
             profile = _measured_profiles(unet, latents, conditioning, log, clock)
     row = _row(None, n, split, variant, seconds, sent if any(sent.values()) else None, rank)
     return dict(row, mode=mode, **extras), profile
+
+
+def _kept(unet, graphs: bool) -> Dict:
+    """What the rank's patch modules keep across steps: under CUDA graphs every persistent buffer,
+    otherwise the stale buffers they hold (before the generation ends)."""
+    from distripy.pipelines.unet import installed_forward
+
+    context = installed_forward(unet).context
+    if graphs:
+        return {"kept_bytes": context.buffers.nbytes()}
+    held = (t for state in context.states if state.exchange is not None for t in state.exchange.buffers)
+    return {"kept_bytes": sum(t.numel() * t.element_size() for t in held if t is not None)}
+
+
+def _predicted_memory(base, latents, n: int, split: bool, mode: str, graphs: bool, conditioning) -> Dict:
+    """The planner's kept bytes and band-step activations for this row's rank (``planning.memory``)."""
+    from distripy.geometry import BandGeometry, bands_per_image
+    from distripy.parallel.step_policy import keeps_activations, keeps_statistics
+    from distripy.planning.memory import persistent_bytes, unet_activation_bytes
+    from distripy.planning.traffic import band_units, step_traffic
+
+    batch, _, height, width = latents.shape
+    bands = bands_per_image(n, split)
+    per_band = batch // 2 if split else batch
+    units = band_units(BandGeometry.from_configs(base.config).deepest_rows(height), bands)
+    index = middle_rank(n, split) % bands
+    common = dict(dtype_bytes=latents.element_size(), halves=2 if split else 1)
+    walk = step_traffic((height, width), per_band, units, index, base.config, exact=mode == "exact", **common)
+    keeps = keeps_activations(mode), keeps_statistics(mode)
+    tokens = conditioning["encoder_hidden_states"].shape[1]
+    return {
+        "predicted_kept_bytes": persistent_bytes([walk], graphs, *keeps, tokens),
+        "predicted_step_bytes": unet_activation_bytes(
+            (height, width), per_band, units, index, base.config, latents.element_size(), mode != "exact"
+        ),
+    }
 
 
 def _measured_profiles(unet, latents, conditioning, log, clock: Clock) -> Dict:

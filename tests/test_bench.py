@@ -165,6 +165,11 @@ def test_the_end_to_end_benchmark_runs_scaled_down(tmp_path, one_thread):
     assert rows[(4, False)]["sent_bytes"]["kv"] * 2 == rows[(2, False)]["sent_bytes"]["kv"]
     halves = rows[(2, True)]["sent_bytes"]  # one band per CFG half: only the output is gathered
     assert halves["kv"] == halves["halo"] == halves["gn_stats"] == 0 and halves["output"] > 0
+    # what each rank's modules keep across steps, as the planner predicts it (planning.memory)
+    for row in list(rows.values())[1:] + list(exact.values()):
+        assert row["kept_bytes"] == row["predicted_kept_bytes"], row
+        assert row["predicted_step_bytes"] > 0
+    assert rows[(4, False)]["kept_bytes"] > 0 and exact[(4, False)]["kept_bytes"] == 0
     profile = results["profiles"]["256-n4"]
     assert {t["kind"] for t in profile["async"]["transfers"]} == {"halo", "kv", "gn_stats", "output"}
     pytest.importorskip("matplotlib")
