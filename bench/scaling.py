@@ -16,12 +16,17 @@ Tables:
 * speedup over one GPU for N = 2, 4, 8 at 1024², 2048², 3840², without and with the CFG split,
   per fabric (``corrected_async_gn`` with its warm-up);
 * ``--modes``: ``full_sync``, ``exact`` and ``corrected_async_gn`` side by side on each GPU with its
-  NVLink and its PCIe, and ``exact``'s time over ``corrected_async_gn``'s.
+  NVLink and its PCIe, and ``exact``'s time over ``corrected_async_gn``'s;
+* ``--codecs``: the exchange codecs (``DistriConfig.compress``) side by side per fabric (default
+  PCIe Gen4 and Gen5), resolution, N and CFG split, with the warm-up ``mode="auto"`` runs: speedup,
+  the bytes a rank sends per asynchronous step and its predicted peak memory (``planning.memory``);
+  ``--markdown`` writes it as a table.
 
     python bench/scaling.py                                  # the check, then H100 speedups
     python bench/scaling.py --gpu bench/results/e2e-h100-20261124T1950Z.json --fabric nvlink4 my-comm.json
     python bench/scaling.py --modes                          # exact vs full_sync vs corrected_async_gn
     python bench/scaling.py --eager --json                   # without CUDA graphs, as JSON
+    python bench/scaling.py --codecs --markdown table.md      # the codecs over PCIe
 """
 
 import argparse
@@ -33,9 +38,11 @@ from typing import Dict, List, Sequence
 
 from common import environment, write_json
 
-from distripy.config import DEFAULT_WARMUP_STEPS
+from distripy.config import DEFAULT_WARMUP_STEPS, EXCHANGE_CODECS, DistriConfig
 from distripy.errors import ConfigError
+from distripy.parallel.policy import choose_mode
 from distripy.planning import Fabric, GpuProfile, Prediction, predict, resolve_fabric, resolve_gpu
+from distripy.planning.memory import GIB
 
 STEPS = 50
 WARMUP_STEPS = DEFAULT_WARMUP_STEPS  # synchronous steps, distripy's default
@@ -180,6 +187,66 @@ def print_mode_comparison(rows: List[Dict], graphs: bool) -> None:
         print(line + f" {r['exact_over_corrected']:>15.3f}{flag}")
 
 
+def codec_comparison(gpu: GpuProfile, fabrics: Sequence[Fabric], graphs: bool) -> List[Dict]:
+    """Each codec's predicted generation (``corrected_async_gn`` at ``mode="auto"``'s warm-up for
+    ``STEPS``), per fabric, resolution, N and CFG split: speedup, bytes sent per asynchronous step,
+    peak memory of the fullest GPU."""
+    warmup = choose_mode(DistriConfig(), STEPS).warmup_steps
+    rows = []
+    for fabric in fabrics:
+        for resolution in RESOLUTIONS:
+            latent = (resolution // VAE_SCALE, resolution // VAE_SCALE)
+            for gpus in WORLD_SIZES:
+                for split in (False, True):
+                    results = {
+                        codec: predict(
+                            gpu, fabric, latent, STEPS, gpus, split, "corrected_async_gn", warmup, graphs, compress=codec
+                        )
+                        for codec in EXCHANGE_CODECS
+                    }
+                    rows.append(
+                        {
+                            "fabric": fabric.name,
+                            "resolution": resolution,
+                            "gpus": gpus,
+                            "split_batch": split,
+                            "warmup_steps": warmup,
+                            "single_s": results["none"].single_seconds,
+                            "speedup": {codec: r.speedup for codec, r in results.items()},
+                            "sent_mb_per_step": {codec: r.sent_bytes / 1e6 for codec, r in results.items()},
+                            "peak_gib": {codec: r.memory.peak / GIB for codec, r in results.items()},
+                        }
+                    )
+    return rows
+
+
+def print_codec_comparison(rows: List[Dict], graphs: bool) -> None:
+    print(codec_lines(rows, graphs, markdown=False))
+
+
+def codec_lines(rows: List[Dict], graphs: bool, markdown: bool) -> str:
+    """The codec table as text, or as markdown (one table per fabric)."""
+    out = []
+    for name in dict.fromkeys(r["fabric"] for r in rows):
+        mine = [r for r in rows if r["fabric"] == name]
+        title = (
+            f"predicted speedup over one GPU (peak GiB per GPU), {name}, "
+            f"{'CUDA graphs' if graphs else 'eager'}, {STEPS} steps, {mine[0]['warmup_steps']} warm-up steps"
+        )
+        cells = ["size", "GPUs", "CFG split", *EXCHANGE_CODECS, "MB sent per stale step, none -> residual2"]
+        if markdown:
+            out += [f"### {title}", "", "| " + " | ".join(cells) + " |", "|" + " --- |" * len(cells)]
+        else:
+            out += ["", title, " ".join(f"{c:>14}" for c in cells)]
+        for r in mine:
+            values = [str(r["resolution"]), str(r["gpus"]), "yes" if r["split_batch"] else "no"]
+            values += [f"{r['speedup'][codec]:.2f}x ({r['peak_gib'][codec]:.1f})" for codec in EXCHANGE_CODECS]
+            values.append(f"{r['sent_mb_per_step']['none']:.0f} -> {r['sent_mb_per_step']['residual2']:.0f}")
+            out.append("| " + " | ".join(values) + " |" if markdown else " ".join(f"{v:>14}" for v in values))
+        out.append("")
+    return "\n".join(out)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -195,6 +262,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--eager", action="store_true", help="steps without CUDA graphs (bound by the host)")
     p.add_argument("--modes", action="store_true", help="only the table of the modes side by side")
+    p.add_argument("--codecs", action="store_true", help="only the table of the exchange codecs (default: PCIe)")
+    p.add_argument("--markdown", type=Path, help="with --codecs: also write its table as markdown to this file")
     p.add_argument("--skip-check", action="store_true", help="without the paper check")
     p.add_argument("--json", action="store_true", help="print the tables as JSON instead")
     p.add_argument("--output", type=Path, help="also write the tables as JSON to this file")
@@ -205,6 +274,12 @@ def tables(args: argparse.Namespace) -> Dict:
     """What ``main`` prints, as data (the planner's profiles beside it)."""
     graphs = not args.eager
     settings = {"steps": STEPS, "warmup_steps": WARMUP_STEPS, "cuda_graphs": graphs}
+    if args.codecs:
+        gpu = resolve_gpu(args.gpu)
+        names = args.fabric if args.fabric != parser().get_default("fabric") else ["pcie4", "pcie5"]
+        fabrics = [resolve_fabric(name) for name in names]
+        return dict(settings, gpu=asdict(gpu), fabrics=[asdict(f) for f in fabrics],
+                    codecs=codec_comparison(gpu, fabrics, graphs))  # fmt: skip
     if args.modes:
         machines = [
             {"gpu": asdict(resolve_gpu(gpu)), "fabric": asdict(resolve_fabric(fabric))}
@@ -231,12 +306,20 @@ def main(argv=None) -> int:
         return 2
     if args.json:
         print(json.dumps(data, indent=2))
+    elif args.codecs:
+        print_codec_comparison(data["codecs"], data["cuda_graphs"])
     elif args.modes:
         print_mode_comparison(data["modes"], data["cuda_graphs"])
     else:
         if data["paper_check"]:
             print_paper_check(data["paper_check"])
         print_predictions(data["gpu"]["name"], data["predictions"], data["cuda_graphs"])
+    if args.markdown and args.codecs:
+        command = "python bench/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        text = f"<!-- {command} -->\n\n" + codec_lines(data["codecs"], data["cuda_graphs"], markdown=True)
+        partial = args.markdown.with_name(args.markdown.name + ".partial")
+        partial.write_text(text)
+        partial.replace(args.markdown)
     if args.output:
         write_json(args.output, dict(data, environment=environment()))
         print(f"\nwrote {args.output}", file=sys.stderr if args.json else sys.stdout)

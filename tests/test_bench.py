@@ -98,6 +98,34 @@ def test_the_scaling_command_prints_the_planners_tables(capsys, tmp_path, monkey
     assert "gpu 'v100'" in capsys.readouterr().err
 
 
+def test_the_codec_table_is_the_planners(capsys, tmp_path):
+    """``bench/scaling.py --codecs``: each codec's speedup, bytes and peak memory are ``predict``'s
+    at ``mode="auto"``'s warm-up, over PCIe Gen4 and Gen5 by default; ``--markdown`` writes its
+    table whole."""
+    import scaling
+
+    from distripy.config import EXCHANGE_CODECS
+    from distripy.planning import FABRICS, GPUS, predict
+    from distripy.planning.memory import GIB
+
+    markdown = tmp_path / "codecs.md"
+    assert scaling.main(["--codecs", "--json", "--markdown", str(markdown)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = data["codecs"]
+    assert {r["fabric"] for r in rows} == {FABRICS["pcie4"].name, FABRICS["pcie5"].name}
+    assert len(rows) == 2 * 3 * 3 * 2 and {r["warmup_steps"] for r in rows} == {13}
+    for row in rows[::7]:
+        fabric = FABRICS["pcie4" if row["fabric"] == FABRICS["pcie4"].name else "pcie5"]
+        for codec in EXCHANGE_CODECS:
+            expected = predict(GPUS["h100"], fabric, (row["resolution"] // 8,) * 2, 50, row["gpus"],
+                               row["split_batch"], "corrected_async_gn", 13, True, compress=codec)  # fmt: skip
+            assert row["speedup"][codec] == pytest.approx(expected.speedup)
+            assert row["peak_gib"][codec] == pytest.approx(expected.memory.peak / GIB)
+    text = markdown.read_text()
+    assert text.count("\n| size | GPUs | CFG split | none |") == 2 and text.count("\n| 3840 | 8 | yes | ") == 2
+    assert text.startswith("<!-- python bench/scaling.py --codecs")
+
+
 def test_the_plan_checks_print_and_write_only_when_asked(capsys, tmp_path):
     import plan_checks
 
