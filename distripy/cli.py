@@ -171,8 +171,9 @@ def _add_compress_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compress", choices=COMPRESS_CHOICES, default="none",
         help="send the asynchronous steps' attention keys/values compressed (default none): fp8, or "
-        "residual2 / residual1 (the 2- or 1-bit change since the last step); auto: residual2 where "
-        "the planner predicts the link cannot hide them (distripy plan --compress all)",
+        "residual2 / residual1 (the 2- or 1-bit change since the last step; baselines kept in fp8); "
+        "auto: the faster of fp8 and residual2 where the planner predicts the link cannot hide them "
+        "(distripy plan --compress all)",
     )
 
 

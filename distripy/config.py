@@ -164,13 +164,16 @@ class DistriConfig:
 
     ``compress``: how the asynchronous steps send the self-attention's keys and values (one of
     ``EXCHANGE_CODECS``; ``"none"``, the default, sends them at the model's precision; ``"auto"``:
-    ``residual2`` for a generation whose keys and values the planner predicts its machine's link
-    cannot hide, ``none`` otherwise and on a machine it has no profile of). The
+    the faster of ``fp8`` and ``residual2`` for a generation whose keys and values the planner
+    predicts its machine's link cannot hide, ``none`` otherwise and on a machine it has no profile
+    of). The
     warm-up steps exchange at full precision, so the receivers start from the exact keys and
     values; after it each rank sends its band's keys and values compressed, and the others attend
     over what they decode. ``residual2`` and ``residual1`` send only the change since the last
     step's (quantised to 2 or 1 bits per element with error feedback: what one step's quantisation
-    loses, the next step's change carries); ``fp8`` sends each step's values as e4m3. It changes
+    loses, the next step's change carries), and each rank keeps every band's baseline in fp8 (about
+    half the memory of the uncompressed exchange's keys and values); ``fp8`` sends each step's
+    values as e4m3. It changes
     the image a little (a trade of its own, measured by ``bench/quality.py``); it applies to the
     stale exchanges only, so ``full_sync`` and ``exact``, whose exchanges are fresh, refuse it.
 

@@ -54,8 +54,8 @@ def _body(rank, world_size, folders, split_batch, only_controlnet=False):
     if world_size == 2:
         stale = parallel(mode="corrected_async_gn", warmup_steps=1)
         asynchronous = pipeline_variants.run_scenarios(folders, stale, ASYNC_SCENARIOS)
-        compressed = parallel(mode="corrected_async_gn", warmup_steps=1, compress="residual2")
-        asynchronous["controlnet_sdxl_residual2"] = pipeline_variants.controlnet_sdxl(folders, compressed)
+        compressed = parallel(mode="corrected_async_gn", warmup_steps=1, compress="fp8")
+        asynchronous["controlnet_sdxl_fp8"] = pipeline_variants.controlnet_sdxl(folders, compressed)
     return results, rows, asynchronous
 
 
@@ -129,13 +129,13 @@ def test_corrected_async_gn_runs_the_variants_and_reports_its_error(folders, rec
 
 
 def test_a_compressed_controlnet_pipeline_runs_its_first_stale_step_as_the_uncompressed_one(folders):
-    """``compress="residual2"`` through the SDXL ControlNet's pipelines (the ControlNet's own
+    """``compress="fp8"`` through the SDXL ControlNet's pipelines (the ControlNet's own
     self-attention compressed too): each call's 2 steps are the warm-up and the first stale step,
-    which attends over the warm-up's full-precision keys and values, so every call equals the
-    uncompressed asynchronous one, bit for bit, on every rank."""
+    which attends over the warm-up's full-precision keys and values (fp8 keeps them), so every call
+    equals the uncompressed asynchronous one, bit for bit, on every rank."""
     per_rank = _world(2, _key(folders))
     for _, _, asynchronous in per_rank:
-        plain, compressed = asynchronous["controlnet_sdxl"], asynchronous["controlnet_sdxl_residual2"]
+        plain, compressed = asynchronous["controlnet_sdxl"], asynchronous["controlnet_sdxl_fp8"]
         assert len(plain) == len(compressed) == 5
         for call, (value, wanted) in enumerate(zip(compressed, plain)):
             np.testing.assert_array_equal(value, wanted, err_msg=str(call))

@@ -95,11 +95,15 @@ class PatchSelfAttnProcessor(PatchState):
         if exchange is ActivationExchange.SYNC:
             # Under CUDA graphs: the keys and values a compressed exchange's stale steps update in
             # place are one buffer for both step parities (whichever parity the warm-up ends on,
-            # the stale steps' graphs read the buffer it wrote); what is sent is read within the step.
+            # the stale steps' graphs read the buffer it wrote); what is sent is read within the
+            # step. A residual codec keeps only fp8 baselines: both are the step's own.
             in_place = compressed is not None and ctx.keeps_activations
             shape = (batch, ctx.band_count, tallest, width)
-            gathered = ctx.new_buffer(self, "keys_values", shape, like, per_parity=not in_place)
-            send = ctx.new_buffer(self, "send", (batch, tallest, width), like, per_parity=False)
+            if in_place and not compressed.keeps_gathered:  # only fp8 baselines are kept: the step's own
+                gathered, send = like.new_empty(shape), like.new_empty((batch, tallest, width))
+            else:
+                gathered = ctx.new_buffer(self, "keys_values", shape, like, per_parity=not in_place)
+                send = ctx.new_buffer(self, "send", (batch, tallest, width), like, per_parity=False)
             projected.write_into(send[:, :own])
             with ctx.comm.group():
                 works = [ctx.comm.all_gather(send[item], gathered[item]) for item in range(batch)]

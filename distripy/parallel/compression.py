@@ -1,25 +1,33 @@
 """The self-attention's stale keys and values sent compressed (``DistriConfig.compress``).
 
 A stale step of the uncompressed exchange all-gathers every band's keys and values into a fresh
-buffer for the next step. Compressed, each rank keeps one buffer of the whole image's keys and
-values across the steps of a generation, ``(B, bands, tallest, 2 x inner)`` as the uncompressed
-gathered buffer, whose slots of the other bands are what it attends over:
+buffer for the next step (two whole-image buffers per module under CUDA graphs, one per step
+parity). Compressed, a step attends over the other bands' keys and values as decoded from what
+they sent at the end of the previous step, and sends its own at its checkpoint, one all-gather of
+packed bytes per step and module:
 
-* the last warm-up step's all-gather (full precision) fills it: every rank starts from the exact
-  keys and values, and a sender keeps its own band's as the baseline its receivers hold;
-* each stale step, before it attends, decodes the packed buffers the other ranks sent at the end of
-  the previous step into their slots (``residual``: the change added to the slot, which is that
-  band's baseline; ``fp8``: the values written over it), then writes its own fresh keys and values
-  into its own slot; at its checkpoint it encodes its band (``residual``: against its baseline,
-  which the encoder updates as the receivers' decoders will) and all-gathers the packed bytes, one
-  transfer per step and module.
+* ``fp8``: each band's values (e4m3, a scale per row). Each rank keeps one buffer of the whole
+  image's keys and values, ``(B, bands, tallest, 2 x inner)`` as the uncompressed gathered buffer:
+  the last warm-up step's all-gather (full precision) fills it, and each stale step decodes the
+  other bands' bytes over their slots and writes its own fresh keys and values into its own.
+* ``residual2`` / ``residual1``: each band's change since the last step, 2 or 1 bits an element
+  with a scale per row and per column, against a baseline its receivers hold (error feedback:
+  what one step's quantisation leaves out, the next step's residual carries). The baselines are
+  the only keys and values a rank keeps, and it keeps them **in fp8** (``store``: every band's,
+  its own among them, one packed fp8 buffer each): a stale step decodes each other band's
+  baseline into a buffer of the step, adds the change that band sent and stores the sum back in
+  fp8; at its checkpoint it decodes its own baseline, encodes its fresh keys and values against it
+  (which adds the change to it, as the receivers will) and stores it back. So the whole image's
+  keys and values are never kept at full precision: what a rank keeps is about half of the
+  uncompressed exchange's one set, and under CUDA graphs a quarter of its two. The last warm-up
+  step's full-precision keys and values, stored in fp8, are the first baselines.
 
-Sender and receivers apply the same change with the same function, so the baselines stay
-bit-identical (``kernels.residual_codec``). A row the encoder finds non-finite is sent marked and
-left as it was on both sides: the baseline is never poisoned. The marked rows are counted on the
-device (``PatchContext.count_nonfinite``), and the generation's end raises, on every rank, when
-any was (``PatchUNetForward.check_nonfinite``): the model made non-finite keys and values, so its
-image is not to be trusted. A packed buffer whose row scales
+Sender and receivers apply the same change with the same functions to the same bytes, so the
+baselines stay bit-identical (``kernels.residual_codec``, ``kernels.fp8_codec``). A row the encoder
+finds non-finite is sent marked and left as it was on both sides: the baseline is never poisoned.
+The marked rows are counted on the device (``PatchContext.count_nonfinite``), and the generation's
+end raises, on every rank, when any was (``PatchUNetForward.check_nonfinite``): the model made
+non-finite keys and values, so its image is not to be trusted. A packed buffer whose row scales
 are all marked decodes to no change: the first stale step decodes such a buffer, so every stale
 step runs the same code (one compiled trace, one CUDA graph per parity).
 
@@ -88,7 +96,11 @@ def codec_for(name: str) -> Optional[ExchangeCodec]:
 
 class CompressedKeysValues:
     """The compressed stale exchange of one self-attention module (module docstring). ``state``
-    is the module (a ``PatchState``: it keeps the exchange), ``ctx`` its ``PatchContext``."""
+    is the module (a ``PatchState``: it keeps the exchange), ``ctx`` its ``PatchContext``.
+
+    What the module keeps (``state.exchange.buffers``): ``(gathered, None, received)`` for
+    ``fp8`` (the whole image's keys and values, what was received); ``(None, store, received)``
+    for a residual codec (every band's baseline in fp8, ``(bands, B, store_bytes)``)."""
 
     def __init__(self, codec: ExchangeCodec, state, ctx, lengths: Tuple[int, ...], width: int) -> None:
         self.codec = codec
@@ -97,6 +109,22 @@ class CompressedKeysValues:
         self.lengths = lengths
         self.width = width
         self.slot_bytes = codec.nbytes(max(lengths), width)
+        self.store_bytes = fp8_layout(max(lengths), width).nbytes
+
+    @property
+    def keeps_gathered(self) -> bool:
+        """Whether the whole image's keys and values are kept across steps (``fp8``) or only the
+        baselines, in fp8 (a residual codec): then a synchronous step's gathered buffer is one of
+        the step's own, not kept."""
+        return not self.codec.residual
+
+    def _store(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """Every band's baseline, fp8-packed: ``(bands, B, store_bytes)``."""
+        shape = (self.ctx.band_count, batch, self.store_bytes)
+        return self.ctx.new_buffer(self.state, "baselines_fp8", shape, like, per_parity=False, dtype=torch.uint8)
+
+    def _store_slot(self, store: torch.Tensor, band: int, item: int, rows: int) -> torch.Tensor:
+        return store[band, item, : fp8_layout(rows, self.width).nbytes]
 
     def _packed_buffers(self, batch: int, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """What this rank sends, ``(B, slot_bytes)``, and receives, ``(bands, B, slot_bytes)``."""
@@ -108,36 +136,49 @@ class CompressedKeysValues:
         return send, received
 
     def keep_warm(self, works, gathered: torch.Tensor) -> None:
-        """After a synchronous step's full-precision all-gather into ``gathered``: keep it as the
-        baselines, this band's slot copied as the sender's own, and a received buffer that decodes
-        to no change (every row scale a NaN, the marker of a row left as it was)."""
-        ctx = self.ctx
+        """After a synchronous step's full-precision all-gather into ``gathered``: keep it (fp8),
+        or every band's slot stored in fp8 as its baseline (a residual codec), and a received
+        buffer that decodes to no change (every row scale a NaN, the marker of a row left as it
+        was)."""
+        ctx, backend = self.ctx, self.ctx.kernel_backend
         batch = gathered.shape[0]
-        own = None
+        store = None
         if self.codec.residual:
-            own = ctx.new_buffer(self.state, "own_baseline", gathered[:, 0].shape, gathered, per_parity=False)
-            own.copy_(gathered[:, ctx.band_index])
+            store = self._store(batch, gathered)
+            for band, length in enumerate(self.lengths):
+                for item in range(batch):
+                    fp8_encode_(gathered[item, band, :length], self._store_slot(store, band, item, length), backend)
+            # a non-finite warm-up value is stored marked (and the generation raises at its end)
+            ctx.count_nonfinite(nonfinite_rows(store[ctx.band_index], self.lengths[ctx.band_index]))
         _, received = self._packed_buffers(batch, gathered)
         received.fill_(255)  # 0xFFFFFFFF: a NaN in every row scale
         # one handle (completed), as a stale step keeps one: the same structure for a compiled step
-        self.state.keep_exchange(works[-1:], gathered, own, received)
+        kept = gathered if self.keeps_gathered else None
+        self.state.keep_exchange(works[-1:], kept, store, received)
 
     def stale_step(self, projected) -> torch.Tensor:
         """A stale step's gathered buffer: the other bands' slots updated with what they sent at
         the end of the last step, this band's holding ``projected`` (its fresh keys and values);
         the encode and all-gather of this band's queued for the next checkpoint."""
         ctx, codec, backend = self.ctx, self.codec, self.ctx.kernel_backend
-        gathered, own, received = self.state.take_stale()
-        if torch.is_grad_enabled() and projected.key.requires_grad:
+        gathered, store, received = self.state.take_stale()
+        batch = received.shape[1]
+        if store is not None:  # this step's keys and values, from the baselines (fp8) below
+            gathered = projected.key.new_empty((batch, ctx.band_count, max(self.lengths), self.width))
+        elif torch.is_grad_enabled() and projected.key.requires_grad:
             # the previous step's attention saved views of it for its backward: update a copy
             gathered = gathered.clone()
-        batch = gathered.shape[0]
         for band, length in enumerate(self.lengths):
             if band == ctx.band_index:
                 continue
             size = codec.nbytes(length, self.width)
             for item in range(batch):
-                codec.decode(received[band, item, :size], gathered[item, band, :length], backend)
+                values = gathered[item, band, :length]
+                if store is not None:
+                    fp8_decode_(self._store_slot(store, band, item, length), values, backend)
+                codec.decode(received[band, item, :size], values, backend)
+                if store is not None:  # the band's new baseline, as its sender stores it
+                    fp8_encode_(values, self._store_slot(store, band, item, length), backend)
         mine = self.lengths[ctx.band_index]
         slot = gathered[:, ctx.band_index]
         projected.write_into(slot[:, :mine])
@@ -146,11 +187,17 @@ class CompressedKeysValues:
 
         def issue() -> None:
             for item in range(batch):
-                baseline = None if own is None else own[item, :mine]
+                baseline = None
+                if store is not None:
+                    baseline = slot.new_empty((mine, self.width))
+                    fp8_decode_(self._store_slot(store, ctx.band_index, item, mine), baseline, backend)
                 codec.encode(slot[item, :mine], baseline, send[item, :size], backend)
+                if store is not None:  # updated as the receivers update theirs
+                    fp8_encode_(baseline, self._store_slot(store, ctx.band_index, item, mine), backend)
             ctx.count_nonfinite(nonfinite_rows(send[:, :size], mine))
             work = ctx.comm.all_gather(send, received_next)
-            self.state.keep_exchange([work], gathered, own, received_next)
+            kept = gathered if self.keeps_gathered else None
+            self.state.keep_exchange([work], kept, store, received_next)
 
         ctx.defer(issue)
         return gathered

@@ -126,8 +126,9 @@ class PatchContext:
         # the configured codec, or what ``compress="auto"`` chose for it (``start_generation``).
         self.compress = "none" if config.compress == "auto" else config.compress
         # Rows the exchange codecs found non-finite in this generation, counted on the device
-        # (``count_nonfinite``); made at the first count, outside any capture, and zeroed in place
-        # at each generation's start so that captured graphs keep adding into it.
+        # (``count_nonfinite``); made at the start of the first compressed generation (or at the
+        # first count), and zeroed in place at each generation's start so that captured graphs
+        # and compiled steps keep adding into the same tensor.
         self._nonfinite: Optional[torch.Tensor] = None
 
     @property
@@ -204,6 +205,7 @@ class PatchContext:
         layout: Optional[BandLayout] = None,
         choice: Optional[ModeChoice] = None,
         compress: Optional[str] = None,
+        device: Optional[torch.device] = None,
     ) -> None:
         """Forget every stale buffer: the next step is the first of a new generation. ``shape_key``
         names the generation's input signature (it selects the persistent buffers); ``steps``, its
@@ -211,7 +213,8 @@ class PatchContext:
         ``layout``, how the rows are cut into the ``band_count`` bands (equal bands if not given);
         ``choice``: the mode the generation runs, when its wrapper chose it already; ``compress``:
         the codec of its asynchronous steps' keys and values (``config.compress``'s unless given;
-        ``"auto"`` without one compresses nothing)."""
+        ``"auto"`` without one compresses nothing); ``device``: where its steps run (the count of
+        non-finite rows a codec finds is made there, before any step is traced or captured)."""
         if not 0 <= band_index < band_count:
             raise InputError(f"band_index {band_index} is outside [0, {band_count})")
         layout = BandLayout((1,) * band_count) if layout is None else layout
@@ -225,6 +228,8 @@ class PatchContext:
         self.compress = compress
         if self._nonfinite is not None:
             self._nonfinite.zero_()
+        elif compress != "none" and device is not None:
+            self._nonfinite = torch.zeros((), dtype=torch.int64, device=device)
         self.comm = comm
         self.band_index = band_index
         self.band_count = band_count

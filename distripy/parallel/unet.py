@@ -228,6 +228,7 @@ class PatchUNetForward:
                 self.context.config, tuple(sample.shape[2:]), self.world_comm.world_size, plan.split_batch,
                 plan.band_count, generation.steps, self.graphs is not None, generation.machine, choice,
             ),
+            device=sample.device,
         )  # fmt: skip
 
     # -- one step --------------------------------------------------------------------------------

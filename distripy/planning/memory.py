@@ -114,11 +114,11 @@ def persistent_bytes(
     Without ``graphs``: the stale buffers (``kept_bytes`` of the asynchronous step). With
     ``graphs`` (``parallel.buffers``: one persistent buffer per module, name and step parity, both
     parities in use once two steps of a kind have run): each halo's received rows, each GroupNorm's
-    image and band sums, each self-attention's gathered keys and values (one buffer for both
-    parities when compressed: its stale steps update them in place), or an ``exact`` step's
-    received blocks, per parity; what a synchronous step sends of its keys and values, a compressed
-    exchange's shared buffers and each cross-attention's keys and values of the prompt
-    (``text_tokens``), once."""
+    image and band sums, each self-attention's gathered keys and values, or an ``exact`` step's
+    received blocks, per parity (``fp8``: one buffer for both, its stale steps update it in place;
+    a residual codec: none, it keeps its baselines in fp8); what a synchronous step sends of its
+    keys and values, a compressed exchange's shared buffers and each cross-attention's keys and
+    values of the prompt (``text_tokens``), once."""
     if not walks:
         raise InputError("persistent_bytes: no step walks given")
     if not graphs:
@@ -128,17 +128,19 @@ def persistent_bytes(
         return stale[-1].kept_bytes(statistics)
     total = 0
     uncompressed = next((walk for walk in walks if not any(t.kept for t in walk.transfers)), walks[0])
-    # a compressed exchange's stale steps update the warm-up's gathered keys and values in place:
-    # one buffer for both parities (``PatchSelfAttnProcessor``); uncompressed, one per parity
-    gathered_sets = 1 if any(t.shared for walk in walks for t in walk.transfers) else 2
+    # the gathered keys and values and what is sent of them in a synchronous step: uncompressed,
+    # one per parity (and one send buffer, read within its step); fp8's stale steps update the
+    # warm-up's in place (one buffer for both parities); a residual codec keeps only its baselines,
+    # in fp8 (its synchronous step's are the step's own)
+    codec = next((walk.compress for walk in walks if walk.compress != "none"), "none")
+    gathered_sets, send_sets = {"none": (2, 1), "fp8": (1, 1)}.get(codec, (0, 0))
     for transfer in uncompressed.transfers:
         if transfer.kind == "halo":
             total += 2 * transfer.received
         elif transfer.kind == "gn_stats":
             total += 2 * 2 * transfer.sent  # the image's sums and the band's, per parity
         elif transfer.kind == "kv" and transfer.op == "all_gather":
-            # the gathered keys and values; what is sent of them, one buffer read within its step
-            total += gathered_sets * (transfer.sent + transfer.received) + transfer.sent
+            total += gathered_sets * (transfer.sent + transfer.received) + send_sets * transfer.sent
         elif transfer.kind == "kv":  # exact: the block received from each other band
             total += 2 * transfer.received
     for walk in walks:

@@ -43,10 +43,10 @@ class Transfer:
     the link (``sent``) and takes off it (``received``; an all-reduce counts its payload both
     ways), ``block``: the checkpoint it leaves at in an asynchronous step, and for compressed keys
     and values ``codec_bytes``, the bytes the encoder and the decoders move in memory, ``kept``,
-    the bytes the module keeps for the next step (``parallel.compression``: the whole image's keys
-    and values, the sender's own baseline for a residual, the packed bytes received), and
+    the bytes the module keeps for the next step (``parallel.compression``: the packed bytes
+    received, and fp8's whole image's keys and values or a residual's baselines in fp8), and
     ``shared``, the buffers of a compressed exchange that both step parities share under CUDA
-    graphs (its own baseline, the packed bytes sent and received; ``planning.memory``)."""
+    graphs (those, and the packed bytes sent; ``planning.memory``)."""
 
     op: str
     kind: str
@@ -69,6 +69,7 @@ class StepTraffic:
     attention_channels: Tuple[int, ...] = ()  # each transformer layer's channels, in order
     batch: int = 1  # images per band
     dtype_bytes: int = 2
+    compress: str = "none"  # the codec of its keys and values (an asynchronous step's)
 
     def bytes_by_kind(self) -> Dict[str, int]:
         totals = {"halo": 0, "gn_stats": 0, "kv": 0, "output": 0}
@@ -158,8 +159,9 @@ class _Walk:
 
     def traffic(self, blocks: int) -> StepTraffic:
         return StepTraffic(
-            tuple(self.transfers), blocks, self.exact, tuple(self.attention_channels), self.batch, self.bytes
-        )
+            tuple(self.transfers), blocks, self.exact, tuple(self.attention_channels), self.batch, self.bytes,
+            self.compress,
+        )  # fmt: skip
 
     def rows(self, level: int, band: Optional[int] = None) -> int:
         """A band's rows at ``level`` (rows per unit x its units)."""
@@ -195,17 +197,26 @@ class _Walk:
             for _ in range(others):
                 self.add("shift", "kv", self.batch * item, self.batch * item)
         elif self.compress != "none":  # every item packed, one all-gather (parallel.compression)
-            own = self.rows(level) * self.columns(level)
-            slot = packed_bytes(tallest * self.columns(level), 2 * channels, self.compress)
+            own = self.rows(level) * self.columns(level)  # tokens
+            tall = tallest * self.columns(level)
+            slot = packed_bytes(tall, 2 * channels, self.compress)
             width = 2 * channels * self.bytes
-            # encode: read the values and the baseline, write the baseline and the bytes; decode,
-            # per other band: read its bytes and its baseline, write the baseline
-            codec = self.batch * (3 * own * width + slot + others * (2 * tallest * self.columns(level) * width + slot))
-            whole = self.batch * (others + 1) * item  # every band's slot, padded to the tallest
-            baseline = self.batch * item if self.compress.startswith("residual") else 0
             received = self.batch * (others + 1) * slot  # every band's slot, its own included
-            kept = whole + baseline + received
-            shared = baseline + self.batch * slot + received
+            if self.compress.startswith("residual"):
+                # the baselines, every band's, kept in fp8; a step decodes one (the elements, a
+                # byte each, read; the values written), adds the change (the bytes read, the
+                # values read and written) and stores it back (the values read, the bytes written);
+                # its own: decoded, encoded against (values and baseline read, baseline and bytes
+                # written), stored back
+                store = self.batch * (others + 1) * packed_bytes(tall, 2 * channels, "fp8")
+                elements = 2 * channels
+                per_other = tall * (4 * width + 2 * elements) + slot
+                codec = self.batch * (own * (5 * width + 2 * elements) + slot + others * per_other)
+                kept, shared = store + received, store + self.batch * slot + received
+            else:  # fp8: the whole image's keys and values kept; each band's values written over
+                codec = self.batch * (2 * own * width + slot + others * (tall * width + slot))
+                kept = self.batch * (others + 1) * item + received
+                shared = self.batch * slot + received
             self.add("all_gather", "kv", self.batch * slot, self.batch * slot * others, codec, kept, shared)
         else:  # keys and values side by side, one all-gather per batch item (batch-major)
             for _ in range(self.batch):
