@@ -326,7 +326,7 @@ def _measure_rank(
         last = log.step
         replay = _replay_record(step, timesteps[-1], clock.cuda and graphs and args.kernel_count)
         extras = _extras(memory, at_start, replay)
-        extras.update(_kept(unet, graphs), **_predicted_memory(base, latents, n, split, mode, graphs, conditioning))
+        extras.update(_kept(unet), **_predicted_memory(base, latents, n, split, mode, graphs, conditioning))
         sent = {kind: 0 for kind in KINDS}
         for transfer in log.transfers:
             if transfer.step == last:
@@ -339,16 +339,11 @@ def _measure_rank(
     return dict(row, mode=mode, **extras), profile
 
 
-def _kept(unet, graphs: bool) -> Dict:
-    """What the rank's patch modules keep across steps: under CUDA graphs every persistent buffer,
-    otherwise the stale buffers they hold (before the generation ends)."""
+def _kept(unet) -> Dict:
+    """What the rank's patch modules keep across steps (before the generation ends)."""
     from distripy.pipelines.unet import installed_forward
 
-    context = installed_forward(unet).context
-    if graphs:
-        return {"kept_bytes": context.buffers.nbytes()}
-    held = (t for state in context.states if state.exchange is not None for t in state.exchange.buffers)
-    return {"kept_bytes": sum(t.numel() * t.element_size() for t in held if t is not None)}
+    return {"kept_bytes": installed_forward(unet).context.kept_bytes()}
 
 
 def _predicted_memory(base, latents, n: int, split: bool, mode: str, graphs: bool, conditioning) -> Dict:

@@ -49,13 +49,7 @@ def _logged_step(world, rank, height, split, mode, compress="none"):
             log.step = step
             unet(sample, timestep, **sdxl_conditioning(2, 1))
     (context,) = {id(m.patch_context): m.patch_context for m in unet.modules() if hasattr(m, "patch_context")}.values()
-    kept = sum(
-        tensor.numel() * tensor.element_size()
-        for state in context.states
-        if state.exchange is not None
-        for tensor in state.exchange.buffers
-        if tensor is not None
-    )
+    kept = context.kept_bytes()
     distripy.reset(unet)
     return [t for t in log.transfers if t.step == 1], kept
 
@@ -475,9 +469,9 @@ def test_compressed_keys_values_of_sdxl_are_several_times_smaller(latent, bands)
 
 def _persistent(world, rank, height, split, mode, compress, graphs):
     """The bytes a parallelised tiny UNet's patch modules keep after a generation of 5 steps (2 of
-    warm-up: both step parities of each kind run): with ``graphs``, every persistent buffer of its
-    pool (``BufferPool.nbytes``); without, the stale buffers its modules hold. And the prompt's
-    tokens."""
+    warm-up: both step parities of each kind run; ``PatchContext.kept_bytes``): with ``graphs``,
+    every persistent buffer of its pool; without, the stale buffers its modules hold. And the
+    prompt's tokens."""
     from distripy.pipelines.unet import installed_forward
     from distripy.runtime import LoopbackComm
 
@@ -492,17 +486,7 @@ def _persistent(world, rank, height, split, mode, compress, graphs):
         distripy.reset(unet, steps=5)
         for step in range(5):
             unet(sample + 0.01 * step, 900 - 50 * step, **conditioning)
-    if graphs:
-        held = context.buffers.nbytes()
-    else:
-        held = sum(
-            t.numel() * t.element_size()
-            for state in context.states
-            if state.exchange is not None
-            for t in state.exchange.buffers
-            if t is not None
-        )
-    return held, conditioning["encoder_hidden_states"].shape[1]
+    return context.kept_bytes(), conditioning["encoder_hidden_states"].shape[1]
 
 
 @pytest.mark.parametrize("graphs", [False, True])

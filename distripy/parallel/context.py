@@ -376,6 +376,15 @@ class PatchContext:
             )
         self._seen[key] = path
 
+    def kept_bytes(self) -> int:
+        """The bytes the patch modules keep across steps: with ``static_buffers`` (CUDA graphs)
+        every persistent buffer, otherwise the buffers of the exchanges they hold for the next step
+        (``planning.memory.persistent_bytes`` predicts it)."""
+        if self.static_buffers:
+            return self.buffers.nbytes()
+        held = (t for state in self.states if state.exchange is not None for t in state.exchange.buffers)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
     # -- what the exchange codecs found -----------------------------------------------------------
 
     def count_nonfinite(self, rows: torch.Tensor) -> None:
