@@ -232,10 +232,13 @@ def check_generate(args, world: int) -> GenerateJob:
     return check_job(GenerateJob(spec, request, str(args.output)), world, FLAGS)
 
 
-def _print_layout(world: int, bands: int, mode: str, choice, deepest_rows: Optional[int] = None) -> None:
+def _print_layout(
+    world: int, bands: int, mode: str, choice, deepest_rows: Optional[int] = None, compress: str = "none"
+) -> None:
     """How the ranks share the image (``bands`` per image; with ``deepest_rows``, the rows each
     band gets at the UNet's deepest level), the mode and warm-up the generation runs (``choice``,
-    a ``ModeChoice``; ``mode``: the one asked for), and a warning when the mode cannot matter."""
+    a ``ModeChoice``; ``mode``: the one asked for), how its stale keys and values travel
+    (``compress``), and a warning when the mode cannot matter."""
     groups = world // bands
     split = f"CFG split into {groups} groups of {bands}" if groups > 1 else "no CFG split"
     rows = ""
@@ -250,7 +253,9 @@ def _print_layout(world: int, bands: int, mode: str, choice, deepest_rows: Optio
     synchronous = f"warm-up {choice.warmup_steps} synchronous step{'s' * (choice.warmup_steps != 1)}"
     if choice.mode in ("exact", "full_sync", "naive_patch"):
         synchronous = "no exchange" if choice.mode == "naive_patch" else "every step synchronous"
-    print(f"distripy: mode {choice.mode}, {synchronous} ({choice.reason})")
+    stale = choice.mode not in ("exact", "full_sync", "naive_patch") and bands > 1
+    codec = f", stale keys/values sent {compress}" if stale and compress != "none" else ""
+    print(f"distripy: mode {choice.mode}, {synchronous} ({choice.reason}){codec}")
     if bands == 1 and world > 1 and choice.mode not in ("full_sync", "exact"):
         print(
             f"distripy: warning: with one band per image nothing is exchanged between bands, so "
@@ -267,7 +272,7 @@ def run_generate(job: GenerateJob) -> int:
 
     def announce(world: int, choice, deepest_rows: Optional[int]) -> None:
         split = bool(config.split_batch) and (request.guidance or 0) > 1.0
-        _print_layout(world, bands_per_image(world, split), config.mode, choice, deepest_rows)
+        _print_layout(world, bands_per_image(world, split), config.mode, choice, deepest_rows, config.compress)
 
     result = run_job(job, announce, FLAGS)
     if result.rank == 0:

@@ -212,6 +212,13 @@ def test_generate_prints_what_auto_chose(capsys):
     cli._print_layout(2, 2, "auto", distripy.choose_mode(distripy.DistriConfig(), 40))
     out = capsys.readouterr().out
     assert "distripy: mode corrected_async_gn, warm-up" in out and "(auto: 40 steps" in out
+    assert "sent" not in out
+    # a codec is said where stale keys and values travel between bands
+    cli._print_layout(2, 2, "auto", distripy.choose_mode(distripy.DistriConfig(), 40), compress="residual2")
+    assert capsys.readouterr().out.rstrip().endswith("steps), stale keys/values sent residual2")
+    for bands, steps in ((1, 40), (2, 4)):  # one band per image; an exact generation: nothing stale
+        cli._print_layout(2, bands, "auto", distripy.choose_mode(distripy.DistriConfig(), steps), compress="fp8")
+        assert "fp8" not in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
