@@ -679,8 +679,8 @@ def summary_markdown(
         '# The quality study: what `mode="auto"` runs',
         "",
         f"`python bench/quality.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
-        f"(data: [`{record.name}`]({record.name}); plots: "
-        + ", ".join(f"[`{p.name}`]({p.name})" for p in plots)
+        f"(data: [`{record.name}`]({record.name})"
+        + ("; plots: " + ", ".join(f"[`{p.name}`]({p.name})" for p in plots) if plots else "")
         + ").",
         "",
         "## The policy",
@@ -761,7 +761,7 @@ def study(args, argv: Sequence[str]) -> Dict:
     policy = derive_policy(rows, args.target_db, [s for s in args.warmups if s.endswith("%")])
     args.results_dir.mkdir(parents=True, exist_ok=True)
     stem = args.results_dir / args.name
-    plots = plot_study(rows, stem, args.plot_warmup)
+    plots = [] if args.no_plot else plot_study(rows, stem, args.plot_warmup)
     record = write_json(
         args.results_dir / f"{args.name}-{timestamp()}.json",
         {
@@ -783,7 +783,7 @@ def study(args, argv: Sequence[str]) -> Dict:
     for world in worlds:
         print(table(world["rows"], world["bands"]))
     print(f"policy: {policy}")
-    print(f"wrote {record} and {', '.join(str(p) for p in plots)}")
+    print(f"wrote {record}" + (f" and {', '.join(str(p) for p in plots)}" if plots else ""))
     return {"policy": policy, "rows": rows, "record": record, "plots": plots}
 
 
@@ -798,9 +798,10 @@ def parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["none"],
         choices=EXCHANGE_CODECS,
-        help="the exchange codecs to run the asynchronous modes with (none: uncompressed)",
+        help="the exchange codecs to run the asynchronous modes with (none, uncompressed, always runs)",
     )
     p.add_argument("--name", default="quality-study", help="the results' file name stem")
+    p.add_argument("--no-plot", action="store_true", help="no plots (they show the uncompressed rows only)")
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
     p.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
     p.add_argument(
@@ -841,6 +842,8 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
+    if "none" not in args.compress:  # the uncompressed rows: the policy's, and each codec's reference
+        args.compress = ["none", *args.compress]
     for spec in args.warmups:
         try:
             warmup_steps(spec, 10)

@@ -254,7 +254,10 @@ def _print_layout(
     if choice.mode in ("exact", "full_sync", "naive_patch"):
         synchronous = "no exchange" if choice.mode == "naive_patch" else "every step synchronous"
     stale = choice.mode not in ("exact", "full_sync", "naive_patch") and bands > 1
-    codec = f", stale keys/values sent {compress}" if stale and compress != "none" else ""
+    codec = ""
+    if stale and compress != "none":
+        how = "compressed where the planner says it pays" if compress == "auto" else compress
+        codec = f", stale keys/values sent {how}"
     print(f"distripy: mode {choice.mode}, {synchronous} ({choice.reason}){codec}")
     if bands == 1 and world > 1 and choice.mode not in ("full_sync", "exact"):
         print(

@@ -19,6 +19,7 @@ across ranks, and against the codecs' references run here on the senders' values
 Equal bands on 2 ranks, unequal on 3 (8 rows of the deepest level: 3, 3, 2).
 """
 
+import dataclasses
 import functools
 
 import pytest
@@ -342,6 +343,12 @@ def test_under_cuda_graphs_a_compressed_exchange_keeps_one_buffer_set(monkeypatc
             (stores,) = [
                 tensor for buffers in pool.values() for key, tensor in buffers.items() if key[1] == "baselines_fp8"
             ] or [None]
+            # generations of another codec (compress="auto" chooses per generation) are other graphs
+            other = "fp8" if codec != "fp8" else "residual1"
+            context = forward.context
+            context.config = dataclasses.replace(context.config, compress=other)
+            _generations(unet, 2)
+            assert forward.graphs.captures == 6 and context.compress == other, forward.graphs.captures
     # S: one whole-image set of keys and values, S / 2 one band's (2 bands). Uncompressed: a set
     # per step parity and the warm-up's send buffer; fp8: the warm-up's set, updated in place, and
     # its send buffer; a residual: none (its baselines are fp8 bytes)
@@ -492,5 +499,41 @@ def test_a_generation_whose_keys_and_values_were_non_finite_raises_when_it_ends(
     poison["on"] = True
     with pytest.raises(StepError, match=r"rows of self-attention keys and values were non-finite .*compress='residual2'"):
         generation()
+    with torch.no_grad(), distripy.generation(unet, steps=4):
+        pass  # a block without a step: the count was checked, it is not raised again
     poison["on"] = False
     generation()  # the count starts afresh with each generation
+
+
+def test_a_non_finite_warm_up_value_is_counted_and_never_stored(monkeypatch):
+    """A residual codec stores the warm-up's keys and values as its first baselines (fp8): a
+    non-finite value among them is counted (the generation raises when it ends) and stored as 0,
+    so that no baseline row is ever marked (a marked row would decode to whatever a step's buffer
+    held, differently on each rank)."""
+    import distripy
+    from distripy.errors import StepError
+    from distripy.kernels.fp8_codec import fp8_decode_
+    from distripy.parallel.compression import CompressedKeysValues
+
+    keep_warm, stores = CompressedKeysValues.keep_warm, []
+
+    def poisoning(self, works, gathered):
+        gathered[0, self.ctx.band_index, 1, 2] = float("inf")
+        keep_warm(self, works, gathered)
+        stores.append((self, self.state.exchange.buffers[1].clone()))  # as the warm-up left it
+
+    monkeypatch.setattr(CompressedKeysValues, "keep_warm", poisoning)
+    unet = _loopback_unet("residual2")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    conditioning = sdxl_conditioning(2, 1)
+    with pytest.raises(StepError, match="non-finite"):
+        with torch.no_grad(), distripy.generation(unet, steps=4):
+            for step, t in enumerate(TIMESTEPS[:4]):
+                unet(latents + 0.01 * step, torch.tensor(t), **conditioning)
+    assert stores
+    for exchange, store in stores:
+        for band, rows in enumerate(exchange.lengths):
+            for item in range(store.shape[1]):
+                values = torch.full((rows, exchange.width), float("nan"))
+                fp8_decode_(exchange._store_slot(store, band, item, rows), values, "torch")
+                assert torch.isfinite(values).all(), (band, item)

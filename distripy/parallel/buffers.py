@@ -55,10 +55,11 @@ class BufferPool:
             buffers[key] = buffer
         return buffer
 
-    def nbytes(self) -> int:
-        """The bytes of every persistent buffer held (``planning.memory.persistent_bytes`` predicts
-        them)."""
-        return sum(t.numel() * t.element_size() for kept in self._buffers.values() for t in kept.values())
+    def nbytes(self, signature: Hashable = None) -> int:
+        """The bytes of the persistent buffers of one input signature (``planning.memory.
+        persistent_bytes`` predicts them), or with ``None`` of every signature held."""
+        pools = self._buffers.values() if signature is None else [self._buffers.get(signature, {})]
+        return sum(t.numel() * t.element_size() for kept in pools for t in kept.values())
 
     def release(self, signature: Hashable) -> None:
         """Forget the persistent buffers of one input signature (its graphs are gone)."""

@@ -118,6 +118,13 @@ class CompressedKeysValues:
         the step's own, not kept."""
         return not self.codec.residual
 
+    def _backend(self) -> str:
+        """The codecs' kernels: the patch layer's, except the Triton ops (opaque to inductor)
+        while torch.compile traces a step on a GPU: the references' ``float8_e4m3fn`` casts would
+        become Triton fp8 types, which do not compile for sm_80; the Triton codecs use integer
+        arithmetic. On a CPU (and ``meta``) the references run either way."""
+        return "auto" if torch.compiler.is_compiling() else self.ctx.kernel_backend
+
     def _store(self, batch: int, like: torch.Tensor) -> torch.Tensor:
         """Every band's baseline, fp8-packed: ``(bands, B, store_bytes)``."""
         shape = (self.ctx.band_count, batch, self.store_bytes)
@@ -140,16 +147,19 @@ class CompressedKeysValues:
         or every band's slot stored in fp8 as its baseline (a residual codec), and a received
         buffer that decodes to no change (every row scale a NaN, the marker of a row left as it
         was)."""
-        ctx, backend = self.ctx, self.ctx.kernel_backend
+        ctx, backend = self.ctx, self._backend()
         batch = gathered.shape[0]
         store = None
         if self.codec.residual:
             store = self._store(batch, gathered)
+            mine = gathered[:, ctx.band_index, : self.lengths[ctx.band_index]]
+            ctx.count_nonfinite((~torch.isfinite(mine)).any(dim=-1).sum())  # the generation raises at its end
             for band, length in enumerate(self.lengths):
                 for item in range(batch):
-                    fp8_encode_(gathered[item, band, :length], self._store_slot(store, band, item, length), backend)
-            # a non-finite warm-up value is stored marked (and the generation raises at its end)
-            ctx.count_nonfinite(nonfinite_rows(store[ctx.band_index], self.lengths[ctx.band_index]))
+                    # stored finite (a non-finite value as 0), so that no baseline row is ever
+                    # marked: a marked row would decode to whatever a step's buffer held
+                    values = torch.nan_to_num(gathered[item, band, :length], nan=0.0, posinf=0.0, neginf=0.0)
+                    fp8_encode_(values, self._store_slot(store, band, item, length), backend)
         _, received = self._packed_buffers(batch, gathered)
         received.fill_(255)  # 0xFFFFFFFF: a NaN in every row scale
         # one handle (completed), as a stale step keeps one: the same structure for a compiled step
@@ -160,7 +170,7 @@ class CompressedKeysValues:
         """A stale step's gathered buffer: the other bands' slots updated with what they sent at
         the end of the last step, this band's holding ``projected`` (its fresh keys and values);
         the encode and all-gather of this band's queued for the next checkpoint."""
-        ctx, codec, backend = self.ctx, self.codec, self.ctx.kernel_backend
+        ctx, codec, backend = self.ctx, self.codec, self._backend()
         gathered, store, received = self.state.take_stale()
         batch = received.shape[1]
         if store is not None:  # this step's keys and values, from the baselines (fp8) below

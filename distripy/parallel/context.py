@@ -377,11 +377,11 @@ class PatchContext:
         self._seen[key] = path
 
     def kept_bytes(self) -> int:
-        """The bytes the patch modules keep across steps: with ``static_buffers`` (CUDA graphs)
-        every persistent buffer, otherwise the buffers of the exchanges they hold for the next step
-        (``planning.memory.persistent_bytes`` predicts it)."""
+        """The bytes the patch modules keep across steps for the current input signature: with
+        ``static_buffers`` (CUDA graphs) its persistent buffers, otherwise the buffers of the
+        exchanges they hold for the next step (``planning.memory.persistent_bytes`` predicts it)."""
         if self.static_buffers:
-            return self.buffers.nbytes()
+            return self.buffers.nbytes(self.shape_key)
         held = (t for state in self.states if state.exchange is not None for t in state.exchange.buffers)
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 

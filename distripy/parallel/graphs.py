@@ -142,7 +142,8 @@ class StepGraphs:
     def _key(self, structure: Hashable) -> Hashable:
         """What selects a step's graph. ``refresh_conditioning``: a step that computes the
         cross-attention keys and values anew (into persistent buffers) and one that reads them
-        are different graphs."""
+        are different graphs; so are steps of generations whose keys and values travel under
+        different codecs (``compress="auto"`` may choose per generation)."""
         ctx = self.context
         return (
             ctx.shape_key,
@@ -151,6 +152,7 @@ class StepGraphs:
             ctx.statistics_exchange,
             ctx.parity,
             ctx.refresh_conditioning,
+            ctx.compress,
         )
 
     def _touch_shape(self) -> None:

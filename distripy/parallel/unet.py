@@ -348,16 +348,16 @@ class PatchUNetForward:
     def check_nonfinite(self) -> None:
         """At the end of a generation (every rank together: the parallelised pipeline's call, or
         ``distripy.generation``'s block, having returned): raise, on every rank, if an exchange codec
-        found non-finite keys or values in it on any rank. One small all-reduce and one host read
-        per generation, and only when a compressed exchange ran."""
+        found non-finite keys or values in it on any rank. One small all-reduce (its wait bounded
+        by ``timeout_s``) and one host read per generation whose keys and values were compressed."""
         count = self.context.nonfinite_count()
-        if count is None or count.is_meta:
+        if count is None or count.is_meta or self.context.compress == "none":  # the ranks agree on it
             return
+        total = count.clone()
+        count.zero_()  # checked: a later check without a compressed step finds nothing
         if not self.alone:
-            total = count.clone()
-            self.world_comm.all_reduce(total).wait()
-            count = total
-        rows = int(count)
+            self.world_comm.all_reduce(total).synchronize(self.context.config.timeout_s)
+        rows = int(total)
         if rows:
             raise StepError(
                 f"{self.model_name}: {rows} rows of self-attention keys and values were non-finite (inf "
