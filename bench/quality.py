@@ -685,6 +685,12 @@ def summary_markdown(
         "",
         "## The policy",
         "",
+        *(
+            ["What these rows alone would support; the product's policy is the mode study's "
+             "([quality-study.md](quality-study.md)).", ""]
+            if codecs
+            else []
+        ),  # fmt: skip
         f"Target: image PSNR >= {policy['target_psnr_image_db']:g} dB against the single device, for "
         "every sampler and band count measured.",
         "",
