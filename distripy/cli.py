@@ -30,6 +30,7 @@ from distripy.config import EXCHANGE_CODECS, MODE_CHOICES, DistriConfig
 from distripy.demo import check_demo
 from distripy.errors import ConfigError, DistripyError
 from distripy.geometry import bands_per_image
+from distripy.parallel.step_policy import keeps_activations
 from distripy.pipelines.schedulers import SCHEDULERS
 from distripy.serving.pipeline_fields import ServedPipeline
 from distripy.serving.scheduling import POLICIES
@@ -253,9 +254,8 @@ def _print_layout(
     synchronous = f"warm-up {choice.warmup_steps} synchronous step{'s' * (choice.warmup_steps != 1)}"
     if choice.mode in ("exact", "full_sync", "naive_patch"):
         synchronous = "no exchange" if choice.mode == "naive_patch" else "every step synchronous"
-    stale = choice.mode not in ("exact", "full_sync", "naive_patch") and bands > 1
     codec = ""
-    if stale and compress != "none":
+    if keeps_activations(choice.mode) and bands > 1 and compress != "none":  # stale keys/values travel
         how = "compressed where the planner says it pays" if compress == "auto" else compress
         codec = f", stale keys/values sent {how}"
     print(f"distripy: mode {choice.mode}, {synchronous} ({choice.reason}){codec}")

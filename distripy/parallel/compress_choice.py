@@ -18,6 +18,7 @@ from distripy.config import AUTO_MODE, DistriConfig
 from distripy.errors import ConfigError
 from distripy.parallel.policy import ModeChoice
 from distripy.parallel.split import DEFAULT_STEPS
+from distripy.parallel.step_policy import keeps_activations
 from distripy.planning import predict, resolve_fabric, resolve_gpu
 
 __all__ = ["AUTO_CODECS", "AUTO_GAIN", "chosen_codec"]
@@ -64,7 +65,6 @@ def chosen_codec(
     ranks, ``split`` or not, in ``bands`` bands per image (1: nothing exchanged)."""
     if config.compress != AUTO_MODE:
         return config.compress
-    stale = choice.mode not in ("exact", "full_sync", "naive_patch")
-    if machine is None or not stale or bands < 2 or latent[0] % 4 or latent[1] % 4:
+    if machine is None or not keeps_activations(choice.mode) or bands < 2 or latent[0] % 4 or latent[1] % 4:
         return "none"
     return _fastest_codec(tuple(latent), world, split, steps or DEFAULT_STEPS, choice.warmup_steps, graphs, machine)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from distripy.errors import InputError
-from distripy.planning.traffic import SDXL_UNET, StepTraffic, per_block
+from distripy.planning.traffic import SDXL_UNET, StepTraffic, band_rows, level_columns, unet_blocks
 
 __all__ = [
     "ACTIVATION_COPIES",
@@ -121,18 +121,18 @@ def persistent_bytes(
     values of the prompt (``text_tokens``), once."""
     if not walks:
         raise InputError("persistent_bytes: no step walks given")
+    compressed = next((walk for walk in walks if walk.compress != "none"), None)
     if not graphs:
         if not keeps:
             return 0
-        stale = [walk for walk in walks if any(t.kept for t in walk.transfers)] or list(walks)
-        return stale[-1].kept_bytes(statistics)
+        return (compressed or walks[-1]).kept_bytes(statistics)
     total = 0
-    uncompressed = next((walk for walk in walks if not any(t.kept for t in walk.transfers)), walks[0])
+    uncompressed = next((walk for walk in walks if walk.compress == "none"), walks[0])
     # the gathered keys and values and what is sent of them in a synchronous step: uncompressed,
     # one per parity (and one send buffer, read within its step); fp8's stale steps update the
     # warm-up's in place (one buffer for both parities); a residual codec keeps only its baselines,
     # in fp8 (its synchronous step's are the step's own)
-    codec = next((walk.compress for walk in walks if walk.compress != "none"), "none")
+    codec = "none" if compressed is None else compressed.compress
     gathered_sets, send_sets = {"none": (2, 1), "fp8": (1, 1)}.get(codec, (0, 0))
     for transfer in uncompressed.transfers:
         if transfer.kind == "halo":
@@ -150,12 +150,6 @@ def persistent_bytes(
     return total
 
 
-def _band_rows(latent_rows: int, units: Sequence[int], index: int, level: int) -> Tuple[int, int]:
-    """(this band's rows, the image's rows) at ``level``."""
-    per_unit = (latent_rows >> level) // sum(units)
-    return per_unit * units[index], per_unit * sum(units)
-
-
 def unet_activation_bytes(
     latent: Tuple[int, int],
     batch: int,
@@ -168,17 +162,15 @@ def unet_activation_bytes(
     """One band step's working memory (``ACTIVATION_COPIES``): the down blocks' outputs kept for
     the up blocks, plus the largest layer's working set (a ResNet block's or a transformer layer's,
     with the whole image's keys and values in a ``synchronous`` step)."""
-    config = SDXL_UNET if config is None else config
-    channels = list(config["block_out_channels"])
+    channels, layers, depth = unet_blocks(SDXL_UNET if config is None else config)
     levels = len(channels)
-    layers = per_block(config.get("layers_per_block", 2), levels, "layers_per_block")
-    depth = per_block(config.get("transformer_layers_per_block", 1), levels, "transformer_layers_per_block")
     height, width = latent
+    whole = (sum(units),)  # the image as one band
 
     def elements(level: int) -> Tuple[int, int]:
-        rows, image_rows = _band_rows(height, units, index, level)
-        columns = -(-width // (1 << level))
-        return batch * rows * columns, batch * image_rows * columns
+        """(the band's elements per channel, the image's) at ``level``."""
+        per_row = batch * level_columns(width, level)
+        return band_rows(height, units, index, level) * per_row, band_rows(height, whole, 0, level) * per_row
 
     skips = channels[0] * elements(0)[0]  # conv_in
     working = 0

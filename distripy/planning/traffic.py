@@ -19,7 +19,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from distripy.errors import InputError
 
-__all__ = ["SDXL_UNET", "StepTraffic", "Transfer", "band_units", "packed_bytes", "per_block", "step_traffic"]
+__all__ = [
+    "SDXL_UNET",
+    "StepTraffic",
+    "Transfer",
+    "band_rows",
+    "band_units",
+    "level_columns",
+    "packed_bytes",
+    "step_traffic",
+    "unet_blocks",
+]
 
 SDXL_UNET: Dict = {
     "in_channels": 4,
@@ -134,8 +144,27 @@ def band_units(total: int, count: int) -> Tuple[int, ...]:
     return tuple(base + 1 if index < extra else base for index in range(count))
 
 
-def per_block(value, blocks: int, name: str) -> List:
-    """A UNet config's per-block setting (an int for every block, or one entry each), as a list."""
+def band_rows(latent_rows: int, units: Sequence[int], band: int, level: int) -> int:
+    """Band ``band``'s rows at ``level`` (0: the latent's), of bands of ``units`` deepest-level rows."""
+    return (latent_rows >> level) // sum(units) * units[band]
+
+
+def level_columns(latent_columns: int, level: int) -> int:
+    """The columns at ``level`` (each downsampling halves them, rounding up)."""
+    return -(-latent_columns // (1 << level))
+
+
+def unet_blocks(config: Dict) -> Tuple[List[int], List[int], List[int]]:
+    """A UNet config's channels per level, ResNet layers per down block and transformer layers per
+    level, one entry each."""
+    channels = list(config["block_out_channels"])
+    levels = len(channels)
+    layers = _per_block(config.get("layers_per_block", 2), levels, "layers_per_block")
+    depth = _per_block(config.get("transformer_layers_per_block", 1), levels, "transformer_layers_per_block")
+    return channels, layers, depth
+
+
+def _per_block(value, blocks: int, name: str) -> List:
     if isinstance(value, int):
         return [value] * blocks
     value = list(value)
@@ -165,11 +194,10 @@ class _Walk:
 
     def rows(self, level: int, band: Optional[int] = None) -> int:
         """A band's rows at ``level`` (rows per unit x its units)."""
-        per_unit = (self.height >> level) // sum(self.units)
-        return per_unit * self.units[self.index if band is None else band]
+        return band_rows(self.height, self.units, self.index if band is None else band, level)
 
     def columns(self, level: int) -> int:
-        return -(-self.width // (1 << level))
+        return level_columns(self.width, level)
 
     def add(self, op, kind, sent, received, codec_bytes=0, kept=0, shared=0) -> None:
         self.transfers.append(Transfer(op, kind, sent, received, self.block, codec_bytes, kept, shared))
@@ -258,14 +286,12 @@ def step_traffic(
     output is gathered from both groups); ``compress``: an asynchronous step's keys and values
     under that codec (``DistriConfig.compress``; the warm-up steps send them uncompressed)."""
     config = SDXL_UNET if config is None else config
-    channels = list(config["block_out_channels"])
+    channels, layers, depth = unet_blocks(config)
     levels = len(channels)
     height, width = latent
     if height % ((1 << (levels - 1)) * sum(units)):
         raise InputError(f"step_traffic: latent height {height} is not whole rows of bands {tuple(units)}")
     groups = config.get("norm_num_groups", 32)
-    layers = per_block(config.get("layers_per_block", 2), levels, "layers_per_block")
-    depth = per_block(config.get("transformer_layers_per_block", 1), levels, "transformer_layers_per_block")
     if compress != "none" and exact:
         raise InputError(f"step_traffic: compress {compress!r} with exact: exact steps exchange uncompressed")
     walk = _Walk(height, width, batch, units, index, dtype_bytes, exact, halves, compress)
