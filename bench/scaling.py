@@ -18,9 +18,11 @@ Tables:
 * ``--modes``: ``full_sync``, ``exact`` and ``corrected_async_gn`` side by side on each GPU with its
   NVLink and its PCIe, and ``exact``'s time over ``corrected_async_gn``'s;
 * ``--codecs``: the exchange codecs (``DistriConfig.compress``) side by side per fabric (default
-  PCIe Gen4 and Gen5), resolution, N and CFG split, with the warm-up ``mode="auto"`` runs: speedup,
-  the bytes a rank sends per asynchronous step and its predicted peak memory (``planning.memory``);
-  ``--markdown`` writes it as a table.
+  PCIe Gen4 and Gen5), resolution, N and CFG split: ``corrected_async_gn`` with the warm-up
+  ``mode="auto"`` runs, and ``exact`` as a 4-step generation compressed after its first step;
+  speedup, the bytes a rank sends per step after the warm-up, its predicted peak memory
+  (``planning.memory``), and the uncompressed speedup over a free link (the compute's ceiling);
+  ``--markdown`` writes them as tables.
 
     python bench/scaling.py                                  # the check, then H100 speedups
     python bench/scaling.py --gpu bench/results/e2e-h100-20261124T1950Z.json --fabric nvlink4 my-comm.json
@@ -65,6 +67,9 @@ PAPER_MACHINE = ("a100", "nvlink3")
 # The GPUs and fabrics of the modes table: each GPU with its NVLink and with its PCIe.
 MODE_MACHINES = (("a100", "nvlink3"), ("a100", "pcie4"), ("h100", "nvlink4"), ("h100", "pcie5"))
 TABLE_MODES = ("full_sync", "exact", "corrected_async_gn")
+
+EXACT_STEPS = 4  # the codec table's exact generation: a few-step model's (SDXL-Lightning's 4 steps)
+FREE_LINK = Fabric("a free link", 1e9, 1e9, 0.0, 0.0, "no transfer costs anything: the compute alone bounds the speedup")
 
 
 def _predict(
@@ -187,32 +192,40 @@ def print_mode_comparison(rows: List[Dict], graphs: bool) -> None:
         print(line + f" {r['exact_over_corrected']:>15.3f}{flag}")
 
 
-def codec_comparison(gpu: GpuProfile, fabrics: Sequence[Fabric], graphs: bool) -> List[Dict]:
-    """Each codec's predicted generation (``corrected_async_gn`` at ``mode="auto"``'s warm-up for
-    ``STEPS``), per fabric, resolution, N and CFG split: speedup, bytes sent per asynchronous step,
-    peak memory of the fullest GPU."""
-    warmup = choose_mode(DistriConfig(), STEPS).warmup_steps
+def codec_comparison(
+    gpu: GpuProfile, fabrics: Sequence[Fabric], graphs: bool, mode: str = "corrected_async_gn"
+) -> List[Dict]:
+    """Each codec's predicted generation, per fabric, resolution, N and CFG split: speedup, bytes
+    sent per step after the warm-up, peak memory of the fullest GPU, and ``ceiling``: the
+    uncompressed speedup over a link that costs nothing (``FREE_LINK``: the compute alone bounds
+    it). ``corrected_async_gn`` at ``mode="auto"``'s warm-up for ``STEPS``; ``exact`` as a few-step
+    generation runs it compressed (``EXACT_STEPS``, only the first at full precision)."""
+    steps = STEPS if mode != "exact" else EXACT_STEPS
+    warmup = choose_mode(DistriConfig(), STEPS).warmup_steps if mode != "exact" else 1
     rows = []
     for fabric in fabrics:
         for resolution in RESOLUTIONS:
             latent = (resolution // VAE_SCALE, resolution // VAE_SCALE)
             for gpus in WORLD_SIZES:
                 for split in (False, True):
+                    common = dict(latent=latent, steps=steps, gpus=gpus, split_batch=split, mode=mode)
                     results = {
-                        codec: predict(
-                            gpu, fabric, latent, STEPS, gpus, split, "corrected_async_gn", warmup, graphs, compress=codec
-                        )
+                        codec: predict(gpu, fabric, **common, warmup_steps=warmup, graphs=graphs, compress=codec)
                         for codec in EXCHANGE_CODECS
                     }
+                    ceiling = predict(gpu, FREE_LINK, **common, warmup_steps=warmup, graphs=graphs)
                     rows.append(
                         {
                             "fabric": fabric.name,
+                            "mode": mode,
+                            "steps": steps,
                             "resolution": resolution,
                             "gpus": gpus,
                             "split_batch": split,
                             "warmup_steps": warmup,
                             "single_s": results["none"].single_seconds,
                             "speedup": {codec: r.speedup for codec, r in results.items()},
+                            "ceiling": ceiling.speedup,
                             "sent_mb_per_step": {codec: r.sent_bytes / 1e6 for codec, r in results.items()},
                             "peak_gib": {codec: r.memory.peak / GIB for codec, r in results.items()},
                         }
@@ -225,15 +238,21 @@ def print_codec_comparison(rows: List[Dict], graphs: bool) -> None:
 
 
 def codec_lines(rows: List[Dict], graphs: bool, markdown: bool) -> str:
-    """The codec table as text, or as markdown (one table per fabric)."""
+    """The codec tables as text, or as markdown (one table per mode and fabric)."""
     out = []
-    for name in dict.fromkeys(r["fabric"] for r in rows):
-        mine = [r for r in rows if r["fabric"] == name]
-        title = (
-            f"predicted speedup over one GPU (peak GiB per GPU), {name}, "
-            f"{'CUDA graphs' if graphs else 'eager'}, {STEPS} steps, {mine[0]['warmup_steps']} warm-up steps"
+    for mode, name in dict.fromkeys((r["mode"], r["fabric"]) for r in rows):
+        mine = [r for r in rows if (r["mode"], r["fabric"]) == (mode, name)]
+        first = mine[0]
+        warmup = (
+            f"{first['warmup_steps']} warm-up steps"
+            if mode != "exact"
+            else f"the first step at full precision, the rest compressed ({mode})"
         )
-        cells = ["size", "GPUs", "CFG split", *EXCHANGE_CODECS, "MB sent per stale step, none -> residual2"]
+        title = (
+            f"predicted speedup over one GPU (peak GiB per GPU), {name}, {mode}, "
+            f"{'CUDA graphs' if graphs else 'eager'}, {first['steps']} steps, {warmup}"
+        )
+        cells = ["size", "GPUs", "CFG split", *EXCHANGE_CODECS, "free link", "MB sent per step, none -> residual2"]
         if markdown:
             out += [f"### {title}", "", "| " + " | ".join(cells) + " |", "|" + " --- |" * len(cells)]
         else:
@@ -241,6 +260,7 @@ def codec_lines(rows: List[Dict], graphs: bool, markdown: bool) -> str:
         for r in mine:
             values = [str(r["resolution"]), str(r["gpus"]), "yes" if r["split_batch"] else "no"]
             values += [f"{r['speedup'][codec]:.2f}x ({r['peak_gib'][codec]:.1f})" for codec in EXCHANGE_CODECS]
+            values.append(f"{r['ceiling']:.2f}x")
             values.append(f"{r['sent_mb_per_step']['none']:.0f} -> {r['sent_mb_per_step']['residual2']:.0f}")
             out.append("| " + " | ".join(values) + " |" if markdown else " ".join(f"{v:>14}" for v in values))
         out.append("")
@@ -278,8 +298,8 @@ def tables(args: argparse.Namespace) -> Dict:
         gpu = resolve_gpu(args.gpu)
         names = args.fabric if args.fabric != parser().get_default("fabric") else ["pcie4", "pcie5"]
         fabrics = [resolve_fabric(name) for name in names]
-        return dict(settings, gpu=asdict(gpu), fabrics=[asdict(f) for f in fabrics],
-                    codecs=codec_comparison(gpu, fabrics, graphs))  # fmt: skip
+        codecs = codec_comparison(gpu, fabrics, graphs) + codec_comparison(gpu, fabrics, graphs, mode="exact")
+        return dict(settings, gpu=asdict(gpu), fabrics=[asdict(f) for f in fabrics], codecs=codecs)
     if args.modes:
         machines = [
             {"gpu": asdict(resolve_gpu(gpu)), "fabric": asdict(resolve_fabric(fabric))}

@@ -30,7 +30,7 @@ from distripy.config import EXCHANGE_CODECS, MODE_CHOICES, DistriConfig
 from distripy.demo import check_demo
 from distripy.errors import ConfigError, DistripyError
 from distripy.geometry import bands_per_image
-from distripy.parallel.step_policy import keeps_activations
+from distripy.parallel.step_policy import ALWAYS_SYNCHRONOUS, keeps_activations
 from distripy.pipelines.schedulers import SCHEDULERS
 from distripy.serving.pipeline_fields import ServedPipeline
 from distripy.serving.scheduling import POLICIES
@@ -171,10 +171,11 @@ def _add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_compress_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compress", choices=COMPRESS_CHOICES, default="none",
-        help="send the asynchronous steps' attention keys/values compressed (default none): fp8, or "
+        help="send the attention keys/values compressed after the warm-up (default none): fp8, or "
         "residual2 / residual1 (the 2- or 1-bit change since the last step; baselines kept in fp8); "
-        "auto: the faster of fp8 and residual2 where the planner predicts the link cannot hide them "
-        "(distripy plan --compress all)",
+        "auto: for the asynchronous modes, the faster of fp8 and residual2 where the planner predicts "
+        "the link cannot hide them (distripy plan --compress all); full_sync and exact then no longer "
+        "equal one device",
     )
 
 
@@ -234,12 +235,19 @@ def check_generate(args, world: int) -> GenerateJob:
 
 
 def _print_layout(
-    world: int, bands: int, mode: str, choice, deepest_rows: Optional[int] = None, compress: str = "none"
+    world: int,
+    bands: int,
+    mode: str,
+    choice,
+    deepest_rows: Optional[int] = None,
+    compress: str = "none",
+    steps: Optional[int] = None,
 ) -> None:
     """How the ranks share the image (``bands`` per image; with ``deepest_rows``, the rows each
     band gets at the UNet's deepest level), the mode and warm-up the generation runs (``choice``,
-    a ``ModeChoice``; ``mode``: the one asked for), how its stale keys and values travel
-    (``compress``), and a warning when the mode cannot matter."""
+    a ``ModeChoice``; ``mode``: the one asked for), how its keys and values travel after the
+    warm-up (``compress``; ``steps``: the generation's, when known), and a warning when the mode
+    cannot matter."""
     groups = world // bands
     split = f"CFG split into {groups} groups of {bands}" if groups > 1 else "no CFG split"
     rows = ""
@@ -258,6 +266,10 @@ def _print_layout(
     if keeps_activations(choice.mode) and bands > 1 and compress != "none":  # stale keys/values travel
         how = "compressed where the planner says it pays" if compress == "auto" else compress
         codec = f", stale keys/values sent {how}"
+    elif choice.mode in ALWAYS_SYNCHRONOUS and bands > 1 and compress not in ("none", "auto"):
+        full = max(1, choice.warmup_steps)  # fresh keys/values compressed after the full-precision steps
+        if steps is None or steps > full:
+            codec = f", keys/values sent {compress} after {full} full-precision step{'s' * (full > 1)}"
     print(f"distripy: mode {choice.mode}, {synchronous} ({choice.reason}){codec}")
     if bands == 1 and world > 1 and choice.mode not in ("full_sync", "exact"):
         print(
@@ -275,7 +287,9 @@ def run_generate(job: GenerateJob) -> int:
 
     def announce(world: int, choice, deepest_rows: Optional[int]) -> None:
         split = bool(config.split_batch) and (request.guidance or 0) > 1.0
-        _print_layout(world, bands_per_image(world, split), config.mode, choice, deepest_rows, config.compress)
+        _print_layout(
+            world, bands_per_image(world, split), config.mode, choice, deepest_rows, config.compress, request.steps
+        )
 
     result = run_job(job, announce, FLAGS)
     if result.rank == 0:

@@ -162,20 +162,23 @@ class DistriConfig:
     per input shape and step kind. Never ``reduce-overhead``: its CUDA graphs would nest inside
     ``use_cuda_graph``'s.
 
-    ``compress``: how the asynchronous steps send the self-attention's keys and values (one of
-    ``EXCHANGE_CODECS``; ``"none"``, the default, sends them at the model's precision; ``"auto"``:
-    the faster of ``fp8`` and ``residual2`` for a generation whose keys and values the planner
-    predicts its machine's link cannot hide, ``none`` otherwise and on a machine it has no profile
-    of). The
-    warm-up steps exchange at full precision, so the receivers start from the exact keys and
-    values; after it each rank sends its band's keys and values compressed, and the others attend
-    over what they decode. ``residual2`` and ``residual1`` send only the change since the last
-    step's (quantised to 2 or 1 bits per element with error feedback: what one step's quantisation
-    loses, the next step's change carries), and each rank keeps every band's baseline in fp8 (about
-    half the memory of the uncompressed exchange's keys and values); ``fp8`` sends each step's
-    values as e4m3. It changes
-    the image a little (a trade of its own, measured by ``bench/quality.py``); it applies to the
-    stale exchanges only, so ``full_sync`` and ``exact``, whose exchanges are fresh, refuse it.
+    ``compress``: how the steps after the warm-up send the self-attention's keys and values (one
+    of ``EXCHANGE_CODECS``; ``"none"``, the default, sends them at the model's precision;
+    ``"auto"``: for an asynchronous mode, the faster of ``fp8`` and ``residual2`` for a generation
+    whose keys and values the planner predicts its machine's link cannot hide, ``none`` otherwise,
+    on a machine it has no profile of, and for ``full_sync`` and ``exact``). The first
+    ``warmup_steps`` steps (at least the first) exchange at full precision, so the receivers start
+    from the exact keys and values; after them each rank sends its band's keys and values
+    compressed, and the others attend over what they decode. ``residual2`` and ``residual1`` send
+    only the change since the last step's (quantised to 2 or 1 bits per element with error
+    feedback: what one step's quantisation loses, the next step's change carries), and each rank
+    keeps every band's baseline in fp8 (about half the memory of the uncompressed exchange's keys
+    and values); ``fp8`` sends each step's values as e4m3. It changes the image a little (a trade
+    of its own, measured by ``bench/quality.py``). In the asynchronous modes it compresses the
+    stale exchanges; in ``full_sync`` and ``exact`` the fresh ones, which then no longer equal one
+    device (so ``warmup_steps`` counts their full-precision steps; a few-step ``exact`` generation
+    compresses only with fewer warm-up steps than steps). ``naive_patch`` exchanges nothing and
+    refuses a codec.
 
     ``check_every_step``: the ranks compare every step's latent and timestep, not only each
     generation's inputs (one copy to the host and one object exchange per step: for debugging a
@@ -212,10 +215,10 @@ class DistriConfig:
         _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _check_choice("halo_conv_backend", self.halo_conv_backend, HALO_CONV_BACKENDS)
         _check_choice("compress", self.compress, COMPRESS_CHOICES)
-        if self.compress != "none" and self.mode in ("full_sync", "exact"):
+        if self.compress != "none" and self.mode == "naive_patch":
             raise ConfigError(
-                f"DistriConfig.compress={self.compress!r} with mode={self.mode!r}: compression applies to "
-                "the stale exchanges of the asynchronous modes, and this mode exchanges fresh at every step"
+                f"DistriConfig.compress={self.compress!r} with mode='naive_patch': that mode exchanges "
+                "no keys and values to compress"
             )
         if not isinstance(self.check_every_step, bool):
             raise ConfigError(

@@ -216,9 +216,14 @@ def test_generate_prints_what_auto_chose(capsys):
     # a codec is said where stale keys and values travel between bands
     cli._print_layout(2, 2, "auto", distripy.choose_mode(distripy.DistriConfig(), 40), compress="residual2")
     assert capsys.readouterr().out.rstrip().endswith("steps), stale keys/values sent residual2")
-    for bands, steps in ((1, 40), (2, 4)):  # one band per image; an exact generation: nothing stale
-        cli._print_layout(2, bands, "auto", distripy.choose_mode(distripy.DistriConfig(), steps), compress="fp8")
+    for bands, steps in ((1, 40), (2, 4)):  # one band per image; auto's exact: every step its warm-up
+        choice = distripy.choose_mode(distripy.DistriConfig(), steps)
+        cli._print_layout(2, bands, "auto", choice, compress="fp8", steps=steps)
         assert "fp8" not in capsys.readouterr().out
+    # exact with a codec and a 1-step warm-up: its fresh keys and values compressed after it
+    exact = distripy.choose_mode(distripy.DistriConfig(mode="exact", warmup_steps=1), 4)
+    cli._print_layout(2, 2, "exact", exact, compress="residual2", steps=4)
+    assert capsys.readouterr().out.rstrip().endswith("keys/values sent residual2 after 1 full-precision step")
 
 
 @pytest.fixture(scope="module")
@@ -275,8 +280,8 @@ def _bad(tiny_model, tmp_path):
                               "unet/diffusion_pytorch_model.safetensors is unreadable"),
         "no ranks": (["--nproc", "0"], "--nproc 0: needs at least 1"),
         "timeout": (["--timeout", "0"], "--timeout 0: must be a positive number of seconds"),
-        "compressed full_sync": (["--mode", "full_sync", "--compress", "fp8"],
-                                 "compress='fp8' with mode='full_sync'"),
+        "compressed naive_patch": (["--mode", "naive_patch", "--compress", "fp8"],
+                                   "compress='fp8' with mode='naive_patch'"),
         "missing model": (["--model", str(tmp_path / "nowhere")], "no such folder"),
         "malformed model": (["--model", str(malformed)], "model_index.json is not valid JSON"),
         "height rows": (["--model", str(tiny_model), "--height", "72", "--nproc", "2", "--no-split-batch"],
@@ -302,7 +307,7 @@ def _bad(tiny_model, tmp_path):
         "truncated weights",
         "no ranks",
         "timeout",
-        "compressed full_sync",
+        "compressed naive_patch",
     ],
 )
 def test_bad_generate_input_exits_with_one_line_and_no_file(tiny_model, tmp_path, capsys, case):

@@ -95,34 +95,41 @@ def test_traffic_walk_equals_what_the_model_sends(world, rank, height, split, mo
 
 
 @pytest.mark.parametrize(
-    "world, rank, height, split, compress",
+    "world, rank, height, split, compress, mode",
     [
-        (3, 1, 32, False, "residual2"),  # bands 3, 3, 2: a middle band, packed to the tallest
-        (6, 5, 28, True, "fp8"),  # CFG split, the bottom band of the second half (the shortest)
-        (4, 0, 32, False, "residual1"),
+        (3, 1, 32, False, "residual2", "corrected_async_gn"),  # bands 3, 3, 2: a middle band, packed to the tallest
+        (6, 5, 28, True, "fp8", "corrected_async_gn"),  # CFG split, the bottom band of the second half (the shortest)
+        (4, 0, 32, False, "residual1", "corrected_async_gn"),
+        (3, 2, 32, False, "fp8", "full_sync"),  # a fresh all-gather of packed bytes
+        (6, 4, 28, True, "residual2", "exact"),  # packed blocks by ring shifts
     ],
 )
-def test_compressed_traffic_walk_equals_what_the_model_sends(world, rank, height, split, compress):
-    """An asynchronous step under ``compress``: each self-attention's keys and values leave as one
-    all-gather of the packed bytes of every batch item (``packed_bytes``: the kernels' layouts),
-    the rest as uncompressed; its codec work is counted, and what the modules keep for the next
-    step is what the walk predicts."""
+def test_compressed_traffic_walk_equals_what_the_model_sends(world, rank, height, split, compress, mode):
+    """A step after the warm-up under ``compress``: each self-attention's keys and values leave as
+    one all-gather of the packed bytes of every batch item (``packed_bytes``: the kernels' layouts;
+    in ``exact`` one shift of them per other band), the rest as uncompressed; its codec work is
+    counted, and what the modules keep for the next step is what the walk predicts (``full_sync``
+    and ``exact``: a residual's baselines only)."""
     from distripy.pipelines.tiny import tiny_sdxl_unet_config
 
-    logged, kept = _logged_step(world, rank, height, split, "corrected_async_gn", compress)
+    logged, kept = _logged_step(world, rank, height, split, mode, compress)
     bands = world // 2 if split else world
     layout = BandLayout.split(height // 4, bands)
     walk = step_traffic(
         (height, WIDTH), 1 if split else 2, layout.units, rank % bands, tiny_sdxl_unet_config(TEXT_DIM, POOLED_DIM),
-        dtype_bytes=4, halves=2 if split else 1, compress=compress,
+        dtype_bytes=4, halves=2 if split else 1, compress=compress, exact=mode == "exact", fresh=mode == "full_sync",
     )  # fmt: skip
     assert Counter((t.op, t.sent, t.received) for t in logged) == Counter(
         (t.op, t.sent, t.received) for t in walk.transfers
     )
-    assert all((t.codec_bytes > 0) == (t.kind == "kv") for t in walk.transfers)
+    # the codecs' work is counted once per module (on the first of exact's shifts)
+    coded = [t for t in walk.transfers if t.codec_bytes > 0]
+    assert all(t.kind == "kv" for t in coded) and len(coded) == len(walk.attention_channels), len(coded)
     # what the modules keep: one whole-image set of keys and values each (and a residual's own
-    # baseline, and the packed bytes received), the halos and GroupNorm sums as uncompressed
+    # baseline, and the packed bytes received), the halos and GroupNorm sums as uncompressed; a
+    # fresh exchange only a residual's baselines
     assert kept == walk.kept_bytes()
+    assert (kept > 0) == (mode == "corrected_async_gn" or compress != "fp8")
 
 
 def test_sdxl_traffic_counts_follow_its_architecture():
@@ -445,8 +452,18 @@ def test_compression_is_predicted_to_lift_four_gpus_over_pcie():
             assert fp8.speedup - plain.speedup > gap / 2 and packed.speedup - plain.speedup > gap / 3, (plain, fp8, packed)
         nvlink = [predict(GPUS["h100"], FABRICS["nvlink4"], **common, compress=c) for c in ("none", "residual2")]
         assert nvlink[1].seconds >= nvlink[0].seconds
-    with pytest.raises(ConfigError, match="applies to the asynchronous mode"):
-        predict(GPUS["h100"], FABRICS["pcie4"], **dict(common, mode="exact", warmup_steps=0), compress="fp8")
+    # exact's fresh exchanges, compressed after its first step: half the bytes or fewer on the link,
+    # faster over PCIe; a residual keeps its baselines (an uncompressed exact step keeps nothing)
+    exact = dict(common, split_batch=False, mode="exact", warmup_steps=1, steps=4)
+    plain, fp8, packed = (predict(GPUS["h100"], FABRICS["pcie4"], **exact, compress=c) for c in ("none", "fp8", "residual2"))
+    assert fp8.sent_bytes < plain.sent_bytes / 1.9 and packed.sent_bytes < plain.sent_bytes / 5
+    assert plain.speedup < fp8.speedup < packed.speedup, (plain, fp8, packed)
+    assert fp8.memory.persistent == plain.memory.persistent < packed.memory.persistent
+    # every step at full precision: the codec is never used
+    whole = dict(exact, warmup_steps=4)
+    assert predict(GPUS["h100"], FABRICS["pcie4"], **whole, compress="fp8").seconds == pytest.approx(
+        predict(GPUS["h100"], FABRICS["pcie4"], **whole).seconds
+    )
 
 
 @pytest.mark.parametrize("latent", [128, 256, 480])
@@ -499,6 +516,10 @@ def _persistent(world, rank, height, split, mode, compress, graphs):
         (4, 0, 32, False, "corrected_async_gn", "residual1"),  # the top band
         (5, 0, 24, False, "full_sync", "none"),
         (6, 4, 28, True, "exact", "none"),  # ring shifts: a block per other band
+        (3, 1, 32, False, "full_sync", "residual2"),  # fresh exchanges: only the baselines outlive a step
+        (5, 0, 24, False, "full_sync", "fp8"),
+        (6, 4, 28, True, "exact", "residual1"),
+        (3, 2, 32, False, "exact", "fp8"),
     ],
 )
 def test_predicted_persistent_memory_equals_what_the_model_allocates(world, rank, height, split, mode, compress, graphs):
@@ -515,12 +536,14 @@ def test_predicted_persistent_memory_equals_what_the_model_allocates(world, rank
         latent=(height, WIDTH), batch=1 if split else 2, units=layout.units, index=rank % bands,
         config=tiny_sdxl_unet_config(TEXT_DIM, POOLED_DIM), dtype_bytes=4, halves=2 if split else 1,
     )  # fmt: skip
-    if mode == "exact":
-        walks = [step_traffic(exact=True, **common)]
-    else:
-        walks = [step_traffic(**common)] + ([step_traffic(compress=compress, **common)] if mode != "full_sync" else [])
-    keeps = mode == "corrected_async_gn"
-    assert held == persistent_bytes(walks, graphs, keeps, keeps, tokens) and (held > 0) == (graphs or keeps)
+    fresh, exact = mode != "corrected_async_gn", mode == "exact"
+    walks = [step_traffic(exact=exact, **common)]
+    if compress != "none" or not fresh:
+        walks.append(step_traffic(exact=exact, fresh=fresh, compress=compress, **common))
+    keeps = not fresh
+    baselines = compress.startswith("residual")
+    assert held == persistent_bytes(walks, graphs, keeps, keeps, tokens)
+    assert (held > 0) == (graphs or keeps or baselines)
 
 
 def test_compressed_keys_and_values_under_cuda_graphs_keep_less():

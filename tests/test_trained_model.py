@@ -89,3 +89,25 @@ def test_on_a_real_trajectory_compressed_keys_and_values_cost_less_than_a_decibe
         assert scores[codec] > plain - 1.0, scores
     assert scores["residual1"] < scores["residual2"] + 0.5, scores
 
+
+
+def test_on_a_real_trajectory_exact_with_a_codec_stays_above_40_decibels(run_ranks, record_property):
+    """``exact`` with each codec on the trained model, as a few-step generation runs it (2 bands, 4
+    steps, only the first at full precision: every later step's fresh keys and values compressed):
+    the final latents stay >= 40 dB (PSNR against one device), where uncompressed ``exact`` equals
+    one device up to rounding; fewer bits cost more."""
+    import numpy as np
+
+    settings = [("exact", codec) for codec in ("none", "fp8", "residual2", "residual1")]
+    results = run_ranks(_trajectory_body, 2, settings, 4, 1, timeout=300)[0]
+    reference = results["single_device"]
+
+    def psnr(value):
+        return float(10 * np.log10(np.ptp(reference) ** 2 / np.mean((value - reference) ** 2)))
+
+    scores = {codec: psnr(results[mode, codec]) for mode, codec in settings}
+    record_property("latent_psnr_db", scores)
+    print("exact: final latents' PSNR against one device, per codec:", scores)
+    assert scores["none"] > 100, scores
+    assert all(scores[codec] >= 40 for codec in ("fp8", "residual2", "residual1")), scores
+    assert scores["fp8"] > scores["residual2"] > scores["residual1"], scores

@@ -11,7 +11,9 @@ fused into them later still applies. Both mirror diffusers' ``AttnProcessor2_0``
   (distance 1, 2, ...: one other band's block each), issued first; the band attends over its own
   block at once and over each other band's as it arrives, and the partial results merge by their
   log-sum-exp (``kernels.attention_merge``): the whole-image attention, with the transfers hidden
-  behind the blocks already received.
+  behind the blocks already received. With a codec (``parallel.compression``), after the warm-up,
+  full_sync's all-gather and exact's shifts carry packed bytes, decoded before they are attended
+  over.
 * ``PatchCrossAttnProcessor``: cross-attention, local to the band. Its keys and values depend on
   the prompt embeddings only, which do not change during a generation: they are computed once per
   generation and reused while the embeddings are the same tensor, unmodified (same storage, shape,
@@ -92,7 +94,9 @@ class PatchSelfAttnProcessor(PatchState):
         batch, width = projected.batch, 2 * projected.inner
         like = projected.key
         compressed = self._compressed(ctx, lengths, width)
-        if exchange is ActivationExchange.SYNC:
+        if exchange is ActivationExchange.SYNC and compressed is not None and ctx.compressed_step:
+            gathered = compressed.fresh_gather(projected)  # full_sync after its warm-up
+        elif exchange is ActivationExchange.SYNC:
             # Under CUDA graphs: the keys and values a compressed exchange's stale steps update in
             # place are one buffer for both step parities (whichever parity the warm-up ends on,
             # the stale steps' graphs read the buffer it wrote); what is sent is read within the
@@ -113,6 +117,8 @@ class PatchSelfAttnProcessor(PatchState):
                 compressed.keep_warm(works, gathered)
             elif ctx.keeps_activations:  # for a stale step to come
                 self.keep_exchange(works, gathered)
+            elif compressed is not None:  # full_sync's warm-up: a residual's first baselines
+                compressed.keep_baselines(gathered)
         elif exchange is ActivationExchange.STALE and compressed is not None:
             gathered = compressed.stale_step(projected)
         elif exchange is ActivationExchange.STALE:
@@ -225,15 +231,25 @@ class PatchSelfAttnProcessor(PatchState):
         lengths = ctx.band_sizes(projected.tokens)
         # One transfer per band for both; unequal bands travel padded to the tallest.
         block = pad_to(projected.block(), max(lengths), dim=1)
-        received = [ctx.new_buffer(self, f"block{d}", block.shape, block) for d in range(1, ctx.band_count)]
-        per_launch = max(1, SHIFT_LAUNCH_BYTES // max(1, block.numel() * block.element_size()))
+        compressed = self._compressed(ctx, lengths, 2 * inner)
+        packed = compressed is not None and ctx.compressed_step  # bytes travel, decoded as they arrive
+        store = None if compressed is None else compressed.block_store(block)  # a residual's baselines
+        if packed:
+            sent = compressed.encode_block(block, store)
+            received = [sent.new_empty(sent.shape) for _ in range(1, ctx.band_count)]
+        else:
+            sent = block
+            received = [ctx.new_buffer(self, f"block{d}", block.shape, block) for d in range(1, ctx.band_count)]
+        per_launch = max(1, SHIFT_LAUNCH_BYTES // max(1, sent.numel() * sent.element_size()))
         works = []
         for first in range(0, len(received), per_launch):
             with ctx.comm.group():
                 works += [
-                    ctx.comm.shift(block, received[d - 1], d)
+                    ctx.comm.shift(sent, received[d - 1], d)
                     for d in range(first + 1, min(first + per_launch, len(received)) + 1)
                 ]
+        if store is not None and not packed:  # a residual's warm-up: every band's keys and values its baseline
+            compressed.store_block(store, ctx.band_index, block)
         heads = _Heads(attn, query.shape[0], inner)
         q = heads.query(query)
         out, lse = attention_with_lse(q, heads.key(key), heads.value(value), backend=backend)
@@ -242,6 +258,10 @@ class PatchSelfAttnProcessor(PatchState):
         for distance, (work, buffer) in enumerate(zip(works, received), start=1):
             work.wait()
             source = (ctx.band_index - distance) % ctx.band_count
+            if packed:
+                buffer = compressed.decode_block(buffer, source, store, block)
+            elif store is not None:
+                compressed.store_block(store, source, buffer)
             block_key, block_value = buffer[:, : lengths[source]].split(inner, dim=-1)
             block_out, block_lse = attention_with_lse(
                 q, heads.key(block_key), heads.value(block_value), backend=backend

@@ -1,4 +1,6 @@
-"""The self-attention's stale keys and values sent compressed (``DistriConfig.compress``).
+"""The self-attention's keys and values sent compressed (``DistriConfig.compress``): the stale
+exchanges of the asynchronous modes (below), and the fresh ones of ``full_sync`` and ``exact``
+after their warm-up (at the end).
 
 A stale step of the uncompressed exchange all-gathers every band's keys and values into a fresh
 buffer for the next step (two whole-image buffers per module under CUDA graphs, one per step
@@ -33,6 +35,17 @@ step runs the same code (one compiled trace, one CUDA graph per parity).
 
 The buffers are one set per module (no per-parity pair): the baselines are updated in place, the
 packed ones are written after the transfer that read them was waited for.
+
+Fresh exchanges (``full_sync``, ``exact``; ``step_policy.compressed``: every step after the
+warm-up) send this step's keys and values packed and wait for them within the step: ``full_sync``
+all-gathers every band's packed bytes and decodes the other bands' into a gathered buffer of the
+step (``fresh_gather``); ``exact`` shifts its packed block around the ring and decodes each block
+as it arrives, before its attention and merge (``encode_block``, ``decode_block``). A band
+attends over its own keys and values at full precision and over the others' as decoded, so the
+result no longer equals one device. fp8 keeps nothing across steps. A residual codec keeps every
+band's baseline in fp8 as in a stale exchange, filled by each warm-up step's full-precision
+exchange (``keep_baselines``, ``store_block``) and updated by every compressed step; its packed
+bytes are the step's own.
 """
 
 from typing import Optional, Tuple
@@ -147,19 +160,8 @@ class CompressedKeysValues:
         or every band's slot stored in fp8 as its baseline (a residual codec), and a received
         buffer that decodes to no change (every row scale a NaN, the marker of a row left as it
         was)."""
-        ctx, backend = self.ctx, self._backend()
         batch = gathered.shape[0]
-        store = None
-        if self.codec.residual:
-            store = self._store(batch, gathered)
-            mine = gathered[:, ctx.band_index, : self.lengths[ctx.band_index]]
-            ctx.count_nonfinite((~torch.isfinite(mine)).any(dim=-1).sum())  # the generation raises at its end
-            for band, length in enumerate(self.lengths):
-                for item in range(batch):
-                    # stored finite (a non-finite value as 0), so that no baseline row is ever
-                    # marked: a marked row would decode to whatever a step's buffer held
-                    values = torch.nan_to_num(gathered[item, band, :length], nan=0.0, posinf=0.0, neginf=0.0)
-                    fp8_encode_(values, self._store_slot(store, band, item, length), backend)
+        store = self._store_gathered(gathered) if self.codec.residual else None
         _, received = self._packed_buffers(batch, gathered)
         received.fill_(255)  # 0xFFFFFFFF: a NaN in every row scale
         # one handle (completed), as a stale step keeps one: the same structure for a compiled step
@@ -170,7 +172,7 @@ class CompressedKeysValues:
         """A stale step's gathered buffer: the other bands' slots updated with what they sent at
         the end of the last step, this band's holding ``projected`` (its fresh keys and values);
         the encode and all-gather of this band's queued for the next checkpoint."""
-        ctx, codec, backend = self.ctx, self.codec, self._backend()
+        ctx = self.ctx
         gathered, store, received = self.state.take_stale()
         batch = received.shape[1]
         if store is not None:  # this step's keys and values, from the baselines (fp8) below
@@ -179,35 +181,142 @@ class CompressedKeysValues:
             # the previous step's attention saved views of it for its backward: update a copy
             gathered = gathered.clone()
         for band, length in enumerate(self.lengths):
-            if band == ctx.band_index:
-                continue
-            size = codec.nbytes(length, self.width)
-            for item in range(batch):
-                values = gathered[item, band, :length]
-                if store is not None:
-                    fp8_decode_(self._store_slot(store, band, item, length), values, backend)
-                codec.decode(received[band, item, :size], values, backend)
-                if store is not None:  # the band's new baseline, as its sender stores it
-                    fp8_encode_(values, self._store_slot(store, band, item, length), backend)
+            if band != ctx.band_index:
+                self._receive(received[band], band, gathered[:, band, :length], store)
         mine = self.lengths[ctx.band_index]
         slot = gathered[:, ctx.band_index]
         projected.write_into(slot[:, :mine])
         send, received_next = self._packed_buffers(batch, gathered)
-        size = codec.nbytes(mine, self.width)
 
         def issue() -> None:
-            for item in range(batch):
-                baseline = None
-                if store is not None:
-                    baseline = slot.new_empty((mine, self.width))
-                    fp8_decode_(self._store_slot(store, ctx.band_index, item, mine), baseline, backend)
-                codec.encode(slot[item, :mine], baseline, send[item, :size], backend)
-                if store is not None:  # updated as the receivers update theirs
-                    fp8_encode_(baseline, self._store_slot(store, ctx.band_index, item, mine), backend)
-            ctx.count_nonfinite(nonfinite_rows(send[:, :size], mine))
+            self._send(slot[:, :mine], store, send)
             work = ctx.comm.all_gather(send, received_next)
             kept = gathered if self.keeps_gathered else None
             self.state.keep_exchange([work], kept, store, received_next)
 
         ctx.defer(issue)
         return gathered
+
+    # -- fresh exchanges (full_sync, exact) ---------------------------------------------------------
+
+    def keep_baselines(self, gathered: torch.Tensor) -> None:
+        """After a ``full_sync`` warm-up step's full-precision all-gather into ``gathered``: a
+        residual codec stores every band's slot in fp8, the baselines of the compressed steps to
+        come (fp8 keeps nothing: a fresh exchange sends the values)."""
+        if self.codec.residual:
+            self._keep_store(self._store_gathered(gathered))
+
+    def fresh_gather(self, projected) -> torch.Tensor:
+        """A compressed ``full_sync`` step's gathered buffer, ``(B, bands, tallest, width)``: this
+        band's slot holding ``projected`` at full precision, the others' decoded from one
+        all-gather of packed bytes, waited for here (a residual codec: their baselines plus the
+        change, stored back)."""
+        ctx = self.ctx
+        store = self._kept_store()
+        batch = projected.batch
+        gathered = projected.key.new_empty((batch, ctx.band_count, max(self.lengths), self.width))
+        mine = self.lengths[ctx.band_index]
+        projected.write_into(gathered[:, ctx.band_index, :mine])
+        send = gathered.new_empty((batch, self.slot_bytes), dtype=torch.uint8)
+        received = gathered.new_empty((ctx.band_count, batch, self.slot_bytes), dtype=torch.uint8)
+        self._send(gathered[:, ctx.band_index, :mine], store, send)
+        ctx.comm.all_gather(send, received).wait()
+        for band, length in enumerate(self.lengths):
+            if band != ctx.band_index:
+                self._receive(received[band], band, gathered[:, band, :length], store)
+        self._keep_store(store)
+        return gathered
+
+    def block_store(self, block: torch.Tensor) -> Optional[torch.Tensor]:
+        """An ``exact`` step's baselines (a residual codec; None for fp8): a warm-up step's to fill
+        (``store_block``, one band at a time as its block arrives), a compressed step's as the last
+        step left them. ``block``: this band's keys and values, ``(B, tallest, width)``."""
+        if not self.codec.residual:
+            return None
+        store = self._store(block.shape[0], block) if not self.ctx.compressed_step else self._kept_store()
+        self._keep_store(store)
+        return store
+
+    def store_block(self, store: torch.Tensor, band: int, block: torch.Tensor) -> None:
+        """An ``exact`` warm-up step of a residual codec: band ``band``'s full-precision keys and
+        values, ``(B, >= rows, width)``, stored as its baseline."""
+        self._store_band(store, band, block[:, : self.lengths[band]])
+
+    def encode_block(self, block: torch.Tensor, store: Optional[torch.Tensor]) -> torch.Tensor:
+        """A compressed ``exact`` step: this band's keys and values, ``(B, tallest, width)``,
+        packed for the ring shifts, ``(B, slot_bytes)`` (a residual: against its baseline, updated
+        as the receivers will update theirs)."""
+        send = block.new_empty((block.shape[0], self.slot_bytes), dtype=torch.uint8)
+        self._send(block[:, : self.lengths[self.ctx.band_index]], store, send)
+        return send
+
+    def decode_block(self, packed: torch.Tensor, band: int, store: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """A compressed ``exact`` step: band ``band``'s keys and values, ``(B, rows, width)``,
+        decoded from what it shifted here, ``packed`` (``(B, slot_bytes)``)."""
+        values = like.new_empty((packed.shape[0], self.lengths[band], self.width))
+        self._receive(packed, band, values, store)
+        return values
+
+    # -- the codec's work, per band ------------------------------------------------------------------
+
+    def _send(self, values: torch.Tensor, store: Optional[torch.Tensor], send: torch.Tensor) -> None:
+        """This band's ``values`` (``(B, rows, width)``) encoded into ``send`` (``(B, slot_bytes)``),
+        a residual's against its own baseline in ``store`` (decoded, updated as the receivers will
+        update theirs, stored back); its non-finite rows counted (the generation raises)."""
+        ctx, codec, backend = self.ctx, self.codec, self._backend()
+        rows = values.shape[1]
+        size = codec.nbytes(rows, self.width)
+        for item in range(values.shape[0]):
+            baseline = None
+            if store is not None:
+                baseline = values.new_empty((rows, self.width))
+                fp8_decode_(self._store_slot(store, ctx.band_index, item, rows), baseline, backend)
+            codec.encode(values[item], baseline, send[item, :size], backend)
+            if store is not None:
+                fp8_encode_(baseline, self._store_slot(store, ctx.band_index, item, rows), backend)
+        ctx.count_nonfinite(nonfinite_rows(send[:, :size], rows))
+
+    def _receive(self, packed: torch.Tensor, band: int, values: torch.Tensor, store: Optional[torch.Tensor]) -> None:
+        """Band ``band``'s keys and values into ``values`` (``(B, rows, width)``) from ``packed``
+        (``(B, >= its bytes)``): fp8 written over them; a residual's change added to the band's
+        baseline in ``store`` (decoded into ``values``), and the sum stored back, as the sender
+        stores its own."""
+        codec, backend = self.codec, self._backend()
+        rows = values.shape[1]
+        size = codec.nbytes(rows, self.width)
+        for item in range(values.shape[0]):
+            if store is not None:
+                fp8_decode_(self._store_slot(store, band, item, rows), values[item], backend)
+            codec.decode(packed[item, :size], values[item], backend)
+            if store is not None:
+                fp8_encode_(values[item], self._store_slot(store, band, item, rows), backend)
+
+    def _store_band(self, store: torch.Tensor, band: int, values: torch.Tensor) -> None:
+        """Band ``band``'s full-precision ``values`` (``(B, rows, width)``) as its baseline, stored
+        finite (a non-finite value as 0, so that no baseline row is ever marked: a marked row
+        would decode to whatever a step's buffer held); this band's non-finite rows counted."""
+        backend = self._backend()
+        if band == self.ctx.band_index:
+            self.ctx.count_nonfinite((~torch.isfinite(values)).any(dim=-1).sum())  # the generation raises
+        for item in range(values.shape[0]):
+            clean = torch.nan_to_num(values[item], nan=0.0, posinf=0.0, neginf=0.0)
+            fp8_encode_(clean, self._store_slot(store, band, item, values.shape[1]), backend)
+
+    def _store_gathered(self, gathered: torch.Tensor) -> torch.Tensor:
+        """Every band's slot of a full-precision all-gather stored as its baseline."""
+        store = self._store(gathered.shape[0], gathered)
+        for band, length in enumerate(self.lengths):
+            self._store_band(store, band, gathered[:, band, :length])
+        return store
+
+    def _keep_store(self, store: Optional[torch.Tensor]) -> None:
+        """A fresh exchange's baselines, kept for the next step (nothing in flight)."""
+        if store is not None:
+            self.state.keep_exchange((), None, store, None)
+
+    def _kept_store(self) -> Optional[torch.Tensor]:
+        """The baselines a fresh exchange's last step left (a residual codec; None for fp8)."""
+        if not self.codec.residual:
+            return None
+        _, store, _ = self.state.take_stale()
+        return store

@@ -111,6 +111,7 @@ class PatchContext:
         self.step = -1
         self.active = False
         self._synchronous = True
+        self._compressed = False
         self._states: List[PatchState] = []
         self._seen: dict = {}
         self.shape_key: Hashable = None  # the current generation's input signature
@@ -253,6 +254,9 @@ class PatchContext:
         # Read by every module: a stored bool, not a comparison with the step number, so that
         # torch.compile specialises a step on sync vs async only (not on each step's number).
         self._synchronous = step_policy.synchronous(self.mode, self.choice.warmup_steps, self.step)
+        self._compressed = self.compress != "none" and step_policy.compressed(
+            self.mode, self.choice.warmup_steps, self.step
+        )
 
     def end_step(self, issue_pending: bool) -> None:
         """Close the step: send the transfers still queued (or drop them after an error)."""
@@ -329,6 +333,12 @@ class PatchContext:
         """Fresh exchanges this step: ``full_sync``, ``exact``, or a warm-up step (the first step
         always is: there is nothing stale to use yet)."""
         return self._synchronous
+
+    @property
+    def compressed_step(self) -> bool:
+        """This step sends the self-attention's keys and values under the generation's codec
+        (``compress``): every step after the warm-up (``step_policy.compressed``)."""
+        return self._compressed
 
     @property
     def activation_exchange(self) -> ActivationExchange:

@@ -143,7 +143,8 @@ class StepGraphs:
         """What selects a step's graph. ``refresh_conditioning``: a step that computes the
         cross-attention keys and values anew (into persistent buffers) and one that reads them
         are different graphs; so are steps of generations whose keys and values travel under
-        different codecs (``compress="auto"`` may choose per generation)."""
+        different codecs (``compress="auto"`` may choose per generation), and a ``full_sync`` or
+        ``exact`` step that sends them compressed and one of the warm-up that does not."""
         ctx = self.context
         return (
             ctx.shape_key,
@@ -153,6 +154,7 @@ class StepGraphs:
             ctx.parity,
             ctx.refresh_conditioning,
             ctx.compress,
+            ctx.compressed_step,
         )
 
     def _touch_shape(self) -> None:

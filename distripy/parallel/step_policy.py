@@ -3,6 +3,10 @@
 The first ``warmup_steps`` steps of a generation (at least the first: there is nothing stale yet),
 and every step of ``full_sync`` and ``exact``, are synchronous: fresh activations and statistics.
 The asynchronous steps of each mode then use the previous step's, as the tables below say.
+
+With an exchange codec (``DistriConfig.compress``) the same warm-up steps send the self-attention's
+keys and values at full precision and every later step compressed (``compressed``): the stale
+exchanges of the asynchronous modes, the fresh ones of ``full_sync`` and ``exact``.
 """
 
 import enum
@@ -12,6 +16,7 @@ __all__ = [
     "ActivationExchange",
     "StatisticsExchange",
     "activation_exchange",
+    "compressed",
     "keeps_activations",
     "keeps_statistics",
     "statistics_exchange",
@@ -42,6 +47,14 @@ class StatisticsExchange(str, enum.Enum):
 def synchronous(mode: str, warmup_steps: int, step: int) -> bool:
     """Whether step ``step`` (from 0) exchanges fresh values."""
     return mode in ALWAYS_SYNCHRONOUS or step < max(1, warmup_steps)
+
+
+def compressed(mode: str, warmup_steps: int, step: int) -> bool:
+    """Whether step ``step`` (from 0) sends the self-attention's keys and values compressed, where
+    a codec is configured: every step after the warm-up (for the asynchronous modes, exactly their
+    stale steps), none where nothing is exchanged (``naive_patch``). The first step never is: a
+    residual codec's baselines come from a full-precision exchange."""
+    return mode != "naive_patch" and step >= max(1, warmup_steps)
 
 
 def keeps_activations(mode: str) -> bool:

@@ -6,7 +6,8 @@ A rank holds, at its peak (bytes):
   parameter counts by default (``SDXL_PARAMETERS``), at the weights' dtype;
 * **persistent**: what the patch modules keep across steps (``parallel.buffers``). Without CUDA
   graphs that is the asynchronous modes' stale buffers (``StepTraffic.kept_bytes``: the freshly
-  exchanged values replace them module by module, so one set is alive at a time). With CUDA graphs
+  exchanged values replace them module by module, so one set is alive at a time), or a residual
+  codec's baselines in ``full_sync`` and ``exact`` (nothing else of theirs). With CUDA graphs
   it is every exchange's persistent buffers, one per step parity, for every kind of step the mode
   runs (the warm-up's and the stale steps'), a compressed exchange's shared buffers (its packed
   bytes and, for a residual codec, its own baseline), and each cross-attention's keys and values of
@@ -107,11 +108,13 @@ def persistent_bytes(
     walks: Sequence[StepTraffic], graphs: bool, keeps: bool, statistics: bool, text_tokens: int = TEXT_TOKENS
 ) -> int:
     """What one rank's patch modules keep across steps, from the walks of every kind of step the
-    mode runs (``step_traffic``: the synchronous and, compressed or not, the asynchronous step;
-    or the ``exact`` step). ``keeps``: the mode reads the last step's activations
-    (``parallel.step_policy.keeps_activations``), ``statistics`` its GroupNorm sums too.
+    mode runs (``step_traffic``: the synchronous and, compressed or not, the asynchronous step; or
+    the ``full_sync`` / ``exact`` step, and its compressed step after the warm-up). ``keeps``: the
+    mode reads the last step's activations (``parallel.step_policy.keeps_activations``),
+    ``statistics`` its GroupNorm sums too.
 
-    Without ``graphs``: the stale buffers (``kept_bytes`` of the asynchronous step). With
+    Without ``graphs``: the stale buffers (``kept_bytes`` of the asynchronous step), or a fresh
+    exchange's residual baselines. With
     ``graphs`` (``parallel.buffers``: one persistent buffer per module, name and step parity, both
     parities in use once two steps of a kind have run): each halo's received rows, each GroupNorm's
     image and band sums, each self-attention's gathered keys and values, or an ``exact`` step's
@@ -123,16 +126,17 @@ def persistent_bytes(
         raise InputError("persistent_bytes: no step walks given")
     compressed = next((walk for walk in walks if walk.compress != "none"), None)
     if not graphs:
-        if not keeps:
-            return 0
+        if not keeps:  # full_sync, exact: a residual codec's baselines
+            return 0 if compressed is None else compressed.fresh_kept_bytes()
         return (compressed or walks[-1]).kept_bytes(statistics)
     total = 0
     uncompressed = next((walk for walk in walks if walk.compress == "none"), walks[0])
     # the gathered keys and values and what is sent of them in a synchronous step: uncompressed,
     # one per parity (and one send buffer, read within its step); fp8's stale steps update the
     # warm-up's in place (one buffer for both parities); a residual codec keeps only its baselines,
-    # in fp8 (its synchronous step's are the step's own)
-    codec = "none" if compressed is None else compressed.compress
+    # in fp8 (its synchronous step's are the step's own). A fresh exchange's compressed steps use
+    # buffers of their own step: its warm-up's are the uncompressed exchange's
+    codec = "none" if compressed is None or compressed.fresh else compressed.compress
     gathered_sets, send_sets = {"none": (2, 1), "fp8": (1, 1)}.get(codec, (0, 0))
     for transfer in uncompressed.transfers:
         if transfer.kind == "halo":

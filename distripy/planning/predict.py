@@ -21,6 +21,7 @@ a model: its built-in numbers (``hardware.GPUS``, ``hardware.FABRICS``) say wher
 measured files replace them.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -68,7 +69,7 @@ class Prediction:
     step_compute_s: float  # one rank's compute per step (the slowest rank's)
     exposed_s: float  # communication not hidden, per step (averaged over the steps)
     sent_bytes: int  # bytes one rank sends per step (the busiest rank's; an asynchronous step's)
-    compress: str = "none"  # the asynchronous steps' keys and values (DistriConfig.compress)
+    compress: str = "none"  # the keys and values after the warm-up (DistriConfig.compress)
     memory: Optional[MemoryEstimate] = None  # the fullest rank's (planning.memory)
 
     @property
@@ -171,15 +172,14 @@ def predict(
 ) -> Prediction:
     """The generation of ``steps`` steps of an SDXL-like UNet (``config``; default SDXL) on a
     ``latent`` (rows, columns) with ``batch`` images per UNet call (2: one image with CFG), on
-    ``gpus`` GPUs; ``compress``: the asynchronous steps' keys and values sent so (their codecs'
-    time added to the step's compute, ``CODEC_BYTES_PER_S``). Its ``memory``: the fullest rank's
+    ``gpus`` GPUs; ``compress``: the keys and values of the steps after the warm-up sent so (the
+    asynchronous steps', or ``full_sync``'s and ``exact``'s fresh ones; their codecs' time added to
+    the step's compute, ``CODEC_BYTES_PER_S``). Its ``memory``: the fullest rank's
     (``planning.memory``), with ``weights_bytes`` of weights (default: SDXL's pipeline in fp16)."""
     if mode not in MODES:
         raise ConfigError(f"plan: mode {mode!r} is not one of {', '.join(MODES)}")
     if compress not in EXCHANGE_CODECS:
         raise ConfigError(f"plan: compress {compress!r} is not one of {', '.join(EXCHANGE_CODECS)}")
-    if compress != "none" and mode != "corrected_async_gn":
-        raise ConfigError(f"plan: compress {compress!r} applies to the asynchronous mode, not {mode}")
     if gpus < 1 or steps < 1:
         raise ConfigError(f"plan: {gpus} GPUs and {steps} steps; both must be >= 1")
     if split_batch and (gpus % 2 or batch % 2):
@@ -209,32 +209,37 @@ def predict(
     for index in sorted({0, bands // 2, bands - 1}):  # the edges, and a band with two neighbours
         fraction = units[index] / deepest * per_band / 2
         compute = gpu.step_seconds(pixels, fraction, graphs)
-        kinds = ("exact",) if mode == "exact" else ("sync", "async")
         halves = 2 if split_batch else 1
-        traffic = step_traffic(latent, per_band, units, index, config, exact=mode == "exact", halves=halves)
-        per_kind = {kind: traffic for kind in kinds}
-        computes = {kind: compute for kind in kinds}
-        if compress != "none":  # the asynchronous steps' keys and values compressed
-            per_kind["async"] = step_traffic(latent, per_band, units, index, config, halves=halves, compress=compress)
-            computes["async"] += sum(t.codec_bytes for t in per_kind["async"].transfers) / CODEC_BYTES_PER_S
+        walk = functools.partial(step_traffic, latent, per_band, units, index, config, halves=halves)
+        fresh = mode in ("exact", "full_sync")  # every step exchanges fresh: one kind of step
+        formula = "exact" if mode == "exact" else "sync"
+        # the warm-up steps' walk and the later steps' (stale, or fresh and compressed), and how
+        # each is timed (``_step_seconds``)
+        per_kind = {"warm": walk(exact=mode == "exact")}
+        kinds = {"warm": formula}
+        if not fresh or compress != "none":
+            per_kind["steady"] = walk(exact=mode == "exact", fresh=fresh, compress=compress)
+            kinds["steady"] = formula if fresh else "async"
+        computes = {kind: compute for kind in per_kind}
+        if compress != "none":  # the later steps' keys and values compressed: the codecs' work
+            computes["steady"] += sum(t.codec_bytes for t in per_kind["steady"].transfers) / CODEC_BYTES_PER_S
         times = {
-            kind: _step_seconds(per_kind[kind], computes[kind], fabric, bands, gpus, kind, graphs) for kind in kinds
+            kind: _step_seconds(per_kind[kind], computes[kind], fabric, bands, gpus, kinds[kind], graphs)
+            for kind in per_kind
         }
-        keeps = mode == "corrected_async_gn"  # the planner's modes: only it reads stale values
-        kept = persistent_bytes([per_kind[kind] for kind in kinds], graphs, keeps, keeps)
+        keeps = not fresh  # the planner's modes: only corrected_async_gn reads stale values
+        kept = persistent_bytes(list(per_kind.values()), graphs, keeps, keeps)
         step = unet_activation_bytes(latent, per_band, units, index, config, synchronous=mode != "exact")
         rank = MemoryEstimate(weights, kept, step, step if graphs else 0, decode)
         memory = rank if memory is None or rank.peak > memory.peak else memory
-        if mode == "exact":
-            count = {"exact": steps}
-        elif mode == "full_sync":
-            count = {"sync": steps, "async": 0}
-        else:
-            synchronous = min(steps, max(1, warmup_steps))
-            count = {"sync": synchronous, "async": steps - synchronous}
+        # the warm-up: its first ``warmup_steps`` steps (at least one); every step of an
+        # uncompressed full_sync or exact generation
+        warm = min(steps, max(1, warmup_steps)) if "steady" in per_kind else steps
+        count = {"warm": warm, "steady": steps - warm}
+        times.setdefault("steady", (0.0, 0.0))  # none such
         seconds = sum(times[kind][0] * n for kind, n in count.items())
         exposed = sum(times[kind][1] * n for kind, n in count.items()) / steps
-        steady = "async" if count.get("async") else kinds[0]  # the kind of most steps' traffic
+        steady = "steady" if count["steady"] else "warm"  # the kind of most steps' traffic
         sent = sum(t.sent for t in per_kind[steady].transfers)
         candidate = (seconds, computes[steady], exposed, sent)
         if worst is None or candidate[0] > worst[0]:

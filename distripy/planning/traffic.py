@@ -79,7 +79,8 @@ class StepTraffic:
     attention_channels: Tuple[int, ...] = ()  # each transformer layer's channels, in order
     batch: int = 1  # images per band
     dtype_bytes: int = 2
-    compress: str = "none"  # the codec of its keys and values (an asynchronous step's)
+    compress: str = "none"  # the codec of its keys and values
+    fresh: bool = False  # its keys and values are this step's (full_sync, exact), not the last step's
 
     def bytes_by_kind(self) -> Dict[str, int]:
         totals = {"halo": 0, "gn_stats": 0, "kv": 0, "output": 0}
@@ -94,9 +95,10 @@ class StepTraffic:
         all-gather; compressed, ``Transfer.kept``), and with ``statistics`` (``corrected_async_gn``, ``stale_gn``) each
         GroupNorm's image and band sums (twice the all-reduce's payload); nothing of the output.
         With CUDA graphs there are two such sets, one per step parity. ``full_sync`` and ``exact``
-        keep nothing (``parallel.step_policy.keeps_activations``)."""
-        if self.exact:
-            return 0
+        keep nothing (``parallel.step_policy.keeps_activations``) but a residual codec's baselines
+        (``fresh_kept_bytes``)."""
+        if self.fresh:
+            return self.fresh_kept_bytes()
         kept = 0
         for transfer in self.transfers:
             if transfer.kind == "halo":
@@ -106,6 +108,11 @@ class StepTraffic:
             elif transfer.kind == "kv" and transfer.op == "all_gather":
                 kept += transfer.kept or transfer.sent + transfer.received
         return kept
+
+    def fresh_kept_bytes(self) -> int:
+        """What a step of fresh exchanges (``full_sync``, ``exact``) keeps for the next: a residual
+        codec's baselines of every band, in fp8 (``Transfer.kept``); nothing otherwise."""
+        return sum(t.kept for t in self.transfers)
 
     def context_bytes(self, text_tokens: int) -> int:
         """The prompt's keys and values of every cross-attention (one per transformer layer), kept
@@ -176,9 +183,9 @@ def _per_block(value, blocks: int, name: str) -> List:
 class _Walk:
     """Adds the transfers of each module, at its level (0: the latent's resolution)."""
 
-    def __init__(self, height, width, batch, units, index, dtype_bytes, exact, halves, compress) -> None:
+    def __init__(self, height, width, batch, units, index, dtype_bytes, exact, halves, compress, fresh) -> None:
         self.height, self.width, self.batch, self.halves = height, width, batch, halves
-        self.compress = compress
+        self.compress, self.fresh = compress, fresh
         self.units, self.index = tuple(units), index
         self.bytes = dtype_bytes
         self.exact = exact
@@ -189,7 +196,7 @@ class _Walk:
     def traffic(self, blocks: int) -> StepTraffic:
         return StepTraffic(
             tuple(self.transfers), blocks, self.exact, tuple(self.attention_channels), self.batch, self.bytes,
-            self.compress,
+            self.compress, self.fresh,
         )  # fmt: skip
 
     def rows(self, level: int, band: Optional[int] = None) -> int:
@@ -221,34 +228,49 @@ class _Walk:
         tallest = max(self.rows(level, band) for band in range(len(self.units)))
         item = tallest * self.columns(level) * 2 * channels * self.bytes  # keys | values, one item
         others = len(self.units) - 1
-        if self.exact:  # keys and values together, one shift per other band
+        if self.compress != "none":
+            self._compressed_attention(channels, level, tallest, item, others)
+        elif self.exact:  # keys and values together, one shift per other band
             for _ in range(others):
                 self.add("shift", "kv", self.batch * item, self.batch * item)
-        elif self.compress != "none":  # every item packed, one all-gather (parallel.compression)
-            own = self.rows(level) * self.columns(level)  # tokens
-            tall = tallest * self.columns(level)
-            slot = packed_bytes(tall, 2 * channels, self.compress)
-            width = 2 * channels * self.bytes
-            received = self.batch * (others + 1) * slot  # every band's slot, its own included
-            if self.compress.startswith("residual"):
-                # the baselines, every band's, kept in fp8; a step decodes one (the elements, a
-                # byte each, read; the values written), adds the change (the bytes read, the
-                # values read and written) and stores it back (the values read, the bytes written);
-                # its own: decoded, encoded against (values and baseline read, baseline and bytes
-                # written), stored back
-                store = self.batch * (others + 1) * packed_bytes(tall, 2 * channels, "fp8")
-                elements = 2 * channels
-                per_other = tall * (4 * width + 2 * elements) + slot
-                codec = self.batch * (own * (5 * width + 2 * elements) + slot + others * per_other)
-                kept, shared = store + received, store + self.batch * slot + received
-            else:  # fp8: the whole image's keys and values kept; each band's values written over
-                codec = self.batch * (2 * own * width + slot + others * (tall * width + slot))
-                kept = self.batch * (others + 1) * item + received
-                shared = self.batch * slot + received
-            self.add("all_gather", "kv", self.batch * slot, self.batch * slot * others, codec, kept, shared)
         else:  # keys and values side by side, one all-gather per batch item (batch-major)
             for _ in range(self.batch):
                 self.add("all_gather", "kv", item, item * others)
+
+    def _compressed_attention(self, channels: int, level: int, tallest: int, item: int, others: int) -> None:
+        """Every item packed (``parallel.compression``): one all-gather, or in ``exact`` one shift
+        per other band; the codecs' memory traffic, and what the module keeps."""
+        own = self.rows(level) * self.columns(level)  # tokens
+        tall = tallest * self.columns(level)
+        slot = packed_bytes(tall, 2 * channels, self.compress)
+        width = 2 * channels * self.bytes
+        received = self.batch * (others + 1) * slot  # every band's slot, its own included
+        if self.compress.startswith("residual"):
+            # the baselines, every band's, kept in fp8; a step decodes one (the elements, a byte
+            # each, read; the values written), adds the change (the bytes read, the values read and
+            # written) and stores it back (the values read, the bytes written); its own: decoded,
+            # encoded against (values and baseline read, baseline and bytes written), stored back
+            store = self.batch * (others + 1) * packed_bytes(tall, 2 * channels, "fp8")
+            elements = 2 * channels
+            per_other = tall * (4 * width + 2 * elements) + slot
+            codec = self.batch * (own * (5 * width + 2 * elements) + slot + others * per_other)
+            if self.fresh:  # only the baselines outlive the step
+                kept = shared = store
+            else:
+                kept, shared = store + received, store + self.batch * slot + received
+        else:  # fp8: each band's values written over its slot
+            codec = self.batch * (2 * own * width + slot + others * (tall * width + slot))
+            if self.fresh:  # nothing outlives the step
+                kept = shared = 0
+            else:  # the whole image's keys and values kept
+                kept = self.batch * (others + 1) * item + received
+                shared = self.batch * slot + received
+        if self.exact:  # one shift per other band; the codecs and the baselines on the first
+            for other in range(others):
+                first = other == 0
+                self.add("shift", "kv", self.batch * slot, self.batch * slot, codec * first, kept * first, shared * first)
+        else:
+            self.add("all_gather", "kv", self.batch * slot, self.batch * slot * others, codec, kept, shared)
 
     def resnet(self, channels_in: int, channels_out: int, level: int, groups: int) -> None:
         self.norm(groups)
@@ -278,13 +300,16 @@ def step_traffic(
     exact: bool = False,
     halves: int = 1,
     compress: str = "none",
+    fresh: bool = False,
 ) -> StepTraffic:
     """The transfers of band ``index`` of a step whose latent is ``latent`` (rows, columns), with
     ``batch`` images per band (half the CFG batch with the split), bands of ``units`` deepest-level
     rows (``BandLayout.units``), a UNet of ``config`` (default ``SDXL_UNET``), ``dtype_bytes`` per
     activation; ``exact``: keys and values by ring shifts; ``halves``: 2 with the CFG split (the
-    output is gathered from both groups); ``compress``: an asynchronous step's keys and values
-    under that codec (``DistriConfig.compress``; the warm-up steps send them uncompressed)."""
+    output is gathered from both groups); ``compress``: the step's keys and values under that codec
+    (``DistriConfig.compress``: a step after the warm-up; the warm-up steps send them uncompressed);
+    ``fresh``: they are this step's, exchanged fresh (``full_sync``; ``exact`` always is), not an
+    asynchronous step's stale ones."""
     config = SDXL_UNET if config is None else config
     channels, layers, depth = unet_blocks(config)
     levels = len(channels)
@@ -292,9 +317,7 @@ def step_traffic(
     if height % ((1 << (levels - 1)) * sum(units)):
         raise InputError(f"step_traffic: latent height {height} is not whole rows of bands {tuple(units)}")
     groups = config.get("norm_num_groups", 32)
-    if compress != "none" and exact:
-        raise InputError(f"step_traffic: compress {compress!r} with exact: exact steps exchange uncompressed")
-    walk = _Walk(height, width, batch, units, index, dtype_bytes, exact, halves, compress)
+    walk = _Walk(height, width, batch, units, index, dtype_bytes, exact, halves, compress, fresh or exact)
     if len(units) == 1:  # one band: nothing between bands; the halves' outputs are gathered
         if halves > 1:
             walk.output(config.get("out_channels", 4))
