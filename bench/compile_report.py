@@ -269,11 +269,13 @@ def group_norm_jobs(dtypes, capabilities, layouts=LAYOUTS) -> Iterator[Job]:
 
 
 def codec_jobs(dtypes, capabilities, bits=(1, 2)) -> Iterator[Job]:
-    """The residual exchange codec's three kernels (sums, encode, decode) on a band's keys and
-    values at SDXL's 1024² middle level (1024 tokens x 2 x 640 channels)."""
+    """The residual exchange codec's three kernels (sums, encode, decode) and the receivers' fused
+    step over fp8 baselines (``residual_fp8_decode``) on a band's keys and values at SDXL's 1024²
+    middle level (1024 tokens x 2 x 640 channels)."""
     import torch
 
-    from distripy.kernels import residual_codec
+    from distripy.kernels import residual_codec, residual_fp8_decode
+    from distripy.kernels.fp8_codec import fp8_layout
 
     rows, cols = 1024, 1280
     for dtype in dtypes:
@@ -284,7 +286,10 @@ def codec_jobs(dtypes, capabilities, bits=(1, 2)) -> Iterator[Job]:
             packed = torch.empty(residual_codec.residual_layout(rows, cols, width).nbytes, dtype=torch.uint8)
             sums, _, encode = residual_codec.encode_launches(x, baseline, packed, width)
             decode = residual_codec.decode_launch(packed, baseline, width)
-            for variant, launch in (("sums", sums), ("encode", encode), ("decode", decode)):
+            store = torch.empty(fp8_layout(rows, cols).nbytes, dtype=torch.uint8)
+            fused = residual_fp8_decode.decode_launch(packed, store, baseline, width)
+            variants = (("sums", sums), ("encode", encode), ("decode", decode), ("decode_fp8_baseline", fused))
+            for variant, launch in variants:
                 for capability in capabilities:
                     record = Compiled("residual_codec", f"{variant}_{width}bit", f"R{rows}_C{cols}", dtype, capability, "-")
                     yield Job(launch, record)
@@ -311,8 +316,8 @@ def ci_jobs() -> List[Job]:
     autotune configuration once per target in one representative dtype (fp16 on sm_90a, bf16 on
     sm_80; fp32 for the fp32 tiles), in the variants that need the most registers (the prologue in
     both layouts, the plain convolution channels-last), every GroupNorm kernel, the residual
-    codec's three kernels (2 bits on sm_90a, 1 bit on sm_80) and the fp8 codec's two (fp16 on
-    sm_90a, bf16 on sm_80)."""
+    codec's three kernels and its fused step over fp8 baselines (2 bits on sm_90a, 1 bit on sm_80)
+    and the fp8 codec's two (fp16 on sm_90a, bf16 on sm_80)."""
     from distripy.kernels import halo_conv_triton
 
     jobs = list(group_norm_jobs(["fp16"], [90]))

@@ -76,7 +76,7 @@ def test_every_kernel_and_configuration_was_compiled_for_both_targets(report):
                     capability,
                 )
     for variant, capability in (("2bit", 90), ("1bit", 80)):
-        for kernel_part in ("sums", "encode", "decode"):
+        for kernel_part in ("sums", "encode", "decode", "decode_fp8_baseline"):
             assert any(
                 k == "residual_codec" and v == f"{kernel_part}_{variant}" and c == capability for k, v, _, c in seen
             ), (kernel_part, variant, capability)

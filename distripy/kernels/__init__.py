@@ -26,6 +26,8 @@ CUDA live beside their reference and are tested against it (on CPU under ``TRITO
 * ``fp8_codec``: an exchanged tensor as e4m3 bytes with a power-of-two scale per row, packed for
   one transfer (+ Triton kernels: encode and decode, each one pass; integer arithmetic, so that they
   compile for sm_80 too).
+* ``residual_fp8_decode``: a receiver's residual step over a baseline kept as fp8 bytes (decode,
+  add the change, store back) in one kernel.
 
 ``meta_as_gpu()`` makes ``auto`` choose the GPU paths for tensors on the ``meta`` device, where a
 whole step runs without memory (``bench/kernel_count.py`` counts a GPU step's kernels so).
@@ -71,6 +73,7 @@ from distripy.kernels._backend import meta_as_gpu
 from distripy.kernels.halo_pad import halo_pad, halo_pad_reference
 from distripy.kernels.residual_codec import nonfinite_rows, residual_decode_, residual_encode_, residual_layout
 from distripy.kernels.fp8_codec import fp8_decode_, fp8_encode_, fp8_layout
+from distripy.kernels.residual_fp8_decode import residual_fp8_decode_
 
 __all__ = [
     "fp8_decode_",
@@ -79,6 +82,7 @@ __all__ = [
     "nonfinite_rows",
     "residual_decode_",
     "residual_encode_",
+    "residual_fp8_decode_",
     "residual_layout",
     "halo_pad",
     "halo_pad_reference",

@@ -36,6 +36,9 @@ from distripy.kernels.residual_codec import nonfinite_rows
 __all__ = [
     "E4M3_MAX",
     "Fp8Layout",
+    "e4m3_codes",
+    "e4m3_row_scales",
+    "e4m3_values",
     "fp8_decode_",
     "fp8_decode_reference_",
     "fp8_encode_",
@@ -141,7 +144,7 @@ def _decode_reference(packed: torch.Tensor, out: torch.Tensor, layout: Fp8Layout
 
 
 @triton.jit
-def _e4m3_codes(y):
+def e4m3_codes(y):
     """e4m3 codes (int32, 0..255) of fp32 ``y`` with ``|y| <= 448``: round to nearest, ties to even."""
     bits = y.to(tl.int32, bitcast=True)
     sign = (bits >> 31) & 1
@@ -157,7 +160,20 @@ def _e4m3_codes(y):
 
 
 @triton.jit
-def _e4m3_values(codes):
+def e4m3_row_scales(amax):
+    """``(2^-e, 2^e)`` of rows whose largest finite magnitude is ``amax`` (fp32, >= 0): the
+    smallest ``e >= -126`` with ``amax <= 448 * 2^e``."""
+    # amax = 1.f 2^E; 448 = 1.75 2^8, so e = E - 8, or E - 7 past 1.75
+    amax_bits = amax.to(tl.int32, bitcast=True)
+    e = (amax_bits >> 23) - 127 - 8 + ((amax_bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    e = tl.maximum(e, -126)
+    inverse = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    scale = ((127 + e) << 23).to(tl.float32, bitcast=True)
+    return inverse, scale
+
+
+@triton.jit
+def e4m3_values(codes):
     """fp32 values of e4m3 ``codes`` (int32, never the nan code)."""
     exponent = (codes >> 3) & 15
     mantissa = codes & 7
@@ -192,12 +208,7 @@ def _fp8_encode_kernel(
         finite = x < float("inf")  # false for inf and nan
         bad = tl.maximum(bad, tl.max(tl.where(finite, 0, 1), axis=1))
         amax = tl.maximum(amax, tl.max(tl.where(finite, x, 0.0), axis=1))
-    # the scale's exponent: amax = 1.f 2^E; 448 = 1.75 2^8, so e = E - 8, or E - 7 past 1.75
-    amax_bits = amax.to(tl.int32, bitcast=True)
-    e = (amax_bits >> 23) - 127 - 8 + ((amax_bits & 0x7FFFFF) > 0x600000).to(tl.int32)
-    e = tl.maximum(e, -126)
-    inverse = ((127 - e) << 23).to(tl.float32, bitcast=True)
-    scale = ((127 + e) << 23).to(tl.float32, bitcast=True)
+    inverse, scale = e4m3_row_scales(amax)
     good = row_ok & (bad == 0)
     tl.store(scales_ptr + row, tl.where(bad == 0, scale, float("nan")), mask=row_ok)
     # second pass: the codes
@@ -205,7 +216,7 @@ def _fp8_encode_kernel(
         col = start + tl.arange(0, BLOCK_C)
         mask = row_ok[:, None] & (col < cols)[None, :]
         x = tl.load(x_ptr + row[:, None] * stride_x + col[None, :], mask=mask & good[:, None], other=0.0)
-        codes = _e4m3_codes(x.to(tl.float32) * inverse[:, None])
+        codes = e4m3_codes(x.to(tl.float32) * inverse[:, None])
         tl.store(codes_ptr + row[:, None] * cols + col[None, :], codes.to(tl.uint8), mask=mask)
 
 
@@ -229,7 +240,7 @@ def _fp8_decode_kernel(
     scale = tl.load(scales_ptr + row, mask=row_ok, other=0.0)
     mask = (row_ok & (scale == scale))[:, None] & (col < cols)[None, :]  # a nan scale: left as it was
     codes = tl.load(codes_ptr + row[:, None] * cols + col[None, :], mask=mask, other=0).to(tl.int32)
-    values = _e4m3_values(codes) * scale[:, None]
+    values = e4m3_values(codes) * scale[:, None]
     tl.store(out_ptr + row[:, None] * stride_out + col[None, :], values.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -16,7 +16,7 @@ Against thresholds at multiples of ``s`` (no division, so a zero scale is no spe
 * 2 bits: code ``(r >= -s) + (r >= 0) + (r >= s)``; level ``code - 1.5``: ``-1.5 .. 1.5``.
 
 The change added is ``level * s_ij``, in fp32, then rounded to the baseline's dtype. The encoder
-and the decoder compute it with one function (``_add_change``), so a sender's baseline and its
+and the decoder compute it with one function (``add_change``), so a sender's baseline and its
 receivers' stay bit-identical.
 
 A row holding a non-finite residual (an ``inf`` or ``nan`` in the input or the baseline) is never
@@ -49,6 +49,7 @@ from distripy.kernels._layout import check_packed, needs_64_bit_offsets
 __all__ = [
     "RESIDUAL_BITS",
     "ResidualLayout",
+    "add_change",
     "nonfinite_rows",
     "residual_decode_",
     "residual_decode_reference_",
@@ -228,7 +229,7 @@ def nonfinite_rows(packed: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 @triton.jit
-def _add_change(baseline, codes, a, c, BITS: tl.constexpr):
+def add_change(baseline, codes, a, c, BITS: tl.constexpr):
     """``baseline + level(codes) * a * c`` in fp32: the one formula of the encoder and the decoder."""
     if BITS == 1:
         level = codes.to(tl.float32) * 2.0 - 1.0
@@ -335,7 +336,7 @@ def _residual_encode_kernel(
     else:
         codes = (r >= -s).to(tl.int32) + (r >= 0).to(tl.int32) + (r >= s).to(tl.int32)
     codes = tl.where(mask, codes, 0)
-    updated = _add_change(b, codes, a, c, BITS)
+    updated = add_change(b, codes, a, c, BITS)
     tl.store(b_ptr + row[:, None] * stride_b + col[None, :], updated.to(b_ptr.dtype.element_ty), mask=mask)
     shifts = tl.arange(0, PER_BYTE) * BITS
     grouped = tl.reshape(codes, (BLOCK_R, BLOCK_B, PER_BYTE))
@@ -369,7 +370,7 @@ def _residual_decode_kernel(
     codes = tl.reshape(spread, (BLOCK_R, BLOCK_B * PER_BYTE))
     mask = good[:, None] & (col < cols)[None, :]
     b = tl.load(b_ptr + row[:, None] * stride_b + col[None, :], mask=mask, other=0.0)
-    updated = _add_change(b, codes, a, c, BITS)
+    updated = add_change(b, codes, a, c, BITS)
     tl.store(b_ptr + row[:, None] * stride_b + col[None, :], updated.to(b_ptr.dtype.element_ty), mask=mask)
 
 

@@ -18,7 +18,7 @@ packed bytes per step and module:
   the only keys and values a rank keeps, and it keeps them **in fp8** (``store``: every band's,
   its own among them, one packed fp8 buffer each): a stale step decodes each other band's
   baseline into a buffer of the step, adds the change that band sent and stores the sum back in
-  fp8; at its checkpoint it decodes its own baseline, encodes its fresh keys and values against it
+  fp8 (one kernel, ``kernels.residual_fp8_decode``); at its checkpoint it decodes its own baseline, encodes its fresh keys and values against it
   (which adds the change to it, as the receivers will) and stores it back. So the whole image's
   keys and values are never kept at full precision: what a rank keeps is about half of the
   uncompressed exchange's one set, and under CUDA graphs a quarter of its two. The last warm-up
@@ -55,6 +55,7 @@ import torch
 from distripy.errors import ConfigError
 from distripy.kernels.fp8_codec import fp8_decode_, fp8_encode_, fp8_layout
 from distripy.kernels.residual_codec import nonfinite_rows, residual_decode_, residual_encode_, residual_layout
+from distripy.kernels.residual_fp8_decode import residual_fp8_decode_
 
 __all__ = ["CompressedKeysValues", "ExchangeCodec", "codec_for"]
 
@@ -285,11 +286,11 @@ class CompressedKeysValues:
         rows = values.shape[1]
         size = codec.nbytes(rows, self.width)
         for item in range(values.shape[0]):
-            if store is not None:
-                fp8_decode_(self._store_slot(store, band, item, rows), values[item], backend)
-            codec.decode(packed[item, :size], values[item], backend)
-            if store is not None:
-                fp8_encode_(values[item], self._store_slot(store, band, item, rows), backend)
+            if store is not None:  # the three steps in one kernel (kernels.residual_fp8_decode)
+                slot = self._store_slot(store, band, item, rows)
+                residual_fp8_decode_(packed[item, :size], slot, values[item], codec.bits, backend)
+            else:
+                codec.decode(packed[item, :size], values[item], backend)
 
     def _store_band(self, store: torch.Tensor, band: int, values: torch.Tensor) -> None:
         """Band ``band``'s full-precision ``values`` (``(B, rows, width)``) as its baseline, stored

@@ -246,13 +246,14 @@ class _Walk:
         width = 2 * channels * self.bytes
         received = self.batch * (others + 1) * slot  # every band's slot, its own included
         if self.compress.startswith("residual"):
-            # the baselines, every band's, kept in fp8; a step decodes one (the elements, a byte
-            # each, read; the values written), adds the change (the bytes read, the values read and
-            # written) and stores it back (the values read, the bytes written); its own: decoded,
-            # encoded against (values and baseline read, baseline and bytes written), stored back
+            # the baselines, every band's, kept in fp8; a step takes another band's change in one
+            # kernel (kernels.residual_fp8_decode): its two passes read the baseline's bytes (a
+            # byte an element) and the change's, the second writes the values and the new bytes;
+            # its own: decoded, encoded against (values and baseline read, baseline and bytes
+            # written), stored back
             store = self.batch * (others + 1) * packed_bytes(tall, 2 * channels, "fp8")
             elements = 2 * channels
-            per_other = tall * (4 * width + 2 * elements) + slot
+            per_other = tall * (width + 3 * elements) + 2 * slot
             codec = self.batch * (own * (5 * width + 2 * elements) + slot + others * per_other)
             if self.fresh:  # only the baselines outlive the step
                 kept = shared = store
