@@ -139,7 +139,9 @@ def _world(world_size):
     return run_on_ranks(_body, world_size)
 
 
-def _fp8_round_trip(x):
+def fp8_round_trip(x):
+    """``x`` through the fp8 codec's references, encoded and decoded (also for
+    ``test_compressed_fresh_exchange``)."""
     from distripy.kernels.fp8_codec import fp8_decode_reference_, fp8_encode_reference_, fp8_layout
 
     packed = torch.empty(fp8_layout(*x.shape).nbytes, dtype=torch.uint8)
@@ -159,7 +161,7 @@ def test_compressed_keys_values_arrive_as_the_codec_sends_them(world_size):
             for sender in range(world_size):
                 source = per_rank[sender][index]
                 if compress == "fp8":
-                    expected = _fp8_round_trip(source["fresh"])
+                    expected = fp8_round_trip(source["fresh"])
                 else:
                     expected = source["own"]  # the sender's new baseline, stored in fp8
                     # the step's change brought the baseline closer to the keys and values it was
@@ -171,7 +173,7 @@ def test_compressed_keys_values_arrive_as_the_codec_sends_them(world_size):
                     if receiver != sender:
                         held = per_rank[receiver][index]["held"][sender]
                         if compress != "fp8":  # the receiver stores it in fp8 as the sender did
-                            held = _fp8_round_trip(held)
+                            held = fp8_round_trip(held)
                         assert torch.equal(held, expected), (compress, index, sender, receiver)
 
 
@@ -466,7 +468,7 @@ def test_a_non_finite_row_never_reaches_what_the_receivers_keep(monkeypatch, com
         assert torch.isfinite(peer).all(), module.patch_path
         if codec.residual:  # the sender's own baseline: the receiver's, stored in fp8 as it will be
             own = stored(me)
-            assert torch.isfinite(own).all() and torch.equal(own, _fp8_round_trip(peer)), module.patch_path
+            assert torch.isfinite(own).all() and torch.equal(own, fp8_round_trip(peer)), module.patch_path
 
 
 def test_a_generation_whose_keys_and_values_were_non_finite_raises_when_it_ends(monkeypatch):

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from multirank import run_on_ranks
+from test_compressed_exchange import fp8_round_trip
 from unet_models import relative_error, sdxl_conditioning, tiny_sdxl_unet
 
 WIDTH = 16
@@ -133,16 +134,6 @@ def _world(world_size):
     return run_on_ranks(_body, world_size, timeout=600)
 
 
-def _fp8_round_trip(x):
-    from distripy.kernels.fp8_codec import fp8_decode_reference_, fp8_encode_reference_, fp8_layout
-
-    packed = torch.empty(fp8_layout(*x.shape).nbytes, dtype=torch.uint8)
-    fp8_encode_reference_(x, packed)
-    out = torch.full_like(x, float("nan"))
-    fp8_decode_reference_(packed, out)
-    return out
-
-
 @pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("mode", MODES)
 def test_fresh_compressed_keys_values_arrive_as_the_codec_sends_them(world_size, mode):
@@ -156,7 +147,7 @@ def test_fresh_compressed_keys_values_arrive_as_the_codec_sends_them(world_size,
                 source = per_rank[sender][index]
                 receivers = [r for r in range(world_size) if r != sender]
                 if compress == "fp8":
-                    expected = _fp8_round_trip(source["sent"])
+                    expected = fp8_round_trip(source["sent"])
                     for receiver in receivers:
                         held = per_rank[receiver][index]["received"][sender]
                         assert torch.equal(held, expected), (compress, index, sender, receiver)
