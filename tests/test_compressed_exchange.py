@@ -213,8 +213,9 @@ def _pipeline_body(rank, world_size):
     from distripy.pipelines.tiny import tiny_sdxl_pipeline
 
     results = {}
-    for compress in ("none", "residual2", "fp8"):
-        config = distripy.DistriConfig(mode="corrected_async_gn", warmup_steps=1, split_batch=True, compress=compress)
+    settings = [("corrected_async_gn", c) for c in ("none", "residual2", "fp8")] + [("exact", "none"), ("exact", "residual2")]
+    for mode, compress in settings:
+        config = distripy.DistriConfig(mode=mode, warmup_steps=1, split_batch=True, compress=compress)
         pipe = distripy.parallelize(tiny_sdxl_pipeline(0), config)
         pipe.set_progress_bar_config(disable=True)
         latents = []
@@ -234,7 +235,7 @@ def _pipeline_body(rank, world_size):
             callback_on_step_end=keep,
             callback_on_step_end_tensor_inputs=["latents"],
         ).images
-        results[compress] = (latents, torch.from_numpy(image))
+        results[compress if mode == "corrected_async_gn" else (mode, compress)] = (latents, torch.from_numpy(image))
     return results
 
 
@@ -242,7 +243,8 @@ def test_a_compressed_pipeline_with_the_cfg_split_matches_its_uncompressed_steps
     """4 ranks, 2 bands per CFG half: the pipeline's VAE decode and text encoders are untouched by
     ``compress``; every rank ends with the same image; the warm-up step (and fp8's first stale
     step, over the warm-up's full-precision keys and values) equal the uncompressed ones, bit for
-    bit; the later steps attend over decoded keys and values: close, not equal."""
+    bit; the later steps attend over decoded keys and values: close, not equal. The same for
+    ``exact``, whose fresh exchanges are compressed after its first step."""
     per_rank = run_ranks(_pipeline_body, 4, timeout=600)
     for compress in ("residual2", "fp8"):
         for rank in range(1, 4):
@@ -254,6 +256,15 @@ def test_a_compressed_pipeline_with_the_cfg_split_matches_its_uncompressed_steps
             assert torch.equal(packed[step], plain[step]), (compress, step)
         errors = [relative_error(packed[step], plain[step]) for step in range(exact, 5)]
         assert all(0 < error < 0.05 for error in errors), (compress, errors)
+    # exact's fresh exchanges compressed after its first step, with the split: the same image on
+    # every rank; the first step exact, the later ones close
+    fresh = ("exact", "residual2")
+    for rank in range(1, 4):
+        assert torch.equal(per_rank[rank][fresh][1], per_rank[0][fresh][1]), rank
+    plain, packed = per_rank[0][("exact", "none")][0], per_rank[0][fresh][0]
+    assert torch.equal(packed[0], plain[0])
+    errors = [relative_error(packed[step], plain[step]) for step in range(1, 5)]
+    assert all(0 < error < 0.05 for error in errors), errors
 
 
 def _loopback_unet(compress, **settings):
