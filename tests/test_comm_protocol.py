@@ -1,11 +1,65 @@
 """The ``Comm`` protocol, on real processes, parametrised over its implementations: ``TorchComm``
 (gloo, CPU tensors) and ``NcclComm`` (the C++ runtime; one GPU per rank, so it runs only where there
-are as many GPUs as ranks; its process group for the set-up stays gloo)."""
+are as many GPUs as ranks; its process group for the set-up stays gloo); and ``ThreadedComm`` (the
+ranks as threads of one process, CPU tensors), whose ranks run the same bodies on threads
+(``_on_threads``)."""
+
+import threading
 
 import pytest
 import torch
 
-COMM_KINDS = ["torch", pytest.param("nccl", marks=pytest.mark.cuda)]
+COMM_KINDS = ["torch", "threaded", pytest.param("nccl", marks=pytest.mark.cuda)]
+
+_THREAD = threading.local()  # a threaded rank's world holder and rank
+
+
+class _ThreadedWorldHolder:
+    """The ``ThreadedWorld`` of one threaded run, made by the first rank that asks for its comm
+    (with that rank's timeout: every rank of a body asks with the same)."""
+
+    def __init__(self, world_size):
+        self.world_size = world_size
+        self.lock = threading.Lock()
+        self.world = None
+
+    def comm(self, rank, timeout_s):
+        from distripy.runtime.threaded_comm import ThreadedWorld
+
+        with self.lock:
+            if self.world is None:
+                self.world = ThreadedWorld(self.world_size, timeout_s)
+        return self.world.comm(rank)
+
+
+def _on_threads(body, world_size, *args, timeout=None):
+    """``run_ranks`` for the threaded comm: ``body(rank, world_size, *args)`` on one thread per
+    rank, the results in rank order; a rank's exception is raised here once every thread ended."""
+    holder = _ThreadedWorldHolder(world_size)
+    results, errors = [None] * world_size, []
+
+    def run(rank):
+        _THREAD.holder, _THREAD.rank = holder, rank
+        try:
+            results[rank] = body(rank, world_size, *args)
+        except BaseException as error:  # noqa: BLE001 - raised by the test's thread
+            errors.append(error)
+            if holder.world is not None:
+                holder.world.comm(rank).abort(repr(error))
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), "a rank's thread is still running"
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _runner(kind, run_ranks):
+    return _on_threads if kind == "threaded" else run_ranks
 
 
 def _require_devices(kind, world_size):
@@ -23,6 +77,8 @@ def _device(kind, rank):
 
 
 def _make_comm(kind, group=None, timeout_s=60.0):
+    if kind == "threaded":  # ``group``: a subgroup comm already made
+        return group if group is not None else _THREAD.holder.comm(_THREAD.rank, timeout_s)
     if kind == "torch":
         from distripy.runtime.torch_comm import TorchComm
 
@@ -87,7 +143,7 @@ def _ops_body(rank, world_size, kind):
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_every_operation_moves_the_right_data(run_ranks, kind, world_size):
     _require_devices(kind, world_size)
-    assert run_ranks(_ops_body, world_size, kind, timeout=60) == [True] * world_size
+    assert _runner(kind, run_ranks)(_ops_body, world_size, kind, timeout=60) == [True] * world_size
 
 
 def _coalescing_body(rank, world_size):
@@ -202,16 +258,19 @@ def _group_body(rank, world_size, kind):
 @pytest.mark.parametrize("kind", COMM_KINDS)
 def test_a_group_of_100_operations_is_issued_together(run_ranks, kind):
     _require_devices(kind, 4)
-    assert run_ranks(_group_body, 4, kind, timeout=60) == [True] * 4
+    assert _runner(kind, run_ranks)(_group_body, 4, kind, timeout=60) == [True] * 4
 
 
 def _subgroup_body(rank, world_size, kind):
     """A Comm over a sub-group numbers its ranks within the group and exchanges only there."""
-    import torch.distributed as dist
-
     device = _device(kind, rank)
-    halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-    comm = _make_comm(kind, halves[rank // 2])
+    if kind == "threaded":  # collective: every rank asks for its own half
+        comm = _make_comm(kind, _make_comm(kind).subgroup([0, 1] if rank < 2 else [2, 3]))
+    else:
+        import torch.distributed as dist
+
+        halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        comm = _make_comm(kind, halves[rank // 2])
     assert (comm.rank, comm.world_size) == (rank % 2, 2)
     send = torch.full((3,), float(rank), device=device)
     recv = torch.empty(2, 3, device=device)
@@ -234,7 +293,7 @@ def _subgroup_body(rank, world_size, kind):
 @pytest.mark.parametrize("kind", COMM_KINDS)
 def test_sub_group_comm(run_ranks, kind):
     _require_devices(kind, 4)
-    assert run_ranks(_subgroup_body, 4, kind, timeout=60) == [True] * 4
+    assert _runner(kind, run_ranks)(_subgroup_body, 4, kind, timeout=60) == [True] * 4
 
 
 def _validation_body(rank, world_size, kind):
@@ -266,7 +325,7 @@ def _validation_body(rank, world_size, kind):
 @pytest.mark.parametrize("kind", COMM_KINDS)
 def test_invalid_arguments_raise_before_anything_is_issued(run_ranks, kind):
     _require_devices(kind, 2)
-    (_, first), (_, last) = results = run_ranks(_validation_body, 2, kind, timeout=60)
+    (_, first), (_, last) = results = _runner(kind, run_ranks)(_validation_body, 2, kind, timeout=60)
     for device, messages in results:
         assert "recv has shape (2, 3, 2), expected (2, 2, 3)" in messages[0]
         assert f"recv is (2, 2, 3) torch.float64 on {device} but send is (2, 3) torch.float32" in messages[1]
@@ -308,7 +367,7 @@ def _timeout_body(rank, world_size, kind, flag_dir):
 @pytest.mark.parametrize("kind", COMM_KINDS)
 def test_a_missing_peer_raises_at_the_timeout(run_ranks, kind, tmp_path):
     _require_devices(kind, 2)
-    outcome, absent = run_ranks(_timeout_body, 2, kind, str(tmp_path), timeout=120)
+    outcome, absent = _runner(kind, run_ranks)(_timeout_body, 2, kind, str(tmp_path), timeout=120)
     assert absent == "absent"
     assert outcome[0] == "timeout", outcome
     assert outcome[1] >= 1.5, outcome  # it waited for its timeout (a busy machine only adds to it)
@@ -323,7 +382,7 @@ def test_comm_needs_torch_distributed():
         TorchComm()
 
 
-def _fail_fast_body(rank, world_size, flag_dir, first_op):
+def _fail_fast_body(rank, world_size, flag_dir, first_op, kind="torch"):
     """Rank 1 never joins: rank 0's first operation (an all_reduce or an object exchange) raises at
     its timeout; after it every operation, wait and object exchange raises at once, naming that
     first failure. Rank 1 waits for rank 0's verdict file (no wall-clock window)."""
@@ -331,14 +390,13 @@ def _fail_fast_body(rank, world_size, flag_dir, first_op):
     import time
 
     from distripy.errors import CommError, CommTimeoutError
-    from distripy.runtime.torch_comm import TorchComm
 
     flag = os.path.join(flag_dir, "rank0-done")
     if rank == 1:
         while not os.path.exists(flag):
             time.sleep(0.05)
         return None
-    comm = TorchComm(timeout_s=2.0)
+    comm = _make_comm(kind, timeout_s=2.0)
     start = time.monotonic()
     try:
         if first_op == "all_reduce":
@@ -364,9 +422,10 @@ def _fail_fast_body(rank, world_size, flag_dir, first_op):
     return first, later, broken
 
 
+@pytest.mark.parametrize("kind", ["torch", "threaded"])
 @pytest.mark.parametrize("first_op", ["all_reduce", "all_gather_object"])
-def test_after_a_failure_every_operation_fails_at_once(run_ranks, tmp_path, first_op):
-    result, _ = run_ranks(_fail_fast_body, 2, str(tmp_path), first_op, timeout=120)
+def test_after_a_failure_every_operation_fails_at_once(run_ranks, tmp_path, first_op, kind):
+    result, _ = _runner(kind, run_ranks)(_fail_fast_body, 2, str(tmp_path), first_op, kind, timeout=120)
     (waited, message), later, broken = result
     assert waited >= 1.5 and "did not complete within 2 s" in message, result
     assert message.startswith(first_op), message
@@ -376,16 +435,15 @@ def test_after_a_failure_every_operation_fails_at_once(run_ranks, tmp_path, firs
         assert seconds < 1.0 and "not attempted: an earlier transfer failed" in text and first_op in text, text
 
 
-def _object_body(rank, world_size):
-    from distripy.runtime.torch_comm import TorchComm
-
-    comm = TorchComm(timeout_s=30.0)
+def _object_body(rank, world_size, kind="torch"):
+    comm = _make_comm(kind, timeout_s=30.0)
     payload = {"rank": rank, "text": "x" * (rank * 1000 + 1), "tensor": torch.arange(rank + 1)}
     return comm.all_gather_object(payload)
 
 
-def test_object_exchange_of_unequal_sizes(run_ranks):
-    for gathered in run_ranks(_object_body, 3, timeout=60):
+@pytest.mark.parametrize("kind", ["torch", "threaded"])
+def test_object_exchange_of_unequal_sizes(run_ranks, kind):
+    for gathered in _runner(kind, run_ranks)(_object_body, 3, kind, timeout=60):
         assert [g["rank"] for g in gathered] == [0, 1, 2]
         assert [len(g["text"]) for g in gathered] == [1, 1001, 2001]
         assert all(torch.equal(g["tensor"], torch.arange(r + 1)) for r, g in enumerate(gathered))

@@ -6,6 +6,8 @@
 * ``LoopbackComm``: one process standing in for one rank of N, every transfer complete at once
   (``distripy.runtime.loopback_comm``): one device measures one rank's compute; its
   ``TrafficLog`` records what a rank sends, and where in the step;
+* ``ThreadedWorld`` / ``ThreadedComm``: N ranks as threads of one process (an in-process
+  executor's ranks; ``distripy.runtime.threaded_comm``);
 * ``native()``: the C++/NCCL runtime ``distripy._C``; when it is absent (installed with
   ``DISTRIPY_SKIP_EXT=1``, or its shared libraries cannot be loaded) it raises
   ``NativeRuntimeUnavailable`` with the reason and the remedy;
@@ -18,6 +20,7 @@ Importing this package does not import torch; ``TorchComm`` and ``NcclComm`` do,
 
 from distripy.runtime.comm import Comm, CompletedWork, Work
 from distripy.runtime.loopback_comm import LoopbackComm, TrafficLog, Transfer
+from distripy.runtime.threaded_comm import ThreadedComm, ThreadedWorld, run_threads
 from distripy.runtime.loader import (
     NativeRuntimeUnavailable,
     native,
@@ -31,6 +34,8 @@ __all__ = [
     "LoopbackComm",
     "NativeRuntimeUnavailable",
     "NcclComm",
+    "ThreadedComm",
+    "ThreadedWorld",
     "TorchComm",
     "TrafficLog",
     "Transfer",
@@ -38,6 +43,7 @@ __all__ = [
     "native",
     "native_available",
     "native_unavailable_reason",
+    "run_threads",
 ]
 
 
