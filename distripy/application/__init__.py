@@ -6,7 +6,9 @@ A ``PipelineSpec`` (``spec``) says what to load; ``checks`` checks it and each
 and parallelises the spec on every rank; ``RequestRunner`` (``runner``) applies each request (task
 pipeline, scheduler and spacing, LoRAs by path, ControlNet images, img2img / inpainting, the
 refiner, the mode) and runs it, reporting each step (``progress``); ``generate`` is the command's
-job (checked, handed to the ranks as a file, run, written).
+job (checked, handed to the ranks as a file, run, written). ``ThreadedExecutor`` (``executor``)
+runs the ranks of one image as worker threads of the caller's process, one per device, for programs
+that keep their models in their own process.
 
 Importing it is cheap: torch and diffusers load when first used.
 """
@@ -19,6 +21,7 @@ from distripy.application.checks import (
     check_spec,
     check_world,
 )
+from distripy.application.executor import ThreadedExecutor
 from distripy.application.generate import GenerateJob, GenerateResult, check_job, read_job, run_job, write_job
 from distripy.application.loader import RANK_MODULES, LoadedPipeline, load, rank_device
 from distripy.application.progress import StepProgress
@@ -27,6 +30,7 @@ from distripy.application.runner import RequestRunner
 from distripy.application.spec import DTYPES, PipelineSpec, parse_lora
 
 __all__ = [
+    "ThreadedExecutor",
     "CheckError",
     "DTYPES",
     "GenerateJob",
