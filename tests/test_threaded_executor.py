@@ -63,9 +63,39 @@ def test_the_workers_are_the_same_threads_and_a_failure_is_raised():
         ([], "must be a non-empty list of devices"),
         ("cpu", "must be a non-empty list of devices"),
         (["cpu", "tpu9"], "device 'tpu9' is not a device"),
-        (["cuda:0", "cuda:1"], "device cuda:0 is not supported yet"),
+        (["cpu", "cuda:0"], "must be all CPU or all CUDA devices"),
+        (["cuda:63"], "device cuda:63 asked for, but this machine has"),
     ],
 )
 def test_bad_devices_are_named(devices, message):
     with pytest.raises(ConfigError, match=message):
         ThreadedExecutor(devices)
+
+
+@pytest.mark.cuda
+def test_on_a_gpu_a_worker_per_gpu_makes_its_nccl_communicator():
+    """One worker on the GPU (the lent machine has one): its NCCL communicator made in the
+    process (no torch.distributed), a replica parallelised over it running its steps eagerly, then
+    captured and replayed as CUDA graphs on the worker thread, equal to the plain UNet; a GPU named
+    twice is refused."""
+    import distripy
+
+    with pytest.raises(ConfigError, match="name a GPU twice"):
+        ThreadedExecutor(["cuda:0", "cuda:0"])
+    base = tiny_sdxl_unet(0).cuda()
+    latents = torch.randn(2, 4, 32, 16, generator=torch.Generator().manual_seed(5)).cuda()
+    conditioning = {k: v.cuda() if torch.is_tensor(v) else {n: t.cuda() for n, t in v.items()}
+                    for k, v in sdxl_conditioning(2, 4).items()}  # fmt: skip
+    with torch.no_grad():
+        expected = [base(latents + 0.1 * s, torch.tensor(900.0 - 50 * s).cuda(), **conditioning).sample for s in range(4)]
+    with ThreadedExecutor(["cuda:0"], timeout_s=120) as executor:
+        comm = executor.comm(0)
+        assert type(comm).__name__ == "NcclComm" and comm.world_size == 1
+        config = distripy.DistriConfig(mode="corrected_async_gn", warmup_steps=1)
+        replica = executor.run(lambda rank: distripy.parallelize(copy.deepcopy(base), config, comm=executor.comm(rank)))[0]
+        executor.run(lambda rank: distripy.reset(replica, steps=4))
+        for step in range(4):  # eager, captured, replayed
+            with torch.no_grad():
+                out = executor.run(lambda rank: replica(latents + 0.1 * step, torch.tensor(900.0 - 50 * step).cuda(),
+                                                        **conditioning).sample)[0]  # fmt: skip
+            assert relative_error(out, expected[step]) < 1e-4, step

@@ -14,9 +14,10 @@ waiting out the timeout) and its error is raised by ``run`` once every worker ha
 executor is then ``broken`` (its communicators failed) and is to be closed and made anew. A
 worker that does not return within ``timeout_s`` is a ``CommTimeoutError``.
 
-Devices: CPU devices (one process's ranks on the CPU: the tests' executor). CUDA devices need
-per-device NCCL communicators bootstrapped within the process, which the executor does not make
-yet: asked for, it says so.
+Devices: all CPU (one process's ranks on the CPU, the communicators the threads' own: the tests'
+executor), or all CUDA, one GPU each: each worker makes its rank's NCCL communicator on its GPU
+(the C++ runtime, ``runtime.NcclComm`` with the threads' comm for its host-side exchanges), all at
+once, as NCCL's initialisation requires.
 """
 
 import concurrent.futures
@@ -27,13 +28,13 @@ import torch
 
 from distripy.config import DEFAULT_TIMEOUT_S
 from distripy.errors import CommError, CommTimeoutError, ConfigError, StepError
-from distripy.runtime.threaded_comm import ThreadedComm, ThreadedWorld
+from distripy.runtime.threaded_comm import ThreadedWorld
 
 __all__ = ["ThreadedExecutor"]
 
 
 def _devices(devices: Sequence) -> List[torch.device]:
-    """``devices`` as torch devices, checked: at least one, CPU only (see the module docstring)."""
+    """``devices`` as torch devices, checked: at least one; all CPU, or distinct GPUs that exist."""
     if isinstance(devices, (str, torch.device)) or not len(devices):
         raise ConfigError(f"ThreadedExecutor: devices={devices!r} must be a non-empty list of devices")
     parsed = []
@@ -42,13 +43,20 @@ def _devices(devices: Sequence) -> List[torch.device]:
             parsed.append(torch.device(device))
         except (RuntimeError, TypeError) as error:
             raise ConfigError(f"ThreadedExecutor: device {device!r} is not a device ({error})") from None
+    kinds = {device.type for device in parsed}
+    if kinds == {"cpu"}:
+        return parsed
+    if kinds != {"cuda"}:
+        raise ConfigError(
+            f"ThreadedExecutor: devices {[str(d) for d in parsed]} must be all CPU or all CUDA devices"
+        )
+    parsed = [torch.device("cuda", torch.cuda.current_device() if d.index is None else d.index) for d in parsed]
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for device in parsed:
-        if device.type != "cpu":
-            raise ConfigError(
-                f"ThreadedExecutor: device {device} is not supported yet: the in-process ranks run on CPU "
-                "devices (their communicators are threads'); CUDA devices need per-device NCCL "
-                "communicators bootstrapped in the process"
-            )
+        if device.index >= visible:
+            raise ConfigError(f"ThreadedExecutor: device {device} asked for, but this machine has {visible} GPUs")
+    if len(set(parsed)) < len(parsed):
+        raise ConfigError(f"ThreadedExecutor: devices {[str(d) for d in parsed]} name a GPU twice: one rank per GPU")
     return parsed
 
 
@@ -59,12 +67,24 @@ class ThreadedExecutor:
     def __init__(self, devices: Sequence, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.devices = _devices(devices)
         self.world = ThreadedWorld(len(self.devices), timeout_s)
-        self._comms = self.world.comms()
+        self._hosts = self.world.comms()  # the threads' own: host-side exchanges, and aborts
+        self._comms: List = list(self._hosts)
         self._workers = [
-            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"distripy-rank-{rank}")
-            for rank in range(len(self.devices))
+            concurrent.futures.ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix=f"distripy-rank-{rank}",
+                initializer=torch.cuda.set_device if device.type == "cuda" else None,
+                initargs=(device,) if device.type == "cuda" else (),
+            )
+            for rank, device in enumerate(self.devices)
         ]
         self._closed = False
+        if self.devices[0].type == "cuda":
+            from distripy.runtime.nccl_comm import NcclComm
+
+            self._comms = self.run(
+                lambda rank: NcclComm(None, timeout_s, self.devices[rank].index, host=self._hosts[rank])
+            )
 
     @property
     def world_size(self) -> int:
@@ -77,10 +97,11 @@ class ThreadedExecutor:
     @property
     def broken(self) -> bool:
         """Whether a worker or a transfer failed: the communicators refuse every operation since."""
-        return self.world.health.broken
+        return self.world.health.broken or any(comm.broken for comm in self._comms)
 
-    def comm(self, rank: int) -> ThreadedComm:
-        """Rank ``rank``'s communicator (for that rank's worker only)."""
+    def comm(self, rank: int):
+        """Rank ``rank``'s communicator (for that rank's worker only): its ``ThreadedComm`` on CPU,
+        its ``NcclComm`` on a GPU."""
         return self._comms[rank]
 
     def run(self, fn: Callable[[int], Any]) -> List[Any]:
@@ -96,7 +117,7 @@ class ThreadedExecutor:
                 try:
                     return fn(rank)
                 except BaseException as error:
-                    self._comms[rank].abort(f"{type(error).__name__}: {error}")
+                    self._hosts[rank].abort(f"{type(error).__name__}: {error}")
                     raise
 
         futures = [worker.submit(call, rank) for rank, worker in enumerate(self._workers)]
@@ -113,10 +134,17 @@ class ThreadedExecutor:
         return [future.result() for future in futures]
 
     def close(self) -> None:
-        """Stop the workers (after the calls running finish)."""
-        self._closed = True
-        for worker in self._workers:
-            worker.shutdown(wait=False, cancel_futures=True)
+        """Close the GPUs' communicators (each on its worker; bounded by ``timeout_s``) and stop
+        the workers."""
+        if self._closed:
+            return
+        try:
+            if any(comm is not host for comm, host in zip(self._comms, self._hosts)):
+                self.run(lambda rank: self._comms[rank].close())
+        finally:
+            self._closed = True
+            for worker in self._workers:
+                worker.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> "ThreadedExecutor":
         return self

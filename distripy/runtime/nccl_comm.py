@@ -8,7 +8,9 @@ own buffers (no packing copies), GPU-side ``Work.wait``, and legality inside CUD
 
 Buffers: torch tensors, or anything with ``__cuda_array_interface__`` (CuPy) or ``__dlpack__``,
 viewed as torch tensors without a copy. The NCCL unique id is made by the group's first rank and
-shared through torch.distributed, so multi-node torchrun works unchanged.
+shared through torch.distributed, so multi-node torchrun works unchanged; or, for ranks that are
+threads of one process (``application.ThreadedExecutor``), through their ``ThreadedComm``
+(``host=``).
 """
 
 import atexit
@@ -181,18 +183,28 @@ class NcclComm:
         split_from: Optional["NcclComm"] = None,
         color: int = 0,
         health: Optional[CommHealth] = None,
+        host=None,
     ) -> None:
         """A communicator over ``group`` (default: the whole world). With ``split_from`` (used by
         ``subgroup``) it is split from that communicator (``ncclCommSplit``, no new bootstrap):
-        every rank of it passes its group's index as ``color``."""
+        every rank of it passes its group's index as ``color``. With ``host`` (the ranks are
+        threads of one process: a ``ThreadedComm``, whose ``all_gather_object`` and ``subgroup``
+        carry the host-side exchanges instead of torch.distributed; ``group`` is then not used)
+        every rank's thread makes its comm at once, on its own ``device``: NCCL's initialisation
+        waits for all of them."""
         C = native()  # raises NativeRuntimeUnavailable with the reason
-        if not dist.is_initialized():
+        if host is None and not dist.is_initialized():
             raise CommError("NcclComm needs torch.distributed to be initialised (call distripy.init() first)")
         if not torch.cuda.is_available():
             raise CommError("NcclComm needs a CUDA GPU; torch sees none (use TorchComm on CPU)")
-        self.process_group = group if group is not None else dist.group.WORLD
-        self.rank = dist.get_rank(self.process_group)
-        self.world_size = dist.get_world_size(self.process_group)
+        self.host = host
+        if host is not None:
+            self.process_group = None
+            self.rank, self.world_size = host.rank, host.world_size
+        else:
+            self.process_group = group if group is not None else dist.group.WORLD
+            self.rank = dist.get_rank(self.process_group)
+            self.world_size = dist.get_world_size(self.process_group)
         self.timeout_s = float(timeout_s)
         self.health = health if health is not None else CommHealth()
         self.device = split_from.device if split_from is not None else choose_device(device)
@@ -204,7 +216,7 @@ class NcclComm:
             self._native = split_from._native.split(color, self.rank, self._comm_stream.cuda_stream)
         else:
             offered = C.Communicator.new_unique_id() if self.rank == 0 else None
-            unique_id = all_gather_object_within(self.process_group, offered, self.timeout_s, self.health)[0]
+            unique_id = self.all_gather_object(offered)[0]
             self._native = C.Communicator(
                 unique_id,
                 self.rank,
@@ -326,12 +338,20 @@ class NcclComm:
 
     def all_gather_object(self, obj):
         """Every rank's ``obj``, in rank order (host side, blocking, at most ``timeout_s``; small
-        picklable objects), over the torch.distributed group."""
+        picklable objects), over the torch.distributed group (or the ``host`` comm)."""
+        if self.host is not None:
+            self.health.check("an object exchange")
+            return self.host.all_gather_object(obj)
         return all_gather_object_within(self.process_group, obj, self.timeout_s, self.health)
 
     def subgroup(self, ranks: Sequence[int]) -> "NcclComm":
         """The comm of ``ranks`` (see ``Comm.subgroup``): its NCCL communicator split from this one,
-        its host-side exchanges on a new torch.distributed group."""
+        its host-side exchanges on a new torch.distributed group (or the ``host`` comm's subgroup;
+        the color, the group's lowest rank, is the same for its ranks and differs between groups)."""
+        if self.host is not None:
+            host = self.host.subgroup(ranks)
+            color = min(int(r) for r in ranks)
+            return NcclComm(None, self.timeout_s, split_from=self, color=color, health=self.health, host=host)
         group, color = new_process_subgroup(self, ranks)
         return NcclComm(group, self.timeout_s, split_from=self, color=color, health=self.health)
 
