@@ -136,6 +136,13 @@ setup(
             "uvicorn>=0.23",
             "prometheus-client>=0.17",
             "openai>=1.76",  # the official client (its gpt-image fields) against `distripy serve`
+            # what ComfyUI's sampling imports (the ComfyUI integration's tests, tests/comfyui_tree.py)
+            "einops",
+            "torchsde",
+            "comfy-aimdo>=0.6",
+            "psutil",
+            "scipy",
+            "tqdm",
         ],
         "bench": ["matplotlib>=3.7", f"cupy-cuda12x>=13; {LINUX}", "torchmetrics>=1.3", "clean-fid>=0.1.35"],
     },
