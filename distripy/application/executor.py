@@ -28,6 +28,7 @@ import torch
 
 from distripy.config import DEFAULT_TIMEOUT_S
 from distripy.errors import CommError, CommTimeoutError, ConfigError, StepError
+from distripy.runtime.factory import thread_rank_comm
 from distripy.runtime.threaded_comm import ThreadedWorld
 
 __all__ = ["ThreadedExecutor"]
@@ -79,12 +80,8 @@ class ThreadedExecutor:
             for rank, device in enumerate(self.devices)
         ]
         self._closed = False
-        if self.devices[0].type == "cuda":
-            from distripy.runtime.nccl_comm import NcclComm
-
-            self._comms = self.run(
-                lambda rank: NcclComm(None, timeout_s, self.devices[rank].index, host=self._hosts[rank])
-            )
+        if self.devices[0].type == "cuda":  # made on the workers, all at once
+            self._comms = self.run(lambda rank: thread_rank_comm(self._hosts[rank], self.devices[rank], timeout_s))
 
     @property
     def world_size(self) -> int:

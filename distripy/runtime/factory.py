@@ -9,7 +9,9 @@ of this rank's patch group:
   whose transfers join CUDA-graph captures); otherwise ``TorchComm`` (torch.distributed: gloo on
   CPU, NCCL on GPUs);
 * a patch group is a ``subgroup`` of the world comm, so a comm the caller passes in (e.g. a
-  ``LoopbackComm``) gets its patch groups the same way as one built here.
+  ``LoopbackComm``) gets its patch groups the same way as one built here;
+* ranks that are threads of one process (``application.ThreadedExecutor``): ``thread_rank_comm``
+  gives each its comm on its device from the threads' own ``ThreadedComm``.
 """
 
 import dataclasses
@@ -29,6 +31,7 @@ __all__ = [
     "on_cuda",
     "patch_group_ranks",
     "resolve_defaults",
+    "thread_rank_comm",
     "uses_native_runtime",
 ]
 
@@ -148,3 +151,17 @@ def make_comms(config: DistriConfig, comm=None):
             )
         patch[True] = world.subgroup(patch_group_ranks(world.rank, world.world_size))
     return world, patch
+
+
+def thread_rank_comm(host, device, timeout_s: float):
+    """The comm of a rank that is a thread of this process, on ``device`` (a ``torch.device``):
+    ``host`` itself (its ``ThreadedComm``) on the CPU; on a GPU the C++ runtime's communicator,
+    bootstrapped through ``host`` (every rank's thread calls this at once: NCCL's initialisation
+    waits for all of them)."""
+    if device.type == "cpu":
+        return host
+    if not native_available():
+        raise ConfigError(f"ranks on GPUs in one process need the C++ runtime: {native_unavailable_reason()}")
+    from distripy.runtime.nccl_comm import NcclComm
+
+    return NcclComm(None, timeout_s, device.index, host=host)
