@@ -254,3 +254,43 @@ def _rank_failure(fn, world_size: int, failures: List[Failure]) -> RankFailure:
     if len(failures) > 1:
         message += "\n-- then, as consequences --\n" + "\n".join(describe(f) for f in failures[1:])
     return RankFailure(message, failures)
+
+
+THREADS_TIMEOUT_S = 600.0
+"""How long ``run_on_threads`` lets its threads run in all (their waits are bounded by the comm's
+timeout; their compute is the body's)."""
+
+
+def run_on_threads(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 60.0) -> List[Any]:
+    """Runs ``fn(comm, *args)`` on ``world_size`` threads of this process, each with its rank's
+    ``ThreadedComm`` of one ``ThreadedWorld`` whose waits are bounded by ``timeout_s``; returns the
+    results in rank order. A rank that raises aborts the others (``ThreadedComm.abort``: their waits
+    raise at once); the first cause is then raised here (an aborted wait's ``CommError`` only when
+    nothing else was raised), once every thread ended, bounded by ``THREADS_TIMEOUT_S``."""
+    import threading
+
+    from distripy.errors import CommError
+    from distripy.runtime.threaded_comm import ThreadedWorld
+
+    world = ThreadedWorld(world_size, timeout_s)
+    results: List[Any] = [None] * world_size
+    errors: List[BaseException] = []
+
+    def run(comm) -> None:
+        try:
+            results[comm.rank] = fn(comm, *args)
+        except BaseException as error:  # noqa: BLE001 - raised by the caller's thread
+            errors.append(error)
+            comm.abort(f"{type(error).__name__}: {error}")
+
+    threads = [threading.Thread(target=run, args=(comm,), name=f"rank-{comm.rank}") for comm in world.comms()]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + THREADS_TIMEOUT_S
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if any(thread.is_alive() for thread in threads):
+        raise RankTimeout(f"run_on_threads: a rank's thread of {fn.__qualname__} still ran after {THREADS_TIMEOUT_S:g} s")
+    if errors:
+        raise min(errors, key=lambda error: isinstance(error, CommError))  # a cause before its echoes
+    return results

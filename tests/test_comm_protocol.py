@@ -2,64 +2,35 @@
 (gloo, CPU tensors) and ``NcclComm`` (the C++ runtime; one GPU per rank, so it runs only where there
 are as many GPUs as ranks; its process group for the set-up stays gloo); and ``ThreadedComm`` (the
 ranks as threads of one process, CPU tensors), whose ranks run the same bodies on threads
-(``_on_threads``)."""
+(``_runner``)."""
 
 import threading
 
 import pytest
 import torch
 
+from multirank import run_on_threads
+
 COMM_KINDS = ["torch", "threaded", pytest.param("nccl", marks=pytest.mark.cuda)]
 
-_THREAD = threading.local()  # a threaded rank's world holder and rank
+_THREAD = threading.local()  # a threaded rank's comm
 
 
-class _ThreadedWorldHolder:
-    """The ``ThreadedWorld`` of one threaded run, made by the first rank that asks for its comm
-    (with that rank's timeout: every rank of a body asks with the same)."""
+def _runner(kind, run_ranks, comm_timeout_s=60.0):
+    """``run_ranks``, or for the threaded comm its counterpart: ``body(rank, world_size, *args)``
+    on one thread per rank (``multirank.run_on_threads``) whose comms wait at most
+    ``comm_timeout_s`` (what the body asks ``_make_comm`` for)."""
+    if kind != "threaded":
+        return run_ranks
 
-    def __init__(self, world_size):
-        self.world_size = world_size
-        self.lock = threading.Lock()
-        self.world = None
+    def on_threads(body, world_size, *args, timeout=None):
+        def rank_body(comm):
+            _THREAD.comm = comm
+            return body(comm.rank, world_size, *args)
 
-    def comm(self, rank, timeout_s):
-        from distripy.runtime.threaded_comm import ThreadedWorld
+        return run_on_threads(rank_body, world_size, timeout_s=comm_timeout_s)
 
-        with self.lock:
-            if self.world is None:
-                self.world = ThreadedWorld(self.world_size, timeout_s)
-        return self.world.comm(rank)
-
-
-def _on_threads(body, world_size, *args, timeout=None):
-    """``run_ranks`` for the threaded comm: ``body(rank, world_size, *args)`` on one thread per
-    rank, the results in rank order; a rank's exception is raised here once every thread ended."""
-    holder = _ThreadedWorldHolder(world_size)
-    results, errors = [None] * world_size, []
-
-    def run(rank):
-        _THREAD.holder, _THREAD.rank = holder, rank
-        try:
-            results[rank] = body(rank, world_size, *args)
-        except BaseException as error:  # noqa: BLE001 - raised by the test's thread
-            errors.append(error)
-            if holder.world is not None:
-                holder.world.comm(rank).abort(repr(error))
-
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world_size)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout)
-    assert not any(thread.is_alive() for thread in threads), "a rank's thread is still running"
-    if errors:
-        raise errors[0]
-    return results
-
-
-def _runner(kind, run_ranks):
-    return _on_threads if kind == "threaded" else run_ranks
+    return on_threads
 
 
 def _require_devices(kind, world_size):
@@ -78,7 +49,10 @@ def _device(kind, rank):
 
 def _make_comm(kind, group=None, timeout_s=60.0):
     if kind == "threaded":  # ``group``: a subgroup comm already made
-        return group if group is not None else _THREAD.holder.comm(_THREAD.rank, timeout_s)
+        if group is not None:
+            return group
+        assert _THREAD.comm.timeout_s == timeout_s, "run the body with _runner(..., comm_timeout_s=timeout_s)"
+        return _THREAD.comm
     if kind == "torch":
         from distripy.runtime.torch_comm import TorchComm
 
@@ -367,7 +341,7 @@ def _timeout_body(rank, world_size, kind, flag_dir):
 @pytest.mark.parametrize("kind", COMM_KINDS)
 def test_a_missing_peer_raises_at_the_timeout(run_ranks, kind, tmp_path):
     _require_devices(kind, 2)
-    outcome, absent = _runner(kind, run_ranks)(_timeout_body, 2, kind, str(tmp_path), timeout=120)
+    outcome, absent = _runner(kind, run_ranks, 2.0)(_timeout_body, 2, kind, str(tmp_path), timeout=120)
     assert absent == "absent"
     assert outcome[0] == "timeout", outcome
     assert outcome[1] >= 1.5, outcome  # it waited for its timeout (a busy machine only adds to it)
@@ -425,7 +399,7 @@ def _fail_fast_body(rank, world_size, flag_dir, first_op, kind="torch"):
 @pytest.mark.parametrize("kind", ["torch", "threaded"])
 @pytest.mark.parametrize("first_op", ["all_reduce", "all_gather_object"])
 def test_after_a_failure_every_operation_fails_at_once(run_ranks, tmp_path, first_op, kind):
-    result, _ = _runner(kind, run_ranks)(_fail_fast_body, 2, str(tmp_path), first_op, kind, timeout=120)
+    result, _ = _runner(kind, run_ranks, 2.0)(_fail_fast_body, 2, str(tmp_path), first_op, kind, timeout=120)
     (waited, message), later, broken = result
     assert waited >= 1.5 and "did not complete within 2 s" in message, result
     assert message.startswith(first_op), message
@@ -443,7 +417,7 @@ def _object_body(rank, world_size, kind="torch"):
 
 @pytest.mark.parametrize("kind", ["torch", "threaded"])
 def test_object_exchange_of_unequal_sizes(run_ranks, kind):
-    for gathered in _runner(kind, run_ranks)(_object_body, 3, kind, timeout=60):
+    for gathered in _runner(kind, run_ranks, 30.0)(_object_body, 3, kind, timeout=60):
         assert [g["rank"] for g in gathered] == [0, 1, 2]
         assert [len(g["text"]) for g in gathered] == [1, 1001, 2001]
         assert all(torch.equal(g["tensor"], torch.arange(r + 1)) for r, g in enumerate(gathered))

@@ -2,8 +2,8 @@
 threads too): what only ranks that are threads of one process can get wrong. Ranks that wait for
 their operations in another order than they issued them; ranks that issue different operations
 under one number, or shift by different distances (every rank raises, naming them, instead of
-hanging); a rank whose thread raises (``run_threads``: the others' waits fail at once, and the
-first error is the one raised); results every rank holds alike (a sum in rank order)."""
+hanging); a rank whose thread raises (``multirank.run_on_threads``: the others' waits fail at once,
+and the first error is the one raised); results every rank holds alike (a sum in rank order)."""
 
 import time
 
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from distripy.errors import CommError, InputError
-from distripy.runtime.threaded_comm import ThreadedWorld, run_threads
+from distripy.runtime.threaded_comm import ThreadedWorld
+from multirank import run_on_threads
 
 
 def _data(rank, shape, seed):
@@ -38,7 +39,7 @@ def test_waits_in_any_order_and_every_rank_sums_alike(world_size):
         reduce.synchronize(30)
         return buf
 
-    sums = run_threads(ThreadedWorld(world_size, timeout_s=30), body)
+    sums = run_on_threads(body, world_size, timeout_s=30)
     expected = sum(_data(r, (64,), seed=2).double() for r in range(world_size))
     torch.testing.assert_close(sums[0].double(), expected, rtol=1e-6, atol=1e-6)
     assert all(torch.equal(s, sums[0]) for s in sums)
@@ -62,7 +63,7 @@ def test_different_operations_under_one_number_fail_on_every_rank():
             comm.all_reduce(torch.ones(2))
         return raised, time.monotonic() - start
 
-    for message, seconds in run_threads(ThreadedWorld(2, timeout_s=60), body):
+    for message, seconds in run_on_threads(body, 2, timeout_s=60):
         assert "all_gather" in message and "all_reduce" in message and "same order" in message, message
         assert seconds < 30, seconds  # raised when the second rank posted, not at the timeout
 
@@ -75,12 +76,12 @@ def test_shifts_by_different_distances_fail_on_every_rank():
             work.wait()
         return True
 
-    assert run_threads(ThreadedWorld(3, timeout_s=60), body) == [True] * 3
+    assert run_on_threads(body, 3, timeout_s=60) == [True] * 3
 
 
 def test_a_rank_that_raises_fails_the_others_at_once_and_its_error_is_raised():
     """Rank 1 raises before its all-gather; rank 0, waiting for it, raises ``CommError`` naming the
-    abort long before its 60 s timeout; ``run_threads`` raises rank 1's own error."""
+    abort long before its 60 s timeout; ``run_on_threads`` raises rank 1's own error."""
     waited = {}
 
     def body(comm):
@@ -94,7 +95,7 @@ def test_a_rank_that_raises_fails_the_others_at_once_and_its_error_is_raised():
         return None
 
     with pytest.raises(InputError, match="band is too small"):
-        run_threads(ThreadedWorld(2, timeout_s=60), body)
+        run_on_threads(body, 2, timeout_s=60)
     assert waited["seconds"] < 30 and "rank 1 of 2 aborted" in waited["message"], waited
 
 
@@ -108,7 +109,7 @@ def test_a_subgroup_numbers_its_ranks_and_keeps_its_operations_apart():
         half.all_gather(torch.tensor([float(comm.rank)]), recv).wait()
         return half.rank, half.world_size, recv.flatten().tolist()
 
-    results = run_threads(ThreadedWorld(4, timeout_s=30), body)
+    results = run_on_threads(body, 4, timeout_s=30)
     assert results == [(0, 2, [0.0, 1.0]), (1, 2, [0.0, 1.0]), (0, 2, [2.0, 3.0]), (1, 2, [2.0, 3.0])]
 
     def overlapping(comm):
@@ -116,7 +117,7 @@ def test_a_subgroup_numbers_its_ranks_and_keeps_its_operations_apart():
             comm.subgroup([0, 1] if comm.rank == 0 else [1, 2])
         return True
 
-    assert run_threads(ThreadedWorld(3, timeout_s=30), overlapping) == [True] * 3
+    assert run_on_threads(overlapping, 3, timeout_s=30) == [True] * 3
 
 
 def test_bad_settings_are_named():
@@ -155,7 +156,7 @@ def test_a_parallelised_unet_on_thread_ranks_equals_one_device(world_size, split
         with torch.no_grad(), distripy.generation(unet, steps=len(timesteps)):
             return [unet(latents + 0.1 * s, torch.tensor(t), **conditioning).sample for s, t in enumerate(timesteps)]
 
-    outputs = run_threads(ThreadedWorld(world_size, timeout_s=120), body)
+    outputs = run_on_threads(body, world_size, timeout_s=120)
     for step, reference in enumerate(expected):
         assert relative_error(outputs[0][step], reference) < 1e-5, step
         assert all(torch.equal(rank[step], outputs[0][step]) for rank in outputs), step

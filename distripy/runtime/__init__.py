@@ -20,7 +20,7 @@ Importing this package does not import torch; ``TorchComm`` and ``NcclComm`` do,
 
 from distripy.runtime.comm import Comm, CompletedWork, Work
 from distripy.runtime.loopback_comm import LoopbackComm, TrafficLog, Transfer
-from distripy.runtime.threaded_comm import ThreadedComm, ThreadedWorld, run_threads
+from distripy.runtime.threaded_comm import ThreadedComm, ThreadedWorld
 from distripy.runtime.loader import (
     NativeRuntimeUnavailable,
     native,
@@ -43,7 +43,6 @@ __all__ = [
     "native",
     "native_available",
     "native_unavailable_reason",
-    "run_threads",
 ]
 
 

@@ -26,7 +26,6 @@ receiver's stream).
 
 import contextlib
 import threading
-import time
 from typing import Any, Callable, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
 from distripy.config import DEFAULT_TIMEOUT_S
@@ -40,11 +39,7 @@ from distripy.runtime.comm import (
 )
 from distripy.runtime.health import CommHealth
 
-__all__ = ["RUN_THREADS_TIMEOUT_S", "ThreadedComm", "ThreadedWork", "ThreadedWorld", "run_threads"]
-
-RUN_THREADS_TIMEOUT_S = 3600.0
-"""How long ``run_threads`` lets its threads run by default (their waits are bounded by the
-world's timeout; their compute is the body's)."""
+__all__ = ["ThreadedComm", "ThreadedWork", "ThreadedWorld"]
 
 
 class _Operation:
@@ -331,32 +326,3 @@ class ThreadedComm:
     def track_graphs(self, holder) -> None:
         """No graph can hold this comm's work."""
 
-
-def run_threads(world: ThreadedWorld, body: Callable[[ThreadedComm], Any], timeout_s: Optional[float] = None) -> List[Any]:
-    """Run ``body(comm)`` on one thread per rank of ``world`` and return their results in rank
-    order. A rank that raises aborts the others (``ThreadedComm.abort``: their waits raise at once);
-    the first error is then raised here, once every thread ended. ``timeout_s``: how long the
-    threads may run in all (default ``RUN_THREADS_TIMEOUT_S``), a ``CommTimeoutError`` after it."""
-    results: List[Any] = [None] * world.world_size
-    errors: List[Tuple[int, BaseException]] = []
-
-    def run(comm: ThreadedComm) -> None:
-        try:
-            results[comm.rank] = body(comm)
-        except BaseException as error:  # noqa: BLE001 - re-raised by the caller's thread
-            errors.append((comm.rank, error))
-            comm.abort(f"{type(error).__name__}: {error}")
-
-    threads = [threading.Thread(target=run, args=(comm,), name=f"distripy-rank-{comm.rank}") for comm in world.comms()]
-    for thread in threads:
-        thread.start()
-    limit = RUN_THREADS_TIMEOUT_S if timeout_s is None else timeout_s
-    deadline = time.monotonic() + limit
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    if any(thread.is_alive() for thread in threads):
-        raise CommTimeoutError(f"run_threads: a rank's thread was still running after {limit:g} s")
-    if errors:
-        first = min(errors, key=lambda item: isinstance(item[1], CommError))  # a cause before its echoes
-        raise first[1]
-    return results
