@@ -80,11 +80,11 @@ def _sum_tile(store_scale, store_codes_ptr, res_codes_ptr, a, good, c_ptr, out_p
     PER_BYTE: tl.constexpr = 8 // BITS
     col_ok = col < cols
     mask = row_ok[:, None] & col_ok[None, :]
-    stored = store_scale == store_scale  # a nan scale: the baseline's row marked
+    marked = store_scale != store_scale  # a nan scale: the baseline's row marked, ``out``'s kept
     codes = tl.load(store_codes_ptr + row[:, None] * cols + col[None, :], mask=mask, other=0).to(tl.int32)
     decoded = (e4m3_values(codes) * store_scale[:, None]).to(out_ptr.dtype.element_ty)
-    kept = tl.load(out_ptr + row[:, None] * stride_out + col[None, :], mask=mask & (store_scale != store_scale)[:, None], other=0.0)
-    baseline = tl.where(stored[:, None], decoded, kept)
+    kept = tl.load(out_ptr + row[:, None] * stride_out + col[None, :], mask=mask & marked[:, None], other=0.0)
+    baseline = tl.where(marked[:, None], kept, decoded)
     byte = tl.load(
         res_codes_ptr + row[:, None] * row_bytes + (col // PER_BYTE)[None, :], mask=mask, other=0
     ).to(tl.int32)

@@ -235,11 +235,10 @@ def predict(
         # the warm-up: its first ``warmup_steps`` steps (at least one); every step of an
         # uncompressed full_sync or exact generation
         warm = min(steps, max(1, warmup_steps)) if "steady" in per_kind else steps
-        count = {"warm": warm, "steady": steps - warm}
-        times.setdefault("steady", (0.0, 0.0))  # none such
+        count = {kind: n for kind, n in (("warm", warm), ("steady", steps - warm)) if n}
         seconds = sum(times[kind][0] * n for kind, n in count.items())
         exposed = sum(times[kind][1] * n for kind, n in count.items()) / steps
-        steady = "steady" if count["steady"] else "warm"  # the kind of most steps' traffic
+        steady = "steady" if "steady" in count else "warm"  # the kind of most steps' traffic
         sent = sum(t.sent for t in per_kind[steady].transfers)
         candidate = (seconds, computes[steady], exposed, sent)
         if worst is None or candidate[0] > worst[0]:
