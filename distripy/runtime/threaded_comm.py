@@ -118,8 +118,7 @@ class ThreadedWorld:
                     f"{what} did not complete within {timeout_s:g} s: a peer thread did not issue it "
                     f"(posted by ranks {sorted(operation.parts)} of {operation.size})"
                 )
-                self.health.record(error)
-                self._changed.notify_all()
+                self.fail(error)
                 raise error
             if not operation.done:  # another operation of the family failed meanwhile
                 self.health.check(what)
@@ -128,13 +127,13 @@ class ThreadedWorld:
                 if not isinstance(error, CommError):
                     error = CommError(f"{what} failed: {type(error).__name__}: {error}")
                     error.__cause__ = operation.error
-                self.health.record(error)
-                self._changed.notify_all()
+                self.fail(error)
                 raise error
         return operation.result
 
     def fail(self, error: CommError) -> None:
-        """Record ``error`` as the family's failure and wake every waiter."""
+        """Record ``error`` as the family's failure and wake every waiter (re-entrant: the
+        condition's lock is an ``RLock``)."""
         with self._changed:
             self.health.record(error)
             self._changed.notify_all()
