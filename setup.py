@@ -146,7 +146,11 @@ setup(
         ],
         "bench": ["matplotlib>=3.7", f"cupy-cuda12x>=13; {LINUX}", "torchmetrics>=1.3", "clean-fid>=0.1.35"],
     },
-    entry_points={"console_scripts": ["distripy = distripy.cli:main"]},
+    entry_points={
+        "console_scripts": ["distripy = distripy.cli:main"],
+        # pip-installed ComfyUI forks load custom nodes from this group (docs/comfyui.md)
+        "comfyui.custom_nodes": ["distripy = distripy.comfyui"],
+    },
     zip_safe=False,
     classifiers=[
         "Programming Language :: Python :: 3",

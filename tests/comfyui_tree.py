@@ -54,10 +54,11 @@ def _absent(module: str) -> bool:
     return importlib.util.find_spec(module) is None
 
 
-def import_comfyui(source: Path):
-    """Import ComfyUI from ``source`` (a folder, or the archive, unpacked here) in CPU mode;
-    returns the ``comfy`` package, checked to be that tree's (an installed package named ``comfy``
-    would otherwise win: ``comfy/`` is a namespace package)."""
+def import_comfyui(source: Path, cpu: bool = True):
+    """Import ComfyUI from ``source`` (a folder, or the archive, unpacked here), in CPU mode unless
+    ``cpu`` is false (then on the GPU, as ComfyUI starts by default); returns the ``comfy`` package,
+    checked to be that tree's (an installed package named ``comfy`` would otherwise win: ``comfy/``
+    is a namespace package)."""
     if source.is_file():
         folder = Path(tempfile.mkdtemp(prefix="comfyui-"))
         with tarfile.open(source) as archive:
@@ -68,7 +69,7 @@ def import_comfyui(source: Path):
         for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional", "torchvision.ops"):
             sys.modules[name] = types.ModuleType(name)
     argv = sys.argv
-    sys.argv = [argv[0] if argv else "pytest", "--cpu"]
+    sys.argv = [argv[0] if argv else "pytest"] + (["--cpu"] if cpu else [])
     try:
         import comfy.options
 
@@ -101,7 +102,9 @@ on the second and in the middle, SDXL's label embedding (pooled text + six size 
 
 def tiny_sdxl_patcher(seed: int = 0):
     """A ``ModelPatcher`` of ComfyUI's ``model_base.SDXL`` around ``TINY_UNET``, its parameters
-    filled with seeded random values (ComfyUI's ops leave them uninitialised), on the CPU."""
+    filled with seeded random values (ComfyUI's ops leave them uninitialised), on the CPU; the output
+    convolution scaled so that the noise prediction is of unit scale (a random UNet's is tiny, and
+    the sampled latents would then be the noise's alone, whatever the model computes)."""
     import torch
 
     import comfy.latent_formats
@@ -123,6 +126,12 @@ def tiny_sdxl_patcher(seed: int = 0):
         for _, parameter in sorted(model.diffusion_model.named_parameters()):
             scale = 0.02 if parameter.dim() > 1 else 0.01
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+        unet = model.diffusion_model
+        x, context = torch.randn(2, 4, 32, 32, generator=generator), torch.randn(2, 7, 64, generator=generator)
+        y = torch.randn(2, TINY_UNET["adm_in_channels"], generator=generator)
+        spread = unet(x, torch.tensor([500.0, 500.0]), context=context, y=y).std()
+        unet.out[-1].weight.div_(spread)
+        unet.out[-1].bias.div_(spread)
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 

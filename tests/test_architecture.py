@@ -32,9 +32,10 @@ LAYERS = {
     "application": "application",
     "demo": "demo",
     "serving": "serving",
+    "comfyui": "comfyui",
     "cli": "cli",
 }
-# What each layer may import besides itself: cli -> demo, serving -> application -> api -> pipelines ->
+# What each layer may import besides itself: cli -> demo, serving (and comfyui) -> application -> api -> pipelines ->
 # parallel -> kernels, runtime, planning -> geometry -> config -> errors.
 BELOW = {
     "errors": set(),
@@ -49,6 +50,7 @@ BELOW = {
     "application": {"api", "pipelines", "parallel", "kernels", "runtime", "planning", "geometry", "config", "errors"},
     "demo": {"application", "api", "pipelines", "parallel", "kernels", "runtime", "planning", "geometry", "config", "errors"},
     "serving": {"application", "api", "pipelines", "parallel", "kernels", "runtime", "planning", "geometry", "config", "errors"},
+    "comfyui": {"application", "api", "pipelines", "parallel", "kernels", "runtime", "planning", "geometry", "config", "errors"},
     "cli": {"demo", "serving", "application", "api", "pipelines", "parallel", "kernels", "runtime", "planning", "geometry", "config", "errors"},
 }
 

@@ -18,11 +18,13 @@ def adopt(cls: Type[M], original: nn.Module) -> M:
     The weights are shared, not copied, so whatever later changes them in place (a fused LoRA,
     ``load_state_dict``, ``.to()``) acts on the parallel model too, and state-dict keys and module
     paths stay those of the original model (LoRA loaders find their targets).
+
+    ``cls`` adopts instances of its first base class, or of its ``adopts`` class attribute where it
+    has one (a subclass of a patch module adopting the same torch modules).
     """
-    if not isinstance(original, cls.__mro__[1]):
-        raise InputTypeError(
-            f"{cls.__name__} adopts {cls.__mro__[1].__name__} modules, not {type(original).__name__}"
-        )
+    base = getattr(cls, "adopts", cls.__mro__[1])
+    if not isinstance(original, base):
+        raise InputTypeError(f"{cls.__name__} adopts {base.__name__} modules, not {type(original).__name__}")
     module = cls.__new__(cls)
     module.__dict__.update(
         {key: value.copy() if isinstance(value, dict) else value for key, value in original.__dict__.items()}

@@ -425,11 +425,13 @@ class _Heads:
 
     def query(self, query: torch.Tensor) -> torch.Tensor:
         query = self._split(query)
-        return query if self.attn.norm_q is None else self.attn.norm_q(query)
+        norm = getattr(self.attn, "norm_q", None)  # absent from attention modules without one
+        return query if norm is None else norm(query)
 
     def key(self, key: torch.Tensor) -> torch.Tensor:
         key = self._split(key)
-        return key if self.attn.norm_k is None else self.attn.norm_k(key)
+        norm = getattr(self.attn, "norm_k", None)
+        return key if norm is None else norm(key)
 
     def value(self, value: torch.Tensor) -> torch.Tensor:
         return self._split(value)

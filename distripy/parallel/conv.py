@@ -133,6 +133,11 @@ class PatchConv2d(nn.Conv2d, PatchState):
             raise AssertionError(f"unhandled activation exchange {exchange!r}")
         return self._conv(x, top, bottom, prologue)
 
+    def current_weights(self):
+        """``(weight, bias)`` of this step's convolution: the layer's own; a subclass whose weights
+        live elsewhere (cast or patched on the fly by the host program) gives them here."""
+        return self.weight, self.bias
+
     def _conv(self, x, top, bottom, prologue, out=None, rows=None, sends=(None, None)) -> torch.Tensor:
         """The band's convolution (output rows ``rows`` into ``out``, see ``kernels.halo_conv2d``),
         writing the activated boundary rows into ``sends``. Where the kernels are Triton's, the
@@ -141,12 +146,13 @@ class PatchConv2d(nn.Conv2d, PatchState):
         ctx = self.patch_context
         halo_backend = ctx.config.halo_conv_backend
         backend = halo_backend if ctx.kernel_backend == "triton" else ctx.kernel_backend
+        weight, bias = self.current_weights()
         return halo_conv2d(
             x,
             top,
             bottom,
-            self.weight,
-            self.bias,
+            weight,
+            bias,
             self.stride,
             self.padding,
             self.dilation,

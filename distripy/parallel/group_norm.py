@@ -111,7 +111,13 @@ class PatchGroupNorm(nn.GroupNorm, PatchState):
     def prologue(self, x: torch.Tensor, silu: bool) -> GroupNormPrologue:
         """This step's normalisation of ``x`` (+ SiLU), to be applied by the next convolution."""
         mean, rstd = self.statistics(x)
-        return GroupNormPrologue(mean, rstd, self.weight, self.bias, self.num_groups, silu)
+        weight, bias = self.current_weights()
+        return GroupNormPrologue(mean, rstd, weight, bias, self.num_groups, silu)
+
+    def current_weights(self):
+        """``(weight, bias)`` of the affine step: the layer's own; a subclass whose weights live
+        elsewhere (cast or patched on the fly by the host program) gives them here."""
+        return self.weight, self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.patch_context.has_neighbours:

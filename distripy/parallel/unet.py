@@ -55,6 +55,7 @@ class PatchUNetForward:
     """Replaces ``unet.forward``; the model's own forward runs inside on the band."""
 
     spatial_arguments = _SPATIAL_ARGUMENTS  # the forward's arguments cut into bands
+    per_step_arguments: Tuple[str, ...] = ()  # arguments that change every step but are no conditioning
     model_name = "UNet"  # in messages
 
     def __init__(
@@ -265,11 +266,15 @@ class PatchUNetForward:
         completed = False
         band = None
         try:
-            band = self._run_local(localize(arguments, plan, self.spatial_arguments))
+            band = self._run_local(self._localize(arguments, plan))
             completed = True
         finally:
             prediction = self._finish(band, plan, completed)
         return self._output(prediction, return_dict)
+
+    def _localize(self, arguments: Dict[str, Any], plan: BandPlan) -> Dict[str, Any]:
+        """This rank's share of the call's arguments (``band_inputs.localize``)."""
+        return localize(arguments, plan, self.spatial_arguments)
 
     def _output(self, prediction: torch.Tensor, return_dict: bool):
         """What the model's forward returns."""
@@ -299,7 +304,7 @@ class PatchUNetForward:
             plan.key(),
             alone,
         )
-        skipped = ("sample", "timestep") + tuple(self.spatial_arguments)
+        skipped = ("sample", "timestep") + tuple(self.spatial_arguments) + tuple(self.per_step_arguments)
         start = self.tracker.begin_step(
             arguments["timestep"], signature, self.tracker.conditioning_of(arguments, skipped)
         )
