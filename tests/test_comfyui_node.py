@@ -194,6 +194,33 @@ def _lora_and_async_body(rank, world_size, source):
         results[f"stronger lora {gpus} {mode}"] = _relative(
             comfyui_tree.sample(stronger), comfyui_tree.sample(reference_stronger)
         )
+    # Weights ComfyUI computes on the fly (low-VRAM mode, a LoRA applied per call, a manual cast):
+    # weight_function / bias_function / comfy_cast_weights on a 3x3 convolution, a GroupNorm and
+    # an attention projection of the model; the patch layers and the replicas must use the weights
+    # its forward would (comfy.ops.cast_bias_weight).
+    on_the_fly = {
+        "input_blocks.1.0.in_layers.2": ("weight_function", [lambda w: w * 1.5]),
+        "input_blocks.1.0.out_layers.0": ("weight_function", [lambda w: w + 0.5]),
+        "input_blocks.3.1.transformer_blocks.0.attn1.to_k": ("weight_function", [lambda w: -w]),
+        "output_blocks.0.0.in_layers.2": ("bias_function", [lambda b: b + 0.2]),
+        "middle_block.0.out_layers.3": ("comfy_cast_weights", True),
+    }
+
+    def set_on_the_fly(chain, *args, **kwargs):  # after ComfyUI's load, which resets them
+        for path, (name, value) in on_the_fly.items():
+            setattr(chain.class_obj.get_submodule(path), name, value)
+        return chain(*args, **kwargs)
+
+    casting = base.clone()
+    casting.add_wrapper_with_key("diffusion_model", "test.on_the_fly", set_on_the_fly)
+    casting_plain = comfyui_tree.sample(casting)
+    results["on-the-fly weights change the image"] = _relative(casting_plain, plain)
+    for gpus, mode in ((3, "exact"), (2, "full_sync")):
+        parallel = patch_parallel(casting, gpus=gpus, mode=mode, warmup=1, split_batch=False)
+        results[f"on-the-fly weights {gpus} {mode}"] = _relative(comfyui_tree.sample(parallel), casting_plain)
+    for path, (name, _) in on_the_fly.items():
+        delattr(unet.get_submodule(path), name)
+
     close = {}
     for mode in ("corrected_async_gn", "sync_gn", "stale_gn", "separate_gn", "naive_patch"):
         for gpus in (2, 3):
@@ -220,6 +247,7 @@ def _lora_and_async_body(rank, world_size, source):
 def test_lora_clones_async_modes_and_an_untouched_input_model():
     ((results, close, unchanged),) = run_on_ranks(_lora_and_async_body, 1, SOURCE, timeout=600)
     assert results.pop("lora_changes_the_image") > 1e-3  # the patches matter
+    assert results.pop("on-the-fly weights change the image") > 1e-3
     for key, error in results.items():
         assert error <= EXACT, (key, error)
     # the asynchronous modes close to it (DistriFusion's default much closer), all far closer than
