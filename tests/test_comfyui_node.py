@@ -347,3 +347,21 @@ def test_the_nodes_are_an_entry_point_of_comfyui_custom_nodes():
     node = module.NODE_CLASS_MAPPINGS["DistripyPatchParallel"]
     assert node.RETURN_TYPES == ("MODEL",) and callable(getattr(node, node.FUNCTION))
     assert set(node.INPUT_TYPES()["required"]) == {"model", "gpus", "mode", "warmup", "split_batch"}
+
+
+def test_the_example_workflow_feeds_the_node_what_it_takes():
+    import json
+    from pathlib import Path
+
+    from distripy.comfyui import NODE_CLASS_MAPPINGS
+
+    workflow = json.loads((Path(__file__).resolve().parent.parent / "docs" / "comfyui-workflow-api.json").read_text())
+    (node_id,) = [key for key, node in workflow.items() if node["class_type"] == "DistripyPatchParallel"]
+    node = NODE_CLASS_MAPPINGS["DistripyPatchParallel"]
+    required = node.INPUT_TYPES()["required"]
+    inputs = workflow[node_id]["inputs"]
+    assert set(inputs) == set(required)
+    assert inputs["mode"] in required["mode"][0] and inputs["split_batch"] in required["split_batch"][0]
+    parse_gpus(inputs["gpus"])
+    samplers = [n for n in workflow.values() if n["class_type"] == "KSampler"]
+    assert [s["inputs"]["model"] for s in samplers] == [[node_id, 0]]  # the sampler takes the node's model
