@@ -150,15 +150,16 @@ def conditioning(seed: int = 0, tokens: int = 7):
     return cond(), cond()
 
 
-def sample(patcher, steps: int = 4, cfg: float = 5.0, seed: int = 1, size: Tuple[int, int] = (32, 32), sampler="euler"):
+def sample(patcher, steps: int = 4, cfg: float = 5.0, seed: int = 1, size: Tuple[int, int] = (32, 32), sampler="euler",
+           batch: int = 1):  # fmt: skip
     """``comfy.sample.sample`` (KSampler: ``sampler``, the ``normal`` schedule) from seeded noise
-    and an empty latent of ``size``: the final latent."""
+    and an empty latent of ``batch`` images of ``size``: the final latent."""
     import torch
 
     import comfy.sample
 
     positive, negative = conditioning()
-    noise = torch.randn(1, 4, *size, generator=torch.Generator().manual_seed(seed))
-    latent = torch.zeros(1, 4, *size)
+    noise = torch.randn(batch, 4, *size, generator=torch.Generator().manual_seed(seed))
+    latent = torch.zeros(batch, 4, *size)
     return comfy.sample.sample(patcher, noise, steps, cfg, sampler, "normal", positive, negative, latent, seed=seed,
                                disable_pbar=True)  # fmt: skip

@@ -54,11 +54,11 @@ def _equality_body(rank, world_size, source):
     base = comfyui_tree.tiny_sdxl_patcher(0)
     references = {}
 
-    def reference(cfg, size, control):
-        if (cfg, size, control) not in references:
+    def reference(cfg, size, control, batch=1):
+        if (cfg, size, control, batch) not in references:
             model = _with_control(base.clone()) if control else base
-            references[cfg, size, control] = comfyui_tree.sample(model, cfg=cfg, size=size)
-        return references[cfg, size, control]
+            references[cfg, size, control, batch] = comfyui_tree.sample(model, cfg=cfg, size=size, batch=batch)
+        return references[cfg, size, control, batch]
 
     errors, calls = {}, {}
     cases = [
@@ -76,9 +76,10 @@ def _equality_body(rank, world_size, source):
         (2, "exact", dict(split=True, separate=True)),  # separate calls of one image: no split
         (3, "exact", dict(split=False, control=True)),  # ControlNet residuals, cut into the bands
         (4, "full_sync", dict(split=True, control=True, size=(36, 28))),
+        (4, "exact", dict(split=True, batch=2)),  # two images: [uncond x2, cond x2], one call
     ]
     for gpus, mode, options in cases:
-        cfg, size = options.get("cfg", 5.0), options.get("size", (32, 32))
+        cfg, size, batch = options.get("cfg", 5.0), options.get("size", (32, 32)), options.get("batch", 1)
         whole, bands = [], []  # what the UNet is called with, and what each rank runs
         recorded = base.clone()  # a wrapper before distripy's sees the call, one after it a band
         if options.get("control"):
@@ -89,8 +90,8 @@ def _equality_body(rank, world_size, source):
         if options.get("separate"):
             _separate_calls(model)
         key = (gpus, mode, tuple(sorted(options.items())))
-        expected = reference(cfg, size, bool(options.get("control")))
-        errors[key] = _relative(comfyui_tree.sample(model, cfg=cfg, size=size), expected)
+        expected = reference(cfg, size, bool(options.get("control")), batch)
+        errors[key] = _relative(comfyui_tree.sample(model, cfg=cfg, size=size, batch=batch), expected)
         calls[key] = (whole, bands)
     node = NODE_CLASS_MAPPINGS["DistripyPatchParallel"]()
     (model,) = node.patch(base, "2", "exact", 1, "enable")
@@ -120,7 +121,7 @@ def _with_control(model):
 
 
 def _recorder(seen):
-    def wrapper(chain, x, *args, **kwargs):
+    def wrapper(chain, x, *args, **kwargs):  # args: timesteps, context, y, control, transformer_options
         seen.append((tuple(x.shape), list(args[4].get("cond_or_uncond", ()))))
         return chain(x, *args, **kwargs)
 
@@ -149,8 +150,9 @@ def test_full_sync_and_exact_equal_the_unwrapped_model():
         groups = 2 if split else 1
         tallest = -(-height // 2 // (gpus // groups)) * 2  # rows of the deepest level, 2 latent rows each
         assert all(shape[2] <= tallest for shape, _ in bands), (tallest, bands)
-        if split:  # each group of ranks runs one CFG half
+        if split:  # each group of ranks runs one CFG half, and its transformer options say which
             assert all(shape[0] == whole[0][0][0] // 2 for shape, _ in bands), bands
+            assert sorted(which for _, which in bands[: gpus]) == [[0]] * (gpus // 2) + [[1]] * (gpus // 2), bands
 
 
 def _lora_and_async_body(rank, world_size, source):
@@ -226,6 +228,8 @@ def _lora_and_async_body(rank, world_size, source):
         for gpus in (2, 3):
             parallel = patch_parallel(base, gpus=gpus, mode=mode, warmup=1, split_batch=False)
             close[mode, gpus] = _relative(comfyui_tree.sample(parallel), plain)
+    separate = _separate_calls(patch_parallel(base, gpus=3, mode="corrected_async_gn", warmup=1, split_batch=False))
+    close["corrected_async_gn", "3, separate calls"] = _relative(comfyui_tree.sample(separate), plain)
     after = {
         "options": base.model_options,
         "wrappers": base.wrappers,

@@ -7,8 +7,9 @@ graphs) with ComfyUI's call in place of diffusers':
 * ``control`` (ControlNet and T2I-Adapter residuals, ``{"input": [...], "middle": [...],
   "output": [...]}``) is cut into the band like the latent;
 * ``transformer_options`` is no conditioning (it holds the step's sigmas): not digested; each rank
-  gets a copy of its own (the UNet writes into it), whose per-sample lists (``cond_or_uncond``,
-  ``uuids``) and ``sigmas`` are this rank's half under the CFG split;
+  gets a copy of its own (the UNet writes into it), whose lists with one entry per chunk of the
+  batch (``cond_or_uncond``, ``uuids``: a chunk is one cond's samples) and ``sigmas`` are this
+  rank's half under the CFG split;
 * the band runs the rest of ComfyUI's ``DIFFUSION_MODEL`` wrapper chain, after distripy's own
   wrapper, around the retrofitted copy's ``_forward`` (``next_wrappers``);
 * the ranks are threads given one call: every generation is agreed (no round of digests).
@@ -72,10 +73,10 @@ class ComfyUNetForward(PatchUNetForward):
         options = dict(options)
         if plan.cut_batch:
             batch = arguments["sample"].shape[0]
-            for name in _PER_SAMPLE_OPTIONS:
+            for name in _PER_SAMPLE_OPTIONS:  # one entry per chunk of the batch (a cond's samples)
                 value = options.get(name)
-                if isinstance(value, (list, tuple)) and len(value) == batch:
-                    half = batch // 2
+                if isinstance(value, (list, tuple)) and len(value) % 2 == 0:
+                    half = len(value) // 2
                     options[name] = type(value)(value[plan.batch_index * half : (plan.batch_index + 1) * half])
             if isinstance(options.get("sigmas"), torch.Tensor):
                 options["sigmas"] = take_batch_half(options["sigmas"], batch, plan.batch_index)
