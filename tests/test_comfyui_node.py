@@ -369,3 +369,27 @@ def test_the_example_workflow_feeds_the_node_what_it_takes():
     parse_gpus(inputs["gpus"])
     samplers = [n for n in workflow.values() if n["class_type"] == "KSampler"]
     assert [s["inputs"]["model"] for s in samplers] == [[node_id, 0]]  # the sampler takes the node's model
+
+
+@needs_comfyui
+def test_the_prepared_gpu_check_dry_runs_on_cpu(tmp_path):
+    """``bench/comfyui_check.py`` (the node on a GPU, for a session lent one), scaled down to the
+    tiny UNet on CPU workers: it runs, writes its JSON, and the node's latents equal the model's."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repository = Path(__file__).resolve().parent.parent
+    output = tmp_path / "check.json"
+    command = [sys.executable, str(repository / "bench" / "comfyui_check.py"), "--dry-run", "--repeats", "1",
+               "--steps", "2", "--output", str(output)]  # fmt: skip
+    environment = dict(os.environ, DISTRIPY_COMFYUI_ARCHIVE=str(SOURCE)) if SOURCE.is_file() else dict(os.environ)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(output.read_text())
+    assert record["environment"]["dry_run"] is True
+    rows = {row["variant"]: row for row in record["rows"]}
+    assert set(rows) == {"unwrapped", "1 worker", "2 workers"}
+    assert all(row["finite"] and row["relative_error"] <= EXACT and row["run_s_median"] > 0 for row in rows.values())
