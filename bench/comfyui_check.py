@@ -51,30 +51,6 @@ SDXL_UNET = dict(
 """SDXL's UNet, as ComfyUI's ``supported_models.SDXL`` configures it."""
 
 
-def _patcher(config: Dict, dtype: torch.dtype, device: torch.device):
-    """A ComfyUI ``ModelPatcher`` of ``model_base.SDXL`` around ``config``, seeded random weights."""
-    import comfy.latent_formats
-    import comfy.model_base
-    import comfy.model_patcher
-    import comfy.supported_models_base
-
-    class Model(comfy.supported_models_base.BASE):
-        unet_config = {}
-        unet_extra_config = {}
-        latent_format = comfy.latent_formats.SDXL
-
-        def get_model(self, state_dict=None, prefix="", device=None):
-            return comfy.model_base.SDXL(self, device=device)
-
-    model = Model(dict(config, dtype=dtype)).get_model(device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for _, parameter in sorted(model.diffusion_model.named_parameters()):
-            scale = 0.02 if parameter.dim() > 1 else 0.01
-            parameter.copy_(torch.randn(parameter.shape, generator=generator, device=device, dtype=torch.float32) * scale)
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
-
-
 def _conditioning(tokens: int, width: int, pooled: int, device: torch.device):
     generator = torch.Generator().manual_seed(3)
 
@@ -136,7 +112,7 @@ def main(argv: List[str] = None) -> Dict:
         variants = {"1 worker": dict(gpus=1), "2 workers": dict(gpus=2)}
     else:
         device, latent = torch.device("cuda", 0), 128
-        base = _patcher(SDXL_UNET, torch.float16, device)
+        base = comfyui_tree.sdxl_patcher(SDXL_UNET, 0, torch.float16, device, offload_device=torch.device("cpu"))
         conditioning = _conditioning(77, 2048, 1280, device)
         variants = {"1 worker, graphs": dict(gpus=1), "1 worker, eager": dict(gpus=1, graphs=False)}
     models = {"unwrapped": base}

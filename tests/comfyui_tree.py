@@ -100,11 +100,10 @@ TINY_UNET = dict(
 on the second and in the middle, SDXL's label embedding (pooled text + six size embeddings)."""
 
 
-def tiny_sdxl_patcher(seed: int = 0):
-    """A ``ModelPatcher`` of ComfyUI's ``model_base.SDXL`` around ``TINY_UNET``, its parameters
-    filled with seeded random values (ComfyUI's ops leave them uninitialised), on the CPU; the output
-    convolution scaled so that the noise prediction is of unit scale (a random UNet's is tiny, and
-    the sampled latents would then be the noise's alone, whatever the model computes)."""
+def sdxl_patcher(config: dict, seed: int = 0, dtype=None, device=None, offload_device=None):
+    """A ``ModelPatcher`` of ComfyUI's ``model_base.SDXL`` around the UNet ``config``
+    (``openaimodel.UNetModel``'s arguments), its parameters filled with seeded random values
+    (ComfyUI's ops leave them uninitialised), in ``dtype`` (fp32) on ``device`` (the CPU)."""
     import torch
 
     import comfy.latent_formats
@@ -112,7 +111,7 @@ def tiny_sdxl_patcher(seed: int = 0):
     import comfy.model_patcher
     import comfy.supported_models_base
 
-    class TinySDXL(comfy.supported_models_base.BASE):
+    class RandomSDXL(comfy.supported_models_base.BASE):
         unet_config = {}
         unet_extra_config = {}
         latent_format = comfy.latent_formats.SDXL
@@ -120,20 +119,33 @@ def tiny_sdxl_patcher(seed: int = 0):
         def get_model(self, state_dict=None, prefix="", device=None):
             return comfy.model_base.SDXL(self, device=device)
 
-    model = TinySDXL(dict(TINY_UNET, dtype=torch.float32)).get_model(device="cpu")
-    generator = torch.Generator().manual_seed(seed)
+    device = torch.device("cpu" if device is None else device)
+    model = RandomSDXL(dict(config, dtype=dtype or torch.float32)).get_model(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for _, parameter in sorted(model.diffusion_model.named_parameters()):
             scale = 0.02 if parameter.dim() > 1 else 0.01
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
-        unet = model.diffusion_model
+            values = torch.randn(parameter.shape, generator=generator, device=device, dtype=torch.float32)
+            parameter.copy_(values * scale)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=offload_device or device)
+
+
+def tiny_sdxl_patcher(seed: int = 0):
+    """``sdxl_patcher`` of ``TINY_UNET`` on the CPU, its output convolution scaled so that the noise
+    prediction is of unit scale (a random UNet's is tiny, and the sampled latents would then be the
+    noise's alone, whatever the model computes)."""
+    import torch
+
+    patcher = sdxl_patcher(TINY_UNET, seed)
+    unet = patcher.model.diffusion_model
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
         x, context = torch.randn(2, 4, 32, 32, generator=generator), torch.randn(2, 7, 64, generator=generator)
         y = torch.randn(2, TINY_UNET["adm_in_channels"], generator=generator)
         spread = unet(x, torch.tensor([500.0, 500.0]), context=context, y=y).std()
         unet.out[-1].weight.div_(spread)
         unet.out[-1].bias.div_(spread)
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return patcher
 
 
 def conditioning(seed: int = 0, tokens: int = 7):

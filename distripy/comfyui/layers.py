@@ -22,7 +22,7 @@ Outside a patch-parallel step (one band) each runs its source layer as it is.
 """
 
 import contextlib
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 
@@ -72,24 +72,32 @@ class _SourceWeights:
     source: torch.nn.Module
     _current: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
 
-    def _take_source(self, source: torch.nn.Module) -> None:
+    @classmethod
+    def of(cls, layer: torch.nn.Module, context: PatchContext, path: str):
+        """The patch layer standing for ComfyUI's ``layer`` (which stays as it is)."""
+        module = cls.adopted(layer, context, path)
         # A plain attribute, not a child module: the source belongs to ComfyUI's model (or to this
         # rank's replica), and its parameters are no parameters of the patch layer.
-        self.__dict__["source"] = source
-        for name in list(self._parameters):
-            self._parameters[name] = None
+        module.__dict__["source"] = layer
+        for name in list(module._parameters):
+            module._parameters[name] = None
+        return module
 
     def current_weights(self):
         if self._current is None:
             raise AssertionError(f"{self.patch_path}: weights read outside the layer's call")
         return self._current
 
-    @contextlib.contextmanager
-    def _weights(self, x: torch.Tensor) -> Iterator[None]:
+    def _on_band(self, x: torch.Tensor, band_forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``band_forward()`` with the source's weights of this call; the source itself when there
+        is no band to exchange with."""
+        if not self.patch_context.has_neighbours:
+            return self.source(x)
+        _run_every_op()
         with _weights_of(self.source, x) as weights:
             self._current = weights
             try:
-                yield
+                return band_forward()
             finally:
                 self._current = None
 
@@ -100,17 +108,11 @@ class ComfyPatchConv2d(_SourceWeights, PatchConv2d):
     adopts = torch.nn.Conv2d
 
     @classmethod
-    def of(cls, layer: torch.nn.Conv2d, context: PatchContext, path: str) -> "ComfyPatchConv2d":
-        module = cls.from_conv(layer, context, path)
-        module._take_source(layer)
-        return module
+    def adopted(cls, layer, context, path):
+        return cls.from_conv(layer, context, path)
 
     def forward(self, x: torch.Tensor, prologue=None) -> torch.Tensor:
-        if not self.patch_context.has_neighbours:
-            return self.source(x)
-        _run_every_op()
-        with self._weights(x):
-            return super().forward(x, prologue)
+        return self._on_band(x, lambda: PatchConv2d.forward(self, x, prologue))
 
 
 class ComfyPatchGroupNorm(_SourceWeights, PatchGroupNorm):
@@ -119,17 +121,11 @@ class ComfyPatchGroupNorm(_SourceWeights, PatchGroupNorm):
     adopts = torch.nn.GroupNorm
 
     @classmethod
-    def of(cls, layer: torch.nn.GroupNorm, context: PatchContext, path: str) -> "ComfyPatchGroupNorm":
-        module = cls.from_group_norm(layer, context, path)
-        module._take_source(layer)
-        return module
+    def adopted(cls, layer, context, path):
+        return cls.from_group_norm(layer, context, path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.patch_context.has_neighbours:
-            return self.source(x)
-        _run_every_op()
-        with self._weights(x):
-            return self.prologue(x, silu=False).apply(x, backend=self.patch_context.kernel_backend)
+        return self._on_band(x, lambda: PatchGroupNorm.forward(self, x))
 
 
 class ComfySelfAttention(PatchSelfAttnProcessor):
