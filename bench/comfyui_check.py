@@ -31,6 +31,7 @@ On CPU (``--dry-run``): the tiny UNet at 32x32 latents, the node on 1 and 2 CPU 
 """
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -76,20 +77,6 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _captures(model) -> int:
-    """CUDA graphs the node's ranks captured (0 when eager)."""
-    from distripy.comfyui.nodes import WRAPPER_KEY
-
-    (wrapper,) = model.get_wrappers("diffusion_model", WRAPPER_KEY)
-    parallel = wrapper.__self__
-    return sum(
-        forward.graphs.captures
-        for rank in parallel._ranks  # noqa: SLF001 - a benchmark reads the node's state
-        for forward, _ in rank.streams.values()
-        if forward.graphs is not None
-    )
-
-
 def main(argv: List[str] = None) -> Dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="the tiny UNet on CPU workers")
@@ -103,7 +90,7 @@ def main(argv: List[str] = None) -> Dict:
     if source is None:
         raise SystemExit(f"comfyui_check: {why_not}")
     comfyui_tree.import_comfyui(source, cpu=args.dry_run)
-    from distripy.comfyui import patch_parallel
+    from distripy.comfyui import parallel_unet_of, patch_parallel
 
     if args.dry_run:
         device, latent = torch.device("cpu"), 32
@@ -118,8 +105,9 @@ def main(argv: List[str] = None) -> Dict:
     models = {"unwrapped": base}
     for name, options in variants.items():
         model = patch_parallel(base, gpus=options["gpus"], mode="full_sync", warmup=1, split_batch=False)
-        if options.get("graphs") is False:
-            _force_eager(model)
+        if options.get("graphs") is False:  # the eager baseline of the same path
+            parallel = parallel_unet_of(model)
+            parallel.config = dataclasses.replace(parallel.config, use_cuda_graph=False)
         models[name] = model
     latents: Dict[str, torch.Tensor] = {}
     times: Dict[str, List[float]] = {name: [] for name in models}
@@ -145,7 +133,7 @@ def main(argv: List[str] = None) -> Dict:
                 speedup=statistics.median(u / v for u, v in zip(times["unwrapped"], times[name])),
                 relative_error=float((latents[name].float() - reference).abs().max()) / scale if scale else None,
                 finite=bool(torch.isfinite(latents[name]).all()),
-                captures=None if name == "unwrapped" else _captures(models[name]),
+                captures=None if name == "unwrapped" else parallel_unet_of(models[name]).captures(),
             )
         )
     record = dict(
@@ -160,17 +148,6 @@ def main(argv: List[str] = None) -> Dict:
               f"error {row['relative_error']:.2e}, captures {row['captures']}")  # fmt: skip
     print(f"written: {output}")
     return record
-
-
-def _force_eager(model) -> None:
-    """The node's ranks without CUDA graphs (the eager baseline of the same path)."""
-    import dataclasses
-
-    from distripy.comfyui.nodes import WRAPPER_KEY
-
-    (wrapper,) = model.get_wrappers("diffusion_model", WRAPPER_KEY)
-    parallel = wrapper.__self__
-    parallel.config = dataclasses.replace(parallel.config, use_cuda_graph=False)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,20 @@ A custom-node package: ComfyUI loads ``NODE_CLASS_MAPPINGS`` from here through i
 (docs/comfyui.md). ComfyUI itself is imported only when the node runs, inside ComfyUI.
 """
 
-from distripy.comfyui.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, PatchParallelNode, patch_parallel
+from distripy.comfyui.nodes import (
+    NODE_CLASS_MAPPINGS,
+    NODE_DISPLAY_NAME_MAPPINGS,
+    PatchParallelNode,
+    parallel_unet_of,
+    patch_parallel,
+)
 from distripy.comfyui.parallel_unet import PatchParallelUNet
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "PatchParallelNode", "PatchParallelUNet", "patch_parallel"]
+__all__ = [
+    "NODE_CLASS_MAPPINGS",
+    "NODE_DISPLAY_NAME_MAPPINGS",
+    "PatchParallelNode",
+    "PatchParallelUNet",
+    "parallel_unet_of",
+    "patch_parallel",
+]

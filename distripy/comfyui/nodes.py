@@ -7,14 +7,21 @@ node checks what it can before any sampling: the GPU count or indices against th
 that the model's UNet can be split (otherwise a clear error now, never a wrong image later).
 """
 
-from typing import Union
+from typing import Optional, Union
 
 from distripy.comfyui.parallel_unet import PatchParallelUNet, parse_gpus, resolve_devices
 from distripy.comfyui.retrofit import swap_plan
 from distripy.config import DEFAULT_WARMUP_STEPS, MODE_CHOICES, DistriConfig
 from distripy.errors import ConfigError
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "PatchParallelNode", "WRAPPER_KEY", "patch_parallel"]
+__all__ = [
+    "NODE_CLASS_MAPPINGS",
+    "NODE_DISPLAY_NAME_MAPPINGS",
+    "PatchParallelNode",
+    "WRAPPER_KEY",
+    "parallel_unet_of",
+    "patch_parallel",
+]
 
 WRAPPER_KEY = "distripy.patch_parallel"
 """The key of the node's wrappers on a model (one node's at a time: applying it again replaces them)."""
@@ -42,6 +49,12 @@ def patch_parallel(model, gpus: Union[int, str] = 2, mode: str = "auto", warmup:
         clone.remove_wrappers_with_key(kind, WRAPPER_KEY)
         clone.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
     return clone
+
+
+def parallel_unet_of(model) -> Optional[PatchParallelUNet]:
+    """The ``PatchParallelUNet`` a model (the node's output, or a clone of it) carries, or None."""
+    wrappers = model.get_wrappers("diffusion_model", WRAPPER_KEY)
+    return wrappers[0].__self__ if wrappers else None
 
 
 class PatchParallelNode:

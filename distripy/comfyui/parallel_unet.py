@@ -167,6 +167,7 @@ class PatchParallelUNet:
         self._model = None  # the UNet the ranks were made for (ComfyUI's)
         self._synced: Any = None  # (model, patches_uuid, dtype) the replicas' weights are
         self._casting = False  # whether ComfyUI casts or patches weights on the fly (no CUDA graphs then)
+        self._replicas: List[torch.nn.Module] = []  # the model's copies on ranks 1.. (kept across executors)
         self._run: Optional[_Run] = None
         self._runs = itertools.count()
         self._lock = threading.RLock()
@@ -174,6 +175,21 @@ class PatchParallelUNet:
     @property
     def world_size(self) -> int:
         return self.gpus if isinstance(self.gpus, int) else len(self.gpus)
+
+    def chosen_modes(self) -> List[Tuple[str, int]]:
+        """``(mode, warm-up steps)`` of each stream's last generation (what ``mode="auto"`` chose
+        for the run's step count), in the order the streams first ran."""
+        ranks = self._ranks[:1]
+        return [(f.context.mode, f.context.warmup_steps) for rank in ranks for f, _ in rank.streams.values()]
+
+    def captures(self) -> int:
+        """How many CUDA graphs the ranks' band steps have captured (0 when eager)."""
+        return sum(
+            forward.graphs.captures
+            for rank in self._ranks
+            for forward, _ in rank.streams.values()
+            if forward.graphs is not None
+        )
 
     # -- ComfyUI's wrappers -----------------------------------------------------------------------
 
@@ -223,7 +239,7 @@ class PatchParallelUNet:
                 outputs = self._executor.run(step)
             except BaseException:
                 if self._executor.broken:
-                    self._discard()
+                    self._discard(replicas=False)
                 raise
             return outputs[0]
 
@@ -232,8 +248,10 @@ class PatchParallelUNet:
     def _prepare(self, unet: torch.nn.Module, x: torch.Tensor, run: _Run) -> None:
         """Make (or remake) the executor and the ranks for ``unet`` on ``x``'s device, and set the
         replicas' weights when they may differ from the model's."""
-        if self._model is not unet or (self._executor is not None and self._executor.broken):
-            self._discard()
+        if self._model is not unet or (self._ranks and self._ranks[0].device != x.device):
+            self._discard(replicas=True)  # another model, or the model moved to another device
+        elif self._executor is not None and self._executor.broken:
+            self._discard(replicas=False)  # a failed call (an interrupt, an error): new comms only
         if self._executor is None:
             swap_plan(unet)  # refuse before making anything
             devices = resolve_devices(self.gpus, x.device)
@@ -247,10 +265,10 @@ class PatchParallelUNet:
                 raise
             self.config = config
             self._executor, self._model = executor, unet
-            self._ranks = [
-                _Rank(rank, device, unet if rank == 0 else replica(unet, device))
-                for rank, device in enumerate(devices)
-            ]
+            if not self._replicas:
+                self._replicas = [replica(unet, device) for device in devices[1:]]
+                self._synced = None
+            self._ranks = [_Rank(rank, device, model) for rank, (device, model) in enumerate(zip(devices, [unet] + self._replicas))]
             for state, comm in zip(self._ranks, comms):
                 state.comms = comm
         patches = run.patches if run.patches is not None else ("unknown: once per run", run.number)
@@ -278,14 +296,17 @@ class PatchParallelUNet:
             try:
                 self._executor.run(lambda rank: self._ranks[rank].drain())
             except BaseException:
-                self._discard()
+                self._discard(replicas=False)
                 if not failed:
                     raise
 
-    def _discard(self) -> None:
-        """Drop the executor and the ranks (a failed transfer, another model)."""
+    def _discard(self, replicas: bool = True) -> None:
+        """Drop the executor and the ranks' band steps (after a failed call), and with ``replicas``
+        the other devices' copies of the model too (another model, closing)."""
         executor, self._executor = self._executor, None
-        self._ranks, self._model, self._synced = [], None, None
+        self._ranks = []
+        if replicas:
+            self._replicas, self._model, self._synced = [], None, None
         if executor is not None:
             executor.close()
 

@@ -175,7 +175,9 @@ def sync_weights(unet: nn.Module, copied: nn.Module, dtype: Optional[torch.dtype
     (the first time, or after a change of dtype, new tensors)."""
     device = copied.__dict__["distripy_device"]
     originals = dict(unet.named_modules())
-    with torch.no_grad():
+    # The replica's tensors are normal ones (made outside inference mode), which either mode may
+    # update in place (ComfyUI samples under inference mode; a direct call may not).
+    with torch.inference_mode(False), torch.no_grad():
         for path, target in copied.named_modules():
             source = originals[path]
             effective = {}
