@@ -64,22 +64,32 @@ def pytest_configure(config):
 # order: these go first, so that no long file starts last while the other workers have nothing left
 # to do. The other files follow in pytest's order. Only the order changes, never what runs.
 LONGEST_FIRST = (
+    # the compile tests: single processes whose tracing slows most beside the others
     "test_compile_inductor.py",
     "test_compile.py",
     "test_compile_ranks.py",
     "test_compile_graphs.py",
+    # then by their measured time on three workers, longest first
     "test_cli.py",
-    "test_failures.py",
-    "test_patch_unet.py",
+    "test_bench.py",
     "test_pipeline_variants.py",
+    "test_patch_unet.py",
+    "test_compressed_fresh_exchange.py",
     "test_compressed_exchange.py",
     "test_serve.py",
-    "test_bench.py",
-    "test_engine.py",
-    "test_application.py",
-    "test_compile_targets.py",
+    "test_comfyui_node.py",
     "test_fidelity.py",
+    "test_trained_model.py",
     "test_pipelines.py",
+    "test_compile_targets.py",
+    "test_failures.py",
+    "test_triton_group_norm.py",
+    "test_launcher.py",
+    "test_exact_mode.py",
+    "test_agreement.py",
+    "test_engine.py",
+    "test_triton_halo_conv.py",
+    "test_application.py",
 )
 
 
