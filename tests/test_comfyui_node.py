@@ -310,6 +310,20 @@ def _refusals_body(rank, world_size, source):
     outcome("no such GPUs", lambda: patch_parallel(_on_cuda(base), gpus=2))
     outcome("bad gpus", lambda: patch_parallel(base, gpus="two"))
     outcome("bad mode", lambda: patch_parallel(base, gpus=2, mode="fast"))
+
+    # The retrofitted copy fuses every ResBlock's GroupNorm -> SiLU -> conv (in and out) and the
+    # output head's; the model itself keeps its plain sequences.
+    from distripy.comfyui.layers import FusedNormConv
+    from distripy.comfyui.retrofit import retrofit
+    from distripy.config import DistriConfig
+    from distripy.parallel.context import PatchContext
+
+    unet = base.model.diffusion_model
+    copy = retrofit(unet, PatchContext(DistriConfig()))
+    resblocks = sum(1 for m in unet.modules() if type(m).__name__ == "ResBlock")
+    fused = sum(1 for m in copy.modules() if isinstance(m.__dict__.get("forward"), FusedNormConv))
+    untouched = not any("forward" in m.__dict__ for m in unet.modules())
+    outcomes["fused"] = (fused, 2 * resblocks + 1, untouched)
     return outcomes
 
 
@@ -323,6 +337,8 @@ def _on_cuda(patcher):
 def test_what_cannot_be_split_is_refused_clearly():
     (outcomes,) = run_on_ranks(_refusals_body, 1, SOURCE, timeout=600)
     assert outcomes.pop("recovered") <= EXACT
+    fused, expected_fused, untouched = outcomes.pop("fused")
+    assert fused == expected_fused > 0 and untouched
     expected = {
         "too few rows": ("BandGeometryError", ""),
         "odd height": ("BandGeometryError", ""),

@@ -13,6 +13,11 @@ interrupt of a cancelled prompt).
 
 * ``ComfyPatchConv2d``: a convolution with a kernel taller than one row, with halos.
 * ``ComfyPatchGroupNorm``: GroupNorm with the whole image's statistics.
+* ``FusedNormConv``: installed as the ``forward`` of a ``Sequential(GroupNorm, SiLU, [Dropout,]
+  Conv2d)`` (a ResBlock's ``in_layers`` and ``out_layers``) whose norm and convolution are patch
+  layers: the band is normalised and activated as the convolution reads it
+  (``PatchGroupNorm.prologue`` -> ``PatchConv2d.forward(x, prologue)``, as the diffusers path's
+  ``PatchResnetForward``), the activation read once instead of written twice and read twice;
 * ``ComfySelfAttention``: installed as ``CrossAttention.forward`` of a transformer block's
   ``attn1``: keys and values of the whole image (gathered, stale, or block by block in ``exact``),
   attended over by ComfyUI's own attention function (``optimized_attention``, which honours an
@@ -33,7 +38,7 @@ from distripy.parallel.conv import PatchConv2d
 from distripy.parallel.group_norm import PatchGroupNorm
 from distripy.parallel.projection import KeysValues
 
-__all__ = ["ComfyPatchConv2d", "ComfyPatchGroupNorm", "ComfySelfAttention", "casts_weights"]
+__all__ = ["ComfyPatchConv2d", "ComfyPatchGroupNorm", "ComfySelfAttention", "FusedNormConv", "casts_weights"]
 
 
 def casts_weights(layer: torch.nn.Module) -> bool:
@@ -126,6 +131,56 @@ class ComfyPatchGroupNorm(_SourceWeights, PatchGroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._on_band(x, lambda: PatchGroupNorm.forward(self, x))
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+class FusedNormConv:
+    """``forward`` of a ``Sequential(ComfyPatchGroupNorm, SiLU, [Dropout,] ComfyPatchConv2d)``: the
+    norm's statistics handed to the convolution as its prologue (module docstring). The result is
+    the sequence's own; it runs as the sequence would (its layers one after the other) outside a
+    patch-parallel step, while a layer has hooks, a dropout is active, or ComfyUI casts the norm's
+    weights on the fly (a cast copy may be released before the convolution reads it)."""
+
+    def __init__(self, sequence: torch.nn.Sequential) -> None:
+        if not fusable(sequence):
+            raise UnsupportedModuleError(f"FusedNormConv: {sequence} is not GroupNorm, SiLU, [Dropout,] Conv2d")
+        self.sequence = sequence
+        self.original = sequence.forward  # the class's, bound: the layers one after the other
+
+    def _fused_now(self) -> bool:
+        layers = list(self.sequence)
+        norm, conv = layers[0], layers[-1]
+        if not norm.patch_context.has_neighbours or casts_weights(norm.source):
+            return False
+        if not (isinstance(norm, ComfyPatchGroupNorm) and isinstance(conv, ComfyPatchConv2d)):
+            return False  # replaced since
+        dropouts = layers[2:-1]
+        if any(dropout.training and dropout.p > 0 for dropout in dropouts):
+            return False
+        return not any(_has_hooks(layer) for layer in layers)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fused_now():
+            return self.original(x)
+        norm, conv = self.sequence[0], self.sequence[-1]
+        prologue = norm._on_band(x, lambda: norm.prologue(x, silu=True))
+        return conv(x, prologue)
+
+
+def fusable(sequence: torch.nn.Module) -> bool:
+    """Whether ``sequence`` is ``Sequential(ComfyPatchGroupNorm, SiLU, [Dropout,] ComfyPatchConv2d)``."""
+    if type(sequence) is not torch.nn.Sequential or not 3 <= len(sequence) <= 4:
+        return False
+    layers = list(sequence)
+    return (
+        isinstance(layers[0], ComfyPatchGroupNorm)
+        and type(layers[1]) is torch.nn.SiLU
+        and all(type(layer) is torch.nn.Dropout for layer in layers[2:-1])
+        and isinstance(layers[-1], ComfyPatchConv2d)
+    )
 
 
 class ComfySelfAttention(PatchSelfAttnProcessor):

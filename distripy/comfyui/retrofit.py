@@ -1,7 +1,8 @@
 """Making ComfyUI's SDXL-architecture UNet (``comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel``)
 patch-parallel without touching the model ComfyUI holds.
 
-``retrofit(unet, context)`` returns a *structural copy* of ``unet``: the containers on the way to
+``retrofit(unet, context)`` returns a *structural copy* of ``unet`` (its ResBlocks' GroupNorm ->
+SiLU -> convolution sequences fused: ``layers.FusedNormConv``): the containers on the way to
 each layer that runs differently on a band (a ResNet block, a transformer block, the attention
 module, the block lists, the UNet itself) are new objects, and those layers are patch-parallel
 ones (``layers``) that read their weights from the original layers at every call; every other
@@ -30,7 +31,14 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from distripy.comfyui.layers import ComfyPatchConv2d, ComfyPatchGroupNorm, ComfySelfAttention, casts_weights
+from distripy.comfyui.layers import (
+    ComfyPatchConv2d,
+    ComfyPatchGroupNorm,
+    ComfySelfAttention,
+    FusedNormConv,
+    casts_weights,
+    fusable,
+)
 from distripy.errors import UnsupportedModuleError
 from distripy.parallel.context import PatchContext
 from distripy.parallel.conv import check_conv, conv_needs_halo
@@ -140,6 +148,9 @@ def retrofit(unet: nn.Module, context: PatchContext) -> nn.Module:
         attention = copy.copy(unet.get_submodule(path))  # a container of its own, sharing its layers
         attention.forward = ComfySelfAttention(attention, context, path)
         model.get_submodule(parent_path)._modules[name] = attention
+    for module in model.modules():  # ResBlocks' GroupNorm -> SiLU -> conv, fused
+        if fusable(module):
+            module.forward = FusedNormConv(module)
     return model
 
 
