@@ -1,6 +1,7 @@
 """The ComfyUI node against the real ComfyUI tree (``comfyui_tree``): a tiny SDXL-architecture model
-through ``ModelPatcher`` -> ``comfy.sample.sample`` (KSampler, euler), unwrapped and through the
-node on 1 to 4 CPU workers (``ThreadedExecutor``, one thread per rank).
+through ``ModelPatcher`` -> ``comfy.sample.sample`` (KSampler: euler; heun and dpmpp_sde, which call
+the model twice per step or between the schedule's sigmas), unwrapped and through the node on 1 to
+4 CPU workers (``ThreadedExecutor``, one thread per rank).
 
 * ``full_sync`` and ``exact`` equal the unwrapped model's final latents to fp32 rounding, with the
   CFG halves batched in one call (cfg > 1) or in separate calls (ComfyUI short of memory), one call
@@ -54,11 +55,12 @@ def _equality_body(rank, world_size, source):
     base = comfyui_tree.tiny_sdxl_patcher(0)
     references = {}
 
-    def reference(cfg, size, control, batch=1):
-        if (cfg, size, control, batch) not in references:
+    def reference(cfg, size, control, batch=1, sampler="euler"):
+        key = (cfg, size, control, batch, sampler)
+        if key not in references:
             model = _with_control(base.clone()) if control else base
-            references[cfg, size, control, batch] = comfyui_tree.sample(model, cfg=cfg, size=size, batch=batch)
-        return references[cfg, size, control, batch]
+            references[key] = comfyui_tree.sample(model, cfg=cfg, size=size, batch=batch, sampler=sampler)
+        return references[key]
 
     errors, calls = {}, {}
     cases = [
@@ -79,9 +81,12 @@ def _equality_body(rank, world_size, source):
         (4, "exact", dict(split=True, batch=2)),  # two images: [uncond x2, cond x2], one call
         (3, "corrected_async_gn", dict(split=False, inference=True, exact=False)),  # as ComfyUI runs a prompt
         (2, "full_sync", dict(split=False, inference=True)),
+        (3, "exact", dict(split=False, sampler="heun")),  # two calls per step
+        (2, "exact", dict(split=False, sampler="dpmpp_sde")),  # calls between the schedule's sigmas
     ]
     for gpus, mode, options in cases:
         cfg, size, batch = options.get("cfg", 5.0), options.get("size", (32, 32)), options.get("batch", 1)
+        sampler = options.get("sampler", "euler")
         whole, bands = [], []  # what the UNet is called with, and what each rank runs
         recorded = base.clone()  # a wrapper before distripy's sees the call, one after it a band
         if options.get("control"):
@@ -92,9 +97,10 @@ def _equality_body(rank, world_size, source):
         if options.get("separate"):
             _separate_calls(model)
         key = (gpus, mode, tuple(sorted(options.items())))
-        expected = reference(cfg, size, bool(options.get("control")), batch)
+        expected = reference(cfg, size, bool(options.get("control")), batch, sampler)
         with torch.inference_mode(options.get("inference", False)):
-            errors[key] = _relative(comfyui_tree.sample(model, cfg=cfg, size=size, batch=batch), expected)
+            result = comfyui_tree.sample(model, cfg=cfg, size=size, batch=batch, sampler=sampler)
+            errors[key] = _relative(result, expected)
         calls[key] = (whole, bands)
     node = NODE_CLASS_MAPPINGS["DistripyPatchParallel"]()
     (model,) = node.patch(base, "2", "exact", 1, "enable")
