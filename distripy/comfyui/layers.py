@@ -37,6 +37,7 @@ from distripy.parallel.context import ActivationExchange, PatchContext
 from distripy.parallel.conv import PatchConv2d
 from distripy.parallel.group_norm import PatchGroupNorm
 from distripy.parallel.projection import KeysValues
+from distripy.parallel.resnet import has_hooks
 
 __all__ = ["ComfyPatchConv2d", "ComfyPatchGroupNorm", "ComfySelfAttention", "FusedNormConv", "casts_weights"]
 
@@ -133,10 +134,6 @@ class ComfyPatchGroupNorm(_SourceWeights, PatchGroupNorm):
         return self._on_band(x, lambda: PatchGroupNorm.forward(self, x))
 
 
-def _has_hooks(module: torch.nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
 class FusedNormConv:
     """``forward`` of a ``Sequential(ComfyPatchGroupNorm, SiLU, [Dropout,] ComfyPatchConv2d)``: the
     norm's statistics handed to the convolution as its prologue (module docstring). The result is
@@ -153,14 +150,14 @@ class FusedNormConv:
     def _fused_now(self) -> bool:
         layers = list(self.sequence)
         norm, conv = layers[0], layers[-1]
-        if not norm.patch_context.has_neighbours or casts_weights(norm.source):
-            return False
         if not (isinstance(norm, ComfyPatchGroupNorm) and isinstance(conv, ComfyPatchConv2d)):
             return False  # replaced since
+        if not norm.patch_context.has_neighbours or casts_weights(norm.source):
+            return False
         dropouts = layers[2:-1]
         if any(dropout.training and dropout.p > 0 for dropout in dropouts):
             return False
-        return not any(_has_hooks(layer) for layer in layers)
+        return not any(has_hooks(layer) for layer in layers)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fused_now():

@@ -9,7 +9,7 @@ that the model's UNet can be split (otherwise a clear error now, never a wrong i
 
 from typing import Optional, Union
 
-from distripy.comfyui.parallel_unet import PatchParallelUNet, parse_gpus, resolve_devices
+from distripy.comfyui.parallel_unet import PatchParallelUNet, resolve_devices
 from distripy.comfyui.retrofit import swap_plan
 from distripy.config import DEFAULT_WARMUP_STEPS, MODE_CHOICES, DistriConfig
 from distripy.errors import ConfigError
@@ -37,12 +37,10 @@ def patch_parallel(model, gpus: Union[int, str] = 2, mode: str = "auto", warmup:
     GPUs with ``split_batch``."""
     import comfy.patcher_extension
 
-    parsed = parse_gpus(gpus)
     timeout = {} if timeout_s is None else {"timeout_s": timeout_s}
-    config = DistriConfig(mode=mode, warmup_steps=warmup, split_batch=split_batch, **timeout)
+    parallel = PatchParallelUNet(gpus, DistriConfig(mode=mode, warmup_steps=warmup, split_batch=split_batch, **timeout))
     swap_plan(model.get_model_object("diffusion_model"))
-    resolve_devices(parsed, model.load_device)  # refuse more GPUs than the machine has, now
-    parallel = PatchParallelUNet(parsed, config)
+    resolve_devices(parallel.gpus, model.load_device)  # refuse more GPUs than the machine has, now
     clone = model.clone()
     kinds = comfy.patcher_extension.WrappersMP
     for kind, wrapper in ((kinds.OUTER_SAMPLE, parallel.outer_sample), (kinds.DIFFUSION_MODEL, parallel.diffusion_model)):

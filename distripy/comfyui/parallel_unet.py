@@ -118,8 +118,7 @@ class _Run:
 class _Rank:
     """One rank: its model (ComfyUI's, or its replica), comms, and a band step per stream."""
 
-    def __init__(self, index: int, device: torch.device, unet: torch.nn.Module) -> None:
-        self.index = index
+    def __init__(self, device: torch.device, unet: torch.nn.Module) -> None:
         self.device = device
         self.unet = unet
         self.comms = None  # (world, {split: patch group})
@@ -165,16 +164,12 @@ class PatchParallelUNet:
         self._executor: Optional[ThreadedExecutor] = None
         self._ranks: List[_Rank] = []
         self._model = None  # the UNet the ranks were made for (ComfyUI's)
-        self._synced: Any = None  # (model, patches_uuid, dtype) the replicas' weights are
+        self._synced: Any = None  # (patches_uuid, dtype) the replicas' weights are, for self._model
         self._casting = False  # whether ComfyUI casts or patches weights on the fly (no CUDA graphs then)
         self._replicas: List[torch.nn.Module] = []  # the model's copies on ranks 1.. (kept across executors)
         self._run: Optional[_Run] = None
         self._runs = itertools.count()
         self._lock = threading.RLock()
-
-    @property
-    def world_size(self) -> int:
-        return self.gpus if isinstance(self.gpus, int) else len(self.gpus)
 
     def chosen_modes(self) -> List[Tuple[str, int]]:
         """``(mode, warm-up steps)`` of each stream's last generation (what ``mode="auto"`` chose
@@ -268,11 +263,11 @@ class PatchParallelUNet:
             if not self._replicas:
                 self._replicas = [replica(unet, device) for device in devices[1:]]
                 self._synced = None
-            self._ranks = [_Rank(rank, device, model) for rank, (device, model) in enumerate(zip(devices, [unet] + self._replicas))]
+            self._ranks = [_Rank(device, model) for device, model in zip(devices, [unet] + self._replicas)]
             for state, comm in zip(self._ranks, comms):
                 state.comms = comm
         patches = run.patches if run.patches is not None else ("unknown: once per run", run.number)
-        synced = (id(unet), patches, x.dtype)
+        synced = (patches, x.dtype)  # another model discarded the replicas above
         if synced != self._synced:
             # The weights may have changed (and ComfyUI replaces a parameter it patches): the
             # replicas take the model's, and no band step captured before may replay.

@@ -42,7 +42,7 @@ from distripy.comfyui.layers import (
 from distripy.errors import UnsupportedModuleError
 from distripy.parallel.context import PatchContext
 from distripy.parallel.conv import check_conv, conv_needs_halo
-from distripy.pipelines.swap import REFUSED
+from distripy.pipelines.swap import REFUSED, check_pool
 
 __all__ = ["check_unet", "downsamplings", "replica", "retrofit", "swap_plan", "sync_weights", "unet_blocks"]
 
@@ -78,9 +78,7 @@ def swap_plan(unet: nn.Module) -> Dict[str, List[str]]:
         elif isinstance(module, nn.GroupNorm):
             plan["norm"].append(path)
         elif isinstance(module, (nn.AvgPool2d, nn.MaxPool2d)):
-            kernel, stride, padding = (v if isinstance(v, int) else v[0] for v in (module.kernel_size, module.stride, module.padding))
-            if kernel != stride or padding:
-                raise UnsupportedModuleError(f"{path}: {kind}(kernel={kernel}, stride={stride}, padding={padding}) is not band-exact")
+            check_pool(module, path)
         elif kind == "BasicTransformerBlock" and not getattr(module, "disable_self_attn", False):
             if getattr(module, "ff_in", False) or getattr(module, "switch_temporal_ca_to_sa", False):
                 raise UnsupportedModuleError(f"{path}: a temporal transformer block cannot run on bands")
@@ -135,19 +133,19 @@ def retrofit(unet: nn.Module, context: PatchContext) -> nn.Module:
     plan = swap_plan(unet)
     attentions = plan["attention"]
     model = _structural_copy(unet, plan["conv"] + plan["norm"] + attentions)
+
+    def place(path: str, module: nn.Module) -> None:  # into the copy's own table of children
+        parent_path, _, name = path.rpartition(".")
+        model.get_submodule(parent_path)._modules[name] = module
+
     for path in plan["conv"]:
-        parent_path, _, name = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        parent._modules[name] = ComfyPatchConv2d.of(unet.get_submodule(path), context, path)
+        place(path, ComfyPatchConv2d.of(unet.get_submodule(path), context, path))
     for path in plan["norm"]:
-        parent_path, _, name = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        parent._modules[name] = ComfyPatchGroupNorm.of(unet.get_submodule(path), context, path)
+        place(path, ComfyPatchGroupNorm.of(unet.get_submodule(path), context, path))
     for path in attentions:
-        parent_path, _, name = path.rpartition(".")
         attention = copy.copy(unet.get_submodule(path))  # a container of its own, sharing its layers
         attention.forward = ComfySelfAttention(attention, context, path)
-        model.get_submodule(parent_path)._modules[name] = attention
+        place(path, attention)
     for module in model.modules():  # ResBlocks' GroupNorm -> SiLU -> conv, fused
         if fusable(module):
             module.forward = FusedNormConv(module)
@@ -161,15 +159,12 @@ def replica(unet: nn.Module, device: torch.device) -> nn.Module:
     check_unet(unet)
     memo: Dict[int, object] = {}
     for module in unet.modules():
-        for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
-            if tensor is not None:
-                memo[id(tensor)] = None  # replaced below: the copy's own, made by sync_weights
+        for tensor in list(module._parameters.values()) + list(module._buffers.values()):
+            if tensor is not None:  # an empty placeholder: sync_weights makes the copy's own
+                memo[id(tensor)] = torch.empty(0, device="meta")
         for name in ("weight_function", "bias_function"):
             if name in module.__dict__:
                 memo[id(module.__dict__[name])] = []
-    with torch.device("meta"):
-        placeholders = {key: torch.empty(0) for key in memo if memo[key] is None}
-    memo.update(placeholders)
     copied = copy.deepcopy(unet, memo)
     for module in copied.modules():
         if "comfy_cast_weights" in module.__dict__:

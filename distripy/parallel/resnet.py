@@ -25,7 +25,7 @@ from distripy.parallel.context import PatchContext
 from distripy.parallel.conv import PatchConv2d
 from distripy.parallel.group_norm import PatchGroupNorm
 
-__all__ = ["PatchResnetForward", "resnet_fusable"]
+__all__ = ["PatchResnetForward", "has_hooks", "resnet_fusable"]
 
 
 def resnet_fusable(block: nn.Module) -> bool:
@@ -43,7 +43,8 @@ def resnet_fusable(block: nn.Module) -> bool:
     )
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
+    """Whether the module has forward hooks (a fused forward would skip them)."""
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
@@ -68,7 +69,7 @@ class PatchResnetForward:
         if block.training and block.dropout.p > 0:
             return False
         parts = (block.norm1, block.nonlinearity, block.conv1, block.norm2, block.dropout, block.conv2)
-        return not any(_has_hooks(part) for part in parts)
+        return not any(has_hooks(part) for part in parts)
 
     def __call__(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not self._fused_now(args, kwargs):

@@ -43,6 +43,7 @@ __all__ = [
     "REFUSED",
     "Surgery",
     "adapter_state",
+    "check_pool",
     "lora_layers",
     "patch_states",
     "plan_swaps",
@@ -74,7 +75,8 @@ REFUSED = {
 }
 
 
-def _check_pool(module: nn.Module, path: str) -> None:
+def check_pool(module: nn.Module, path: str) -> None:
+    """Refuse pooling whose windows overlap or are padded (not band-exact)."""
     kernel, stride, padding = module.kernel_size, module.stride, module.padding
     kernel = kernel if isinstance(kernel, int) else kernel[0]
     stride = stride if isinstance(stride, int) else stride[0]
@@ -167,7 +169,7 @@ def plan_swaps(model: nn.Module) -> Dict[str, List[str]]:
         elif isinstance(module, nn.GroupNorm):
             plan["norm"].append(path)
         elif isinstance(module, (nn.AvgPool2d, nn.MaxPool2d)):
-            _check_pool(module, path)
+            check_pool(module, path)
         elif isinstance(module, nn.Upsample):
             _check_upsample(module, path)
         elif kind in ("ResnetBlock2D",):
