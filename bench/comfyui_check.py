@@ -52,26 +52,6 @@ SDXL_UNET = dict(
 """SDXL's UNet, as ComfyUI's ``supported_models.SDXL`` configures it."""
 
 
-def _conditioning(tokens: int, width: int, pooled: int, device: torch.device):
-    generator = torch.Generator().manual_seed(3)
-
-    def cond():
-        extra = {"pooled_output": torch.randn(1, pooled, generator=generator), "width": 1024, "height": 1024}
-        return [[torch.randn(1, tokens, width, generator=generator), extra]]
-
-    return cond(), cond()
-
-
-def _sample(patcher, latent: int, steps: int, conditioning, channels: int = 4) -> torch.Tensor:
-    import comfy.sample
-
-    positive, negative = conditioning
-    noise = torch.randn(1, channels, latent, latent, generator=torch.Generator().manual_seed(1))
-    empty = torch.zeros(1, channels, latent, latent)
-    return comfy.sample.sample(patcher, noise, steps, 5.0, "euler", "normal", positive, negative, empty, seed=1,
-                               disable_pbar=True)  # fmt: skip
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -95,12 +75,12 @@ def main(argv: List[str] = None) -> Dict:
     if args.dry_run:
         device, latent = torch.device("cpu"), 32
         base = comfyui_tree.tiny_sdxl_patcher(0)
-        conditioning = _conditioning(7, 64, 64, device)
+        prompts = comfyui_tree.conditioning(seed=3, image_size=1024)
         variants = {"1 worker": dict(gpus=1), "2 workers": dict(gpus=2)}
     else:
         device, latent = torch.device("cuda", 0), 128
         base = comfyui_tree.sdxl_patcher(SDXL_UNET, 0, torch.float16, device, offload_device=torch.device("cpu"))
-        conditioning = _conditioning(77, 2048, 1280, device)
+        prompts = comfyui_tree.conditioning(seed=3, tokens=77, width=2048, pooled=1280, image_size=1024)
         variants = {"1 worker, graphs": dict(gpus=1), "1 worker, eager": dict(gpus=1, graphs=False)}
     models = {"unwrapped": base}
     for name, options in variants.items():
@@ -112,12 +92,12 @@ def main(argv: List[str] = None) -> Dict:
     latents: Dict[str, torch.Tensor] = {}
     times: Dict[str, List[float]] = {name: [] for name in models}
     for name, model in models.items():  # a first run each: loads, tunes, captures
-        latents[name] = _sample(model, latent, args.steps, conditioning)
+        latents[name] = comfyui_tree.sample(model, args.steps, size=(latent, latent), prompts=prompts)
     for _ in range(args.repeats):  # side by side: each variant once per round
         for name, model in models.items():
             _synchronize(device)
             start = time.perf_counter()
-            latents[name] = _sample(model, latent, args.steps, conditioning)
+            latents[name] = comfyui_tree.sample(model, args.steps, size=(latent, latent), prompts=prompts)
             _synchronize(device)
             times[name].append(time.perf_counter() - start)
     reference = latents["unwrapped"].float()

@@ -148,29 +148,33 @@ def tiny_sdxl_patcher(seed: int = 0):
     return patcher
 
 
-def conditioning(seed: int = 0, tokens: int = 7):
+def conditioning(seed: int = 0, tokens: int = 7, width: int = 64, pooled: int = 64, image_size: int = 256):
     """``(positive, negative)`` as ComfyUI's CLIPTextEncode gives them for SDXL: ``[[embeddings,
-    {"pooled_output": ..., "width": ..., "height": ...}]]``."""
+    {"pooled_output": ..., "width": ..., "height": ...}]]``, seeded random, of ``tokens`` tokens of
+    ``width`` channels (the UNet's ``context_dim``) and a pooled vector of ``pooled``, for an image
+    of ``image_size`` pixels square. The defaults fit ``TINY_UNET``."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
 
     def cond():
-        extra = {"pooled_output": torch.randn(1, 64, generator=generator), "width": 256, "height": 256}
-        return [[torch.randn(1, tokens, 64, generator=generator), extra]]
+        size = {"width": image_size, "height": image_size}
+        extra = {"pooled_output": torch.randn(1, pooled, generator=generator), **size}
+        return [[torch.randn(1, tokens, width, generator=generator), extra]]
 
     return cond(), cond()
 
 
 def sample(patcher, steps: int = 4, cfg: float = 5.0, seed: int = 1, size: Tuple[int, int] = (32, 32), sampler="euler",
-           batch: int = 1):  # fmt: skip
+           batch: int = 1, prompts=None):  # fmt: skip
     """``comfy.sample.sample`` (KSampler: ``sampler``, the ``normal`` schedule) from seeded noise
-    and an empty latent of ``batch`` images of ``size``: the final latent."""
+    and an empty latent of ``batch`` images of ``size``, conditioned on ``prompts`` (``(positive,
+    negative)``; ``conditioning()`` by default): the final latent."""
     import torch
 
     import comfy.sample
 
-    positive, negative = conditioning()
+    positive, negative = conditioning() if prompts is None else prompts
     noise = torch.randn(batch, 4, *size, generator=torch.Generator().manual_seed(seed))
     latent = torch.zeros(batch, 4, *size)
     return comfy.sample.sample(patcher, noise, steps, cfg, sampler, "normal", positive, negative, latent, seed=seed,
