@@ -68,9 +68,8 @@ class ComfyUNetForward(PatchUNetForward):
         )
 
     def _localize(self, arguments: Dict[str, Any], plan: BandPlan) -> Dict[str, Any]:
-        options = arguments["transformer_options"]
         local = localize({k: v for k, v in arguments.items() if k != "transformer_options"}, plan, self.spatial_arguments)
-        options = dict(options)
+        options = dict(arguments["transformer_options"])  # this rank's own: the UNet writes into it
         if plan.cut_batch:
             batch = arguments["sample"].shape[0]
             for name in _PER_SAMPLE_OPTIONS:  # one entry per chunk of the batch (a cond's samples)

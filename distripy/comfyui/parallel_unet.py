@@ -228,7 +228,8 @@ class PatchParallelUNet:
                     forward.declare(Generation(steps=run.steps, agreed=True, machine=self._machine(state.device)))
                     state.streams[stream] = (forward, run.number)
                 forward.next_wrappers = (wrappers, index)
-                return forward(**local, transformer_options=dict(transformer_options))
+                # each rank's own copy of the options is made in ComfyUNetForward._localize
+                return forward(**local, transformer_options=transformer_options)
 
             try:
                 outputs = self._executor.run(step)
